@@ -1,0 +1,127 @@
+"""Chat requests: server-side validation of what a user (or an API caller) sends, then streaming from the registry.
+
+The Chat tab and the ``/chat`` API both go through :func:`stream_answer`, so both enforce the same limits.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from app.config import ServerSettings
+from app.prompts import PromptInput, PromptTooLongError, Turn
+from app.registry import GenerationSettings, ModelRegistry, Variant
+
+_CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
+
+
+class UserInputError(ValueError):
+    """Something the user sent cannot be answered; the message says what to change."""
+
+
+@dataclass
+class ChatUpdate:
+    answer: str
+    notices: list[str] = field(default_factory=list)
+
+
+def clean_text(value: Any, name: str, max_chars: int) -> str:
+    """``value`` as text without control characters, or a UserInputError if it is not text or too long."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserInputError(f"The {name} must be text.")
+    text = value.translate(_CONTROL_CHARS).strip()
+    if len(text) > max_chars:
+        raise UserInputError(f"The {name} is {len(text):,} characters long; the limit is {max_chars:,}.")
+    return text
+
+
+def parse_variant(value: Any, registry: ModelRegistry) -> Variant:
+    try:
+        variant = Variant(value)
+    except ValueError:
+        raise UserInputError(f"Unknown model choice {value!r}: use 'base' or 'fine-tuned'.") from None
+    reason = registry.adapter_unavailable_reason()
+    if variant is Variant.TUNED and reason:
+        raise UserInputError(f"The fine-tuned model is not available: {reason}.")
+    return variant
+
+
+def parse_settings(values: dict[str, Any], limits: ServerSettings) -> GenerationSettings:
+    defaults = GenerationSettings()
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=int(values.get("max_new_tokens", defaults.max_new_tokens)),
+            temperature=float(values.get("temperature", defaults.temperature)),
+            top_p=float(values.get("top_p", defaults.top_p)),
+            seed=int(values.get("seed", defaults.seed)),
+        )
+    except (TypeError, ValueError, OverflowError):
+        raise UserInputError("Generation settings must be numbers.") from None
+    try:
+        return settings.validated(limits.max_new_tokens_limit)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+
+
+def _message_text(content: Any) -> str:
+    """Text of a chat message's content: a string, or Gradio's list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return " ".join(_message_text(part) for part in content)
+    return ""
+
+
+def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> tuple[Turn, ...]:
+    """Turns from a messages-format history (``[{"role": ..., "content": ...}, ...]``); unpaired or non-text
+    messages are skipped."""
+    if not history:
+        return ()
+    if not isinstance(history, (list, tuple)):
+        raise UserInputError("The history must be a list of {role, content} messages.")
+    turns: list[Turn] = []
+    pending_question: str | None = None
+    for message in history:
+        if not isinstance(message, dict):
+            raise UserInputError("Each history message must be an object with 'role' and 'content'.")
+        text = clean_text(_message_text(message.get("content")), "history message", limits.max_context_chars)
+        if message.get("role") == "user":
+            pending_question = text
+        elif message.get("role") == "assistant" and pending_question is not None and text:
+            turns.append(Turn(pending_question, text))
+            pending_question = None
+    return tuple(turns)
+
+
+def stream_answer(
+    registry: ModelRegistry,
+    limits: ServerSettings,
+    question: Any,
+    context: Any,
+    history: Sequence[Any] | None,
+    variant: Any,
+    settings: dict[str, Any],
+    cancel: threading.Event | None = None,
+) -> Iterator[ChatUpdate]:
+    """Validate a chat request, then yield the growing answer. Raises UserInputError for anything the user
+    must change; the first update carries the notices (e.g. that the context was truncated)."""
+    question_text = clean_text(question, "question", limits.max_question_chars)
+    if not question_text:
+        raise UserInputError("Please type a question.")
+    context_text = clean_text(context, "context", limits.max_context_chars)
+    chosen = parse_variant(variant, registry)
+    generation = parse_settings(settings, limits)
+    turns = history_to_turns(history, limits)
+    try:
+        prompt = registry.prepare(PromptInput(question_text, context_text, turns), generation)
+    except PromptTooLongError as exc:
+        raise UserInputError(str(exc)) from None
+    notices = prompt.notices
+    yield ChatUpdate("", notices)
+    for answer in registry.stream(prompt, chosen, generation, cancel):
+        yield ChatUpdate(answer, notices)

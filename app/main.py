@@ -1,0 +1,39 @@
+"""Command-line entry point: parse settings, create the model registry, build and launch the app."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Sequence
+
+from app.config import ModelSettings, ServerSettings, parse_settings
+from app.pubmedqa import load_examples
+from app.registry import ModelLoadError, ModelRegistry
+from app.ui.interface import build_app
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_settings, server = parse_settings([ModelSettings, ServerSettings], argv)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    registry = ModelRegistry(model_settings)
+    try:
+        registry.check_sources()
+    except ModelLoadError as exc:
+        logger.error("%s", exc)
+        return 2
+    if server.preload:
+        registry.load_in_background()
+    demo = build_app(registry, server, load_examples())
+    demo.queue(default_concurrency_limit=server.concurrency_limit, max_size=server.queue_size)
+    demo.launch(server_name=server.server_name, server_port=server.server_port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

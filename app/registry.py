@@ -1,0 +1,385 @@
+"""The model registry: the one owner of the model in the process, shared by every tab and every user.
+
+It loads the base model once (lazily, or in a background thread), puts the LoRA adapter on top with PEFT, and
+selects base or fine-tuned *per call* (PEFT ``adapter_names``), so no request can flip a switch under another one
+and a single batch can mix base and adapter rows. There is exactly one copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from app.config import EMBEDDED_MODEL, ModelSettings
+from app.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
+from app.embedded_model import embedded_checkpoint
+from app.prompts import (
+    STOP_SEQUENCES,
+    FittedPrompt,
+    PromptInput,
+    cut_at_stop,
+    encode_prompt,
+    fit_prompt,
+    stable_prefix,
+    uses_chat_template,
+)
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "tuned"
+BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class Variant(str, Enum):
+    BASE = "base"
+    TUNED = "fine-tuned"
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message names the setting to fix."""
+
+
+class AdapterUnavailableError(RuntimeError):
+    """The fine-tuned variant was asked for but no adapter is loaded; the message says why."""
+
+
+class LoadState(str, Enum):
+    NOT_LOADED = "not loaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.95
+    seed: int = 0
+
+    def validated(self, max_new_tokens_limit: int) -> GenerationSettings:
+        """These settings, or a ValueError saying which one is out of range."""
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            problems.append(f"max new tokens must be between 1 and {max_new_tokens_limit}")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            problems.append("temperature must be between 0 and 2")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            problems.append("top-p must be greater than 0 and at most 1")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append("seed must be an integer between 0 and 4294967295")
+        if problems:
+            raise ValueError("Invalid generation settings: " + "; ".join(problems) + ".")
+        return self
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers model, wrapped in a PeftModel when an adapter is loaded
+    tokenizer: Any
+    description: str
+    quantization: str
+    context_window: int
+    adapter_loaded: bool
+    load_seconds: float
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).exists()
+
+
+class ModelRegistry:
+    """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads."""
+
+    def __init__(self, settings: ModelSettings):
+        self.settings = settings
+        self._loaded: LoadedModel | None = None
+        self._state = LoadState.NOT_LOADED
+        self._error: str | None = None
+        self._adapter_error: str | None = None
+        self._load_lock = threading.Lock()
+        # PEFT's per-call adapter selection works through forward hooks registered on the shared LoRA layers,
+        # and sampling seeds the global RNG: one generation at a time keeps requests from crossing.
+        self._generate_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- loading
+    def check_sources(self) -> None:
+        """Fail fast, before any loading, on local paths that do not exist."""
+        base = self.settings.base_model
+        if base != EMBEDDED_MODEL and _looks_like_path(base) and not Path(base).expanduser().is_dir():
+            raise ModelLoadError(
+                f"Base model directory {base} does not exist. Set --base-model / PUBMEDQA_BASE_MODEL to "
+                f"'{EMBEDDED_MODEL}', a Hub model id or an existing folder."
+            )
+        adapter = self.settings.adapter_source
+        if adapter and _looks_like_path(adapter) and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"Adapter directory {adapter} has no adapter_config.json. Set --adapter / PUBMEDQA_ADAPTER to a "
+                "LoRA adapter folder, a Hub repo id, or 'none'."
+            )
+
+    @property
+    def state(self) -> LoadState:
+        return self._state
+
+    def status_message(self) -> str:
+        if self._state is LoadState.READY and self._loaded is not None:
+            loaded = self._loaded
+            adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
+            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
+        if self._state is LoadState.FAILED:
+            return f"Model failed to load: {self._error}"
+        if self._state is LoadState.LOADING:
+            return "Loading the model… (the first start converts the embedded model, about a minute)"
+        return "The model loads on first use."
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load_quietly, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_quietly(self) -> None:
+        try:
+            self.load()
+        except ModelLoadError:
+            pass  # recorded in the state and logged; the UI shows it
+
+    def load(self) -> LoadedModel:
+        """The loaded model, loading it first if needed (once per process, whatever the number of callers)."""
+        if self._loaded is not None:
+            return self._loaded
+        with self._load_lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._state is LoadState.FAILED:
+                raise ModelLoadError(self._error)
+            self._state = LoadState.LOADING
+            try:
+                self._loaded = self._load()
+            except ModelLoadError as exc:
+                self._fail(str(exc))
+                raise
+            except Exception as exc:  # any library error becomes one readable message
+                self._fail(f"{type(exc).__name__}: {exc}")
+                raise ModelLoadError(self._error) from exc
+            self._state = LoadState.READY
+            return self._loaded
+
+    def _fail(self, message: str) -> None:
+        self._state = LoadState.FAILED
+        self._error = message
+        logger.error("Model load failed: %s", message)
+
+    def _resolve_base(self) -> tuple[str, str]:
+        """(path or Hub id to load from, human description)."""
+        base = self.settings.base_model
+        if base == EMBEDDED_MODEL:
+            return str(embedded_checkpoint(self.settings.cache_dir)), EMBEDDED_DESCRIPTION
+        self.check_sources()
+        return (str(Path(base).expanduser()) if _looks_like_path(base) else base), base
+
+    def _load(self) -> LoadedModel:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.perf_counter()
+        source, description = self._resolve_base()
+        logger.info("Loading base model %s (quantization: %s)", description, self.settings.quantization)
+        common = {"trust_remote_code": self.settings.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"Could not load the tokenizer of {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL "
+                "(and HF_TOKEN for gated models)."
+            ) from exc
+        model, quantization = self._load_weights(AutoModelForCausalLM, source, description, common)
+        model.eval()
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        adapter_loaded = False
+        if self.settings.adapter_source:
+            model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
+        window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
+        seconds = time.perf_counter() - started
+        logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, description, quantization, adapter_loaded)
+        return LoadedModel(model, tokenizer, description, quantization, window, adapter_loaded, seconds)
+
+    def _load_weights(self, auto_cls: Any, source: str, description: str, common: dict) -> tuple[Any, str]:
+        from transformers import BitsAndBytesConfig
+
+        cuda = torch.cuda.is_available()
+        placement = {"device_map": "auto"} if cuda else {}
+        wanted = self.settings.quantization
+        if wanted in ("4bit", "8bit"):
+            if wanted == "4bit":
+                quant = BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+                )
+            else:
+                quant = BitsAndBytesConfig(load_in_8bit=True)
+            try:
+                return auto_cls.from_pretrained(source, quantization_config=quant, **placement, **common), wanted
+            except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
+                logger.warning(
+                    "%s quantization is not available here (%s: %s); loading %s in bf16 instead.",
+                    wanted, type(exc).__name__, exc, description,
+                )
+                wanted = "none (bf16 fallback)"
+        dtype = torch.bfloat16 if cuda or wanted.startswith("none (") else torch.float32
+        try:
+            model = auto_cls.from_pretrained(source, dtype=dtype, **placement, **common)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"Could not load model {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL."
+            ) from exc
+        return model, wanted if wanted != "none" else f"none ({str(dtype).removeprefix('torch.')})"
+
+    def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
+        except Exception as exc:  # the base model stays usable; the fine-tuned variant says why it is off
+            self._adapter_error = (
+                f"the adapter {adapter!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                "fix --adapter / PUBMEDQA_ADAPTER"
+            )
+            logger.error("Serving the base model only: %s", self._adapter_error)
+            return model, False
+        model.eval()
+        logger.info("LoRA adapter loaded from %s", adapter)
+        return model, True
+
+    # ------------------------------------------------------------------------------------------ queries
+    def adapter_unavailable_reason(self) -> str | None:
+        """Why the fine-tuned variant cannot be used, or None when it can (or may, once loading finishes)."""
+        if self._adapter_error:
+            return self._adapter_error
+        if not self.settings.adapter_source:
+            return "no adapter configured: train one with `python -m training.train` or set PUBMEDQA_ADAPTER"
+        return None
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        loaded = self.load()
+        return max(1, min(self.settings.max_input_tokens, loaded.context_window - max_new_tokens))
+
+    def prepare(self, inp: PromptInput, settings: GenerationSettings) -> FittedPrompt:
+        """Render ``inp`` in the shared prompt format, fitted to the model's window (see :func:`fit_prompt`)."""
+        loaded = self.load()
+        return fit_prompt(inp, loaded.tokenizer, self.prompt_budget(settings.max_new_tokens))
+
+    def _adapter_names(self, variants: Sequence[Variant]) -> list[str] | None:
+        loaded = self.load()
+        if Variant.TUNED in variants and not loaded.adapter_loaded:
+            raise AdapterUnavailableError(f"The fine-tuned model is not available: {self.adapter_unavailable_reason()}.")
+        if not loaded.adapter_loaded:
+            return None
+        return [ADAPTER_NAME if v is Variant.TUNED else BASE_ADAPTER_NAME for v in variants]
+
+    # ---------------------------------------------------------------------------------------- generation
+    def stream(
+        self,
+        prompt: FittedPrompt,
+        variant: Variant,
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer so far as it is generated. Setting ``cancel`` (or closing the iterator) stops the
+        generation within one token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        loaded = self.load()
+        tokenizer = loaded.tokenizer
+        adapter_names = self._adapter_names([variant])
+        cancel = cancel or threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        input_ids = torch.tensor([encode_prompt(prompt.text, tokenizer)], device=self._input_device(loaded))
+        kwargs = self._generate_kwargs(loaded, settings, input_ids, adapter_names)
+        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                # Wait for our turn, but give up as soon as the request is cancelled (Stop while queued).
+                while not self._generate_lock.acquire(timeout=0.1):
+                    if cancel.is_set():
+                        return
+                try:
+                    if not cancel.is_set():
+                        torch.manual_seed(settings.seed)
+                        with torch.inference_mode():
+                            loaded.model.generate(**kwargs)
+                finally:
+                    self._generate_lock.release()
+            except BaseException as exc:  # re-raised in the consumer's thread
+                failure.append(exc)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        stops = self._stops(loaded)
+        text = ""
+        try:
+            for chunk in streamer:
+                text += chunk
+                answer, stopped = cut_at_stop(text, stops)
+                if stopped:
+                    break
+                yield stable_prefix(answer, stops).strip()
+        finally:
+            cancel.set()  # also reached when the consumer closes the stream (Stop button, user left)
+            worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
+        if failure:
+            raise failure[0]
+        yield cut_at_stop(text, stops)[0].strip()
+
+    def generate(self, prompt: FittedPrompt, variant: Variant, settings: GenerationSettings) -> str:
+        """The whole answer at once (the last value of :meth:`stream`)."""
+        answer = ""
+        for answer in self.stream(prompt, variant, settings):
+            pass
+        return answer
+
+    def _stops(self, loaded: LoadedModel) -> tuple[str, ...]:
+        # Chat templates end a turn with an end-of-turn token, which generation already stops on.
+        return () if uses_chat_template(loaded.tokenizer) else STOP_SEQUENCES
+
+    @staticmethod
+    def _input_device(loaded: LoadedModel) -> torch.device:
+        return loaded.model.get_input_embeddings().weight.device
+
+    def _generate_kwargs(
+        self, loaded: LoadedModel, settings: GenerationSettings, input_ids: torch.Tensor, adapter_names: list[str] | None
+    ) -> dict[str, Any]:
+        tokenizer = loaded.tokenizer
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "max_new_tokens": settings.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if adapter_names is not None:
+            kwargs["adapter_names"] = adapter_names * input_ids.shape[0] if len(adapter_names) == 1 else adapter_names
+        return kwargs

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random-weight Gemma 3 model with its own tokenizer and a LoRA adapter, built in the test
+session (no download), and helpers to serve the app on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("PUBMEDQA_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "pubmedqa"))
+
+_CORPUS = [
+    "Answer the biomedical research question with yes, no or maybe, then explain the answer.",
+    "Question: Does aspirin reduce the risk of myocardial infarction? Answer: yes. Aspirin lowers the risk.",
+    "Context: We studied 120 patients with diabetes and hypertension in a randomized controlled trial.",
+    "Is ultrasound equal to X-ray in pediatric fracture diagnosis? maybe. The results were inconclusive.",
+    "no. The treatment did not improve survival in elderly patients with heart failure.",
+]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # every projection a multiple of 64 rows, as bitsandbytes' CPU 4-bit kernels need
+        max_position_embeddings=512,
+        sliding_window=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gemma")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter with non-zero random weights, so the fine-tuned variant really differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-adapter")
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir, tiny_adapter_dir):
+    from app.config import ModelSettings
+
+    return ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
+
+
+@pytest.fixture
+def tiny_registry(tiny_settings):
+    from app.registry import ModelRegistry
+
+    return ModelRegistry(tiny_settings)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pubmedqa_dir() -> Path:
+    if not (DATA_DIR / "ori_pqal.json").is_file():
+        pytest.skip(f"PubMedQA data not found in {DATA_DIR} (set PUBMEDQA_DATA_DIR)")
+    return DATA_DIR
