@@ -20,8 +20,7 @@ DISCLAIMER = (
 
 
 def _status_markdown(registry: ModelRegistry) -> str:
-    icon = {LoadState.READY: "🟢", LoadState.FAILED: "🔴"}.get(registry.state, "🟡")
-    return f"{icon} {registry.status_message()}"
+    return f"**Model status:** {registry.status_message()}"
 
 
 def build_app(registry: ModelRegistry, limits: ServerSettings, examples: list[dict[str, str]]) -> gr.Blocks:

@@ -1,0 +1,99 @@
+"""Chat requests through the service and through the running app (tiny model): validation, history, API."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.chat import UserInputError, history_to_turns, stream_answer
+from app.config import ServerSettings
+from app.prompts import Turn
+from app.pubmedqa import load_examples
+from app.ui.interface import build_app
+from tests.conftest import free_port
+
+LIMITS = ServerSettings(max_question_chars=300, max_context_chars=2000, max_new_tokens_limit=64)
+SETTINGS = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95, "seed": 0}
+
+
+def _final(registry, question, context="", history=None, variant="base", settings=SETTINGS):
+    updates = list(stream_answer(registry, LIMITS, question, context, history, variant, settings))
+    return updates[-1]
+
+
+@pytest.mark.parametrize(
+    "question, context, variant, settings, message",
+    [
+        ("", "", "base", SETTINGS, "type a question"),
+        ("   \n\t ", "", "base", SETTINGS, "type a question"),
+        ("x" * 301, "", "base", SETTINGS, "limit is 300"),
+        ("Is it?", "c" * 2001, "base", SETTINGS, "context is 2,001 characters"),
+        (123, "", "base", SETTINGS, "question must be text"),
+        ("Is it?", "", "gpt-5", SETTINGS, "Unknown model choice"),
+        ("Is it?", "", "base", {**SETTINGS, "max_new_tokens": 10_000}, "max new tokens"),
+        ("Is it?", "", "base", {**SETTINGS, "temperature": "hot"}, "must be numbers"),
+    ],
+)
+def test_bad_requests_get_a_message_saying_what_to_change(tiny_registry, question, context, variant, settings, message):
+    with pytest.raises(UserInputError, match=message):
+        _final(tiny_registry, question, context, variant=variant, settings=settings)
+
+
+def test_control_characters_and_markup_are_answered_as_plain_text(tiny_registry):
+    update = _final(tiny_registry, "Is <script>alert(1)</script> \x00\x07 safe? 💊 安全吗?")
+    assert isinstance(update.answer, str)
+
+
+def test_too_long_context_is_truncated_and_the_user_is_told(tiny_registry):
+    context = "Patients received the drug. " * 70  # under the character limit, over the token budget
+    tiny_registry.settings.max_input_tokens = 200
+    update = _final(tiny_registry, "Did the drug work?", context)
+    assert any("truncated" in notice for notice in update.notices)
+
+
+def test_gradio_history_with_content_parts_becomes_turns():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Is A good?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes. A is good."}]},
+        {"role": "user", "content": "Is B good?"},
+        {"role": "assistant", "content": "no. B is not."},
+        {"role": "user", "content": "unanswered"},
+    ]
+    assert history_to_turns(history, LIMITS) == (Turn("Is A good?", "yes. A is good."), Turn("Is B good?", "no. B is not."))
+    with pytest.raises(UserInputError, match="history"):
+        history_to_turns("not a list", LIMITS)
+
+
+def test_history_changes_the_answer_context(tiny_registry):
+    alone = _final(tiny_registry, "Is B good?").answer
+    history = [{"role": "user", "content": "Is A good?"}, {"role": "assistant", "content": "yes. A is good."}]
+    with_history = _final(tiny_registry, "Is B good?", history=history).answer
+    assert alone != with_history
+
+
+@pytest.fixture
+def running_app(tiny_registry):
+    demo = build_app(tiny_registry, LIMITS, load_examples())
+    demo.queue(default_concurrency_limit=1, max_size=8)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_chat_api_answers_streams_and_reports_bad_input(running_app, tiny_registry):
+    from gradio_client import Client
+
+    client = Client(running_app, verbose=False)
+    question = "Does aspirin reduce the risk of myocardial infarction?"
+    answer = client.predict(question=question, model="fine-tuned", max_new_tokens=8, api_name="/chat")
+    expected = _final(tiny_registry, question, variant="fine-tuned").answer
+    assert answer == expected and answer
+
+    job = client.submit(question=question, max_new_tokens=8, api_name="/chat")
+    outputs = list(job)
+    assert len(outputs) >= 2 and outputs[-1] == _final(tiny_registry, question).answer
+
+    with pytest.raises(Exception, match="type a question"):
+        client.predict(question="  ", api_name="/chat")
+    # The app keeps serving after a bad request.
+    assert client.predict(question=question, model="fine-tuned", max_new_tokens=8, api_name="/chat") == expected

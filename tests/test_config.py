@@ -1,0 +1,40 @@
+"""Settings: defaults, environment variables, then CLI flags; bad values are refused with the setting's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.config import ModelSettings, ServerSettings, parse_settings, settings_from_env
+
+
+def test_environment_overrides_defaults_and_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("PUBMEDQA_BASE_MODEL", "meta-llama/Llama-2-13b-chat-hf")
+    monkeypatch.setenv("PUBMEDQA_QUANTIZATION", "8bit")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "9000")
+    monkeypatch.setenv("PUBMEDQA_PRELOAD", "false")
+    model, server = parse_settings([ModelSettings, ServerSettings], ["--quantization", "none"])
+    assert model.base_model == "meta-llama/Llama-2-13b-chat-hf"
+    assert model.quantization == "none"
+    assert server.server_port == 9000 and server.preload is False
+    assert settings_from_env(ServerSettings).server_port == 9000
+
+
+def test_defaults_are_the_embedded_model_in_4bit_on_localhost(monkeypatch):
+    for name in ("PUBMEDQA_BASE_MODEL", "PUBMEDQA_QUANTIZATION", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    model, server = parse_settings([ModelSettings, ServerSettings], [])
+    assert (model.base_model, model.quantization) == ("embedded", "4bit")
+    assert (server.server_name, server.server_port) == ("127.0.0.1", 7860)
+
+
+def test_adapter_none_disables_the_fine_tuned_variant():
+    assert ModelSettings(adapter="none").adapter_source is None
+    assert ModelSettings(adapter="user/my-adapter").adapter_source == "user/my-adapter"
+
+
+def test_bad_values_name_the_setting(monkeypatch):
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "eighty")
+    with pytest.raises(ValueError, match="GRADIO_SERVER_PORT"):
+        parse_settings([ServerSettings], [])
+    with pytest.raises(ValueError, match="PUBMEDQA_QUANTIZATION"):
+        ModelSettings(quantization="3bit")

@@ -1,0 +1,100 @@
+"""The PubMedQA loader and the official split, on the real PQA-L files in ../shared/data/pubmedqa."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from app.pubmedqa import (
+    DataFormatError,
+    load_examples,
+    load_local,
+    load_records,
+    load_test_ids,
+    official_split,
+    records_from_hub_rows,
+    stratified_sample,
+)
+
+
+@pytest.fixture(scope="module")
+def records(pubmedqa_dir):
+    return load_local(pubmedqa_dir)
+
+
+def test_local_loader_reads_every_field(records):
+    assert len(records) == 1000
+    record = records["21645374"]
+    assert record.question.startswith("Do mitochondria play a role")
+    assert len(record.contexts) == len(record.context_labels) >= 2
+    assert record.long_answer and record.final_decision in ("yes", "no", "maybe")
+    assert record.context.startswith(f"{record.context_labels[0]}: {record.contexts[0][:30]}")
+    assert record.reference_answer.startswith(f"{record.final_decision}. ")
+    assert Counter(r.final_decision for r in records.values()) == {"yes": 552, "no": 338, "maybe": 110}
+
+
+def test_hub_rows_give_the_same_records_as_the_local_files(records, pubmedqa_dir):
+    raw = json.loads((pubmedqa_dir / "ori_pqal.json").read_text())
+    rows = [  # the schema of qiaojin/PubMedQA, config pqa_labeled
+        {
+            "pubid": int(pubid),
+            "question": item["QUESTION"],
+            "context": {"contexts": item["CONTEXTS"], "labels": item["LABELS"], "meshes": item["MESHES"]},
+            "long_answer": item["LONG_ANSWER"],
+            "final_decision": item["final_decision"],
+        }
+        for pubid, item in raw.items()
+    ]
+    assert records_from_hub_rows(rows) == records
+
+
+def test_official_split_keeps_every_test_id_out_of_training(records, pubmedqa_dir):
+    test_ids = load_test_ids(pubmedqa_dir)
+    split = official_split(records, test_ids)
+    assert (len(split.train), len(split.dev), len(split.test)) == (450, 50, 500)
+    assert {r.pubid for r in split.test} == set(test_ids)
+    assert not ({r.pubid for r in split.train} | {r.pubid for r in split.dev}) & set(test_ids)
+    assert not {r.pubid for r in split.train} & {r.pubid for r in split.dev}
+    assert Counter(r.final_decision for r in split.dev) == {"yes": 28, "no": 17, "maybe": 5}
+    assert official_split(records, test_ids) == split  # fixed seed: the same split every time
+
+
+def test_shipped_test_ids_match_the_official_ground_truth(pubmedqa_dir):
+    assert load_test_ids(None) == sorted(load_test_ids(pubmedqa_dir), key=int)
+
+
+def test_stratified_sample_keeps_label_proportions_not_file_order(records, pubmedqa_dir):
+    test = [records[i] for i in load_test_ids(pubmedqa_dir)]  # the file is sorted by label
+    sample = stratified_sample(test, 50, seed=0)
+    assert Counter(r.final_decision for r in sample) == {"yes": 28, "no": 17, "maybe": 5}
+    assert stratified_sample(test, 50, seed=1) != sample
+
+
+def test_app_examples_come_from_the_training_side_only(pubmedqa_dir):
+    examples = load_examples()
+    assert len(examples) >= 5
+    assert not {ex["pubid"] for ex in examples} & set(load_test_ids(pubmedqa_dir))
+    assert all(ex["question"] and ex["context"] for ex in examples)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", "non-empty JSON object"),
+        ('{"1": {"QUESTION": "Q?", "CONTEXTS": ["c"], "LONG_ANSWER": "a", "final_decision": "perhaps"}}', "final_decision"),
+        ('{"1": {"QUESTION": "", "CONTEXTS": ["c"], "LONG_ANSWER": "a", "final_decision": "yes"}}', "question"),
+    ],
+)
+def test_malformed_data_files_get_a_clear_error(tmp_path, content, message):
+    (tmp_path / "ori_pqal.json").write_text(content)
+    with pytest.raises(DataFormatError, match=message):
+        load_local(tmp_path)
+
+
+def test_missing_data_folder_names_the_setting(tmp_path):
+    with pytest.raises(DataFormatError, match="PUBMEDQA_DATA_DIR|neither"):
+        load_records(tmp_path / "missing")
+    assert load_examples(tmp_path / "missing.json") == []
