@@ -17,9 +17,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from app.config import EMBEDDED_MODEL, ModelSettings
-from app.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from app.embedded_model import embedded_checkpoint
+from app.config import ModelSettings
+from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from app.prompts import (
     STOP_SEQUENCES,
     FittedPrompt,
@@ -40,10 +39,6 @@ BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
 class Variant(str, Enum):
     BASE = "base"
     TUNED = "fine-tuned"
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message names the setting to fix."""
 
 
 class AdapterUnavailableError(RuntimeError):
@@ -93,10 +88,6 @@ class LoadedModel:
     load_seconds: float
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).exists()
-
-
 class ModelRegistry:
     """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads."""
 
@@ -114,14 +105,9 @@ class ModelRegistry:
     # ----------------------------------------------------------------------------------------- loading
     def check_sources(self) -> None:
         """Fail fast, before any loading, on local paths that do not exist."""
-        base = self.settings.base_model
-        if base != EMBEDDED_MODEL and _looks_like_path(base) and not Path(base).expanduser().is_dir():
-            raise ModelLoadError(
-                f"Base model directory {base} does not exist. Set --base-model / PUBMEDQA_BASE_MODEL to "
-                f"'{EMBEDDED_MODEL}', a Hub model id or an existing folder."
-            )
+        check_base_source(self.settings)
         adapter = self.settings.adapter_source
-        if adapter and _looks_like_path(adapter) and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        if adapter and looks_like_path(adapter) and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
             raise ModelLoadError(
                 f"Adapter directory {adapter} has no adapter_config.json. Set --adapter / PUBMEDQA_ADAPTER to a "
                 "LoRA adapter folder, a Hub repo id, or 'none'."
@@ -179,72 +165,18 @@ class ModelRegistry:
         self._error = message
         logger.error("Model load failed: %s", message)
 
-    def _resolve_base(self) -> tuple[str, str]:
-        """(path or Hub id to load from, human description)."""
-        base = self.settings.base_model
-        if base == EMBEDDED_MODEL:
-            return str(embedded_checkpoint(self.settings.cache_dir)), EMBEDDED_DESCRIPTION
-        self.check_sources()
-        return (str(Path(base).expanduser()) if _looks_like_path(base) else base), base
-
     def _load(self) -> LoadedModel:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         started = time.perf_counter()
-        source, description = self._resolve_base()
-        logger.info("Loading base model %s (quantization: %s)", description, self.settings.quantization)
-        common = {"trust_remote_code": self.settings.trust_remote_code}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"Could not load the tokenizer of {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL "
-                "(and HF_TOKEN for gated models)."
-            ) from exc
-        model, quantization = self._load_weights(AutoModelForCausalLM, source, description, common)
-        model.eval()
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        base = load_base_model(self.settings)
+        model = base.model.eval()
         adapter_loaded = False
         if self.settings.adapter_source:
             model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
+        tokenizer = base.tokenizer
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
         seconds = time.perf_counter() - started
-        logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, description, quantization, adapter_loaded)
-        return LoadedModel(model, tokenizer, description, quantization, window, adapter_loaded, seconds)
-
-    def _load_weights(self, auto_cls: Any, source: str, description: str, common: dict) -> tuple[Any, str]:
-        from transformers import BitsAndBytesConfig
-
-        cuda = torch.cuda.is_available()
-        placement = {"device_map": "auto"} if cuda else {}
-        wanted = self.settings.quantization
-        if wanted in ("4bit", "8bit"):
-            if wanted == "4bit":
-                quant = BitsAndBytesConfig(
-                    load_in_4bit=True,
-                    bnb_4bit_quant_type="nf4",
-                    bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
-                )
-            else:
-                quant = BitsAndBytesConfig(load_in_8bit=True)
-            try:
-                return auto_cls.from_pretrained(source, quantization_config=quant, **placement, **common), wanted
-            except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
-                logger.warning(
-                    "%s quantization is not available here (%s: %s); loading %s in bf16 instead.",
-                    wanted, type(exc).__name__, exc, description,
-                )
-                wanted = "none (bf16 fallback)"
-        dtype = torch.bfloat16 if cuda or wanted.startswith("none (") else torch.float32
-        try:
-            model = auto_cls.from_pretrained(source, dtype=dtype, **placement, **common)
-        except OSError as exc:
-            raise ModelLoadError(
-                f"Could not load model {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL."
-            ) from exc
-        return model, wanted if wanted != "none" else f"none ({str(dtype).removeprefix('torch.')})"
+        logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, base.description, base.quantization, adapter_loaded)
+        return LoadedModel(model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds)
 
     def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
         from peft import PeftModel
