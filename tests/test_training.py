@@ -1,0 +1,108 @@
+"""Fine-tuning on the tiny model: leak-free split, answer-only loss, outputs the app can load, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.config import BaseModelSettings, ModelSettings
+from app.prompts import encode_prompt
+from app.pubmedqa import load_local, load_test_ids, official_split
+from app.registry import ModelRegistry, Variant
+from training import train as train_cli
+from training.train import TrainArguments, _ids_hash, build_examples
+from tests.conftest import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_model_dir, pubmedqa_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "adapter"
+    args = TrainArguments(
+        data=str(pubmedqa_dir), output_dir=str(out), limit_train=8, max_steps=2, eval_steps=1,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=768, dev_size=10, lora_r=4,
+    )
+    train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), args)
+    return out
+
+
+def test_test_ids_never_reach_training(pubmedqa_dir, trained_adapter):
+    records = load_local(pubmedqa_dir)
+    test_ids = set(load_test_ids(pubmedqa_dir))
+    split = official_split(records, sorted(test_ids), dev_size=10)
+    examples = build_examples(split.train, build_tiny_tokenizer(), 768)
+    assert len(examples) == len(split.train) and not {e["pubid"] for e in examples} & test_ids
+    info = json.loads((trained_adapter / "training_args.json").read_text())
+    assert info["split"]["train_ids_sha256_16"] == _ids_hash(split.train[:8])
+    assert info["split"]["test_excluded"] == 500
+    assert not set(info["split"]["dev_ids"]) & test_ids
+
+
+def test_training_examples_keep_question_and_answer_and_shorten_the_context(pubmedqa_dir):
+    tokenizer = build_tiny_tokenizer()
+    record = max(load_local(pubmedqa_dir).values(), key=lambda r: len(r.context))
+    (example,) = build_examples([record], tokenizer, 768)
+    assert example["completion"] == " " + record.reference_answer
+    assert f"Question: {record.question}\nAnswer:" in example["prompt"] and "[...]" in example["prompt"]
+    n_completion = len(tokenizer(example["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+    assert len(encode_prompt(example["prompt"], tokenizer)) + n_completion <= 768
+
+
+def test_trainer_masks_the_prompt_and_trains_on_the_answer_only(tiny_model_dir, pubmedqa_dir, monkeypatch):
+    captured = {}
+    original = train_cli._make_trainer_class
+
+    def spy():
+        cls = original()
+
+        class Spy(cls):
+            def train(self, *args, **kwargs):
+                captured["row"] = self.train_dataset[0]
+                raise KeyboardInterrupt  # stop before training: only the data is under test
+
+        return Spy
+
+    monkeypatch.setattr(train_cli, "_make_trainer_class", spy)
+    args = TrainArguments(data=str(pubmedqa_dir), limit_train=2, max_length=768, dev_size=10, output_dir="unused")
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), args)
+    row = captured["row"]
+    tokenizer = build_tiny_tokenizer()
+    records = load_local(pubmedqa_dir)
+    split = official_split(records, load_test_ids(pubmedqa_dir), dev_size=10)
+    (example,) = build_examples(split.train[:1], tokenizer, 768)
+    prompt_ids = encode_prompt(example["prompt"], tokenizer)
+    # Byte-for-byte the shared prompt, then the answer and EOS; only the answer (and EOS) is trained on.
+    assert row["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert tokenizer.decode(row["input_ids"][len(prompt_ids):], skip_special_tokens=True) == example["completion"]
+    labels = row["labels"]
+    assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
+    assert labels[len(prompt_ids):] == row["input_ids"][len(prompt_ids):]
+
+
+def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter, tiny_model_dir):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_args.json", "dev_metrics.json"):
+        assert (trained_adapter / name).is_file(), name
+    assert not list(trained_adapter.glob("**/*test_ground_truth*"))
+    card = (trained_adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "qiaojin/PubMedQA" in card and "not medical advice" in card
+    assert "official 500-question test set is excluded" in card
+    metrics = json.loads((trained_adapter / "dev_metrics.json").read_text())
+    assert 0.0 <= metrics["after_training"]["accuracy"] <= 1.0
+    assert any("eval_accuracy" in entry for entry in metrics["log_history"])
+
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
+    from app.prompts import PromptInput
+    from app.registry import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=8)
+    prompt = registry.prepare(PromptInput("Does aspirin help?"), settings)
+    assert registry.load().adapter_loaded
+    assert isinstance(registry.generate(prompt, Variant.TUNED, settings), str)
+    assert metrics["log_history"][-1]["train_loss"] > 0
+
+
+def test_train_cli_reports_a_missing_data_folder_in_one_line(tmp_path, caplog):
+    code = train_cli.main(["--data", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "no-model")])
+    assert code == 2
+    assert any("neither a folder" in r.getMessage() or "does not exist" in r.getMessage() for r in caplog.records)

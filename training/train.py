@@ -1,0 +1,283 @@
+"""LoRA / QLoRA fine-tuning on PubMedQA PQA-L with the official split.
+
+    python -m training.train                                   # embedded Gemma 3 270M, local data, CPU
+    python -m training.train --base_model meta-llama/Llama-2-13b-chat-hf --quantization 4bit   # QLoRA on a GPU
+
+Parse settings -> load data (official split, test never seen) -> build prompt/completion pairs in the shared
+format -> TRL SFTTrainer with a LoRA config (loss on the answer only, dynamic padding) -> keep the best checkpoint
+by dev accuracy -> save adapter, settings, dev metrics and model card -> optionally push to the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from app.config import PROJECT_ROOT, BaseModelSettings, parse_settings
+from app.model_loading import ModelLoadError, load_base_model
+from app.prompts import PromptTooLongError, fit_prompt, format_completion
+from app.pubmedqa import DEFAULT_SPLIT_SEED, DataFormatError, PubMedQARecord, load_records, load_test_ids, official_split
+from app.scoring import predicted_decision, score_options
+from training.metrics import decision_metrics
+from training.model_card import write_model_card
+
+logger = logging.getLogger("training.train")
+
+
+@dataclass
+class TrainArguments:
+    data: str = field(
+        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
+        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
+    )
+    output_dir: str = field(default="outputs/adapter", metadata={"help": "Where the adapter and its card are written."})
+    dev_size: int = field(default=50, metadata={"help": "Dev questions held out of the 500 non-test ones."})
+    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the stratified train/dev split."})
+    limit_train: int = field(default=0, metadata={"help": "Train on only this many questions (0 = all); for quick runs."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Comma-separated module names, or 'all-linear' (every attention and MLP projection)."},
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule, warm-up 5%%)."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training questions."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = use epochs)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "Forward passes per optimizer step."})
+    max_length: int = field(
+        default=512, metadata={"help": "Token limit of prompt + answer; the context is shortened to fit, never the answer."}
+    )
+    eval_steps: int = field(default=20, metadata={"help": "Evaluate on dev (loss, accuracy) every N optimizer steps."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N optimizer steps."})
+    seed: int = field(default=42, metadata={"help": "Seed of model initialisation and data order."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
+    push_to_hub: str = field(default="", metadata={"help": "Upload the adapter to this Hub repo id when done."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+
+def build_examples(records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int) -> list[dict[str, str]]:
+    """Prompt/completion pairs in the shared format. The completion is the decision followed by the conclusion;
+    when a pair is too long, the context is shortened (never the question or the answer)."""
+    examples = []
+    eos = tokenizer.eos_token or ""
+    for record in records:
+        completion = format_completion(record.reference_answer, tokenizer)
+        completion_tokens = len(tokenizer(completion + eos, add_special_tokens=False)["input_ids"])
+        try:
+            fitted = fit_prompt(record.prompt_input(), tokenizer, max_length - completion_tokens)
+        except PromptTooLongError:
+            logger.warning("Skipping %s: question + answer alone exceed max_length=%d", record.pubid, max_length)
+            continue
+        examples.append({"pubid": record.pubid, "prompt": fitted.text, "completion": completion})
+    return examples
+
+
+def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: list[str]) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    predicted = [predicted_decision(p) for p in score_options(model, tokenizer, prompts)]
+    if was_training:
+        model.train()
+    return decision_metrics(gold, predicted)
+
+
+def _make_trainer_class():
+    from trl import SFTTrainer
+
+    class PubMedQATrainer(SFTTrainer):
+        """SFTTrainer whose evaluation also reports yes/no/maybe accuracy and macro-F1 on dev (by option
+        likelihood, the same scoring the evaluation uses), so the best checkpoint is chosen by dev accuracy."""
+
+        def __init__(self, *args: Any, dev_prompts: list[str], dev_gold: list[str], **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.dev_prompts, self.dev_gold = dev_prompts, dev_gold
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            # Only answer tokens carry a loss, so only their positions need logits: with a 262k vocabulary the
+            # output projection of every prompt position would cost more than the whole transformer body.
+            labels = inputs["labels"]
+            targets = labels[:, 1:]
+            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
+            logits = outputs.logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+            loss = loss / count
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+            metrics = super().evaluate(*args, **kwargs)
+            scores = dev_decision_metrics(self.model, self.processing_class, self.dev_prompts, self.dev_gold)
+            extra = {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
+            self.log(extra)
+            metrics.update(extra)
+            return metrics
+
+    return PubMedQATrainer
+
+
+def _ids_hash(records: Sequence[PubMedQARecord]) -> str:
+    return hashlib.sha256(",".join(sorted(r.pubid for r in records)).encode()).hexdigest()[:16]
+
+
+def _canonical_base(model_settings: BaseModelSettings, loaded_source: str) -> str:
+    # The embedded checkpoint lives in a local cache folder; the model it is a quantisation of is on the Hub.
+    return "google/gemma-3-270m" if model_settings.base_model == "embedded" else loaded_source
+
+
+def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig
+
+    output_dir = Path(args.output_dir)
+    records = load_records(args.data)
+    split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
+    train_records = split.train[: args.limit_train] if args.limit_train > 0 else split.train
+    logger.info("Official split: %d train, %d dev, %d test (never used here)", len(split.train), len(split.dev), len(split.test))
+
+    base = load_base_model(model_settings)
+    model, tokenizer = base.model, base.tokenizer
+    quantized = base.quantization in ("4bit", "8bit")
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=torch.cuda.is_available())
+
+    train_examples = build_examples(train_records, tokenizer, args.max_length)
+    dev_examples = build_examples(split.dev, tokenizer, args.max_length)
+    from datasets import Dataset
+
+    targets = args.lora_target_modules
+    peft_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        task_type="CAUSAL_LM",
+    )
+    cuda = torch.cuda.is_available()
+    config = SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
+        max_length=args.max_length,
+        completion_only_loss=True,  # loss on the answer only: prompt tokens are masked
+        packing=False,  # dynamic padding per batch
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        bf16=cuda,
+        gradient_checkpointing=cuda,
+        report_to="none",
+        prediction_loss_only=True,  # never gather full-vocabulary logits during evaluation
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+    trainer = _make_trainer_class()(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_examples]),
+        eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in dev_examples]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        dev_prompts=[e["prompt"] for e in dev_examples],
+        dev_gold=[r.final_decision for r in split.dev if any(e["pubid"] == r.pubid for e in dev_examples)],
+    )
+    has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
+    if args.resume and not has_checkpoint:
+        logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
+    baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
+    logger.info("Dev before training: accuracy %.3f, macro-F1 %.3f", baseline["accuracy"], baseline["macro_f1"])
+    result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+
+    # load_best_model_at_end has put the best checkpoint's adapter back; save it as the output.
+    trainer.model.peft_config["default"].base_model_name_or_path = _canonical_base(model_settings, base.source)
+    trainer.save_model(str(output_dir))
+    dev = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
+    logger.info("Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f", dev["accuracy"], dev["macro_f1"])
+    run_info = {
+        "base_model": model_settings.base_model,
+        "base_model_canonical": _canonical_base(model_settings, base.source),
+        "base_description": base.description,
+        "quantization": base.quantization,
+        "method": "QLoRA" if quantized else "LoRA",
+        "model_settings": asdict(model_settings),
+        "train_arguments": {k: v for k, v in asdict(args).items()},
+        "data_source": "hub:qiaojin/PubMedQA (pqa_labeled)" if not Path(args.data).is_dir() else "local PQA-L files",
+        "split": {
+            "train": len(train_records),
+            "dev": len(split.dev),
+            "test_excluded": len(split.test),
+            "train_ids_sha256_16": _ids_hash(train_records),
+            "dev_ids": [r.pubid for r in split.dev],
+            "test_ids_sha256_16": _ids_hash(split.test),
+        },
+        "train_result": {"global_step": result.global_step, "training_loss": result.training_loss, **result.metrics},
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_dev_accuracy": trainer.state.best_metric,
+        "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
+    }
+    metrics = {"before_training": baseline, "after_training": dev, "log_history": trainer.state.log_history}
+    (output_dir / "training_args.json").write_text(json.dumps(run_info, indent=2, default=str))
+    (output_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_model_card(output_dir, run_info, baseline, dev)
+    logger.info("Adapter written to %s; serve it with: PUBMEDQA_ADAPTER=%s python app.py", output_dir, output_dir)
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_settings, args = _parse(argv)
+        output_dir = train(model_settings, args)
+        if args.push_to_hub:
+            from training.push import push_adapter
+
+            push_adapter(output_dir, args.push_to_hub, private=args.private)
+    except (DataFormatError, ModelLoadError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[BaseModelSettings, TrainArguments]:
+    model_settings, args = parse_settings([BaseModelSettings, TrainArguments], argv)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    chosen = "PUBMEDQA_QUANTIZATION" in os.environ or any(a.startswith("--quantization") for a in given)
+    if not chosen and not torch.cuda.is_available():
+        # QLoRA exists to fit big models in GPU memory; on a CPU with a small model, full precision LoRA is simpler.
+        logger.info("No GPU: plain LoRA on full-precision weights (pass --quantization 4bit for QLoRA)")
+        model_settings.quantization = "none"
+    return model_settings, args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
