@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence
 
 from transformers import HfArgumentParser
 
@@ -107,8 +107,6 @@ class ServerSettings:
     preload: bool = _setting(True, "Start loading the model in the background at start-up.")
 
 
-
-Settings = TypeVar("Settings")
 _FIELD_TYPES = {"str": str, "int": int, "bool": bool, "float": float}
 
 
@@ -148,8 +146,3 @@ def parse_settings(classes: Sequence[type], args: Sequence[str] | None = None) -
     for cls in classes:
         parser.set_defaults(**_env_overrides(cls))
     return tuple(parser.parse_args_into_dataclasses(args=list(args) if args is not None else None))
-
-
-def settings_from_env(cls: type[Settings]) -> Settings:
-    """Settings from defaults and environment only (no CLI), e.g. for tests and library use."""
-    return cls(**_env_overrides(cls))

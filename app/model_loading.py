@@ -30,6 +30,7 @@ class BaseModel:
     description: str
     quantization: str  # what was really loaded, e.g. "4bit" or "none (bf16 fallback)"
     source: str  # the folder or Hub id the weights came from
+    tokenizer_changed: bool = False  # a pad token was added, so an adapter must ship its tokenizer
 
 
 def looks_like_path(source: str) -> bool:
@@ -82,7 +83,8 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
             f"Could not load the tokenizer of {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL "
             "(and HF_TOKEN for gated models)."
         ) from exc
-    if tokenizer.pad_token_id is None:
+    tokenizer_changed = tokenizer.pad_token_id is None
+    if tokenizer_changed:
         tokenizer.pad_token = tokenizer.eos_token
 
     cuda = torch.cuda.is_available()
@@ -93,7 +95,7 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
             model = AutoModelForCausalLM.from_pretrained(
                 source, quantization_config=_quantization_config(quantization, cuda), **placement, **common
             )
-            return BaseModel(model, tokenizer, description, quantization, source)
+            return BaseModel(model, tokenizer, description, quantization, source, tokenizer_changed)
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
             logger.warning(
                 "%s quantization is not available here (%s: %s); loading %s in bf16 instead.",
@@ -107,4 +109,4 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
         raise ModelLoadError(f"Could not load model {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL.") from exc
     if quantization == "none":
         quantization = f"none ({str(dtype).removeprefix('torch.')})"
-    return BaseModel(model, tokenizer, description, quantization, source)
+    return BaseModel(model, tokenizer, description, quantization, source, tokenizer_changed)

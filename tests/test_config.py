@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import ModelSettings, ServerSettings, parse_settings, settings_from_env
+from app.config import ModelSettings, ServerSettings, parse_settings
 
 
 def test_environment_overrides_defaults_and_flags_override_environment(monkeypatch):
@@ -16,7 +16,6 @@ def test_environment_overrides_defaults_and_flags_override_environment(monkeypat
     assert model.base_model == "meta-llama/Llama-2-13b-chat-hf"
     assert model.quantization == "none"
     assert server.server_port == 9000 and server.preload is False
-    assert settings_from_env(ServerSettings).server_port == 9000
 
 
 def test_defaults_are_the_embedded_model_in_4bit_on_localhost(monkeypatch):

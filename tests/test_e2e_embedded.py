@@ -84,3 +84,19 @@ def test_real_model_keeps_a_multi_turn_conversation(embedded_registry):
     history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first}]
     second = list(stream_answer(embedded_registry, limits, "Is it safe for children?", "", history, "base", GREEDY))
     assert second[-1].answer and "Question:" not in second[-1].answer
+
+
+def test_shipped_adapter_makes_the_model_state_a_decision():
+    from app.config import SHIPPED_ADAPTER_DIR
+    from app.prompts import PromptInput, parse_decision
+    from app.registry import GenerationSettings, Variant
+
+    if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
+        pytest.skip("no adapter shipped in assets/adapter yet")
+    registry = ModelRegistry(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    settings = GenerationSettings(max_new_tokens=40)
+    prompt = registry.prepare(PromptInput(QUESTION), settings)
+    assert registry.load().adapter_loaded
+    tuned = registry.generate(prompt, Variant.TUNED, settings)
+    assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
+    assert tuned != registry.generate(prompt, Variant.BASE, settings)

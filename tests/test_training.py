@@ -10,9 +10,9 @@ from app.config import BaseModelSettings, ModelSettings
 from app.prompts import encode_prompt
 from app.pubmedqa import load_local, load_test_ids, official_split
 from app.registry import ModelRegistry, Variant
+from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training.train import TrainArguments, _ids_hash, build_examples
-from tests.conftest import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,86 @@ def test_train_cli_reports_a_missing_data_folder_in_one_line(tmp_path, caplog):
     code = train_cli.main(["--data", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "no-model")])
     assert code == 2
     assert any("neither a folder" in r.getMessage() or "does not exist" in r.getMessage() for r in caplog.records)
+
+
+def test_push_without_network_fails_in_one_line_without_the_token(tiny_adapter_dir, monkeypatch, capsys, caplog):
+    from training import push
+
+    monkeypatch.setenv("HF_TOKEN", "hf_FAKE_SECRET_do_not_print")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert push.main([str(tiny_adapter_dir), "someone/pubmedqa-lora"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "could not reach the Hugging Face Hub" in errors[0]
+    out = capsys.readouterr()
+    assert "hf_FAKE_SECRET" not in out.out + out.err + caplog.text
+    assert push.main([str(tiny_adapter_dir.parent), "someone/pubmedqa-lora"]) == 1  # not an adapter folder
+
+
+def _tiny_args(data, out, **overrides):
+    base = dict(
+        data=str(data), output_dir=str(out), limit_train=8, max_steps=3, eval_steps=2,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=768, dev_size=10, lora_r=4,
+    )
+    return TrainArguments(**{**base, **overrides})
+
+
+def test_existing_output_dir_is_refused_unless_overwrite_or_resume(trained_adapter, tiny_model_dir, pubmedqa_dir):
+    with pytest.raises(ValueError, match="already exists"):
+        train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), _tiny_args(pubmedqa_dir, trained_adapter))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, pubmedqa_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class InterruptAtFirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    original = train_cli._make_trainer_class
+
+    def with_interrupt():
+        cls = original()
+
+        class Interrupted(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(InterruptAtFirstStep())
+
+        return Interrupted
+
+    settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_cli, "_make_trainer_class", with_interrupt)
+    with pytest.raises(train_cli.TrainingInterrupted, match="--resume"):
+        train_cli.train(settings, _tiny_args(pubmedqa_dir, out, eval_steps=10))  # no scheduled save before step 3
+    assert (out / "checkpoint-2").is_dir()
+    monkeypatch.setattr(train_cli, "_make_trainer_class", original)
+    train_cli.train(settings, _tiny_args(pubmedqa_dir, out, eval_steps=10, resume=True))
+    info = json.loads((out / "training_args.json").read_text())
+    assert info["train_result"]["global_step"] == 3 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, monkeypatch):
+    from training import push
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = push.push_adapter(trained_adapter, "someone/pubmedqa-lora", private=True)
+    assert url.endswith("someone/pubmedqa-lora")
+    (_, repo, create_kwargs), (_, upload) = calls
+    assert create_kwargs["private"] is True and create_kwargs["repo_type"] == "model"
+    assert upload["folder_path"] == str(trained_adapter) and upload["repo_id"] == "someone/pubmedqa-lora"
+    assert "checkpoint-*" in upload["ignore_patterns"]

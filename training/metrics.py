@@ -20,6 +20,7 @@ def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str,
     return {
         "accuracy": float(accuracy_score(gold, predicted)),
         "macro_f1": float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
+        "predicted_counts": {label: sum(1 for p in predicted if p == label) for label in labels},
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)

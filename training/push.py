@@ -46,8 +46,10 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False) -> str
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", "?")
         raise PushError(f"the Hub refused the upload to {repo_id} (HTTP {status}); check the repo id and the token's write access") from None
-    except (OSError, ConnectionError) as exc:
-        raise PushError(f"could not reach the Hugging Face Hub ({type(exc).__name__}); check the network") from None
+    except Exception as exc:  # network errors come from httpx and friends; their text is not shown (could hold URLs)
+        raise PushError(
+            f"could not reach the Hugging Face Hub ({type(exc).__name__}); check the network and the repo id"
+        ) from None
     logger.info("Adapter uploaded to %s", url)
     return str(url)
 

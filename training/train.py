@@ -10,22 +10,33 @@ by dev accuracy -> save adapter, settings, dev metrics and model card -> optiona
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from transformers import TrainerCallback
 
 from app.config import PROJECT_ROOT, BaseModelSettings, parse_settings
 from app.model_loading import ModelLoadError, load_base_model
 from app.prompts import PromptTooLongError, fit_prompt, format_completion
-from app.pubmedqa import DEFAULT_SPLIT_SEED, DataFormatError, PubMedQARecord, load_records, load_test_ids, official_split
+from app.pubmedqa import (
+    DEFAULT_SPLIT_SEED,
+    DataFormatError,
+    PubMedQARecord,
+    load_records,
+    load_test_ids,
+    official_split,
+)
 from app.scoring import predicted_decision, score_options
 from training.metrics import decision_metrics
 from training.model_card import write_model_card
@@ -51,17 +62,18 @@ class TrainArguments:
         metadata={"help": "Comma-separated module names, or 'all-linear' (every attention and MLP projection)."},
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule, warm-up 5%%)."})
-    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training questions."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training questions."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = use epochs)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Questions per forward pass."})
     gradient_accumulation_steps: int = field(default=2, metadata={"help": "Forward passes per optimizer step."})
     max_length: int = field(
-        default=512, metadata={"help": "Token limit of prompt + answer; the context is shortened to fit, never the answer."}
+        default=384, metadata={"help": "Token limit of prompt + answer; the context is shortened to fit, never the answer."}
     )
-    eval_steps: int = field(default=20, metadata={"help": "Evaluate on dev (loss, accuracy) every N optimizer steps."})
+    eval_steps: int = field(default=30, metadata={"help": "Evaluate on dev (loss, accuracy) every N optimizer steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N optimizer steps."})
     seed: int = field(default=42, metadata={"help": "Seed of model initialisation and data order."})
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
+    overwrite: bool = field(default=False, metadata={"help": "Train into an output_dir that already has files."})
     push_to_hub: str = field(default="", metadata={"help": "Upload the adapter to this Hub repo id when done."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
@@ -90,6 +102,41 @@ def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: l
     if was_training:
         model.train()
     return decision_metrics(gold, predicted)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training: the last step was checkpointed."""
+
+
+class StopOnInterrupt(TrainerCallback):
+    """On Ctrl-C, finish the current step, save a resumable checkpoint and stop (instead of losing the run)."""
+
+    requested = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[None]:
+        def request(signum: int, frame: Any) -> None:
+            if cls.requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            logger.warning("Ctrl-C: saving a checkpoint after this step (press again to abort without saving)")
+            cls.requested = True
+
+        cls.requested = False
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if StopOnInterrupt.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def _make_trainer_class():
@@ -125,7 +172,13 @@ def _make_trainer_class():
         def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
             metrics = super().evaluate(*args, **kwargs)
             scores = dev_decision_metrics(self.model, self.processing_class, self.dev_prompts, self.dev_gold)
-            extra = {"eval_accuracy": scores["accuracy"], "eval_macro_f1": scores["macro_f1"]}
+            extra = {
+                "eval_accuracy": scores["accuracy"],
+                "eval_macro_f1": scores["macro_f1"],
+                # A 270M base collapses onto one label easily: accuracy alone would reward "always yes".
+                "eval_selection_score": (scores["accuracy"] + scores["macro_f1"]) / 2,
+                **{f"eval_predicted_{label}": n for label, n in scores["predicted_counts"].items()},
+            }
             self.log(extra)
             metrics.update(extra)
             return metrics
@@ -147,6 +200,8 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     from trl import SFTConfig
 
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
+        raise ValueError(f"{output_dir} already exists and is not empty: pass --overwrite, --resume or another --output_dir")
     records = load_records(args.data)
     split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
     train_records = split.train[: args.limit_train] if args.limit_train > 0 else split.train
@@ -190,7 +245,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         save_steps=args.eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
+        metric_for_best_model="selection_score",  # mean of dev accuracy and macro-F1
         greater_is_better=True,
         logging_steps=args.logging_steps,
         seed=args.seed,
@@ -216,11 +271,19 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
     baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
     logger.info("Dev before training: accuracy %.3f, macro-F1 %.3f", baseline["accuracy"], baseline["macro_f1"])
-    result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    trainer.add_callback(StopOnInterrupt())
+    with StopOnInterrupt.installed():
+        result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    if StopOnInterrupt.requested:
+        raise TrainingInterrupted(
+            f"Interrupted: a checkpoint was saved in {output_dir}; continue with the same command plus --resume"
+        )
 
     # load_best_model_at_end has put the best checkpoint's adapter back; save it as the output.
     trainer.model.peft_config["default"].base_model_name_or_path = _canonical_base(model_settings, base.source)
-    trainer.save_model(str(output_dir))
+    trainer.model.save_pretrained(str(output_dir))  # the adapter only; checkpoints stay in checkpoint-*/
+    if base.tokenizer_changed:
+        tokenizer.save_pretrained(str(output_dir))
     dev = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
     logger.info("Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f", dev["accuracy"], dev["macro_f1"])
     run_info = {
@@ -262,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.push import push_adapter
 
             push_adapter(output_dir, args.push_to_hub, private=args.private)
-    except (DataFormatError, ModelLoadError, ValueError) as exc:
+    except (DataFormatError, ModelLoadError, ValueError, TrainingInterrupted) as exc:
         logger.error("%s", exc)
         return 2
     return 0
