@@ -89,7 +89,8 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     assert "official 500-question test set is excluded" in card
     metrics = json.loads((trained_adapter / "dev_metrics.json").read_text())
     assert 0.0 <= metrics["after_training"]["accuracy"] <= 1.0
-    assert any("eval_accuracy" in entry for entry in metrics["log_history"])
+    evaluated_steps = [entry["step"] for entry in metrics["log_history"] if "eval_selection_score" in entry]
+    assert evaluated_steps[-1] == metrics["log_history"][-1]["step"]  # the finished model competes for "best"
 
     registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
     from app.prompts import PromptInput

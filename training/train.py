@@ -139,6 +139,16 @@ class StopOnInterrupt(TrainerCallback):
         return control
 
 
+class EvaluateAtEnd(TrainerCallback):
+    """Evaluate (and so checkpoint) the last step too, so the best-checkpoint choice includes the finished model."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps:
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
 def _make_trainer_class():
     from trl import SFTTrainer
 
@@ -271,6 +281,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
     baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
     logger.info("Dev before training: accuracy %.3f, macro-F1 %.3f", baseline["accuracy"], baseline["macro_f1"])
+    trainer.add_callback(EvaluateAtEnd())
     trainer.add_callback(StopOnInterrupt())
     with StopOnInterrupt.installed():
         result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
