@@ -29,6 +29,7 @@ from app.prompts import (
     stable_prefix,
     uses_chat_template,
 )
+from app.scoring import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,33 @@ class ModelRegistry:
         for answer in self.stream(prompt, variant, settings):
             pass
         return answer
+
+    def generate_batch(
+        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], settings: GenerationSettings
+    ) -> list[str]:
+        """Answers for several prompts in one batched ``generate`` call; each row may use base or fine-tuned."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        loaded = self.load()
+        tokenizer = loaded.tokenizer
+        stops = self._stops(loaded)
+        ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
+        kwargs = self._generate_kwargs(loaded, settings, ids, self._adapter_names(list(variants)))
+        kwargs["attention_mask"] = mask
+
+        class _AllStopped(StoppingCriteria):
+            # End the batch once every row has reached a stop sequence (EOS is handled by generate itself).
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+                texts = tokenizer.batch_decode(input_ids[:, ids.shape[1]:], skip_special_tokens=True)
+                return torch.tensor([cut_at_stop(t, stops)[1] for t in texts], device=input_ids.device)
+
+        if stops:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_AllStopped()])
+        with self._generate_lock, torch.inference_mode():
+            torch.manual_seed(settings.seed)
+            output = loaded.model.generate(**kwargs)
+        texts = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        return [cut_at_stop(text, stops)[0].strip() for text in texts]
 
     def _stops(self, loaded: LoadedModel) -> tuple[str, ...]:
         # Chat templates end a turn with an end-of-turn token, which generation already stops on.

@@ -50,7 +50,8 @@ def score_options(
     return results
 
 
-def _left_padded(tokenizer: Any, sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(tokenizer: Any, sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch (ids, attention mask): the last position is every row's last token."""
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
@@ -66,12 +67,12 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int, names
 
 
 def _next_token_logprobs(model, tokenizer, batch, names, device) -> torch.Tensor:
-    ids, mask = _left_padded(tokenizer, batch, device)
+    ids, mask = left_pad(tokenizer, batch, device)
     return torch.log_softmax(_forward(model, ids, mask, 1, names)[:, -1, :].float(), dim=-1)
 
 
 def _continuation_logprob(model, tokenizer, batch, option_ids, names, device) -> torch.Tensor:
-    ids, mask = _left_padded(tokenizer, [p + option_ids for p in batch], device)
+    ids, mask = left_pad(tokenizer, [p + option_ids for p in batch], device)
     n = len(option_ids)
     # The logits at positions -n-1 .. -2 predict the option's n tokens.
     logits = _forward(model, ids, mask, n + 1, names)[:, :-1, :].float()

@@ -182,3 +182,11 @@ def test_failed_4bit_load_falls_back_to_bf16_with_one_log_line(tiny_settings, mo
 def test_out_of_range_settings_are_rejected_with_the_reason(settings, problem):
     with pytest.raises(ValueError, match=problem):
         settings.validated(max_new_tokens_limit=1024)
+
+
+def test_batched_generation_mixes_variants_and_matches_one_at_a_time(tiny_registry):
+    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:4]]
+    variants = [Variant.BASE, Variant.TUNED, Variant.TUNED, Variant.BASE]
+    batched = tiny_registry.generate_batch(prompts, variants, GREEDY)
+    alone = [tiny_registry.generate(p, v, GREEDY) for p, v in zip(prompts, variants)]
+    assert batched == alone

@@ -1,8 +1,11 @@
-"""PubMedQA's official decision metrics: accuracy and macro-F1 over yes/no/maybe (as the official script computes
-them, with scikit-learn), plus per-class scores and the confusion matrix."""
+"""Metrics: PubMedQA's official decision metrics (accuracy and macro-F1 over yes/no/maybe, computed with
+scikit-learn as the official script does, plus per-class scores and the confusion matrix) and long-answer overlap
+metrics (Token-F1, BLEU, ROUGE-1/L)."""
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from typing import Any, Sequence
 
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -26,4 +29,54 @@ def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str,
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)
         },
         "confusion_matrix": {"labels": labels, "rows_gold_columns_predicted": confusion_matrix(gold, predicted, labels=labels).tolist()},
+    }
+
+
+def _normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return [word for word in text.split() if word not in ("a", "an", "the")]
+
+
+_PUNCTUATION = set(string.punctuation)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token-overlap F1 of one answer against its reference."""
+    pred, ref = _normalize(prediction), _normalize(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = Counter(pred) & Counter(ref)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred), overlap / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Corpus Token-F1, BLEU (sacrebleu) and ROUGE-1/L F-measure (rouge-score), all on a 0-100 scale, plus the
+    per-example values."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    per_example = []
+    for prediction, reference in zip(predictions, references):
+        rouge = scorer.score(reference, prediction)
+        per_example.append(
+            {
+                "token_f1": 100 * token_f1(prediction, reference),
+                "bleu": sacrebleu.sentence_bleu(prediction, [reference]).score,
+                "rouge1": 100 * rouge["rouge1"].fmeasure,
+                "rougeL": 100 * rouge["rougeL"].fmeasure,
+            }
+        )
+    n = max(1, len(per_example))
+    return {
+        "token_f1": sum(e["token_f1"] for e in per_example) / n,
+        "bleu": sacrebleu.corpus_bleu(list(predictions), [list(references)]).score,
+        "rouge1": sum(e["rouge1"] for e in per_example) / n,
+        "rougeL": sum(e["rougeL"] for e in per_example) / n,
+        "per_example": per_example,
     }
