@@ -81,7 +81,7 @@ def _read_json(path: Path) -> Any:
         with path.open(encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise DataFormatError(f"{path} does not exist (set --data-dir / PUBMEDQA_DATA_DIR)") from None
+        raise DataFormatError(f"{path} does not exist (set --data / PUBMEDQA_DATA to the PubMedQA folder, or use hub)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{path} is not valid JSON: {exc}") from None
 

@@ -155,3 +155,22 @@ def test_limit_out_of_range_is_refused(tiny_model_dir, pubmedqa_dir, tmp_path):
     settings = ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none")
     with pytest.raises(ValueError, match="--limit must be between 1 and 500"):
         evaluate(settings, EvalArguments(data=str(pubmedqa_dir), limit=501, output_dir=str(tmp_path)))
+
+
+def test_dashboard_builds_its_figures_and_table_from_a_results_file(tiny_run):
+    from app.ui.evaluation_tab import confusion_figure, decision_figure, examples_frame, judge_figure, text_figure
+
+    out, _ = tiny_run
+    run = load_results(out)
+    decision = decision_figure(run)
+    assert [t.name for t in decision.data] == ["base", "fine-tuned"]
+    assert list(decision.data[0].y) == pytest.approx([100 * run.results["models"]["base"]["accuracy"],
+                                                     100 * run.results["models"]["base"]["macro_f1"]])
+    text = text_figure(run)
+    assert list(text.data[1].x)[-1] == "BERTScore F1" and None not in list(text.data[1].y)
+    assert list(judge_figure(run).data[0].text) == ["n/a"]  # judge was down: shown as n/a, not as a score
+    heat = confusion_figure(run, "tuned").data[0]
+    assert sum(map(sum, heat.z)) == 9
+    everything, both_wrong = examples_frame(run), examples_frame(run, "both wrong")
+    assert len(everything) == 9 and len(both_wrong) <= 9
+    assert all((row["base decision"] != row["gold"]) and (row["tuned decision"] != row["gold"]) for _, row in both_wrong.iterrows())

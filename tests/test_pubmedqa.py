@@ -95,6 +95,6 @@ def test_malformed_data_files_get_a_clear_error(tmp_path, content, message):
 
 
 def test_missing_data_folder_names_the_setting(tmp_path):
-    with pytest.raises(DataFormatError, match="PUBMEDQA_DATA_DIR|neither"):
+    with pytest.raises(DataFormatError, match="PUBMEDQA_DATA|neither"):
         load_records(tmp_path / "missing")
     assert load_examples(tmp_path / "missing.json") == []

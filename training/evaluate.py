@@ -82,8 +82,14 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def evaluate(model_settings: ModelSettings, args: EvalArguments, progress: Progress | None = None) -> Path:
-    """Run the evaluation and return the run folder. ``progress(fraction, message)`` is called as work advances."""
+def evaluate(
+    model_settings: ModelSettings,
+    args: EvalArguments,
+    progress: Progress | None = None,
+    registry: ModelRegistry | None = None,
+) -> Path:
+    """Run the evaluation and return the run folder. ``progress(fraction, message)`` is called as work advances;
+    pass the app's ``registry`` to evaluate through the already loaded model instead of loading a second copy."""
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     run_dir = Path(args.output_dir or f"outputs/eval/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
@@ -91,7 +97,7 @@ def evaluate(model_settings: ModelSettings, args: EvalArguments, progress: Progr
     questions = select_questions(load_records(args.data), args)
     judge = _make_judge(args)
 
-    registry = ModelRegistry(model_settings)
+    registry = registry or ModelRegistry(model_settings)
     loaded = registry.load()
     variants = [Variant.BASE]
     if model_settings.adapter_source:

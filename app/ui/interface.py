@@ -34,7 +34,7 @@ def build_app(registry: ModelRegistry, limits: ServerSettings, examples: list[di
             with gr.Tab("Compare"):
                 build_compare_tab()
             with gr.Tab("Evaluation"):
-                build_evaluation_tab()
+                build_evaluation_tab(registry)
         register_chat_api(registry, limits)
 
         # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
