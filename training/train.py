@@ -104,6 +104,23 @@ def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: l
     return decision_metrics(gold, predicted)
 
 
+def answer_only_loss(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, num_items: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """Causal-LM loss on the answer tokens, computing logits only at the positions that predict them.
+
+    Only answer tokens carry a loss (prompt labels are -100), and with a 262k vocabulary the output projection of
+    every prompt position would cost more than the whole transformer body."""
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
+    logits = outputs.logits.float()
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss / (num_items if num_items is not None else (targets != -100).sum()), outputs
+
+
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training: the last step was checkpointed."""
 
@@ -163,18 +180,7 @@ def _make_trainer_class():
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            # Only answer tokens carry a loss, so only their positions need logits: with a 262k vocabulary the
-            # output projection of every prompt position would cost more than the whole transformer body.
-            labels = inputs["labels"]
-            targets = labels[:, 1:]
-            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
-            logits = outputs.logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-            loss = loss / count
+            loss, outputs = answer_only_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
