@@ -105,6 +105,8 @@ class ServerSettings:
     )
     queue_size: int = _setting(32, "Requests allowed to wait; more get a 'busy' message.")
     preload: bool = _setting(True, "Start loading the model in the background at start-up.")
+    votes_path: str = _setting("outputs/votes/votes.jsonl", "Where Compare-tab votes are appended (JSON lines).")
+    votes_repo: str = _setting("", "Hub dataset repo to sync votes to with CommitScheduler (off when empty).")
 
 
 _FIELD_TYPES = {"str": str, "int": int, "bool": bool, "float": float}

@@ -7,7 +7,6 @@ import sys
 from typing import Sequence
 
 from app.config import ModelSettings, ServerSettings, parse_settings
-from app.pubmedqa import load_examples
 from app.registry import ModelLoadError, ModelRegistry
 from app.ui.interface import build_app
 
@@ -29,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if server.preload:
         registry.load_in_background()
-    demo = build_app(registry, server, load_examples())
+    demo = build_app(registry, server)
     demo.queue(default_concurrency_limit=server.concurrency_limit, max_size=server.queue_size)
     demo.launch(server_name=server.server_name, server_port=server.server_port)
     return 0

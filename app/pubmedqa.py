@@ -207,12 +207,14 @@ def official_split(
 SHIPPED_EXAMPLES = PROJECT_ROOT / "assets" / "examples.json"
 
 
-def load_examples(path: Path = SHIPPED_EXAMPLES) -> list[dict[str, str]]:
-    """The app's example questions (training-side PubMedQA records shipped in assets/, since a Space has no data
-    folder). A missing or malformed file only costs the examples, never the app."""
+def load_examples(path: Path = SHIPPED_EXAMPLES, key: str = "examples") -> list[dict[str, str]]:
+    """The app's example questions (``examples``: training side; ``dev_examples``: dev side, with the reference
+    answer), shipped in assets/ since a Space has no data folder. A missing or malformed file only costs the
+    examples, never the app."""
+    fields_ = ("pubid", "question", "context", "final_decision", "long_answer")
     try:
-        examples = _read_json(path)["examples"]
-        return [{key: str(ex[key]) for key in ("pubid", "question", "context", "final_decision")} for ex in examples]
+        examples = _read_json(path)[key]
+        return [{name: str(ex.get(name, "")) for name in fields_} for ex in examples if ex["question"]]
     except (DataFormatError, KeyError, TypeError) as exc:
-        logger.warning("No example questions: %s", exc)
+        logger.warning("No example questions (%s): %s", key, exc)
         return []

@@ -8,6 +8,7 @@ and a single batch can mix base and adapter rows. There is exactly one copy of t
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from app.prompts import (
     stable_prefix,
     uses_chat_template,
 )
-from app.scoring import left_pad
+from app.scoring import left_pad, score_options
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,15 @@ class ModelRegistry:
         return [ADAPTER_NAME if v is Variant.TUNED else BASE_ADAPTER_NAME for v in variants]
 
     # ---------------------------------------------------------------------------------------- generation
+    def score_decisions(
+        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], batch_size: int = 8
+    ) -> list[dict[str, float]]:
+        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant."""
+        loaded = self.load()
+        names = self._adapter_names(list(variants))
+        with self._generate_lock:
+            return score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+
     def stream(
         self,
         prompt: FittedPrompt,
@@ -231,21 +241,49 @@ class ModelRegistry:
     ) -> Iterator[str]:
         """Yield the answer so far as it is generated. Setting ``cancel`` (or closing the iterator) stops the
         generation within one token."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        for texts in self.stream_batch([prompt], [variant], settings, cancel):
+            yield texts[0]
+
+    def generate(self, prompt: FittedPrompt, variant: Variant, settings: GenerationSettings) -> str:
+        """The whole answer at once (the last value of :meth:`stream`)."""
+        return self.generate_batch([prompt], [variant], settings)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], settings: GenerationSettings
+    ) -> list[str]:
+        """Answers for several prompts in one batched ``generate`` call; each row may use base or fine-tuned."""
+        texts: list[str] = []
+        for texts in self.stream_batch(prompts, variants, settings):
+            pass
+        return texts
+
+    def stream_batch(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[list[str]]:
+        """Generate for several prompts in ONE batched call (left padding), each row with base or fine-tuned
+        weights (PEFT ``adapter_names``), and yield every row's answer so far after each token. A row ends at EOS
+        or a stop sequence; ``cancel`` (or closing the iterator) ends them all within one token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
 
         loaded = self.load()
         tokenizer = loaded.tokenizer
-        adapter_names = self._adapter_names([variant])
+        stops = self._stops(loaded)
+        adapter_names = self._adapter_names(list(variants))
         cancel = cancel or threading.Event()
+        ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
+        streamer = _BatchStreamer(tokenizer, len(prompts), stops)
 
-        class _Cancelled(StoppingCriteria):
+        class _RowDone(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                done = [cancel.is_set() or stopped for stopped in streamer.stopped]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        input_ids = torch.tensor([encode_prompt(prompt.text, tokenizer)], device=self._input_device(loaded))
-        kwargs = self._generate_kwargs(loaded, settings, input_ids, adapter_names)
-        kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        kwargs = self._generate_kwargs(loaded, settings, ids, adapter_names)
+        kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -268,55 +306,17 @@ class ModelRegistry:
 
         worker = threading.Thread(target=run, name="generate", daemon=True)
         worker.start()
-        stops = self._stops(loaded)
-        text = ""
+        texts = [""] * len(prompts)
         try:
-            for chunk in streamer:
-                text += chunk
-                answer, stopped = cut_at_stop(text, stops)
-                if stopped:
-                    break
-                yield stable_prefix(answer, stops).strip()
+            while (update := streamer.queue.get()) is not None:
+                texts = update
+                yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
         finally:
             cancel.set()  # also reached when the consumer closes the stream (Stop button, user left)
             worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
         if failure:
             raise failure[0]
-        yield cut_at_stop(text, stops)[0].strip()
-
-    def generate(self, prompt: FittedPrompt, variant: Variant, settings: GenerationSettings) -> str:
-        """The whole answer at once (the last value of :meth:`stream`)."""
-        answer = ""
-        for answer in self.stream(prompt, variant, settings):
-            pass
-        return answer
-
-    def generate_batch(
-        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], settings: GenerationSettings
-    ) -> list[str]:
-        """Answers for several prompts in one batched ``generate`` call; each row may use base or fine-tuned."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        loaded = self.load()
-        tokenizer = loaded.tokenizer
-        stops = self._stops(loaded)
-        ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
-        kwargs = self._generate_kwargs(loaded, settings, ids, self._adapter_names(list(variants)))
-        kwargs["attention_mask"] = mask
-
-        class _AllStopped(StoppingCriteria):
-            # End the batch once every row has reached a stop sequence (EOS is handled by generate itself).
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-                texts = tokenizer.batch_decode(input_ids[:, ids.shape[1]:], skip_special_tokens=True)
-                return torch.tensor([cut_at_stop(t, stops)[1] for t in texts], device=input_ids.device)
-
-        if stops:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_AllStopped()])
-        with self._generate_lock, torch.inference_mode():
-            torch.manual_seed(settings.seed)
-            output = loaded.model.generate(**kwargs)
-        texts = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
-        return [cut_at_stop(text, stops)[0].strip() for text in texts]
+        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
 
     def _stops(self, loaded: LoadedModel) -> tuple[str, ...]:
         # Chat templates end a turn with an end-of-turn token, which generation already stops on.
@@ -343,3 +343,29 @@ class ModelRegistry:
         if adapter_names is not None:
             kwargs["adapter_names"] = adapter_names * input_ids.shape[0] if len(adapter_names) == 1 else adapter_names
         return kwargs
+
+
+class _BatchStreamer:
+    """Collects the tokens ``generate`` produces for every row and queues the decoded texts after each step;
+    ``stopped`` tells the stopping criterion which rows have reached a stop sequence."""
+
+    def __init__(self, tokenizer: Any, rows: int, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.stopped = [False] * rows
+        self.queue: queue.Queue[list[str] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate first hands over the prompt
+            self._prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.tokens), -1)[:, -1].tolist()):
+            if not self.stopped[row]:
+                self.tokens[row].append(token)
+        texts = self.tokenizer.batch_decode(self.tokens, skip_special_tokens=True)
+        self.stopped = [done or cut_at_stop(text, self.stops)[1] for done, text in zip(self.stopped, texts)]
+        self.queue.put(texts)
+
+    def end(self) -> None:
+        self.queue.put(None)

@@ -7,7 +7,6 @@ import pytest
 from app.chat import UserInputError, history_to_turns, stream_answer
 from app.config import ServerSettings
 from app.prompts import Turn
-from app.pubmedqa import load_examples
 from app.ui.interface import build_app
 from tests.conftest import free_port
 
@@ -72,7 +71,7 @@ def test_history_changes_the_answer_context(tiny_registry):
 
 @pytest.fixture
 def running_app(tiny_registry):
-    demo = build_app(tiny_registry, LIMITS, load_examples())
+    demo = build_app(tiny_registry, LIMITS)
     demo.queue(default_concurrency_limit=1, max_size=8)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)

@@ -98,3 +98,11 @@ def test_missing_data_folder_names_the_setting(tmp_path):
     with pytest.raises(DataFormatError, match="PUBMEDQA_DATA|neither"):
         load_records(tmp_path / "missing")
     assert load_examples(tmp_path / "missing.json") == []
+
+
+def test_compare_examples_come_from_the_dev_side_with_their_reference(records, pubmedqa_dir):
+    split = official_split(records, load_test_ids(pubmedqa_dir))
+    examples = load_examples(key="dev_examples")
+    assert examples and {ex["pubid"] for ex in examples} <= {r.pubid for r in split.dev}
+    for ex in examples:
+        assert ex["long_answer"] == records[ex["pubid"]].long_answer and ex["final_decision"] == records[ex["pubid"]].final_decision

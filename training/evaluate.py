@@ -27,8 +27,8 @@ from app.config import PROJECT_ROOT, ModelSettings, parse_settings
 from app.model_loading import ModelLoadError
 from app.prompts import FittedPrompt, fit_prompt
 from app.pubmedqa import DataFormatError, PubMedQARecord, load_records, load_test_ids, stratified_sample
-from app.registry import ADAPTER_NAME, BASE_ADAPTER_NAME, GenerationSettings, ModelRegistry, Variant
-from app.scoring import predicted_decision, score_options
+from app.registry import GenerationSettings, ModelRegistry, Variant
+from app.scoring import predicted_decision
 from training.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from training.judge import Judge, summarize_grades
 from training.metrics import decision_metrics, text_metrics
@@ -117,15 +117,10 @@ def evaluate(
 
     for variant in variants:
         key = VARIANT_KEYS[variant]
-        name = ADAPTER_NAME if variant is Variant.TUNED else BASE_ADAPTER_NAME
-        names = [name] * len(prompts) if loaded.adapter_loaded else None
         t0 = time.perf_counter()
         probabilities = []
         for i, batch in enumerate(tqdm(_batches(prompts, args.batch_size), desc=f"{key}: decisions")):
-            probabilities += score_options(
-                loaded.model, loaded.tokenizer, [p.text for p in batch], len(batch),
-                names[: len(batch)] if names else None,
-            )
+            probabilities += registry.score_decisions(batch, [variant] * len(batch), len(batch))
             report((done + min(1.0, (i + 1) * args.batch_size / len(prompts))) / steps, f"{key}: scoring decisions")
         done += 1
         timings[f"{key}_decisions_s"] = time.perf_counter() - t0

@@ -64,7 +64,6 @@ def run_guarded(updates: Iterator[ChatUpdate]) -> Iterator[ChatUpdate]:
 
 @dataclass
 class SettingsControls:
-    variant: gr.Radio
     max_new_tokens: gr.Slider
     temperature: gr.Slider
     top_p: gr.Slider
@@ -77,9 +76,6 @@ class SettingsControls:
 
 def build_settings_controls(limits: ServerSettings) -> SettingsControls:
     defaults = GenerationSettings()
-    variant = gr.Radio(
-        choices=[v.value for v in Variant], value=Variant.BASE.value, label="Model", interactive=False
-    )
     with gr.Accordion("Generation settings", open=False):
         max_new_tokens = gr.Slider(
             1, limits.max_new_tokens_limit, value=defaults.max_new_tokens, step=1, label="Max new tokens"
@@ -87,7 +83,7 @@ def build_settings_controls(limits: ServerSettings) -> SettingsControls:
         temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
         top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
         seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
-    return SettingsControls(variant, max_new_tokens, temperature, top_p, seed)
+    return SettingsControls(max_new_tokens, temperature, top_p, seed)
 
 
 def variant_update(registry: ModelRegistry) -> dict[str, Any]:
@@ -102,7 +98,7 @@ def variant_update(registry: ModelRegistry) -> dict[str, Any]:
 
 @dataclass
 class ChatTab:
-    controls: SettingsControls
+    variant: gr.Radio
     end_session: Callable[[gr.Request], None]  # to call when a browser session ends
 
 
@@ -133,6 +129,9 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
                 clear = gr.Button("Clear")
             notice = gr.Markdown()
         with gr.Column(scale=2):
+            variant = gr.Radio(
+                choices=[v.value for v in Variant], value=Variant.BASE.value, label="Model", interactive=False
+            )
             controls = build_settings_controls(limits)
             context = gr.Textbox(
                 label="Abstract / context (optional)",
@@ -192,7 +191,7 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
     chat_event = gr.on(
         triggers=[question.submit, send.click],
         fn=respond,
-        inputs=[question, chatbot, context, controls.variant, *controls.inputs],
+        inputs=[question, chatbot, context, variant, *controls.inputs],
         outputs=[chatbot, question, notice],
         api_visibility="private",
         concurrency_id=MODEL_EVENTS,
@@ -202,7 +201,7 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
     clear.click(
         clear_chat, None, [chatbot, question, notice], cancels=[chat_event], queue=False, api_visibility="private"
     )
-    return ChatTab(controls=controls, end_session=stop_generation)
+    return ChatTab(variant=variant, end_session=stop_generation)
 
 
 def register_chat_api(registry: ModelRegistry, limits: ServerSettings) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import gradio as gr
 
 from app.config import ServerSettings
+from app.pubmedqa import load_examples
 from app.registry import LoadState, ModelRegistry
 from app.ui.chat_tab import build_chat_tab, register_chat_api, variant_update
 from app.ui.compare_tab import build_compare_tab
@@ -23,16 +24,16 @@ def _status_markdown(registry: ModelRegistry) -> str:
     return f"**Model status:** {registry.status_message()}"
 
 
-def build_app(registry: ModelRegistry, limits: ServerSettings, examples: list[dict[str, str]]) -> gr.Blocks:
+def build_app(registry: ModelRegistry, limits: ServerSettings) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
         gr.Markdown(DISCLAIMER)
         status = gr.Markdown(_status_markdown(registry))
         with gr.Tabs():
             with gr.Tab("Chat"):
-                chat = build_chat_tab(registry, limits, examples)
+                chat = build_chat_tab(registry, limits, load_examples())
             with gr.Tab("Compare"):
-                build_compare_tab()
+                build_compare_tab(registry, limits, load_examples(key="dev_examples"))
             with gr.Tab("Evaluation"):
                 build_evaluation_tab(registry)
         register_chat_api(registry, limits)
@@ -44,7 +45,7 @@ def build_app(registry: ModelRegistry, limits: ServerSettings, examples: list[di
             settled = registry.state in (LoadState.READY, LoadState.FAILED)
             return _status_markdown(registry), variant_update(registry), gr.Timer(active=not settled)
 
-        outputs = [status, chat.controls.variant, timer]
+        outputs = [status, chat.variant, timer]
         timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.load(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.unload(chat.end_session)
