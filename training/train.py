@@ -38,6 +38,7 @@ from app.pubmedqa import (
     official_split,
 )
 from app.scoring import predicted_decision, score_options
+from training.hub import HubError
 from training.metrics import decision_metrics
 from training.model_card import write_model_card
 
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.push import push_adapter
 
             push_adapter(output_dir, args.push_to_hub, private=args.private)
-    except (DataFormatError, ModelLoadError, ValueError, TrainingInterrupted) as exc:
+    except (DataFormatError, ModelLoadError, ValueError, TrainingInterrupted, HubError) as exc:
         logger.error("%s", exc)
         return 2
     return 0
