@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from app.config import BaseModelSettings, ModelSettings
 from app.prompts import encode_prompt
@@ -190,3 +191,22 @@ def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, mo
     assert create_kwargs["private"] is True and create_kwargs["repo_type"] == "model"
     assert upload["folder_path"] == str(trained_adapter) and upload["repo_id"] == "someone/pubmedqa-lora"
     assert "checkpoint-*" in upload["ignore_patterns"]
+
+
+def test_decision_weight_scales_only_the_first_answer_token(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from training.train import answer_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 7, 11, 12, -100]])
+    mask = torch.ones_like(ids)
+    plain, _ = answer_only_loss(model, ids, mask, labels)
+    weighted, _ = answer_only_loss(model, ids, mask, labels, decision_weight=3.0)
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    per_token = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="none").view(2, -1)
+    assert plain.item() == pytest.approx(per_token.sum().item() / 6, rel=1e-5)  # same as full logits, answer only
+    first = per_token[0, 2] + per_token[1, 1]  # each row's first answer token
+    assert weighted.item() == pytest.approx((per_token.sum() + 2 * first).item() / 6, rel=1e-5)

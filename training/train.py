@@ -62,6 +62,9 @@ class TrainArguments:
         default="all-linear",
         metadata={"help": "Comma-separated module names, or 'all-linear' (every attention and MLP projection)."},
     )
+    decision_loss_weight: float = field(
+        default=1.0, metadata={"help": "Loss weight of the answer's first token (the yes/no/maybe decision)."}
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule, warm-up 5%%)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training questions."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = use epochs)."})
@@ -106,20 +109,31 @@ def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: l
 
 
 def answer_only_loss(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, num_items: Any = None
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: Any = None,
+    decision_weight: float = 1.0,
 ) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss on the answer tokens, computing logits only at the positions that predict them.
 
     Only answer tokens carry a loss (prompt labels are -100), and with a 262k vocabulary the output projection of
-    every prompt position would cost more than the whole transformer body."""
+    every prompt position would cost more than the whole transformer body. ``decision_weight`` scales the loss of
+    each answer's first token — the yes/no/maybe decision, one token among ~60 of explanation."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
     logits = outputs.logits.float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss / (num_items if num_items is not None else (targets != -100).sum()), outputs
+    kept = targets[:, keep]
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(kept)
+    if decision_weight != 1.0:
+        answer = kept != -100
+        first = answer & (answer.cumsum(dim=1) == 1)
+        token_loss = token_loss * torch.where(first, decision_weight, 1.0)
+    return token_loss.sum() / (num_items if num_items is not None else (targets != -100).sum()), outputs
 
 
 class TrainingInterrupted(RuntimeError):
@@ -174,14 +188,19 @@ def _make_trainer_class():
         """SFTTrainer whose evaluation also reports yes/no/maybe accuracy and macro-F1 on dev (by option
         likelihood, the same scoring the evaluation uses), so the best checkpoint is chosen by dev accuracy."""
 
-        def __init__(self, *args: Any, dev_prompts: list[str], dev_gold: list[str], **kwargs: Any):
+        def __init__(
+            self, *args: Any, dev_prompts: list[str], dev_gold: list[str], decision_weight: float = 1.0, **kwargs: Any
+        ):
             super().__init__(*args, **kwargs)
-            self.dev_prompts, self.dev_gold = dev_prompts, dev_gold
+            self.dev_prompts, self.dev_gold, self.decision_weight = dev_prompts, dev_gold, decision_weight
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            loss, outputs = answer_only_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch)
+            loss, outputs = answer_only_loss(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch,
+                self.decision_weight,
+            )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             return (loss, outputs) if return_outputs else loss
@@ -282,6 +301,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         peft_config=peft_config,
         dev_prompts=[e["prompt"] for e in dev_examples],
         dev_gold=[r.final_decision for r in split.dev if any(e["pubid"] == r.pubid for e in dev_examples)],
+        decision_weight=args.decision_loss_weight,
     )
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     if args.resume and not has_checkpoint:
