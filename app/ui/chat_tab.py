@@ -2,88 +2,23 @@
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from app.chat import ChatUpdate, UserInputError, stream_answer
+from app.chat import stream_answer
 from app.config import ServerSettings
-from app.registry import AdapterUnavailableError, GenerationSettings, LoadState, ModelLoadError, ModelRegistry, Variant
-
-logger = logging.getLogger(__name__)
-
-MODEL_EVENTS = "model"  # concurrency group of every event that runs the model
-
-
-class SessionCancels:
-    """One cancel flag per browser session, so Stop interrupts that session's generation at once, even while it
-    is still waiting for its turn on the model."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def start(self, session: str) -> threading.Event:
-        with self._lock:
-            event = self._events[session] = threading.Event()
-        return event
-
-    def cancel(self, session: str) -> None:
-        with self._lock:
-            event = self._events.pop(session, None)
-        if event is not None:
-            event.set()
-
-
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "anonymous"
-
-
-def notices_markdown(notices: list[str]) -> str:
-    return "\n".join(f"ℹ️ {notice}" for notice in notices)
-
-
-def generation_settings(max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any) -> dict[str, Any]:
-    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-
-
-def run_guarded(updates: Iterator[ChatUpdate]) -> Iterator[ChatUpdate]:
-    """Turn the errors a user can act on into a gr.Error with the message, and anything else into a generic one
-    (logged with its traceback), so a failing request never takes the app down."""
-    try:
-        yield from updates
-    except (UserInputError, AdapterUnavailableError, ModelLoadError) as exc:
-        raise gr.Error(str(exc)) from None
-    except Exception as exc:
-        logger.exception("Generation failed")
-        raise gr.Error(f"Generation failed ({type(exc).__name__}). Please try again.") from None
-
-
-@dataclass
-class SettingsControls:
-    max_new_tokens: gr.Slider
-    temperature: gr.Slider
-    top_p: gr.Slider
-    seed: gr.Number
-
-    @property
-    def inputs(self) -> list[gr.components.Component]:
-        return [self.max_new_tokens, self.temperature, self.top_p, self.seed]
-
-
-def build_settings_controls(limits: ServerSettings) -> SettingsControls:
-    defaults = GenerationSettings()
-    with gr.Accordion("Generation settings", open=False):
-        max_new_tokens = gr.Slider(
-            1, limits.max_new_tokens_limit, value=defaults.max_new_tokens, step=1, label="Max new tokens"
-        )
-        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
-        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
-        seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
-    return SettingsControls(max_new_tokens, temperature, top_p, seed)
+from app.registry import GenerationSettings, LoadState, ModelRegistry, Variant
+from app.ui.common import (
+    MODEL_EVENTS,
+    SessionCancels,
+    build_settings_controls,
+    generation_settings,
+    notices_markdown,
+    run_guarded,
+    session_id,
+)
 
 
 def variant_update(registry: ModelRegistry) -> dict[str, Any]:
@@ -165,7 +100,7 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
         waiting = "⏳ Loading the model…" if registry.state is not LoadState.READY else "…"
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
         yield pending, "", ""
-        cancel = cancels.start(_session(request))
+        cancel = cancels.start(session_id(request))
         updates = stream_answer(
             registry, limits, message, context_text, original, variant,
             generation_settings(max_new_tokens, temperature, top_p, seed), cancel,
@@ -182,10 +117,10 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
             yield pending, gr.skip(), gr.skip()
 
     def stop_generation(request: gr.Request) -> None:
-        cancels.cancel(_session(request))
+        cancels.cancel(session_id(request))
 
     def clear_chat(request: gr.Request) -> tuple[list, str, str]:
-        cancels.cancel(_session(request))
+        cancels.cancel(session_id(request))
         return [], "", ""
 
     chat_event = gr.on(

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterator
 
 import gradio as gr
 
-from app.chat import UserInputError
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.config import ServerSettings
-from app.registry import AdapterUnavailableError, ModelLoadError, ModelRegistry
-from app.ui.chat_tab import MODEL_EVENTS, SessionCancels, build_settings_controls, generation_settings, notices_markdown
+from app.registry import ModelRegistry
+from app.ui.common import (
+    MODEL_EVENTS,
+    SessionCancels,
+    build_settings_controls,
+    generation_settings,
+    notices_markdown,
+    run_guarded,
+    session_id,
+)
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
-
-logger = logging.getLogger(__name__)
 
 TITLES = {"base": "Base model", "fine-tuned": "Fine-tuned (LoRA)"}
 
@@ -90,21 +94,16 @@ def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples:
 
     def run(question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
             seed: float, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        cancel = cancels.start(getattr(request, "session_hash", None) or "anonymous")
+        cancel = cancels.start(session_id(request))
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
         update: ComparisonUpdate | None = None
-        try:
-            for update in stream_comparison(registry, limits, question_text, context_text, settings, cancel):
-                base = update.sides[0]
-                tuned = update.sides[1] if len(update.sides) > 1 else None
-                note = notices_markdown(update.notices + [f"Mode: {update.mode}."])
-                yield (base.answer or "…", (tuned.answer or "…") if tuned else "—", side_stats(base, update.done),
-                       side_stats(tuned, update.done), note, gr.skip())
-        except (UserInputError, AdapterUnavailableError, ModelLoadError) as exc:
-            raise gr.Error(str(exc)) from None
-        except Exception as exc:
-            logger.exception("Comparison failed")
-            raise gr.Error(f"Comparison failed ({type(exc).__name__}). Please try again.") from None
+        updates = stream_comparison(registry, limits, question_text, context_text, settings, cancel)
+        for update in run_guarded(updates):
+            base = update.sides[0]
+            tuned = update.sides[1] if len(update.sides) > 1 else None
+            note = notices_markdown(update.notices + [f"Mode: {update.mode}."])
+            yield (base.answer or "…", (tuned.answer or "…") if tuned else "—", side_stats(base, update.done),
+                   side_stats(tuned, update.done), note, gr.skip())
         if update is not None and update.done:
             record = {
                 "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
@@ -132,7 +131,7 @@ def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples:
         trigger_mode="once",  # a second click while running is ignored, not queued
     )
     def stop_comparison(request: gr.Request) -> None:
-        cancels.cancel(getattr(request, "session_hash", None) or "anonymous")
+        cancels.cancel(session_id(request))
 
     stop.click(stop_comparison, None, None, cancels=[event], queue=False, api_visibility="private")
     for button, choice in zip(vote_buttons, VOTE_CHOICES):
@@ -144,10 +143,7 @@ def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples:
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
         decision, option probabilities, time to first token, tokens/s and token count."""
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
-        try:
-            *_, last = stream_comparison(registry, limits, question, context, settings)
-        except (UserInputError, AdapterUnavailableError, ModelLoadError) as exc:
-            raise gr.Error(str(exc)) from None
+        *_, last = run_guarded(stream_comparison(registry, limits, question, context, settings))
         return {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
 
     gr.api(compare_api, api_name="compare", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 
 from app.config import PROJECT_ROOT
 from app.registry import ModelRegistry
-from app.ui.chat_tab import MODEL_EVENTS
+from app.ui.common import MODEL_EVENTS
 from training.results import ResultsError, RunResults, load_results
 
 logger = logging.getLogger(__name__)
