@@ -23,7 +23,7 @@ GREEDY = {"max_new_tokens": 48, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 @pytest.fixture(scope="module")
 def app_url():
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "PUBMEDQA_ADAPTER": "none"}
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}  # default settings: embedded base + shipped adapter
     proc = subprocess.Popen(
         [sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -54,6 +54,18 @@ def test_app_serves_the_page_at_once_and_answers_through_the_chat_api(app_url):
     answer = client.predict(question=QUESTION, max_new_tokens=48, api_name="/chat")
     assert isinstance(answer, str) and len(answer.split()) >= 2
     assert "Question:" not in answer  # stopped before inventing a follow-up question
+
+
+def test_compare_api_answers_with_both_models(app_url):
+    from gradio_client import Client
+
+    from app.config import SHIPPED_ADAPTER_DIR
+
+    result = Client(app_url, verbose=False).predict(question=QUESTION, max_new_tokens=32, api_name="/compare")
+    sides = ["base", "fine-tuned"] if (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file() else ["base"]
+    for side in sides:
+        assert result[side]["answer"] and result[side]["decision"] in ("yes", "no", "maybe")
+        assert result[side]["n_tokens"] > 0 and result[side]["tokens_per_s"] > 0
 
 
 def test_app_refuses_to_start_with_a_missing_model_folder_and_names_the_setting(tmp_path):

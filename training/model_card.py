@@ -15,7 +15,8 @@ _TEMPLATE = """---
 
 A {{ method }} adapter that makes **{{ base_model }}** answer biomedical research questions from
 [PubMedQA](https://pubmedqa.github.io) with a decision (**yes / no / maybe**) followed by a short explanation.
-Trained with the [PubMedQA chatbot](https://github.com/) project's `python -m training.train`.
+Trained with the PubMedQA chatbot project's `python -m training.train` (the same prompt format serves it in the
+project's Gradio app).
 
 > ⚠️ Research artefact, **not medical advice**. Do not use it for diagnosis or treatment decisions.
 
