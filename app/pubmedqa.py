@@ -130,7 +130,14 @@ def load_hub(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> dict[str, 
     from datasets import load_dataset
 
     logger.info("Loading %s (%s) from the Hugging Face Hub", repo_id, config)
-    return records_from_hub_rows(load_dataset(repo_id, config, split="train"))
+    try:
+        rows = load_dataset(repo_id, config, split="train")
+    except Exception as exc:  # offline, unknown repo, no access: one clear line instead of a traceback
+        raise DataFormatError(
+            f"could not load {repo_id} ({config}) from the Hub ({type(exc).__name__}); check the network, "
+            "or point --data at a folder with ori_pqal.json"
+        ) from None
+    return records_from_hub_rows(rows)
 
 
 def load_records(source: str | Path) -> dict[str, PubMedQARecord]:

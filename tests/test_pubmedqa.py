@@ -106,3 +106,10 @@ def test_compare_examples_come_from_the_dev_side_with_their_reference(records, p
     assert examples and {ex["pubid"] for ex in examples} <= {r.pubid for r in split.dev}
     for ex in examples:
         assert ex["long_answer"] == records[ex["pubid"]].long_answer and ex["final_decision"] == records[ex["pubid"]].final_decision
+
+
+def test_hub_source_offline_gives_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataFormatError, match="could not load qiaojin/PubMedQA"):
+        load_records("hub")
