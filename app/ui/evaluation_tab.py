@@ -48,7 +48,7 @@ def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str
         shown = [None if v is None else v * scale for v in values]
         figure.add_bar(
             name=LABELS[key], x=[name for name, _ in metrics], y=shown, marker_color=COLORS[key],
-            text=["n/a" if v is None else f"{v:.1f}" for v in shown], textposition="outside",
+            text=["n/a" if v is None else f"{v:.1f}" for v in shown], textposition="outside", cliponaxis=False,
         )
     figure.update_layout(title=title, barmode="group", yaxis_title=axis, height=380, margin={"t": 60, "b": 40})
     return figure
