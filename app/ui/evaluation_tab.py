@@ -19,8 +19,8 @@ from training.results import ResultsError, RunResults, load_results
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_RUN = PROJECT_ROOT / "assets" / "eval"
-RUNS_ROOT = Path("outputs") / "eval"
+SHIPPED_RUNS = PROJECT_ROOT / "assets" / "eval"  # runs shipped with the app, one folder each
+RUNS_ROOT = Path("outputs") / "eval"  # where `python -m training.evaluate` writes new runs
 COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
 LABELS = {"base": "base", "tuned": "fine-tuned"}
 FILTERS = {
@@ -35,10 +35,10 @@ FILTERS = {
 
 
 def available_runs() -> list[str]:
-    runs = [str(SHIPPED_RUN)] if (SHIPPED_RUN / "results.json").is_file() else []
-    if RUNS_ROOT.is_dir():
-        runs += sorted((str(p.parent) for p in RUNS_ROOT.glob("*/results.json")), reverse=True)
-    return runs
+    """Shipped runs first, then the user's own runs, newest first."""
+    shipped = sorted(str(p.parent) for p in SHIPPED_RUNS.glob("*/results.json"))
+    own = sorted((str(p.parent) for p in RUNS_ROOT.glob("*/results.json")), reverse=True)
+    return shipped + own
 
 
 def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str, scale: float = 1.0) -> go.Figure:
