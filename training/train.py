@@ -300,7 +300,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
         dev_prompts=[e["prompt"] for e in dev_examples],
-        dev_gold=[r.final_decision for r in split.dev if any(e["pubid"] == r.pubid for e in dev_examples)],
+        dev_gold=[records[e["pubid"]].final_decision for e in dev_examples],  # aligned with dev_prompts
         decision_weight=args.decision_loss_weight,
     )
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
