@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from app.calibration import DecisionCalibration, load_calibration
 from app.config import ModelSettings
 from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from app.prompts import (
@@ -88,6 +89,7 @@ class LoadedModel:
     context_window: int
     adapter_loaded: bool
     load_seconds: float
+    calibration: DecisionCalibration | None = None  # the adapter's dev-fitted decision offsets, if it ships them
 
 
 class ModelRegistry:
@@ -123,6 +125,8 @@ class ModelRegistry:
         if self._state is LoadState.READY and self._loaded is not None:
             loaded = self._loaded
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
+            if loaded.calibration is not None:
+                adapter += ", decisions calibrated on dev"
             return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"
@@ -171,14 +175,17 @@ class ModelRegistry:
         started = time.perf_counter()
         base = load_base_model(self.settings)
         model = base.model.eval()
-        adapter_loaded = False
+        adapter_loaded, calibration = False, None
         if self.settings.adapter_source:
             model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
+            calibration = load_calibration(self.settings.adapter_source) if adapter_loaded else None
         tokenizer = base.tokenizer
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, base.description, base.quantization, adapter_loaded)
-        return LoadedModel(model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds)
+        return LoadedModel(
+            model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, calibration
+        )
 
     def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
         from peft import PeftModel
@@ -224,13 +231,21 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------------------------------- generation
     def score_decisions(
-        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], batch_size: int = 8
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        batch_size: int = 8,
+        calibrated: bool = True,
     ) -> list[dict[str, float]]:
-        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant."""
+        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant. Fine-tuned
+        rows get the adapter's decision calibration when it ships one (``calibrated=False``: raw likelihoods)."""
         loaded = self.load()
         names = self._adapter_names(list(variants))
         with self._generate_lock:
-            return score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+            scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+        if calibrated and loaded.calibration is not None:
+            scores = [loaded.calibration.apply(s) if v is Variant.TUNED else s for s, v in zip(scores, variants)]
+        return scores
 
     def stream(
         self,

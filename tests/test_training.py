@@ -22,6 +22,7 @@ def trained_adapter(tiny_model_dir, pubmedqa_dir, tmp_path_factory):
     args = TrainArguments(
         data=str(pubmedqa_dir), output_dir=str(out), limit_train=8, max_steps=2, eval_steps=1,
         per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=768, dev_size=10, lora_r=4,
+        balance_decisions=True, decision_loss_weight=2.0,
     )
     train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), args)
     return out
@@ -82,7 +83,8 @@ def test_trainer_masks_the_prompt_and_trains_on_the_answer_only(tiny_model_dir, 
 
 
 def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter, tiny_model_dir):
-    for name in ("adapter_config.json", "adapter_model.safetensors", "training_args.json", "dev_metrics.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_args.json", "dev_metrics.json",
+                 "decision_calibration.json"):
         assert (trained_adapter / name).is_file(), name
     assert not list(trained_adapter.glob("**/*test_ground_truth*"))
     card = (trained_adapter / "README.md").read_text()
@@ -105,7 +107,8 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
 
 
 def test_train_cli_reports_a_missing_data_folder_in_one_line(tmp_path, caplog):
-    code = train_cli.main(["--data", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "no-model")])
+    code = train_cli.main(["--data", str(tmp_path / "nowhere"), "--base_model", str(tmp_path / "no-model"),
+                           "--output_dir", str(tmp_path / "out")])
     assert code == 2
     assert any("neither a folder" in r.getMessage() or "does not exist" in r.getMessage() for r in caplog.records)
 
@@ -210,3 +213,37 @@ def test_decision_weight_scales_only_the_first_answer_token(tiny_model_dir):
     assert plain.item() == pytest.approx(per_token.sum().item() / 6, rel=1e-5)  # same as full logits, answer only
     first = per_token[0, 2] + per_token[1, 1]  # each row's first answer token
     assert weighted.item() == pytest.approx((per_token.sum() + 2 * first).item() / 6, rel=1e-5)
+
+
+def test_balanced_decision_weights_scale_each_label_by_its_rarity(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from training.train import answer_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 0]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9, 10], [-100, -100, 7, 11, 12, -100]])
+    mask = torch.ones_like(ids)
+    plain, _ = answer_only_loss(model, ids, mask, labels)
+    weighted, _ = answer_only_loss(model, ids, mask, labels, decision_weight=2.0, class_weights={7: 3.0})
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    per_token = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="none").view(2, -1)
+    # Row 1 starts its answer with token 8 (weight 2), row 2 with token 7 (weight 2 x 3); later tokens keep 1.
+    expected = per_token.sum() + 1 * per_token[0, 2] + 5 * per_token[1, 1]
+    assert weighted.item() == pytest.approx(expected.item() / 6, rel=1e-5)
+    assert plain.item() == pytest.approx(per_token.sum().item() / 6, rel=1e-5)
+
+
+def test_balanced_class_weights_follow_label_frequency(pubmedqa_dir):
+    from app.pubmedqa import load_records
+    from app.scoring import option_token_ids
+    from training.train import balanced_class_weights
+
+    records = list(load_records(str(pubmedqa_dir)).values())[:200]
+    tokenizer = build_tiny_tokenizer()
+    weights = balanced_class_weights(records, tokenizer)
+    by_label = dict(zip(("yes", "no", "maybe"), (weights[ids[0]] for ids in option_token_ids(tokenizer))))
+    assert by_label["maybe"] > by_label["no"] > by_label["yes"]
+    counts = {k: sum(r.final_decision == k for r in records) for k in by_label}
+    assert sum(by_label[k] * counts[k] for k in counts) == pytest.approx(len(records))  # mean weight 1

@@ -120,13 +120,19 @@ def evaluate(
         t0 = time.perf_counter()
         probabilities = []
         for i, batch in enumerate(tqdm(_batches(prompts, args.batch_size), desc=f"{key}: decisions")):
-            probabilities += registry.score_decisions(batch, [variant] * len(batch), len(batch))
+            probabilities += registry.score_decisions(batch, [variant] * len(batch), len(batch), calibrated=False)
             report((done + min(1.0, (i + 1) * args.batch_size / len(prompts))) / steps, f"{key}: scoring decisions")
         done += 1
         timings[f"{key}_decisions_s"] = time.perf_counter() - t0
+        raw_metrics = None
+        if variant is Variant.TUNED and loaded.calibration is not None:
+            raw_metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
+            probabilities = [loaded.calibration.apply(p) for p in probabilities]
         decisions = [predicted_decision(p) for p in probabilities]
         write_predictions(run_dir, key, {r.pubid: d for r, d in zip(questions, decisions)})
         per_model[key] = decision_metrics(gold, decisions)
+        if raw_metrics is not None:  # what the adapter scores without its dev-fitted offsets
+            per_model[key]["uncalibrated"] = {k: raw_metrics[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
         outputs[key] = {"decision": decisions, "probabilities": probabilities}
 
     if args.long_answers:
@@ -157,6 +163,11 @@ def evaluate(
             "split": "official test set" + (f", stratified sample (seed {args.sample_seed})" if args.limit else ""),
             "n": len(questions),
             "decision_method": "option likelihood: softmax over the log-likelihoods of yes/no/maybe after the prompt",
+            "decision_calibration": (
+                {"model": "tuned", "log_offsets": loaded.calibration.log_offsets, "fitted_on": loaded.calibration.fitted_on}
+                if loaded.calibration is not None and Variant.TUNED in variants
+                else None
+            ),
             "settings": {k: v for k, v in asdict(args).items() if k not in ("judge_api_key_env",)},
             "bertscore_model": args.bertscore_model if args.long_answers else None,
             "judge": {"model": args.judge_model, "base_url": args.judge_base_url} if judge else "not run (no --judge_base_url)",

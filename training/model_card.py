@@ -7,6 +7,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from app.calibration import DecisionCalibration
+
 _TEMPLATE = """---
 {{ card_data }}
 ---
@@ -38,7 +40,12 @@ project's Gradio app).
 |---|---|---|
 | base model | {{ "%.3f"|format(before.accuracy) }} | {{ "%.3f"|format(before.macro_f1) }} |
 | with this adapter | {{ "%.3f"|format(after.accuracy) }} | {{ "%.3f"|format(after.macro_f1) }} |
+{% if calibration %}| with this adapter, calibrated | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
 
+The adapter ships `decision_calibration.json`: log-probability offsets per option ({{ calibration.log_offsets }}),
+fitted on the dev questions ({{ calibration.fitted_on }}), which the project's app and evaluation add before picking
+the decision. The calibrated dev row is in-sample (fitted on those same questions); the test set says how it holds.
+{% endif %}
 Test-set results come from `python -m training.evaluate` (see the project's Evaluation tab).
 
 ## Use
@@ -54,7 +61,13 @@ training questions, and its explanations may not be supported by the abstract.
 """
 
 
-def write_model_card(output_dir: Path, run: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> Path:
+def write_model_card(
+    output_dir: Path,
+    run: dict[str, Any],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    calibration: DecisionCalibration | None = None,
+) -> Path:
     args = run["train_arguments"]
     card_data = ModelCardData(
         base_model=run["base_model_canonical"] if not Path(run["base_model_canonical"]).exists() else None,
@@ -92,6 +105,7 @@ def write_model_card(output_dir: Path, run: dict[str, Any], before: dict[str, An
         recipe=recipe,
         before=before,
         after=after,
+        calibration=calibration,
     )
     path = output_dir / "README.md"
     card.save(path)

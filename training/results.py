@@ -3,8 +3,11 @@
 Schema (``schema_version`` 1)::
 
     results.json  {"schema_version": 1,
-                   "run": {models, adapter, dataset source, split, n, settings, library versions, timings, errors},
+                   "run": {models, adapter, dataset source, split, n, settings, decision_calibration,
+                           library versions, timings, errors},
                    "models": {"base" | "tuned": {accuracy, macro_f1, per_class, confusion_matrix, predicted_counts,
+                                                  uncalibrated (tuned, when the adapter ships a calibration):
+                                                      {accuracy, macro_f1, predicted_counts},
                                                   token_f1, bleu, rouge1, rougeL,
                                                   bertscore: {model, precision, recall, f1},
                                                   judge: {enabled, mean, distribution, graded, failures}}}}

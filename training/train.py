@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -28,7 +29,7 @@ from transformers import TrainerCallback
 
 from app.config import PROJECT_ROOT, BaseModelSettings, parse_settings
 from app.model_loading import ModelLoadError, load_base_model
-from app.prompts import PromptTooLongError, fit_prompt, format_completion
+from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
 from app.pubmedqa import (
     DEFAULT_SPLIT_SEED,
     DataFormatError,
@@ -37,7 +38,8 @@ from app.pubmedqa import (
     load_test_ids,
     official_split,
 )
-from app.scoring import predicted_decision, score_options
+from app.scoring import option_token_ids, predicted_decision, score_options
+from training.calibrate import fit_calibration
 from training.hub import HubError
 from training.metrics import decision_metrics
 from training.model_card import write_model_card
@@ -65,6 +67,13 @@ class TrainArguments:
     decision_loss_weight: float = field(
         default=1.0, metadata={"help": "Loss weight of the answer's first token (the yes/no/maybe decision)."}
     )
+    balance_decisions: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight each decision's loss by the inverse frequency of its label in the training set, so the "
+            "rare 'maybe' and 'no' count as much as 'yes' (against collapsing onto the majority label)."
+        },
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine schedule, warm-up 5%%)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training questions."})
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1 = use epochs)."})
@@ -76,6 +85,13 @@ class TrainArguments:
     eval_steps: int = field(default=30, metadata={"help": "Evaluate on dev (loss, accuracy) every N optimizer steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N optimizer steps."})
     seed: int = field(default=42, metadata={"help": "Seed of model initialisation and data order."})
+    calibrate: bool = field(
+        default=True,
+        metadata={
+            "help": "Fit per-option decision offsets on dev after training and save them with the adapter "
+            "(--no_calibrate: raw option likelihoods)."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Train into an output_dir that already has files."})
     push_to_hub: str = field(default="", metadata={"help": "Upload the adapter to this Hub repo id when done."})
@@ -99,13 +115,28 @@ def build_examples(records: Sequence[PubMedQARecord], tokenizer: Any, max_length
     return examples
 
 
-def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: list[str]) -> dict[str, Any]:
+def balanced_class_weights(records: Sequence[PubMedQARecord], tokenizer: Any) -> dict[int, float]:
+    """Inverse label frequency (mean 1 over the training examples), keyed by the token id each answer starts with."""
+    counts = Counter(r.final_decision for r in records)
+    weights = {}
+    for option, ids in zip(ANSWER_OPTIONS, option_token_ids(tokenizer)):
+        if counts[option]:
+            weights[ids[0]] = len(records) / (len(counts) * counts[option])
+    logger.info("Balanced decision weights: %s", {o: round(len(records) / (len(counts) * counts[o]), 2) for o in counts})
+    return weights
+
+
+def dev_probabilities(model: Any, tokenizer: Any, prompts: list[str]) -> list[dict[str, float]]:
     was_training = model.training
     model.eval()
-    predicted = [predicted_decision(p) for p in score_options(model, tokenizer, prompts)]
+    probabilities = score_options(model, tokenizer, prompts)
     if was_training:
         model.train()
-    return decision_metrics(gold, predicted)
+    return probabilities
+
+
+def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: list[str]) -> dict[str, Any]:
+    return decision_metrics(gold, [predicted_decision(p) for p in dev_probabilities(model, tokenizer, prompts)])
 
 
 def answer_only_loss(
@@ -115,12 +146,14 @@ def answer_only_loss(
     labels: torch.Tensor,
     num_items: Any = None,
     decision_weight: float = 1.0,
+    class_weights: dict[int, float] | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Causal-LM loss on the answer tokens, computing logits only at the positions that predict them.
 
     Only answer tokens carry a loss (prompt labels are -100), and with a 262k vocabulary the output projection of
     every prompt position would cost more than the whole transformer body. ``decision_weight`` scales the loss of
-    each answer's first token — the yes/no/maybe decision, one token among ~60 of explanation."""
+    each answer's first token — the yes/no/maybe decision, one token among ~60 of explanation — and
+    ``class_weights`` (that token's id -> factor) scales it further per label."""
     targets = labels[:, 1:]
     keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep)
@@ -129,10 +162,13 @@ def answer_only_loss(
     token_loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=-100, reduction="none"
     ).view_as(kept)
-    if decision_weight != 1.0:
+    if decision_weight != 1.0 or class_weights:
         answer = kept != -100
         first = answer & (answer.cumsum(dim=1) == 1)
-        token_loss = token_loss * torch.where(first, decision_weight, 1.0)
+        weight = torch.full_like(token_loss, decision_weight)
+        for token_id, factor in (class_weights or {}).items():
+            weight = torch.where(kept == token_id, weight * factor, weight)
+        token_loss = token_loss * torch.where(first, weight, 1.0)
     return token_loss.sum() / (num_items if num_items is not None else (targets != -100).sum()), outputs
 
 
@@ -189,17 +225,24 @@ def _make_trainer_class():
         likelihood, the same scoring the evaluation uses), so the best checkpoint is chosen by dev accuracy."""
 
         def __init__(
-            self, *args: Any, dev_prompts: list[str], dev_gold: list[str], decision_weight: float = 1.0, **kwargs: Any
+            self,
+            *args: Any,
+            dev_prompts: list[str],
+            dev_gold: list[str],
+            decision_weight: float = 1.0,
+            class_weights: dict[int, float] | None = None,
+            **kwargs: Any,
         ):
             super().__init__(*args, **kwargs)
-            self.dev_prompts, self.dev_gold, self.decision_weight = dev_prompts, dev_gold, decision_weight
+            self.dev_prompts, self.dev_gold = dev_prompts, dev_gold
+            self.decision_weight, self.class_weights = decision_weight, class_weights
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             loss, outputs = answer_only_loss(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_items_in_batch,
-                self.decision_weight,
+                self.decision_weight, self.class_weights,
             )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -302,6 +345,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         dev_prompts=[e["prompt"] for e in dev_examples],
         dev_gold=[records[e["pubid"]].final_decision for e in dev_examples],  # aligned with dev_prompts
         decision_weight=args.decision_loss_weight,
+        class_weights=balanced_class_weights(train_records, tokenizer) if args.balance_decisions else None,
     )
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     if args.resume and not has_checkpoint:
@@ -322,8 +366,15 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     trainer.model.save_pretrained(str(output_dir))  # the adapter only; checkpoints stay in checkpoint-*/
     if base.tokenizer_changed:
         tokenizer.save_pretrained(str(output_dir))
-    dev = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
+    probabilities = dev_probabilities(trainer.model, tokenizer, trainer.dev_prompts)
+    dev = decision_metrics(trainer.dev_gold, [predicted_decision(p) for p in probabilities])
     logger.info("Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f", dev["accuracy"], dev["macro_f1"])
+    calibration = None
+    if args.calibrate:
+        calibration = fit_calibration(
+            probabilities, trainer.dev_gold, f"dev ({len(trainer.dev_gold)} questions, {base.quantization})"
+        )
+        calibration.save(output_dir)
     run_info = {
         "base_model": model_settings.base_model,
         "base_model_canonical": _canonical_base(model_settings, base.source),
@@ -349,7 +400,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     metrics = {"before_training": baseline, "after_training": dev, "log_history": trainer.state.log_history}
     (output_dir / "training_args.json").write_text(json.dumps(run_info, indent=2, default=str))
     (output_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    write_model_card(output_dir, run_info, baseline, dev)
+    write_model_card(output_dir, run_info, baseline, dev, calibration)
     logger.info("Adapter written to %s; serve it with: PUBMEDQA_ADAPTER=%s python app.py", output_dir, output_dir)
     return output_dir
 

@@ -1,0 +1,79 @@
+"""Decision calibration: per-option log-probability offsets fitted on dev and shipped with an adapter.
+
+A small model's option likelihoods carry a strong prior (Gemma 3 270M almost never says "maybe"). Adding one offset
+per option before the softmax moves the decision boundary without touching the model; the offsets are fitted on
+the dev questions only (see ``training/calibrate.py``) and applied wherever decisions are scored, so training, the
+evaluation and the app agree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.prompts import ANSWER_OPTIONS
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "decision_calibration.json"
+
+
+class CalibrationError(ValueError):
+    """A calibration file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DecisionCalibration:
+    log_offsets: dict[str, float]
+    fitted_on: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, probabilities: dict[str, float]) -> dict[str, float]:
+        """The option probabilities with the offsets added to their logarithms, renormalised."""
+        logits = {o: math.log(max(p, 1e-30)) + self.log_offsets.get(o, 0.0) for o, p in probabilities.items()}
+        top = max(logits.values())
+        weights = {o: math.exp(v - top) for o, v in logits.items()}
+        total = sum(weights.values())
+        return {o: w / total for o, w in weights.items()}
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CALIBRATION_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> DecisionCalibration:
+        try:
+            data = json.loads(text)
+            offsets = {str(k): float(v) for k, v in data["log_offsets"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CalibrationError(f"{origin} is not a decision calibration file ({type(exc).__name__}: {exc})") from exc
+        unknown = set(offsets) - set(ANSWER_OPTIONS)
+        if unknown or not all(math.isfinite(v) for v in offsets.values()):
+            raise CalibrationError(f"{origin}: offsets must be finite numbers for {', '.join(ANSWER_OPTIONS)}")
+        return cls(offsets, str(data.get("fitted_on", "")), dict(data.get("details") or {}))
+
+
+def load_calibration(adapter_source: str) -> DecisionCalibration | None:
+    """The calibration shipped with an adapter (a folder or a Hub repo), or None when it has none or it is
+    unusable — decisions then come from the raw option likelihoods, which is logged."""
+    local = Path(adapter_source).expanduser()
+    try:
+        if local.is_dir():
+            path = local / CALIBRATION_FILE
+            return DecisionCalibration.from_json(path.read_text(), str(path)) if path.is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(adapter_source, CALIBRATION_FILE))
+        except EntryNotFoundError:
+            return None
+        return DecisionCalibration.from_json(path.read_text(), f"{adapter_source}/{CALIBRATION_FILE}")
+    except Exception as exc:  # noqa: BLE001 - a missing or broken calibration must never stop the adapter
+        logger.warning("Ignoring the adapter's decision calibration: %s", exc)
+        return None

@@ -1,0 +1,68 @@
+"""Decision calibration: fitted on dev, shipped with the adapter, applied to fine-tuned decisions only."""
+
+import json
+import shutil
+
+import pytest
+
+from app.calibration import CALIBRATION_FILE, DecisionCalibration, load_calibration
+from app.config import ModelSettings
+from app.prompts import PromptInput, fit_prompt
+from app.registry import ModelRegistry, Variant
+from training.calibrate import fit_calibration
+
+
+def test_offsets_move_the_decision_and_keep_a_distribution():
+    calibration = DecisionCalibration({"yes": 0.0, "no": 1.0, "maybe": 0.0})
+    shifted = calibration.apply({"yes": 0.6, "no": 0.3, "maybe": 0.1})
+    assert max(shifted, key=shifted.get) == "no"
+    assert sum(shifted.values()) == pytest.approx(1.0)
+
+
+def test_fit_unlocks_a_label_the_raw_scores_never_pick():
+    # The model always prefers "yes", but ranks "no" higher on the questions whose answer is no: an offset on "no"
+    # recovers them; "maybe" cannot be helped, so its offset stays 0.
+    gold = ["yes"] * 6 + ["no"] * 4
+    probabilities = [{"yes": 0.7, "no": 0.2, "maybe": 0.1}] * 6 + [{"yes": 0.55, "no": 0.4, "maybe": 0.05}] * 4
+    calibration = fit_calibration(probabilities, gold, "test")
+    decisions = [max(p, key=p.get) for p in map(calibration.apply, probabilities)]
+    assert decisions == gold
+    assert calibration.log_offsets["maybe"] == 0.0 and calibration.log_offsets["no"] > 0
+    assert calibration.details["before"]["accuracy"] == 0.6 and calibration.details["after"]["accuracy"] == 1.0
+
+
+def test_fit_changes_nothing_when_the_raw_scores_are_already_best():
+    gold = ["yes", "no", "maybe"]
+    probabilities = [{"yes": 0.8, "no": 0.1, "maybe": 0.1}, {"yes": 0.1, "no": 0.8, "maybe": 0.1},
+                     {"yes": 0.1, "no": 0.1, "maybe": 0.8}]
+    assert fit_calibration(probabilities, gold, "test").log_offsets == {"yes": 0.0, "no": 0.0, "maybe": 0.0}
+
+
+@pytest.fixture
+def calibrated_adapter(tiny_adapter_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    DecisionCalibration({"yes": 0.0, "no": 0.0, "maybe": 30.0}, "test").save(adapter)
+    return adapter
+
+
+def test_registry_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_adapter):
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    loaded = registry.load()
+    prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)
+    base, tuned = registry.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    raw_base, raw_tuned = registry.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], calibrated=False)
+    assert base == raw_base
+    assert tuned["maybe"] > 0.99 and raw_tuned["maybe"] < 0.99  # a +30 offset wins whatever the random model says
+    assert "calibrated" in registry.status_message()
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"log_offsets": {"perhaps": 1.0}}), json.dumps([1, 2])])
+def test_broken_calibration_file_is_ignored_with_a_warning(calibrated_adapter, content, caplog):
+    (calibrated_adapter / CALIBRATION_FILE).write_text(content)
+    assert load_calibration(str(calibrated_adapter)) is None
+    assert "Ignoring the adapter's decision calibration" in caplog.text
+
+
+def test_adapter_without_calibration_scores_raw(tiny_adapter_dir):
+    assert load_calibration(str(tiny_adapter_dir)) is None

@@ -1,0 +1,116 @@
+"""Fit an adapter's decision calibration on the dev questions and save it next to the adapter.
+
+    python -m training.calibrate --adapter outputs/adapter        # writes outputs/adapter/decision_calibration.json
+
+``python -m training.train`` does this at the end of training; this command (re)fits an existing adapter, e.g.
+after changing how the app loads the base (quantization moves the option likelihoods a little). Only the dev split
+is used — the offsets never see a test question.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from app.calibration import DecisionCalibration
+from app.config import PROJECT_ROOT, ModelSettings, parse_settings
+from app.model_loading import ModelLoadError
+from app.prompts import ANSWER_OPTIONS, fit_prompt
+from app.pubmedqa import DEFAULT_SPLIT_SEED, DataFormatError, load_records, load_test_ids, official_split
+from app.registry import ModelRegistry, Variant
+from app.scoring import predicted_decision
+from training.metrics import decision_metrics
+
+logger = logging.getLogger("training.calibrate")
+
+OFFSET_GRID = np.round(np.arange(-4.0, 4.0 + 1e-9, 0.25), 2)
+
+
+def _selection_scores(log_probs: np.ndarray, gold: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(accuracy + macro-F1) / 2 for each row of ``offsets`` (candidates x options), computed at once."""
+    predicted = np.argmax(log_probs[None, :, :] + offsets[:, None, :], axis=2)  # candidates x examples
+    accuracy = (predicted == gold[None, :]).mean(axis=1)
+    f1s = []
+    for k in range(log_probs.shape[1]):
+        tp = ((predicted == k) & (gold[None, :] == k)).sum(axis=1)
+        fp = ((predicted == k) & (gold[None, :] != k)).sum(axis=1)
+        fn = ((predicted != k) & (gold[None, :] == k)).sum(axis=1)
+        f1s.append(np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0))
+    return (accuracy + np.mean(f1s, axis=0)) / 2
+
+
+def fit_calibration(
+    probabilities: Sequence[dict[str, float]], gold: Sequence[str], fitted_on: str
+) -> DecisionCalibration:
+    """The offsets (yes fixed at 0) that maximise (accuracy + macro-F1) / 2 on these examples — the same score that
+    picks the best checkpoint. Among equally good offsets the smallest wins, so a calibration that cannot help
+    changes nothing."""
+    log_probs = np.log(np.clip([[p[o] for o in ANSWER_OPTIONS] for p in probabilities], 1e-30, None))
+    gold_ids = np.array([ANSWER_OPTIONS.index(g) for g in gold])
+    candidates = np.array([(0.0, a, b) for a, b in itertools.product(OFFSET_GRID, OFFSET_GRID)])
+    scores = _selection_scores(log_probs, gold_ids, candidates)
+    size = np.abs(candidates).sum(axis=1)
+    best = candidates[np.lexsort((size, -scores))[0]]
+    calibration = DecisionCalibration(dict(zip(ANSWER_OPTIONS, best.tolist())), fitted_on)
+    before = decision_metrics(list(gold), [predicted_decision(p) for p in probabilities])
+    after = decision_metrics(list(gold), [predicted_decision(calibration.apply(p)) for p in probabilities])
+    summary = {
+        name: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "predicted_counts": m["predicted_counts"]}
+        for name, m in (("before", before), ("after", after))
+    }
+    logger.info(
+        "Calibration on %s: offsets %s; accuracy %.3f -> %.3f, macro-F1 %.3f -> %.3f, predicted %s -> %s",
+        fitted_on, calibration.log_offsets, before["accuracy"], after["accuracy"], before["macro_f1"],
+        after["macro_f1"], before["predicted_counts"], after["predicted_counts"],
+    )
+    return DecisionCalibration(calibration.log_offsets, fitted_on, summary)
+
+
+@dataclass
+class CalibrateArguments:
+    data: str = field(
+        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
+        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
+    )
+    dev_size: int = field(default=50, metadata={"help": "Dev questions (must match the adapter's training split)."})
+    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the train/dev split (as in training)."})
+    batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
+
+
+def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
+    if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
+        raise ValueError("--adapter must be a local adapter folder (the calibration is written into it)")
+    records = load_records(args.data)
+    split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
+    registry = ModelRegistry(model_settings)
+    loaded = registry.load()
+    if not loaded.adapter_loaded:
+        raise ModelLoadError(f"The adapter cannot be calibrated: {registry.adapter_unavailable_reason()}")
+    prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, registry.prompt_budget(1)) for r in split.dev]
+    probabilities = registry.score_decisions(prompts, [Variant.TUNED] * len(prompts), args.batch_size, calibrated=False)
+    calibration = fit_calibration(
+        probabilities, [r.final_decision for r in split.dev], f"dev ({len(split.dev)} questions, {loaded.quantization})"
+    )
+    return calibration.save(model_settings.adapter_source)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_settings, args = parse_settings([ModelSettings, CalibrateArguments], argv)
+        path = calibrate_adapter(model_settings, args)
+    except (DataFormatError, ModelLoadError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("Wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
