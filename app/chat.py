@@ -84,6 +84,11 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
         return ()
     if not isinstance(history, (list, tuple)):
         raise UserInputError("The history must be a list of {role, content} messages.")
+    if len(history) > limits.max_history_messages:
+        raise UserInputError(
+            f"The history has {len(history):,} messages; the limit is {limits.max_history_messages:,}. "
+            "Press Clear to start a new conversation."
+        )
     turns: list[Turn] = []
     pending_question: str | None = None
     for message in history:

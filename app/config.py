@@ -100,6 +100,7 @@ class ServerSettings:
     max_question_chars: int = _setting(2000, "Longest question accepted.")
     max_context_chars: int = _setting(20000, "Longest abstract/context accepted.")
     max_new_tokens_limit: int = _setting(1024, "Upper bound for max new tokens.")
+    max_history_messages: int = _setting(100, "Longest chat history (messages) a request may carry.")
     concurrency_limit: int = _setting(
         1, "Model-bound events running at once (the model serialises generation anyway)."
     )

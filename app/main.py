@@ -29,7 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if server.preload:
         registry.load_in_background()
     demo = build_app(registry, server)
-    demo.queue(default_concurrency_limit=server.concurrency_limit, max_size=server.queue_size)
     demo.launch(server_name=server.server_name, server_port=server.server_port)
     return 0
 

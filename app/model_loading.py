@@ -106,7 +106,8 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **common)
     except OSError as exc:
-        raise ModelLoadError(f"Could not load model {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL.") from exc
+        reason = str(exc).rstrip(". ")
+        raise ModelLoadError(f"Could not load model {description!r}: {reason}. Check --base-model / PUBMEDQA_BASE_MODEL.") from exc
     if quantization == "none":
         quantization = f"none ({str(dtype).removeprefix('torch.')})"
     return BaseModel(model, tokenizer, description, quantization, source, tokenizer_changed)

@@ -8,7 +8,7 @@ from app.chat import UserInputError, history_to_turns, stream_answer
 from app.config import ServerSettings
 from app.prompts import Turn
 from app.ui.interface import build_app
-from tests.conftest import free_port
+from tests.conftest import serving
 
 LIMITS = ServerSettings(max_question_chars=300, max_context_chars=2000, max_new_tokens_limit=64)
 SETTINGS = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95, "seed": 0}
@@ -71,12 +71,8 @@ def test_history_changes_the_answer_context(tiny_registry):
 
 @pytest.fixture
 def running_app(tiny_registry):
-    demo = build_app(tiny_registry, LIMITS)
-    demo.queue(default_concurrency_limit=1, max_size=8)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    with serving(build_app(tiny_registry, LIMITS)) as url:
+        yield url
 
 
 def test_chat_api_answers_streams_and_reports_bad_input(running_app, tiny_registry):

@@ -13,7 +13,7 @@ from app.prompts import PromptInput
 from app.registry import GenerationSettings, ModelRegistry, Variant
 from app.ui.interface import build_app
 from app.votes import VoteError, VoteLog
-from tests.conftest import free_port
+from tests.conftest import serving
 
 SETTINGS = {"max_new_tokens": 10, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 QUESTION = "Does metformin lower mortality in elderly patients?"
@@ -72,16 +72,8 @@ def test_unwritable_vote_file_gives_a_clear_error(tmp_path):
 def test_compare_api_returns_both_answers_and_their_metadata(tiny_registry, tmp_path):
     from gradio_client import Client
 
-    demo = build_app(tiny_registry, _limits(tmp_path))
-    demo.queue(default_concurrency_limit=1, max_size=8)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            question=QUESTION, max_new_tokens=10, api_name="/compare"
-        )
-    finally:
-        demo.close()
+    with serving(build_app(tiny_registry, _limits(tmp_path))) as url:
+        result = Client(url, verbose=False).predict(question=QUESTION, max_new_tokens=10, api_name="/compare")
     expected = list(stream_comparison(tiny_registry, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
     assert result["base"]["answer"] == expected.sides[0].answer
     assert result["fine-tuned"]["answer"] == expected.sides[1].answer

@@ -49,4 +49,7 @@ def build_app(registry: ModelRegistry, limits: ServerSettings) -> gr.Blocks:
         timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.load(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.unload(chat.end_session)
+    # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
+    # try again" instead of unbounded waiting.
+    demo.queue(default_concurrency_limit=limits.concurrency_limit, max_size=limits.queue_size)
     return demo
