@@ -43,6 +43,7 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
         with gr.Column(scale=3):
             chatbot = gr.Chatbot(
                 label="Conversation",
+                elem_id="chat-conversation",
                 height=460,
                 buttons=["copy", "copy_all"],
                 feedback_options=None,
@@ -57,11 +58,12 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
                     max_lines=6,
                     max_length=limits.max_question_chars,
                     autofocus=True,
+                    elem_id="chat-question",
                 )
                 send = gr.Button("Send", variant="primary", scale=1)
             with gr.Row():
                 stop = gr.Button("Stop", variant="stop")
-                clear = gr.Button("Clear")
+                clear = gr.Button("Clear", elem_id="chat-clear")
             notice = gr.Markdown()
         with gr.Column(scale=2):
             variant = gr.Radio(

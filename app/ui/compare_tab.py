@@ -53,7 +53,7 @@ def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples:
     votes = VoteLog(limits.votes_path, limits.votes_repo)
     with gr.Row():
         with gr.Column(scale=3):
-            question = gr.Textbox(label="Question", max_lines=4, max_length=limits.max_question_chars,
+            question = gr.Textbox(label="Question", max_lines=4, elem_id="compare-question", max_length=limits.max_question_chars,
                                   placeholder="Ask once, get the base and the fine-tuned answer side by side.")
             context = gr.Textbox(label="Abstract / context (optional)", lines=4, max_lines=12,
                                  max_length=limits.max_context_chars)
@@ -71,11 +71,11 @@ def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples:
     with gr.Row(equal_height=True):
         with gr.Column():
             gr.Markdown(f"### {TITLES['base']}")
-            base_answer = gr.Markdown(container=True, min_height=120)
+            base_answer = gr.Markdown(container=True, min_height=120, elem_id="compare-base-answer")
             base_stats = gr.Markdown()
         with gr.Column():
             gr.Markdown(f"### {TITLES['fine-tuned']}")
-            tuned_answer = gr.Markdown(container=True, min_height=120)
+            tuned_answer = gr.Markdown(container=True, min_height=120, elem_id="compare-tuned-answer")
             tuned_stats = gr.Markdown()
     last_result = gr.State(None)  # this session's last comparison, what a vote refers to
     with gr.Group():

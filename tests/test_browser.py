@@ -1,0 +1,169 @@
+"""Real-browser tests: Playwright drives Debian's Chromium through the app as a user would (tiny model), and saves
+screenshots to test-artifacts/.
+
+Locally they are skipped when Chromium or Playwright is missing; in CI (CI=true) that is a failure, since
+``.ci/run`` installs both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from app.config import ModelSettings, ServerSettings
+from app.registry import ModelRegistry
+from app.ui.interface import build_app
+from tests.conftest import REPO_ROOT, serving
+
+pytestmark = pytest.mark.browser
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("PUBMEDQA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+TIMEOUT_MS = 60_000
+
+
+def _require_browser():
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install -r requirements-dev.txt)")
+    if not CHROMIUM:
+        missing.append("Chromium (apt-get install chromium)")
+    if missing:
+        message = "Browser tests need " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    registry.load()
+    limits = ServerSettings(max_new_tokens_limit=256, votes_path=str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
+    with serving(build_app(registry, limits)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.get_by_text("Model status: Ready").wait_for()
+    yield page
+    context.close()
+
+
+def _ask(page, question: str) -> None:
+    box = page.locator("#chat-question textarea")
+    box.fill(question)
+    box.press("Enter")
+
+
+def _bot_messages(page):
+    return page.locator("#chat-conversation .message-row.bot-row")
+
+
+def _answer_snapshots(page, index: int = 0, settle_s: float = 1.5) -> list[str]:
+    """The successive texts of a bot message while it is generated, until it has not changed for ``settle_s``."""
+    bot = _bot_messages(page).nth(index)
+    bot.wait_for()
+    seen: list[str] = []
+    changed, deadline = time.monotonic(), time.monotonic() + 60
+    while time.monotonic() - changed < settle_s and time.monotonic() < deadline:
+        text = bot.inner_text().strip()
+        if text and text != "…" and (not seen or seen[-1] != text):
+            seen.append(text)
+            changed = time.monotonic()
+        time.sleep(0.01)
+    return seen
+
+
+def _wait_answer(page, index: int = 0) -> str:
+    return _answer_snapshots(page, index)[-1]
+
+
+def test_chat_streams_an_answer_and_clear_empties_the_conversation(page):
+    _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
+    seen = _answer_snapshots(page)
+    assert len(seen) >= 2 and len(seen[-1]) > len(seen[0]), f"the answer did not grow while streaming: {seen}"
+    assert page.get_by_text("Does aspirin reduce the risk").count()
+    page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
+
+    page.locator("#chat-clear").click()
+    page.wait_for_function("() => !document.querySelector('#chat-conversation .message')")
+    assert _bot_messages(page).count() == 0
+    page.screenshot(path=str(ARTIFACTS / "chat-cleared.png"), full_page=True)
+
+
+def test_markup_in_a_question_is_shown_as_text_and_never_runs(page):
+    payload = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script> Is it safe?"
+    _ask(page, payload)
+    _wait_answer(page)
+    assert page.evaluate("() => window.__pwned") is None
+    assert page.locator("#chat-conversation").get_by_text("Is it safe?").count()
+
+
+def test_sessions_are_separate_and_clear_clears_only_its_own(browser, app_url, page):
+    _ask(page, "Is session A's question kept?")
+    _wait_answer(page)
+    other_context = browser.new_context()
+    other = other_context.new_page()
+    other.set_default_timeout(TIMEOUT_MS)
+    other.goto(app_url)
+    other.get_by_text("Model status: Ready").wait_for()
+    assert _bot_messages(other).count() == 0 and not other.get_by_text("session A's question").count()
+    _ask(other, "Is session B's question kept?")
+    _wait_answer(other)
+    other.locator("#chat-clear").click()
+    other.wait_for_function("() => !document.querySelector('#chat-conversation .message')")
+    assert page.get_by_text("session A's question").count() and _bot_messages(page).count() == 1
+    other_context.close()
+
+
+def test_compare_shows_two_answers_side_by_side(page):
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-question textarea").fill("Is ultrasound as accurate as X-ray for fractures?")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    for side in ("#compare-base-answer", "#compare-tuned-answer"):
+        page.wait_for_function(f"() => document.querySelector('{side}').innerText.trim().length > 0")
+    page.get_by_text("Decision:").first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    base = page.locator("#compare-base-answer").inner_text()
+    tuned = page.locator("#compare-tuned-answer").inner_text()
+    assert base.strip() and tuned.strip()
+
+
+def test_evaluation_tab_renders_plotly_bar_charts(page):
+    page.get_by_role("tab", name="Evaluation").click()
+    bars = page.locator(".js-plotly-plot g.trace.bars path")
+    bars.first.wait_for()
+    assert bars.count() >= 4  # base and fine-tuned bars for several metrics
+    page.screenshot(path=str(ARTIFACTS / "evaluation.png"), full_page=True)
+
+
+def test_the_medical_disclaimer_is_visible_on_every_tab(page):
+    for tab in ("Chat", "Compare", "Evaluation"):
+        page.get_by_role("tab", name=tab).click()
+        assert page.get_by_text("not medical advice").first.is_visible(), tab
