@@ -16,8 +16,7 @@ from app.config import ModelSettings
 from app.prompts import fit_prompt
 from app.pubmedqa import load_records, load_test_ids, stratified_sample
 from app.registry import GenerationSettings, ModelRegistry, Variant
-from app.scoring import score_options
-from training.evaluate import EvalArguments
+from training.evaluate import EvalArguments, in_batches
 
 
 def main() -> None:
@@ -36,12 +35,11 @@ def main() -> None:
     budget = registry.prompt_budget(args.max_new_tokens)
     prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget) for r in questions]
 
-    # (a) batched: option scores for a batch in one forward pass, long answers in one generate call per batch
+    # (a) batched, as training.evaluate runs it: length-sorted batches, option scores for a batch in one forward
+    # pass (logits_to_keep=1), long answers in one generate call per batch
     t0 = time.perf_counter()
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        score_options(loaded.model, loaded.tokenizer, [p.text for p in batch], len(batch))
-        registry.generate_batch(batch, [Variant.BASE] * len(batch), settings)
+    in_batches(prompts, args.batch_size, lambda b: registry.score_decisions(b, [Variant.BASE] * len(b), len(b)), "decisions")
+    in_batches(prompts, args.batch_size, lambda b: registry.generate_batch(b, [Variant.BASE] * len(b), settings), "long answers")
     batched = time.perf_counter() - t0
 
     # (b) the notebook's loop: one question at a time, full logits for the decision, then generate

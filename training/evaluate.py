@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -38,6 +38,7 @@ logger = logging.getLogger("training.evaluate")
 
 VARIANT_KEYS = {Variant.BASE: "base", Variant.TUNED: "tuned"}
 Progress = Callable[[float, str], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,8 +79,27 @@ def select_questions(records: dict[str, PubMedQARecord], args: EvalArguments) ->
     return stratified_sample(test, args.limit, args.sample_seed) if args.limit else test
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def length_batches(prompts: Sequence[FittedPrompt], size: int) -> list[list[int]]:
+    """Indices of ``prompts`` in batches of similar token length (longest first), so a batch pads little and an
+    out-of-memory error, if any, comes at once rather than at the end."""
+    order = sorted(range(len(prompts)), key=lambda i: -prompts[i].n_tokens)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def in_batches(
+    prompts: Sequence[FittedPrompt], size: int, run: Callable[[list[FittedPrompt]], list[T]], desc: str,
+    progress: Callable[[float], None] = lambda fraction: None,
+) -> list[T]:
+    """``run`` over length-sorted batches of ``prompts``, with a progress bar; results back in the prompts' order."""
+    results: list[Any] = [None] * len(prompts)
+    batches = length_batches(prompts, size)
+    done = 0
+    for batch in tqdm(batches, desc=desc):
+        for index, result in zip(batch, run([prompts[i] for i in batch])):
+            results[index] = result
+        done += len(batch)
+        progress(done / len(prompts))
+    return results
 
 
 def evaluate(
@@ -118,10 +138,11 @@ def evaluate(
     for variant in variants:
         key = VARIANT_KEYS[variant]
         t0 = time.perf_counter()
-        probabilities = []
-        for i, batch in enumerate(tqdm(_batches(prompts, args.batch_size), desc=f"{key}: decisions")):
-            probabilities += registry.score_decisions(batch, [variant] * len(batch), len(batch), calibrated=False)
-            report((done + min(1.0, (i + 1) * args.batch_size / len(prompts))) / steps, f"{key}: scoring decisions")
+        probabilities = in_batches(
+            prompts, args.batch_size,
+            lambda batch, v=variant: registry.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False),
+            f"{key}: decisions", lambda f, d=done, k=key: report((d + f) / steps, f"{k}: scoring decisions"),
+        )
         done += 1
         timings[f"{key}_decisions_s"] = time.perf_counter() - t0
         raw_metrics = None
@@ -139,10 +160,11 @@ def evaluate(
         for variant in variants:
             key = VARIANT_KEYS[variant]
             t0 = time.perf_counter()
-            answers: list[str] = []
-            for i, batch in enumerate(tqdm(_batches(prompts, args.batch_size), desc=f"{key}: long answers")):
-                answers += registry.generate_batch(batch, [variant] * len(batch), settings)
-                report((done + min(1.0, (i + 1) * args.batch_size / len(prompts))) / steps, f"{key}: generating long answers")
+            answers = in_batches(
+                prompts, args.batch_size,
+                lambda batch, v=variant: registry.generate_batch(batch, [v] * len(batch), settings),
+                f"{key}: long answers", lambda f, d=done, k=key: report((d + f) / steps, f"{k}: generating long answers"),
+            )
             done += 1
             timings[f"{key}_generation_s"] = time.perf_counter() - t0
             outputs[key]["answer"] = answers
