@@ -9,9 +9,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from app.backend import GenerationSettings, ModelBackend, Variant
 from app.config import ServerSettings
 from app.prompts import PromptInput, PromptTooLongError, Turn
-from app.registry import GenerationSettings, ModelRegistry, Variant
 
 _CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
 
@@ -38,7 +38,7 @@ def clean_text(value: Any, name: str, max_chars: int) -> str:
     return text
 
 
-def parse_variant(value: Any, registry: ModelRegistry) -> Variant:
+def parse_variant(value: Any, registry: ModelBackend) -> Variant:
     try:
         variant = Variant(value)
     except ValueError:
@@ -104,7 +104,7 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
 
 
 def stream_answer(
-    registry: ModelRegistry,
+    registry: ModelBackend,
     limits: ServerSettings,
     question: Any,
     context: Any,

@@ -11,13 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from app.backend import ModelBackend, Variant
 from app.chat import UserInputError, clean_text, parse_settings
 from app.config import ServerSettings
 from app.prompts import PromptInput, PromptTooLongError, parse_decision
-from app.registry import ModelRegistry, Variant
 from app.scoring import predicted_decision
-
-MIXED_BATCH = "one batched generation with per-row adapters (PEFT adapter_names)"
 
 
 @dataclass
@@ -48,7 +46,7 @@ class ComparisonUpdate:
 
 
 def stream_comparison(
-    registry: ModelRegistry,
+    registry: ModelBackend,
     limits: ServerSettings,
     question: Any,
     context: Any,
@@ -82,10 +80,10 @@ def stream_comparison(
                 side.answer, side.seconds = text, now
                 if side.ttft_s is None:
                     side.ttft_s = now
-        yield ComparisonUpdate(sides, notices, MIXED_BATCH)
+        yield ComparisonUpdate(sides, notices, registry.pair_mode)
     for side, probabilities in zip(sides, registry.score_decisions([prompt] * len(variants), variants)):
-        side.n_tokens = len(loaded.tokenizer(side.answer, add_special_tokens=False)["input_ids"]) if side.answer else 0
+        side.n_tokens = registry.count_tokens(side.answer)
         side.probabilities = probabilities
         side.decision = predicted_decision(probabilities)
         side.stated_decision = parse_decision(side.answer)
-    yield ComparisonUpdate(sides, notices, MIXED_BATCH, done=True)
+    yield ComparisonUpdate(sides, notices, registry.pair_mode, done=True)

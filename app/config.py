@@ -17,6 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
 EMBEDDED_MODEL = "embedded"
 QUANTIZATION_CHOICES = ("4bit", "8bit", "none")
+BACKEND_CHOICES = ("transformers", "openai")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -79,10 +80,33 @@ class ModelSettings(BaseModelSettings):
         "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
     )
 
+    backend: str = _setting(
+        "transformers",
+        "'transformers': the model runs in this process. 'openai': a remote OpenAI-compatible server (vLLM, TGI) "
+        "serves the base model and the adapter under two model names; --base_model then only names the tokenizer "
+        "used to fit prompts, and --adapter only supplies the adapter's decision calibration.",
+        choices=BACKEND_CHOICES,
+    )
+    base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (backend openai).")
+    remote_model: str = _setting("", "Model name of the base model on the server (backend openai).", aliases=["--model"])
+    adapter_model: str = _setting(
+        "", "Model name of the LoRA adapter on the server, e.g. 'tuned' (backend openai; empty: base only)."
+    )
+    api_key_env: str = _setting(
+        "OPENAI_API_KEY", "Environment variable holding the server's API key (the key itself is never logged)."
+    )
+    request_timeout: float = _setting(120.0, "Seconds to wait for the remote server before giving up.")
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.adapter:
             self.adapter = _default_adapter()
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
+        if self.backend == "openai" and not (self.base_url and self.remote_model):
+            raise ValueError(
+                "The openai backend needs --base_url (PUBMEDQA_BASE_URL) and --model (PUBMEDQA_REMOTE_MODEL)."
+            )
 
     @property
     def adapter_source(self) -> str | None:

@@ -6,8 +6,9 @@ import logging
 import sys
 from typing import Sequence
 
+from app.backend import create_backend
 from app.config import ModelSettings, ServerSettings, parse_settings
-from app.registry import ModelLoadError, ModelRegistry
+from app.model_loading import ModelLoadError
 from app.ui.interface import build_app
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    registry = ModelRegistry(model_settings)
+    registry = create_backend(model_settings)
     try:
         registry.check_sources()
     except ModelLoadError as exc:

@@ -69,15 +69,13 @@ def _quantization_config(kind: str, cuda: bool) -> Any:
     )
 
 
-def load_base_model(settings: BaseModelSettings) -> BaseModel:
-    """The base model and tokenizer, quantised as configured; if 4/8-bit cannot load, bf16 with one log line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(settings: BaseModelSettings) -> tuple[Any, str, str, bool]:
+    """(tokenizer, folder or Hub id it came from, description, whether a pad token had to be added)."""
+    from transformers import AutoTokenizer
 
     source, description = _resolve(settings)
-    logger.info("Loading base model %s (quantization: %s)", description, settings.quantization)
-    common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"Could not load the tokenizer of {description!r}: {exc}. Check --base-model / PUBMEDQA_BASE_MODEL "
@@ -86,6 +84,16 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
     tokenizer_changed = tokenizer.pad_token_id is None
     if tokenizer_changed:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source, description, tokenizer_changed
+
+
+def load_base_model(settings: BaseModelSettings) -> BaseModel:
+    """The base model and tokenizer, quantised as configured; if 4/8-bit cannot load, bf16 with one log line."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, source, description, tokenizer_changed = load_tokenizer(settings)
+    logger.info("Loading base model %s (quantization: %s)", description, settings.quantization)
+    common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
 
     cuda = torch.cuda.is_available()
     placement = {"device_map": "auto"} if cuda else {}

@@ -1,4 +1,4 @@
-"""The model registry: the one owner of the model in the process, shared by every tab and every user.
+"""The local backend: the model runs in this process with transformers, the LoRA adapter with PEFT.
 
 It loads the base model once (lazily, or in a background thread), puts the LoRA adapter on top with PEFT, and
 selects base or fine-tuned *per call* (PEFT ``adapter_names``), so no request can flip a switch under another one
@@ -11,27 +11,17 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from app.calibration import DecisionCalibration, load_calibration
+from app.backend import GenerationSettings, LoadedModel, ModelBackend, Variant
+from app.calibration import load_calibration
 from app.config import ModelSettings
 from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from app.prompts import (
-    STOP_SEQUENCES,
-    FittedPrompt,
-    PromptInput,
-    cut_at_stop,
-    encode_prompt,
-    fit_prompt,
-    stable_prefix,
-    uses_chat_template,
-)
-from app.scoring import left_pad, score_options
+from app.prompts import FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
+from app.scoring import left_pad, score_options, text_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -39,76 +29,18 @@ ADAPTER_NAME = "tuned"
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
-class Variant(str, Enum):
-    BASE = "base"
-    TUNED = "fine-tuned"
-
-
-class AdapterUnavailableError(RuntimeError):
-    """The fine-tuned variant was asked for but no adapter is loaded; the message says why."""
-
-
-class LoadState(str, Enum):
-    NOT_LOADED = "not loaded"
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 0.95
-    seed: int = 0
-
-    def validated(self, max_new_tokens_limit: int) -> GenerationSettings:
-        """These settings, or a ValueError saying which one is out of range."""
-        problems = []
-        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= max_new_tokens_limit:
-            problems.append(f"max new tokens must be between 1 and {max_new_tokens_limit}")
-        if not 0.0 <= float(self.temperature) <= 2.0:
-            problems.append("temperature must be between 0 and 2")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            problems.append("top-p must be greater than 0 and at most 1")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            problems.append("seed must be an integer between 0 and 4294967295")
-        if problems:
-            raise ValueError("Invalid generation settings: " + "; ".join(problems) + ".")
-        return self
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a transformers model, wrapped in a PeftModel when an adapter is loaded
-    tokenizer: Any
-    description: str
-    quantization: str
-    context_window: int
-    adapter_loaded: bool
-    load_seconds: float
-    calibration: DecisionCalibration | None = None  # the adapter's dev-fitted decision offsets, if it ships them
-
-
-class ModelRegistry:
+class ModelRegistry(ModelBackend):
     """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads."""
 
+    pair_mode = "one batched generation with per-row adapters (PEFT adapter_names)"
+
     def __init__(self, settings: ModelSettings):
-        self.settings = settings
-        self._loaded: LoadedModel | None = None
-        self._state = LoadState.NOT_LOADED
-        self._error: str | None = None
-        self._adapter_error: str | None = None
-        self._load_lock = threading.Lock()
+        super().__init__(settings)
         # PEFT's per-call adapter selection works through forward hooks registered on the shared LoRA layers,
         # and sampling seeds the global RNG: one generation at a time keeps requests from crossing.
         self._generate_lock = threading.Lock()
 
-    # ----------------------------------------------------------------------------------------- loading
     def check_sources(self) -> None:
-        """Fail fast, before any loading, on local paths that do not exist."""
         check_base_source(self.settings)
         adapter = self.settings.adapter_source
         if adapter and looks_like_path(adapter) and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
@@ -116,60 +48,6 @@ class ModelRegistry:
                 f"Adapter directory {adapter} has no adapter_config.json. Set --adapter / PUBMEDQA_ADAPTER to a "
                 "LoRA adapter folder, a Hub repo id, or 'none'."
             )
-
-    @property
-    def state(self) -> LoadState:
-        return self._state
-
-    def status_message(self) -> str:
-        if self._state is LoadState.READY and self._loaded is not None:
-            loaded = self._loaded
-            adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
-            if loaded.calibration is not None:
-                adapter += ", decisions calibrated on dev"
-            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
-        if self._state is LoadState.FAILED:
-            return f"Model failed to load: {self._error}"
-        if self._state is LoadState.LOADING:
-            return "Loading the model… (the first start converts the embedded model, about a minute)"
-        return "The model loads on first use."
-
-    def load_in_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self._load_quietly, name="model-loader", daemon=True)
-        thread.start()
-        return thread
-
-    def _load_quietly(self) -> None:
-        try:
-            self.load()
-        except ModelLoadError:
-            pass  # recorded in the state and logged; the UI shows it
-
-    def load(self) -> LoadedModel:
-        """The loaded model, loading it first if needed (once per process, whatever the number of callers)."""
-        if self._loaded is not None:
-            return self._loaded
-        with self._load_lock:
-            if self._loaded is not None:
-                return self._loaded
-            if self._state is LoadState.FAILED:
-                raise ModelLoadError(self._error)
-            self._state = LoadState.LOADING
-            try:
-                self._loaded = self._load()
-            except ModelLoadError as exc:
-                self._fail(str(exc))
-                raise
-            except Exception as exc:  # any library error becomes one readable message
-                self._fail(f"{type(exc).__name__}: {exc}")
-                raise ModelLoadError(self._error) from exc
-            self._state = LoadState.READY
-            return self._loaded
-
-    def _fail(self, message: str) -> None:
-        self._state = LoadState.FAILED
-        self._error = message
-        logger.error("Model load failed: %s", message)
 
     def _load(self) -> LoadedModel:
         started = time.perf_counter()
@@ -203,29 +81,15 @@ class ModelRegistry:
         logger.info("LoRA adapter loaded from %s", adapter)
         return model, True
 
-    # ------------------------------------------------------------------------------------------ queries
     def adapter_unavailable_reason(self) -> str | None:
-        """Why the fine-tuned variant cannot be used, or None when it can (or may, once loading finishes)."""
         if self._adapter_error:
             return self._adapter_error
         if not self.settings.adapter_source:
             return "no adapter configured: train one with `python -m training.train` or set PUBMEDQA_ADAPTER"
         return None
 
-    def prompt_budget(self, max_new_tokens: int) -> int:
-        loaded = self.load()
-        return max(1, min(self.settings.max_input_tokens, loaded.context_window - max_new_tokens))
-
-    def prepare(self, inp: PromptInput, settings: GenerationSettings) -> FittedPrompt:
-        """Render ``inp`` in the shared prompt format, fitted to the model's window (see :func:`fit_prompt`)."""
-        loaded = self.load()
-        return fit_prompt(inp, loaded.tokenizer, self.prompt_budget(settings.max_new_tokens))
-
     def _adapter_names(self, variants: Sequence[Variant]) -> list[str] | None:
-        loaded = self.load()
-        if Variant.TUNED in variants and not loaded.adapter_loaded:
-            raise AdapterUnavailableError(f"The fine-tuned model is not available: {self.adapter_unavailable_reason()}.")
-        if not loaded.adapter_loaded:
+        if not self._require_adapter(variants):
             return None
         return [ADAPTER_NAME if v is Variant.TUNED else BASE_ADAPTER_NAME for v in variants]
 
@@ -237,40 +101,20 @@ class ModelRegistry:
         batch_size: int = 8,
         calibrated: bool = True,
     ) -> list[dict[str, float]]:
-        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant. Fine-tuned
-        rows get the adapter's decision calibration when it ships one (``calibrated=False``: raw likelihoods)."""
         loaded = self.load()
         names = self._adapter_names(list(variants))
         with self._generate_lock:
             scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
-        if calibrated and loaded.calibration is not None:
-            scores = [loaded.calibration.apply(s) if v is Variant.TUNED else s for s, v in zip(scores, variants)]
-        return scores
+        return self._calibrate(scores, variants) if calibrated else scores
 
-    def stream(
-        self,
-        prompt: FittedPrompt,
-        variant: Variant,
-        settings: GenerationSettings,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer so far as it is generated. Setting ``cancel`` (or closing the iterator) stops the
-        generation within one token."""
-        for texts in self.stream_batch([prompt], [variant], settings, cancel):
-            yield texts[0]
-
-    def generate(self, prompt: FittedPrompt, variant: Variant, settings: GenerationSettings) -> str:
-        """The whole answer at once (the last value of :meth:`stream`)."""
-        return self.generate_batch([prompt], [variant], settings)[0]
-
-    def generate_batch(
-        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], settings: GenerationSettings
-    ) -> list[str]:
-        """Answers for several prompts in one batched ``generate`` call; each row may use base or fine-tuned."""
-        texts: list[str] = []
-        for texts in self.stream_batch(prompts, variants, settings):
-            pass
-        return texts
+    def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
+        """Each token of ``text`` with its character offset and log-probability under ``variant`` (None for the
+        first), and the ``top`` most likely next tokens: what an OpenAI-compatible server returns for ``echo`` and
+        ``logprobs`` (see :mod:`app.openai_server`)."""
+        loaded = self.load()
+        names = self._adapter_names([variant])
+        with self._generate_lock:
+            return text_logprobs(loaded.model, loaded.tokenizer, text, names, top)
 
     def stream_batch(
         self,
@@ -286,7 +130,7 @@ class ModelRegistry:
 
         loaded = self.load()
         tokenizer = loaded.tokenizer
-        stops = self._stops(loaded)
+        stops = self.stop_sequences()
         adapter_names = self._adapter_names(list(variants))
         cancel = cancel or threading.Event()
         ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
@@ -332,10 +176,6 @@ class ModelRegistry:
         if failure:
             raise failure[0]
         yield [cut_at_stop(t, stops)[0].strip() for t in texts]
-
-    def _stops(self, loaded: LoadedModel) -> tuple[str, ...]:
-        # Chat templates end a turn with an end-of-turn token, which generation already stops on.
-        return () if uses_chat_template(loaded.tokenizer) else STOP_SEQUENCES
 
     @staticmethod
     def _input_device(loaded: LoadedModel) -> torch.device:

@@ -80,5 +80,24 @@ def _continuation_logprob(model, tokenizer, batch, option_ids, names, device) ->
     return torch.log_softmax(logits, dim=-1).gather(2, target.unsqueeze(-1)).squeeze(-1).sum(dim=1)
 
 
+@torch.inference_mode()
+def text_logprobs(
+    model: Any, tokenizer: Any, text: str, adapter_names: Sequence[str] | None = None, top: int = 0
+) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
+    """Each token of ``text`` as (token text, character offset, log-probability given the tokens before it; None
+    for the first), and the ``top`` most likely next tokens with their log-probabilities."""
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    ids = encoding["input_ids"]
+    device = model.get_input_embeddings().weight.device
+    batch = torch.tensor([ids], device=device)
+    logprobs = torch.log_softmax(_forward(model, batch, torch.ones_like(batch), 0, adapter_names)[0].float(), dim=-1)
+    rows = []
+    for i, (token_id, (start, _)) in enumerate(zip(ids, encoding["offset_mapping"])):
+        rows.append((tokenizer.decode([token_id]), start, None if i == 0 else logprobs[i - 1, token_id].item()))
+    best = torch.topk(logprobs[-1], top) if top else None
+    following = {tokenizer.decode([i]): v for v, i in zip(best.values.tolist(), best.indices.tolist())} if best else {}
+    return rows, following
+
+
 def predicted_decision(probabilities: dict[str, float]) -> str:
     return max(probabilities, key=probabilities.get)

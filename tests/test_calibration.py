@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 
+from app.backend import Variant
 from app.calibration import CALIBRATION_FILE, DecisionCalibration, load_calibration
 from app.config import ModelSettings
 from app.prompts import PromptInput, fit_prompt
-from app.registry import ModelRegistry, Variant
+from app.registry import ModelRegistry
 from training.calibrate import fit_calibration
 
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+from app.backend import GenerationSettings, Variant
 from app.chat import UserInputError
-from app.compare import MIXED_BATCH, stream_comparison
+from app.compare import stream_comparison
 from app.config import ModelSettings, ServerSettings
 from app.prompts import PromptInput
-from app.registry import GenerationSettings, ModelRegistry, Variant
+from app.registry import ModelRegistry
 from app.ui.interface import build_app
 from app.votes import VoteError, VoteLog
 from tests.conftest import serving
@@ -26,7 +27,7 @@ def _limits(tmp_path) -> ServerSettings:
 def test_comparison_gives_each_variant_its_own_answer_from_one_batch(tiny_registry, tmp_path):
     updates = list(stream_comparison(tiny_registry, _limits(tmp_path), QUESTION, "", SETTINGS))
     final = updates[-1]
-    assert final.done and final.mode == MIXED_BATCH
+    assert final.done and final.mode == tiny_registry.pair_mode
     base, tuned = final.sides
     settings = GenerationSettings(max_new_tokens=10)
     prompt = tiny_registry.prepare(PromptInput(QUESTION), settings)

@@ -99,9 +99,9 @@ def test_real_model_keeps_a_multi_turn_conversation(embedded_registry):
 
 
 def test_shipped_adapter_makes_the_model_state_a_decision():
+    from app.backend import GenerationSettings, Variant
     from app.config import SHIPPED_ADAPTER_DIR
     from app.prompts import PromptInput, parse_decision
-    from app.registry import GenerationSettings, Variant
 
     if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
         pytest.skip("no adapter shipped in assets/adapter yet")

@@ -11,9 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app.backend import AdapterUnavailableError, GenerationSettings, LoadState, Variant
 from app.config import ModelSettings
+from app.model_loading import ModelLoadError
 from app.prompts import PromptInput, encode_prompt
-from app.registry import AdapterUnavailableError, GenerationSettings, LoadState, ModelLoadError, ModelRegistry, Variant
+from app.registry import ModelRegistry
 
 GREEDY = GenerationSettings(max_new_tokens=12)
 QUESTIONS = [f"Does treatment {i} reduce mortality in patients with diabetes?" for i in range(6)]

@@ -13,7 +13,7 @@ import pytest
 from app.chat import UserInputError, stream_answer
 from app.compare import stream_comparison
 from app.config import ModelSettings, ServerSettings
-from app.registry import ModelRegistry, Variant
+from app.registry import ModelRegistry
 from app.ui.interface import build_app
 from tests.conftest import serving
 

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from app.backend import Variant
 from app.config import BaseModelSettings, ModelSettings
 from app.prompts import encode_prompt
 from app.pubmedqa import load_local, load_test_ids, official_split
-from app.registry import ModelRegistry, Variant
+from app.registry import ModelRegistry
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training.train import TrainArguments, _ids_hash, build_examples
@@ -96,8 +97,8 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     assert evaluated_steps[-1] == metrics["log_history"][-1]["step"]  # the finished model competes for "best"
 
     registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
+    from app.backend import GenerationSettings
     from app.prompts import PromptInput
-    from app.registry import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=8)
     prompt = registry.prepare(PromptInput("Does aspirin help?"), settings)

@@ -7,9 +7,9 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from app.backend import GenerationSettings, LoadState, ModelBackend, Variant
 from app.chat import stream_answer
 from app.config import ServerSettings
-from app.registry import GenerationSettings, LoadState, ModelRegistry, Variant
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -21,7 +21,7 @@ from app.ui.common import (
 )
 
 
-def variant_update(registry: ModelRegistry) -> dict[str, Any]:
+def variant_update(registry: ModelBackend) -> dict[str, Any]:
     """The model choice as the registry allows it now: fine-tuned only once an adapter is really loaded."""
     reason = registry.adapter_unavailable_reason()
     if reason:
@@ -37,7 +37,7 @@ class ChatTab:
     end_session: Callable[[gr.Request], None]  # to call when a browser session ends
 
 
-def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
+def build_chat_tab(registry: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
     cancels = SessionCancels()
     with gr.Row():
         with gr.Column(scale=3):
@@ -141,7 +141,7 @@ def build_chat_tab(registry: ModelRegistry, limits: ServerSettings, examples: li
     return ChatTab(variant=variant, end_session=stop_generation)
 
 
-def register_chat_api(registry: ModelRegistry, limits: ServerSettings) -> None:
+def register_chat_api(registry: ModelBackend, limits: ServerSettings) -> None:
     """The ``/chat`` endpoint for scripts (gradio_client): same validation and model as the Chat tab."""
 
     def chat(

@@ -9,9 +9,10 @@ from typing import Any, Iterator, TypeVar
 
 import gradio as gr
 
+from app.backend import AdapterUnavailableError, BackendError, GenerationSettings
 from app.chat import UserInputError
 from app.config import ServerSettings
-from app.registry import AdapterUnavailableError, GenerationSettings, ModelLoadError
+from app.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,7 +57,7 @@ def run_guarded(updates: Iterator[T]) -> Iterator[T]:
     (logged with its traceback), so a failing request never takes the app down."""
     try:
         yield from updates
-    except (UserInputError, AdapterUnavailableError, ModelLoadError) as exc:
+    except (UserInputError, AdapterUnavailableError, BackendError, ModelLoadError) as exc:
         raise gr.Error(str(exc)) from None
     except Exception as exc:
         logger.exception("Generation failed")

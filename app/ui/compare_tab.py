@@ -6,9 +6,9 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from app.backend import ModelBackend
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.config import ServerSettings
-from app.registry import ModelRegistry
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -48,7 +48,7 @@ def vote_summary_markdown(counts: dict[str, int]) -> str:
     return f"**{total} votes** — " + " · ".join(f"{choice}: {n}" for choice, n in counts.items())
 
 
-def build_compare_tab(registry: ModelRegistry, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
+def build_compare_tab(registry: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
     cancels = SessionCancels()
     votes = VoteLog(limits.votes_path, limits.votes_repo)
     with gr.Row():

@@ -12,8 +12,8 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
+from app.backend import ModelBackend
 from app.config import PROJECT_ROOT
-from app.registry import ModelRegistry
 from app.ui.common import MODEL_EVENTS
 from training.results import ResultsError, RunResults, load_results
 
@@ -127,7 +127,7 @@ def run_summary(run: RunResults) -> str:
     return "  \n".join(lines)
 
 
-def build_evaluation_tab(registry: ModelRegistry) -> None:
+def build_evaluation_tab(registry: ModelBackend) -> None:
     runs = available_runs()
     with gr.Row():
         run_choice = gr.Dropdown(

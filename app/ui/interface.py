@@ -6,9 +6,9 @@ from typing import Any
 
 import gradio as gr
 
+from app.backend import LoadState, ModelBackend
 from app.config import ServerSettings
 from app.pubmedqa import load_examples
-from app.registry import LoadState, ModelRegistry
 from app.ui.chat_tab import build_chat_tab, register_chat_api, variant_update
 from app.ui.compare_tab import build_compare_tab
 from app.ui.evaluation_tab import build_evaluation_tab
@@ -20,11 +20,11 @@ DISCLAIMER = (
 )
 
 
-def _status_markdown(registry: ModelRegistry) -> str:
+def _status_markdown(registry: ModelBackend) -> str:
     return f"**Model status:** {registry.status_message()}"
 
 
-def build_app(registry: ModelRegistry, limits: ServerSettings) -> gr.Blocks:
+def build_app(registry: ModelBackend, limits: ServerSettings) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
         gr.Markdown(DISCLAIMER)

@@ -1,0 +1,249 @@
+"""The one interface every tab, the API and the evaluation use to reach a model, whatever runs it.
+
+Two backends implement it: :class:`app.registry.ModelRegistry` (transformers + PEFT in this process, the default)
+and :class:`app.remote_backend.RemoteBackend` (an OpenAI-compatible server such as vLLM or TGI serving the base
+model and the adapter under two model names). This module holds what they share: the request types, the
+load-once state machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterator, Sequence
+
+from app.calibration import DecisionCalibration
+from app.config import ModelSettings
+from app.model_loading import ModelLoadError
+from app.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
+
+logger = logging.getLogger(__name__)
+
+
+class Variant(str, Enum):
+    BASE = "base"
+    TUNED = "fine-tuned"
+
+
+class AdapterUnavailableError(RuntimeError):
+    """The fine-tuned variant was asked for but no adapter is loaded; the message says why."""
+
+
+class BackendError(RuntimeError):
+    """The model server failed a request (unreachable, refused, timed out); the message says what to check."""
+
+
+class LoadState(str, Enum):
+    NOT_LOADED = "not loaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 0.95
+    seed: int = 0
+
+    def validated(self, max_new_tokens_limit: int) -> GenerationSettings:
+        """These settings, or a ValueError saying which one is out of range."""
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            problems.append(f"max new tokens must be between 1 and {max_new_tokens_limit}")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            problems.append("temperature must be between 0 and 2")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            problems.append("top-p must be greater than 0 and at most 1")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append("seed must be an integer between 0 and 4294967295")
+        if problems:
+            raise ValueError("Invalid generation settings: " + "; ".join(problems) + ".")
+        return self
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers model (a PeftModel when an adapter is loaded); None for a remote server
+    tokenizer: Any  # always local: prompts are fitted and tokens counted here
+    description: str
+    quantization: str
+    context_window: int
+    adapter_loaded: bool
+    load_seconds: float
+    calibration: DecisionCalibration | None = None  # the adapter's dev-fitted decision offsets, if it ships them
+
+
+class ModelBackend(ABC):
+    """Loads once (lazily or in a background thread), then answers for base or fine-tuned, per call."""
+
+    #: How Compare produces its pair, shown in the tab's info line.
+    pair_mode: str = ""
+
+    def __init__(self, settings: ModelSettings):
+        self.settings = settings
+        self._loaded: LoadedModel | None = None
+        self._state = LoadState.NOT_LOADED
+        self._error: str | None = None
+        self._adapter_error: str | None = None
+        self._load_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- loading
+    @abstractmethod
+    def _load(self) -> LoadedModel: ...
+
+    def check_sources(self) -> None:
+        """Fail fast, before any loading, on settings that cannot work (e.g. folders that do not exist)."""
+
+    @property
+    def state(self) -> LoadState:
+        return self._state
+
+    def status_message(self) -> str:
+        if self._state is LoadState.READY and self._loaded is not None:
+            loaded = self._loaded
+            adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
+            if loaded.calibration is not None:
+                adapter += ", decisions calibrated on dev"
+            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
+        if self._state is LoadState.FAILED:
+            return f"Model failed to load: {self._error}"
+        if self._state is LoadState.LOADING:
+            return "Loading the model… (the first start converts the embedded model, about a minute)"
+        return "The model loads on first use."
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load_quietly, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_quietly(self) -> None:
+        try:
+            self.load()
+        except ModelLoadError:
+            pass  # recorded in the state and logged; the UI shows it
+
+    def load(self) -> LoadedModel:
+        """The loaded model, loading it first if needed (once per process, whatever the number of callers)."""
+        if self._loaded is not None:
+            return self._loaded
+        with self._load_lock:
+            if self._loaded is not None:
+                return self._loaded
+            if self._state is LoadState.FAILED:
+                raise ModelLoadError(self._error)
+            self._state = LoadState.LOADING
+            try:
+                self._loaded = self._load()
+            except ModelLoadError as exc:
+                self._fail(str(exc))
+                raise
+            except Exception as exc:  # any library error becomes one readable message
+                self._fail(f"{type(exc).__name__}: {exc}")
+                raise ModelLoadError(self._error) from exc
+            self._state = LoadState.READY
+            return self._loaded
+
+    def _fail(self, message: str) -> None:
+        self._state = LoadState.FAILED
+        self._error = message
+        logger.error("Model load failed: %s", message)
+
+    # ------------------------------------------------------------------------------------------ queries
+    def adapter_unavailable_reason(self) -> str | None:
+        """Why the fine-tuned variant cannot be used, or None when it can (or may, once loading finishes)."""
+        return self._adapter_error
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        loaded = self.load()
+        return max(1, min(self.settings.max_input_tokens, loaded.context_window - max_new_tokens))
+
+    def prepare(self, inp: PromptInput, settings: GenerationSettings) -> FittedPrompt:
+        """Render ``inp`` in the shared prompt format, fitted to the model's window (see :func:`fit_prompt`)."""
+        loaded = self.load()
+        return fit_prompt(inp, loaded.tokenizer, self.prompt_budget(settings.max_new_tokens))
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        # Chat templates end a turn with an end-of-turn token, which generation already stops on.
+        return () if uses_chat_template(self.load().tokenizer) else STOP_SEQUENCES
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.load().tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    def _require_adapter(self, variants: Sequence[Variant]) -> bool:
+        """Whether the adapter is loaded; AdapterUnavailableError if a fine-tuned row is asked for without it."""
+        loaded = self.load()
+        if Variant.TUNED in variants and not loaded.adapter_loaded:
+            raise AdapterUnavailableError(f"The fine-tuned model is not available: {self.adapter_unavailable_reason()}.")
+        return loaded.adapter_loaded
+
+    def _calibrate(self, scores: list[dict[str, float]], variants: Sequence[Variant]) -> list[dict[str, float]]:
+        calibration = self.load().calibration
+        if calibration is None:
+            return scores
+        return [calibration.apply(s) if v is Variant.TUNED else s for s, v in zip(scores, variants)]
+
+    # ---------------------------------------------------------------------------------------- generation
+    @abstractmethod
+    def score_decisions(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        batch_size: int = 8,
+        calibrated: bool = True,
+    ) -> list[dict[str, float]]:
+        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant. Fine-tuned
+        rows get the adapter's decision calibration when it ships one (``calibrated=False``: raw likelihoods)."""
+
+    @abstractmethod
+    def stream_batch(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[list[str]]:
+        """Generate for several prompts at once, each row with base or fine-tuned, and yield every row's answer so
+        far as it grows; the last value is final. ``cancel`` (or closing the iterator) stops them all."""
+
+    def stream(
+        self,
+        prompt: FittedPrompt,
+        variant: Variant,
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer so far as it is generated. Setting ``cancel`` (or closing the iterator) stops the
+        generation within one token."""
+        for texts in self.stream_batch([prompt], [variant], settings, cancel):
+            yield texts[0]
+
+    def generate(self, prompt: FittedPrompt, variant: Variant, settings: GenerationSettings) -> str:
+        """The whole answer at once (the last value of :meth:`stream`)."""
+        return self.generate_batch([prompt], [variant], settings)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[FittedPrompt], variants: Sequence[Variant], settings: GenerationSettings
+    ) -> list[str]:
+        """Answers for several prompts at once; each row may use base or fine-tuned."""
+        texts: list[str] = []
+        for texts in self.stream_batch(prompts, variants, settings):
+            pass
+        return texts
+
+
+def create_backend(settings: ModelSettings) -> ModelBackend:
+    """The backend ``settings.backend`` names."""
+    if settings.backend == "openai":
+        from app.remote_backend import RemoteBackend
+
+        return RemoteBackend(settings)
+    from app.registry import ModelRegistry
+
+    return ModelRegistry(settings)

@@ -1,0 +1,229 @@
+"""The remote backend: an OpenAI-compatible server (vLLM, Text Generation Inference, or :mod:`app.openai_server`)
+serves the base model and the LoRA adapter under two model names, and this process only fits prompts.
+
+vLLM: ``vllm serve BASE --enable-lora --lora-modules tuned=ADAPTER_DIR`` serves ``BASE`` and ``tuned``; TGI:
+``LORA_ADAPTERS=tuned=ADAPTER_DIR``. Prompts are rendered and fitted here with the base model's tokenizer (the one
+shared prompt format), then sent to the ``/completions`` endpoint as text. Decisions come from the server's
+log-probabilities: the log-likelihood of each option after the prompt (``echo`` with ``logprobs``, what the local
+backend computes), or, when the server cannot echo, the option tokens among the top log-probabilities of one
+generated token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+
+from app.backend import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
+from app.calibration import load_calibration
+from app.config import ModelSettings
+from app.model_loading import load_tokenizer
+from app.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
+
+logger = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 20  # the most vLLM and OpenAI return; options outside it count as "less likely than any listed"
+MAX_PARALLEL_REQUESTS = 32
+
+
+class RemoteBackend(ModelBackend):
+    """Base and fine-tuned are two model names on one server; requests for both run concurrently."""
+
+    pair_mode = "two concurrent requests to the model server (base and adapter model names)"
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__(settings)
+        self._client: Any = None
+        self._echo_supported = True
+
+    # ----------------------------------------------------------------------------------------- loading
+    def _load(self) -> LoadedModel:
+        from openai import OpenAI
+
+        started = time.perf_counter()
+        s = self.settings
+        tokenizer, _, _, _ = load_tokenizer(s)
+        # The key is handed to the client only; it is never logged or shown.
+        self._client = OpenAI(
+            base_url=s.base_url, api_key=os.environ.get(s.api_key_env) or "EMPTY", timeout=s.request_timeout,
+            max_retries=0,
+        )
+        served = self._served_models()
+        window = int(served.get(s.remote_model, {}).get("max_model_len") or s.max_input_tokens + 1024)
+        adapter_loaded = bool(s.adapter_model)
+        if not s.adapter_model:
+            self._adapter_error = "no adapter model configured: set --adapter_model / PUBMEDQA_ADAPTER_MODEL"
+        elif served and s.adapter_model not in served:
+            adapter_loaded = False
+            self._adapter_error = (
+                f"the server at {s.base_url} does not serve {s.adapter_model!r} (it serves {', '.join(sorted(served))})"
+            )
+        if served and s.remote_model not in served:
+            logger.warning("The server at %s does not list %r; requests for the base model may fail.", s.base_url, s.remote_model)
+        calibration = load_calibration(s.adapter_source) if adapter_loaded and s.adapter_source else None
+        seconds = time.perf_counter() - started
+        logger.info("Remote backend ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
+        return LoadedModel(
+            None, tokenizer, f"{s.remote_model} at {s.base_url}", "served remotely", window, adapter_loaded, seconds,
+            calibration,
+        )
+
+    def _served_models(self) -> dict[str, dict[str, Any]]:
+        """The server's models by name, or {} when it cannot be asked now (each request then says why)."""
+        try:
+            return {m.id: m.model_dump() for m in self._client.models.list().data}
+        except Exception as exc:  # an unreachable server must not stop the app from starting
+            logger.warning("Could not list the models of %s: %s", self.settings.base_url, _describe(exc, self.settings))
+            return {}
+
+    def _model_name(self, variant: Variant) -> str:
+        return self.settings.adapter_model if variant is Variant.TUNED else self.settings.remote_model
+
+    def _call(self, **request: Any) -> Any:
+        """One completions request; any client error becomes a BackendError with a readable message."""
+        try:
+            return self._client.completions.create(**request)
+        except Exception as exc:
+            raise BackendError(_describe(exc, self.settings)) from None
+
+    # ---------------------------------------------------------------------------------------- generation
+    def score_decisions(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        batch_size: int = 8,
+        calibrated: bool = True,
+    ) -> list[dict[str, float]]:
+        self._require_adapter(variants)
+        with ThreadPoolExecutor(max_workers=max(1, min(batch_size, MAX_PARALLEL_REQUESTS))) as pool:
+            scores = list(pool.map(self._option_probabilities, prompts, variants))
+        return self._calibrate(scores, variants) if calibrated else scores
+
+    def _option_probabilities(self, prompt: FittedPrompt, variant: Variant) -> dict[str, float]:
+        if self._echo_supported:
+            try:
+                logprobs = self._option_loglikelihoods(prompt.text, variant)
+            except BackendError as exc:
+                if "400" not in str(exc) and "422" not in str(exc):
+                    raise
+                logger.warning("The server cannot echo prompt log-probabilities (%s); using top log-probabilities.", exc)
+                self._echo_supported = False
+        if not self._echo_supported:
+            logprobs = self._option_top_logprobs(prompt.text, variant)
+        top = max(logprobs.values())
+        weights = {o: math.exp(v - top) for o, v in logprobs.items()}
+        total = sum(weights.values())
+        return {o: w / total for o, w in weights.items()}
+
+    def _option_loglikelihoods(self, text: str, variant: Variant) -> dict[str, float]:
+        """Log-likelihood of each option after the prompt, from the echoed prompt log-probabilities."""
+        prefix = answer_prefix(self.load().tokenizer)
+        candidates = [text + prefix + option for option in ANSWER_OPTIONS]
+        response = self._call(
+            model=self._model_name(variant), prompt=candidates, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+        )
+        result = {}
+        for choice in sorted(response.choices, key=lambda c: c.index):
+            option = ANSWER_OPTIONS[choice.index]
+            end = len(candidates[choice.index])
+            lp = choice.logprobs
+            picked = [v for v, at in zip(lp.token_logprobs, lp.text_offset) if len(text) <= at < end and v is not None]
+            if not picked:
+                raise BackendError("The model server returned no log-probabilities for the answer options.")
+            result[option] = sum(picked)
+        return result
+
+    def _option_top_logprobs(self, text: str, variant: Variant) -> dict[str, float]:
+        """The options among the top log-probabilities of the first generated token (a one-token answer)."""
+        response = self._call(
+            model=self._model_name(variant), prompt=text, max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS
+        )
+        tops = (response.choices[0].logprobs.top_logprobs or [{}])[0] or {}
+        found: dict[str, float] = {}
+        for token, value in tops.items():
+            option = token.strip().lower()
+            if option in ANSWER_OPTIONS:
+                found[option] = max(value, found.get(option, -math.inf))
+        floor = min(tops.values(), default=0.0) - 1.0  # unlisted: less likely than anything the server listed
+        return {option: found.get(option, floor) for option in ANSWER_OPTIONS}
+
+    def stream_batch(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[list[str]]:
+        """One streaming request per row, all at once (the server batches them); rows grow independently."""
+        self._require_adapter(variants)
+        stops = self.stop_sequences()
+        cancel = cancel or threading.Event()
+        updates: queue.Queue[tuple[int, str | BaseException | None]] = queue.Queue()
+
+        def run(row: int, prompt: FittedPrompt, variant: Variant) -> None:
+            request = {
+                "model": self._model_name(variant), "prompt": prompt.text, "max_tokens": settings.max_new_tokens,
+                "temperature": float(settings.temperature), "seed": settings.seed, "stream": True,
+            }
+            if settings.temperature > 0:
+                request["top_p"] = float(settings.top_p)
+            if stops:
+                request["stop"] = list(stops)
+            try:
+                stream = self._call(**request)
+                try:
+                    for chunk in stream:
+                        if cancel.is_set():
+                            break
+                        if chunk.choices and chunk.choices[0].text:
+                            updates.put((row, chunk.choices[0].text))
+                finally:
+                    stream.close()
+            except Exception as exc:  # includes a connection dropped mid-stream
+                updates.put((row, exc if isinstance(exc, BackendError) else BackendError(_describe(exc, self.settings))))
+            finally:
+                updates.put((row, None))
+
+        workers = [threading.Thread(target=run, args=(i, p, v), daemon=True) for i, (p, v) in enumerate(zip(prompts, variants))]
+        for worker in workers:
+            worker.start()
+        texts = [""] * len(prompts)
+        running, failure = len(workers), None
+        try:
+            while running:
+                row, item = updates.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    failure = failure or item
+                else:
+                    texts[row] += item
+                    yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
+        finally:
+            cancel.set()
+        if failure:
+            raise failure
+        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
+
+
+def _describe(exc: Exception, settings: ModelSettings) -> str:
+    """A one-line, secret-free explanation of a failed request to the model server."""
+    import openai
+
+    where = f"the model server at {settings.base_url}"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"{where} did not answer within {settings.request_timeout:g} s; try again or raise --request_timeout."
+    if isinstance(exc, openai.APIConnectionError):
+        return f"{where} is unreachable; check --base_url / PUBMEDQA_BASE_URL and that the server is running."
+    if isinstance(exc, openai.AuthenticationError):
+        return f"{where} refused the API key (401); check the variable named by --api_key_env."
+    if isinstance(exc, openai.APIStatusError):
+        message = exc.body.get("message") if isinstance(exc.body, dict) else None
+        return f"{where} refused the request ({exc.status_code}: {message or exc.message})."
+    return f"{where} failed: {type(exc).__name__}: {exc}"

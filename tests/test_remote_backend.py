@@ -1,0 +1,219 @@
+"""The remote (OpenAI-compatible server) backend against the project's own server wrapping the tiny model: answers
+are real model outputs, so the remote path must give exactly what the in-process registry gives."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app.backend import BackendError, GenerationSettings, LoadState, Variant
+from app.chat import stream_answer
+from app.compare import stream_comparison
+from app.config import ModelSettings, ServerSettings
+from app.prompts import PromptInput
+from app.remote_backend import RemoteBackend
+from tests.conftest import free_port
+
+QUESTIONS = [
+    "Does metformin lower mortality in elderly patients?",
+    "Is ultrasound equal to X-ray in pediatric fracture diagnosis?",
+    "Do statins prevent dementia?",
+]
+SETTINGS = {"max_new_tokens": 12, "temperature": 0.0, "top_p": 0.95, "seed": 0}
+LIMITS = ServerSettings(max_new_tokens_limit=64)
+
+
+@contextlib.contextmanager
+def api_server(registry, **options) -> Iterator[str]:
+    """The OpenAI-compatible server for ``registry`` on a free localhost port; yields its /v1 URL."""
+    import uvicorn
+
+    from app.openai_server import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(registry, **options), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def remote(tiny_model_dir, base_url, **overrides) -> RemoteBackend:
+    values = {"base_model": str(tiny_model_dir), "adapter": "none", "backend": "openai", "base_url": base_url,
+              "remote_model": "base", "adapter_model": "tuned", "request_timeout": 20.0, **overrides}
+    return RemoteBackend(ModelSettings(**values))
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir, tiny_adapter_dir):
+    from app.registry import ModelRegistry
+
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    registry.load()
+    return registry
+
+
+@pytest.fixture(scope="module")
+def server_url(local):
+    with api_server(local) as url:
+        yield url
+
+
+def _answer(backend, question: str, variant: Variant) -> list[str]:
+    return [u.answer for u in stream_answer(backend, LIMITS, question, "", [], variant.value, SETTINGS)]
+
+
+@pytest.mark.parametrize("variant", [Variant.BASE, Variant.TUNED])
+def test_streamed_chat_through_the_server_equals_the_in_process_answer(local, server_url, tiny_model_dir, variant):
+    backend = remote(tiny_model_dir, server_url)
+    for question in QUESTIONS:
+        streamed = _answer(backend, question, variant)
+        assert streamed[-1] == _answer(local, question, variant)[-1]
+        growing = [a for a in streamed if a]
+        assert len(growing) >= 2 and all(b.startswith(a) for a, b in zip(growing, growing[1:]))  # it streamed
+    assert backend.state is LoadState.READY and "served remotely" in backend.status_message()
+
+
+def test_two_model_names_give_base_and_fine_tuned_answers(local, server_url, tiny_model_dir):
+    updates = list(stream_comparison(remote(tiny_model_dir, server_url), LIMITS, QUESTIONS[0], "", SETTINGS))
+    final = updates[-1]
+    assert final.done and "two concurrent requests" in final.mode
+    base, tuned = (side.answer for side in final.sides)
+    expected = list(stream_comparison(local, LIMITS, QUESTIONS[0], "", SETTINGS))[-1]
+    assert [base, tuned] == [side.answer for side in expected.sides] and base != tuned
+    for side, reference in zip(final.sides, expected.sides):
+        assert side.decision == reference.decision
+        assert side.probabilities == pytest.approx(reference.probabilities, abs=1e-4)
+
+
+def test_decisions_from_echoed_logprobs_match_the_local_option_likelihoods(local, server_url, tiny_model_dir):
+    backend = remote(tiny_model_dir, server_url)
+    settings = GenerationSettings(max_new_tokens=8)
+    prompts = [backend.prepare(PromptInput(q), settings) for q in QUESTIONS]
+    variants = [Variant.BASE, Variant.TUNED, Variant.TUNED]
+    got = backend.score_decisions(prompts, variants)
+    want = local.score_decisions([local.prepare(PromptInput(q), settings) for q in QUESTIONS], variants)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+def test_without_echo_the_decision_comes_from_top_logprobs(local, tiny_model_dir):
+    with api_server(local, allow_echo=False) as url:
+        backend = remote(tiny_model_dir, url)
+        prompt = backend.prepare(PromptInput(QUESTIONS[1]), GenerationSettings(max_new_tokens=8))
+        got = backend.score_decisions([prompt], [Variant.TUNED])[0]
+    assert not backend._echo_supported  # it noticed the refusal and switched method
+    _, top = local.token_logprobs(prompt.text, Variant.TUNED, top=20)
+    listed = {t.strip() for t in top} & set(got)
+    assert sum(got.values()) == pytest.approx(1.0)
+    want = local.score_decisions([prompt], [Variant.TUNED])[0]
+    if listed == set(got):  # every option among the top 20: exactly the option likelihoods
+        assert got == pytest.approx(want, abs=1e-4)
+    else:  # the listed options keep their order and outrank the unlisted ones
+        ranked = sorted(got, key=got.get, reverse=True)
+        assert set(ranked[: len(listed)]) == listed
+
+
+def test_an_adapter_name_the_server_does_not_serve_turns_fine_tuned_off_with_the_reason(server_url, tiny_model_dir):
+    backend = remote(tiny_model_dir, server_url, adapter_model="other")
+    assert not backend.load().adapter_loaded
+    assert "does not serve 'other'" in backend.adapter_unavailable_reason() and "tuned" in backend.adapter_unavailable_reason()
+    assert _answer(backend, QUESTIONS[0], Variant.BASE)[-1]  # the base model still answers
+
+
+def test_unknown_base_model_name_is_a_clear_4xx_message(server_url, tiny_model_dir):
+    backend = remote(tiny_model_dir, server_url, remote_model="llama")
+    with pytest.raises(BackendError, match=r"refused the request \(404: The model 'llama' does not exist"):
+        _answer(backend, QUESTIONS[0], Variant.BASE)
+
+
+def test_server_down_is_a_clear_message_and_the_backend_stays_ready(tiny_model_dir):
+    backend = remote(tiny_model_dir, f"http://127.0.0.1:{free_port()}/v1")
+    assert backend.load().adapter_loaded  # the server may come up later; each request says what is wrong meanwhile
+    with pytest.raises(BackendError, match="is unreachable; check --base_url"):
+        _answer(backend, QUESTIONS[0], Variant.TUNED)
+    with pytest.raises(BackendError, match="unreachable"):
+        backend.score_decisions([backend.prepare(PromptInput("Q?"), GenerationSettings())], [Variant.BASE])
+
+
+class _Slow(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self._reply({"object": "list", "data": [{"id": "base", "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+        time.sleep(3)
+        self._reply({})
+
+    def _reply(self, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_does_not_answer_in_time_is_a_timeout_message(tiny_model_dir):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = remote(tiny_model_dir, f"http://127.0.0.1:{server.server_address[1]}/v1", request_timeout=0.5)
+        with pytest.raises(BackendError, match=r"did not answer within 0.5 s"):
+            _answer(backend, QUESTIONS[0], Variant.BASE)
+    finally:
+        server.shutdown()
+
+
+def test_a_wrong_api_key_is_refused_without_showing_the_key(local, tiny_model_dir, monkeypatch):
+    with api_server(local, api_key="sk-right-key") as url:
+        monkeypatch.setenv("TEST_REMOTE_KEY", "sk-wrong-key-123")
+        backend = remote(tiny_model_dir, url, api_key_env="TEST_REMOTE_KEY")
+        with pytest.raises(BackendError) as failure:
+            _answer(backend, QUESTIONS[0], Variant.BASE)
+        assert "401" in str(failure.value) and "sk-wrong-key-123" not in str(failure.value)
+        monkeypatch.setenv("TEST_REMOTE_KEY", "sk-right-key")
+        assert _answer(remote(tiny_model_dir, url, api_key_env="TEST_REMOTE_KEY"), QUESTIONS[0], Variant.BASE)[-1]
+
+
+def test_the_app_on_the_remote_backend_shows_server_errors_in_the_ui(tiny_model_dir):
+    from gradio_client import Client
+
+    from app.ui.interface import build_app
+    from tests.conftest import serving
+
+    backend = remote(tiny_model_dir, f"http://127.0.0.1:{free_port()}/v1")
+    with serving(build_app(backend, LIMITS)) as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="unreachable"):
+            client.predict(question=QUESTIONS[0], max_new_tokens=8, api_name="/chat")
+
+
+def test_evaluation_runs_through_the_remote_backend(local, server_url, tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path):
+    from training.evaluate import EvalArguments, evaluate
+    from training.results import load_results
+
+    backend = remote(tiny_model_dir, server_url, adapter=str(tiny_adapter_dir))
+    args = EvalArguments(data=str(pubmedqa_dir), limit=6, batch_size=3, max_new_tokens=6, output_dir=str(tmp_path / "remote"),
+                         bertscore_model="none")
+    results = load_results(evaluate(backend.settings, args, registry=backend)).results
+    local_args = EvalArguments(**{**args.__dict__, "output_dir": str(tmp_path / "local")})
+    expected = load_results(evaluate(local.settings, local_args, registry=local)).results
+    for key in ("base", "tuned"):
+        assert results["models"][key]["accuracy"] == expected["models"][key]["accuracy"]
+        assert results["models"][key]["token_f1"] == pytest.approx(expected["models"][key]["token_f1"])
+    assert results["run"]["quantization"] == "served remotely"
