@@ -66,6 +66,8 @@ def _quantization_config(kind: str, cuda: bool) -> Any:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+        # bf16 storage lets FSDP shard 4-bit weights with the rest (QLoRA across GPUs); the kernels are the same.
+        bnb_4bit_quant_storage=torch.bfloat16 if cuda else torch.uint8,
     )
 
 

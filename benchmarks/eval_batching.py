@@ -12,10 +12,11 @@ import time
 
 import torch
 
+from app.backend import GenerationSettings, Variant
 from app.config import ModelSettings
 from app.prompts import fit_prompt
 from app.pubmedqa import load_records, load_test_ids, stratified_sample
-from app.registry import GenerationSettings, ModelRegistry, Variant
+from app.registry import ModelRegistry
 from training.evaluate import EvalArguments, in_batches
 
 

@@ -149,10 +149,10 @@ def test_server_down_is_a_clear_message_and_the_backend_stays_ready(tiny_model_d
 
 
 class _Slow(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         self._reply({"object": "list", "data": [{"id": "base", "object": "model"}]})
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         time.sleep(3)
         self._reply({})
 

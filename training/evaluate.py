@@ -23,11 +23,11 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from app.backend import GenerationSettings, ModelBackend, Variant, create_backend
 from app.config import PROJECT_ROOT, ModelSettings, parse_settings
 from app.model_loading import ModelLoadError
 from app.prompts import FittedPrompt, fit_prompt
 from app.pubmedqa import DataFormatError, PubMedQARecord, load_records, load_test_ids, stratified_sample
-from app.registry import GenerationSettings, ModelRegistry, Variant
 from app.scoring import predicted_decision
 from training.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from training.judge import Judge, summarize_grades
@@ -106,7 +106,7 @@ def evaluate(
     model_settings: ModelSettings,
     args: EvalArguments,
     progress: Progress | None = None,
-    registry: ModelRegistry | None = None,
+    registry: ModelBackend | None = None,
 ) -> Path:
     """Run the evaluation and return the run folder. ``progress(fraction, message)`` is called as work advances;
     pass the app's ``registry`` to evaluate through the already loaded model instead of loading a second copy."""
@@ -117,7 +117,7 @@ def evaluate(
     questions = select_questions(load_records(args.data), args)
     judge = _make_judge(args)
 
-    registry = registry or ModelRegistry(model_settings)
+    registry = registry or create_backend(model_settings)
     loaded = registry.load()
     variants = [Variant.BASE]
     if model_settings.adapter_source:

@@ -329,6 +329,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         logging_steps=args.logging_steps,
         seed=args.seed,
         bf16=cuda,
+        use_cpu=not cuda,  # also what makes `accelerate launch` on a CPU-only machine run DDP over gloo
         gradient_checkpointing=cuda,
         report_to="none",
         prediction_loss_only=True,  # never gather full-vocabulary logits during evaluation
@@ -360,6 +361,9 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         raise TrainingInterrupted(
             f"Interrupted: a checkpoint was saved in {output_dir}; continue with the same command plus --resume"
         )
+
+    if not trainer.is_world_process_zero():
+        return output_dir  # under `accelerate launch`, the main process alone writes the adapter and its files
 
     # load_best_model_at_end has put the best checkpoint's adapter back; save it as the output.
     trainer.model.peft_config["default"].base_model_name_or_path = _canonical_base(model_settings, base.source)
@@ -393,6 +397,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
             "test_ids_sha256_16": _ids_hash(split.test),
         },
         "train_result": {"global_step": result.global_step, "training_loss": result.training_loss, **result.metrics},
+        "processes": trainer.args.world_size,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_dev_accuracy": trainer.state.best_metric,
         "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
@@ -406,7 +411,9 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under `accelerate launch` every process runs this; only the main one (RANK 0) logs progress.
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         model_settings, args = _parse(argv)
         output_dir = train(model_settings, args)

@@ -1,0 +1,101 @@
+"""Benchmark: the remote (OpenAI-compatible server) backend vs the in-process one, on the same model, in one run.
+
+The server is :mod:`app.openai_server` wrapping the very registry the in-process side uses (on localhost), so the
+ratios show what the protocol and the request pattern cost; against vLLM or TGI on a GPU, continuous batching
+changes the picture (see the README's "Scaling out").
+
+    python -m benchmarks.remote_backend [--n 32] [--max_new_tokens 32] [--batch_size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from app.backend import GenerationSettings, ModelBackend, Variant
+from app.compare import stream_comparison
+from app.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
+from app.prompts import fit_prompt
+from app.pubmedqa import load_examples, load_records, load_test_ids, stratified_sample
+from app.registry import ModelRegistry
+from app.remote_backend import RemoteBackend
+from training.evaluate import EvalArguments, in_batches
+
+
+def _serve(registry: ModelRegistry) -> tuple[str, object]:
+    import socket
+
+    import uvicorn
+
+    from app.openai_server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
+def _evaluation(backend: ModelBackend, prompts, batch_size: int, settings: GenerationSettings) -> float:
+    """Decisions and long answers for base and fine-tuned, as training.evaluate runs them."""
+    start = time.perf_counter()
+    for variant in (Variant.BASE, Variant.TUNED):
+        in_batches(prompts, batch_size, lambda b, v=variant: backend.score_decisions(b, [v] * len(b), len(b)), "decisions")
+        in_batches(prompts, batch_size, lambda b, v=variant: backend.generate_batch(b, [v] * len(b), settings), "answers")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    local = ModelRegistry(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    local.load()
+    url, server = _serve(local)
+    remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), backend="openai", base_url=url,
+                                         remote_model="base", adapter_model="tuned"))
+    remote.load()
+    limits = ServerSettings()
+    example = load_examples(key="dev_examples")[0]
+    compare_settings = {"max_new_tokens": args.max_new_tokens}
+
+    def compare_latency(backend: ModelBackend) -> float:
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _update in stream_comparison(backend, limits, example["question"], example["context"], compare_settings):
+                pass
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    compare_latency(local)  # warm-up
+    compare_local, compare_remote = compare_latency(local), compare_latency(remote)
+
+    data = EvalArguments().data
+    records = load_records(data)
+    questions = stratified_sample([records[i] for i in load_test_ids(data)], args.n, seed=0)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    tokenizer = local.load().tokenizer
+    prompts = [fit_prompt(r.prompt_input(), tokenizer, local.prompt_budget(args.max_new_tokens)) for r in questions]
+    eval_local = _evaluation(local, prompts, args.batch_size, settings)
+    eval_remote = _evaluation(remote, prompts, args.batch_size, settings)
+    server.should_exit = True
+
+    print(f"same model (embedded Gemma 3 270M + shipped adapter), max new tokens {args.max_new_tokens}")
+    print(f"Compare pair, best of {args.repeats}: in-process {compare_local:.2f} s ({local.pair_mode}); "
+          f"remote {compare_remote:.2f} s ({remote.pair_mode}); ratio remote / in-process {compare_remote / compare_local:.2f}")
+    print(f"evaluation of {len(prompts)} questions x 2 models (decisions + long answers, batch {args.batch_size}): "
+          f"in-process {eval_local:.1f} s ({2 * len(prompts) / eval_local:.2f} q/s); remote {eval_remote:.1f} s "
+          f"({2 * len(prompts) / eval_remote:.2f} q/s); throughput ratio remote / in-process {eval_local / eval_remote:.2f}")
+
+
+if __name__ == "__main__":
+    main()
