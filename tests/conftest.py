@@ -4,9 +4,11 @@ session (no download), and helpers to serve the app on a free port."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,24 @@ def tiny_registry(tiny_settings):
     from app.registry import ModelRegistry
 
     return ModelRegistry(tiny_settings)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet http.server handler with a JSON reply helper, for small fake servers in tests."""
+
+    def reply(self, payload) -> None:
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up first: what the timeout tests want
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 def free_port() -> int:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from app.config import ModelSettings
+from tests.conftest import JsonHandler
 from training.evaluate import EvalArguments, evaluate
 from training.judge import Judge, parse_grade, summarize_grades
 from training.metrics import decision_metrics, text_metrics, token_f1
@@ -60,7 +61,7 @@ def test_judge_replies_are_parsed_robustly(reply, score):
     assert (grade.error is None) == (score is not None)
 
 
-class _FakeOpenAI(BaseHTTPRequestHandler):
+class _FakeOpenAI(JsonHandler):
     mode = "good"
 
     def do_POST(self):  # noqa: N802 - http.server's naming
@@ -73,15 +74,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
         }
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply(payload)
 
 
 @pytest.fixture

@@ -4,11 +4,10 @@ are real model outputs, so the remote path must give exactly what the in-process
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
@@ -18,7 +17,7 @@ from app.compare import stream_comparison
 from app.config import ModelSettings, ServerSettings
 from app.prompts import PromptInput
 from app.remote_backend import RemoteBackend
-from tests.conftest import free_port
+from tests.conftest import JsonHandler, free_port
 
 QUESTIONS = [
     "Does metformin lower mortality in elderly patients?",
@@ -148,24 +147,13 @@ def test_server_down_is_a_clear_message_and_the_backend_stays_ready(tiny_model_d
         backend.score_decisions([backend.prepare(PromptInput("Q?"), GenerationSettings())], [Variant.BASE])
 
 
-class _Slow(BaseHTTPRequestHandler):
+class _Slow(JsonHandler):
     def do_GET(self):
-        self._reply({"object": "list", "data": [{"id": "base", "object": "model"}]})
+        self.reply({"object": "list", "data": [{"id": "base", "object": "model"}]})
 
     def do_POST(self):
         time.sleep(3)
-        self._reply({})
-
-    def _reply(self, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.reply({})
 
 
 def test_a_server_that_does_not_answer_in_time_is_a_timeout_message(tiny_model_dir):
