@@ -54,27 +54,20 @@ def _memory_in_fresh_process(adapter: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", default=str(SHIPPED_ADAPTER_DIR))
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
-    memory = _memory_in_fresh_process(args.adapter)
-    registry = ModelRegistry(ModelSettings(adapter=args.adapter))
-    assert registry.load().adapter_loaded, f"no adapter loaded from {args.adapter}"
-
+def _time_pair(adapter: str, quantization: str, max_new_tokens: int, repeats: int) -> tuple[float, float, int]:
+    """(mixed-batch seconds, sequential seconds, prompt tokens) with the base loaded in ``quantization``."""
+    registry = ModelRegistry(ModelSettings(adapter=adapter, quantization=quantization))
+    assert registry.load().adapter_loaded, f"no adapter loaded from {adapter}"
     example = load_examples(key="dev_examples")[0]
     # Sampling-free and no stop sequence, so both ways generate exactly the same number of tokens.
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
     prompt = registry.prepare(PromptInput(example["question"], example["context"]), settings)
     registry.stop_sequences = lambda: ()  # measure full-length generations on both sides
     registry.generate(prompt, Variant.BASE, settings)  # warm-up
 
     def timed(fn) -> float:
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
@@ -82,13 +75,27 @@ def main() -> None:
 
     mixed = timed(lambda: registry.generate_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
     sequential = timed(lambda: [registry.generate(prompt, v, settings) for v in (Variant.BASE, Variant.TUNED)])
-    print(f"prompt {prompt.n_tokens} tokens, {args.max_new_tokens} new tokens per answer, best of {args.repeats}")
-    print(f"mixed batch (base + fine-tuned rows in one generate): {mixed:6.2f} s")
-    print(f"two sequential generations:                           {sequential:6.2f} s")
-    print(f"time ratio mixed / sequential: {mixed / sequential:.2f}  (goal <= 0.8 on CPU, ~0.5 on GPU)")
+    return mixed, sequential, prompt.n_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default=str(SHIPPED_ADAPTER_DIR))
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantizations", default="4bit,none", help="Comma-separated: each is timed in turn.")
+    args = parser.parse_args()
+
+    memory = _memory_in_fresh_process(args.adapter)
+    print(f"{args.max_new_tokens} new tokens per answer, best of {args.repeats}")
+    for quantization in args.quantizations.split(","):
+        mixed, sequential, n_prompt = _time_pair(args.adapter, quantization, args.max_new_tokens, args.repeats)
+        print(f"[{quantization}] prompt {n_prompt} tokens: mixed batch (base + fine-tuned rows in one generate) "
+              f"{mixed:.2f} s, two sequential generations {sequential:.2f} s, "
+              f"ratio {mixed / sequential:.2f}  (goal <= 0.8 on CPU, ~0.5 on GPU)")
     for kind, label in (("rss_mb", "process memory (RSS)"), ("tensor_mb", "model tensors")):
         base_mb, with_adapter_mb = memory[f"{kind}_base"], memory[f"{kind}_with_adapter"]
-        print(f"{label}: base alone {base_mb:.0f} MB, base + adapter {with_adapter_mb:.0f} MB, "
+        print(f"{label} (4bit): base alone {base_mb:.0f} MB, base + adapter {with_adapter_mb:.0f} MB, "
               f"ratio {with_adapter_mb / base_mb:.3f}x  (goal <= 1.1x)")
 
 
