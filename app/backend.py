@@ -35,6 +35,10 @@ class AdapterUnavailableError(RuntimeError):
 class BackendError(RuntimeError):
     """The model server failed a request (unreachable, refused, timed out); the message says what to check."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refused request
+
 
 class LoadState(str, Enum):
     NOT_LOADED = "not loaded"

@@ -90,7 +90,7 @@ class RemoteBackend(ModelBackend):
         try:
             return self._client.completions.create(**request)
         except Exception as exc:
-            raise BackendError(_describe(exc, self.settings)) from None
+            raise BackendError(_describe(exc, self.settings), getattr(exc, "status_code", None)) from None
 
     # ---------------------------------------------------------------------------------------- generation
     def score_decisions(
@@ -110,7 +110,7 @@ class RemoteBackend(ModelBackend):
             try:
                 logprobs = self._option_loglikelihoods(prompt.text, variant)
             except BackendError as exc:
-                if "400" not in str(exc) and "422" not in str(exc):
+                if exc.status not in (400, 422):  # not a refusal of echo: a real failure
                     raise
                 logger.warning("The server cannot echo prompt log-probabilities (%s); using top log-probabilities.", exc)
                 self._echo_supported = False
