@@ -248,3 +248,32 @@ def test_balanced_class_weights_follow_label_frequency(pubmedqa_dir):
     assert by_label["maybe"] > by_label["no"] > by_label["yes"]
     counts = {k: sum(r.final_decision == k for r in records) for k in by_label}
     assert sum(by_label[k] * counts[k] for k in counts) == pytest.approx(len(records))  # mean weight 1
+
+
+def test_model_card_cli_puts_test_results_on_the_card_and_refuses_a_broken_run(trained_adapter, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from training.model_card import main as card_main
+    from training.results import SCHEMA_VERSION, write_json_atomic
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "results.json", {
+        "schema_version": SCHEMA_VERSION,
+        "run": {"n": 500, "quantization": "4bit", "decision_calibration": None},
+        "models": {"base": {"accuracy": 0.5, "macro_f1": 0.3},
+                   "tuned": {"accuracy": 0.6, "macro_f1": 0.4, "token_f1": 25.0, "rougeL": 20.0, "bertscore": {"f1": 55.0}}},
+    })
+    assert card_main([str(adapter), "--results", str(run)]) == 0
+    card = (adapter / "README.md").read_text()
+    assert "## Results on the official test set (500 questions)" in card
+    assert "| with this adapter | 60.0 % | 40.0 | 25.0 | 20.0 | 55.0 |" in card
+    assert ModelCard.load(adapter / "README.md").data.library_name == "peft"
+
+    (run / "results.json").write_text("{broken")
+    assert card_main([str(adapter), "--results", str(run)]) == 2
+    assert (adapter / "README.md").read_text() == card  # nothing lost

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from app.calibration import DecisionCalibration
+from app.calibration import DecisionCalibration, load_calibration
+from training.results import ResultsError, load_results
+
+logger = logging.getLogger("training.model_card")
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -40,14 +47,21 @@ project's Gradio app).
 |---|---|---|
 | base model | {{ "%.3f"|format(before.accuracy) }} | {{ "%.3f"|format(before.macro_f1) }} |
 | with this adapter | {{ "%.3f"|format(after.accuracy) }} | {{ "%.3f"|format(after.macro_f1) }} |
-{% if calibration %}| with this adapter, calibrated | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
+{% if calibration %}| with this adapter, calibrated (in-sample: fitted on {{ calibration.fitted_on }}) | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
 
 The adapter ships `decision_calibration.json`: log-probability offsets per option ({{ calibration.log_offsets }}),
-fitted on the dev questions ({{ calibration.fitted_on }}), which the project's app and evaluation add before picking
-the decision. The calibrated dev row is in-sample (fitted on those same questions); the test set says how it holds.
+fitted on {{ calibration.fitted_on }} (never on test questions), which the project's app and evaluation add before
+picking the decision. The calibrated row above is in-sample; the test set says how it holds.
 {% endif %}
-Test-set results come from `python -m training.evaluate` (see the project's Evaluation tab).
+{% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
+`python -m training.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):
 
+| | accuracy | macro-F1 | Token-F1 | ROUGE-L | BERTScore F1 |
+|---|---|---|---|---|---|
+{% for row in test.rows %}| {{ row.name }} | {{ row.accuracy }} | {{ row.macro_f1 }} | {{ row.token_f1 }} | {{ row.rougeL }} | {{ row.bertscore_f1 }} |
+{% endfor %}
+{% else %}Test-set results come from `python -m training.evaluate` (see the project's Evaluation tab).
+{% endif %}
 ## Use
 ```python
 from peft import PeftModel
@@ -67,7 +81,9 @@ def write_model_card(
     before: dict[str, Any],
     after: dict[str, Any],
     calibration: DecisionCalibration | None = None,
+    test_results: dict[str, Any] | None = None,
 ) -> Path:
+    """Write README.md into ``output_dir``; ``test_results`` is an evaluation run's results.json, if there is one."""
     args = run["train_arguments"]
     card_data = ModelCardData(
         base_model=run["base_model_canonical"] if not Path(run["base_model_canonical"]).exists() else None,
@@ -106,7 +122,52 @@ def write_model_card(
         before=before,
         after=after,
         calibration=calibration,
+        test=_test_summary(test_results) if test_results else None,
     )
     path = output_dir / "README.md"
     card.save(path)
     return path
+
+
+def _test_summary(results: dict[str, Any]) -> dict[str, Any]:
+    def number(value: Any, scale: float = 1.0) -> str:
+        return f"{value * scale:.1f}" if isinstance(value, (int, float)) else ""
+
+    rows = []
+    for key, name in (("base", "base model"), ("tuned", "with this adapter")):
+        m = results["models"].get(key)
+        if m:
+            rows.append({
+                "name": name, "accuracy": number(m["accuracy"], 100) + " %", "macro_f1": number(m["macro_f1"], 100),
+                "token_f1": number(m.get("token_f1")), "rougeL": number(m.get("rougeL")),
+                "bertscore_f1": number((m.get("bertscore") or {}).get("f1")),
+            })
+    run = results["run"]
+    return {
+        "rows": rows, "n": run["n"], "sample": ", a label-stratified sample" if run["n"] < 500 else "",
+        "quantization": f"base in {run['quantization']}", "calibrated": bool(run.get("decision_calibration")),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rewrite an adapter folder's card from its own files, e.g. after `training.calibrate` or an evaluation run."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("adapter_dir", type=Path)
+    parser.add_argument("--results", type=Path, help="An evaluation run folder whose results.json goes on the card.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run = json.loads((args.adapter_dir / "training_args.json").read_text())
+        dev = json.loads((args.adapter_dir / "dev_metrics.json").read_text())
+        results = load_results(args.results).results if args.results else None
+    except (OSError, json.JSONDecodeError, ResultsError) as exc:
+        logger.error("Cannot write the card: %s", exc)
+        return 2
+    path = write_model_card(args.adapter_dir, run, dev["before_training"], dev["after_training"],
+                            load_calibration(str(args.adapter_dir)), results)
+    logger.info("Wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
