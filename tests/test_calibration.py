@@ -69,15 +69,14 @@ def test_adapter_without_calibration_scores_raw(tiny_adapter_dir):
     assert load_calibration(str(tiny_adapter_dir)) is None
 
 
-@pytest.mark.parametrize("fit_on, n", [("dev", 50), ("train+dev", 500)])
-def test_calibrate_cli_fits_on_the_chosen_non_test_questions(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path, fit_on, n):
+def test_calibrate_cli_fits_on_the_dev_questions(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path):
     from training.calibrate import main
 
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
     code = main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter),
-                 "--data", str(pubmedqa_dir), "--fit_on", fit_on, "--batch_size", "50"])
+                 "--data", str(pubmedqa_dir), "--batch_size", "50"])
     assert code == 0
     calibration = load_calibration(str(adapter))
-    assert calibration.fitted_on.startswith(f"{fit_on} ({n} questions")
-    assert sum(calibration.details["before"]["predicted_counts"].values()) == n
+    assert calibration.fitted_on.startswith("dev (50 questions")
+    assert sum(calibration.details["before"]["predicted_counts"].values()) == 50
