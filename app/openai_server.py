@@ -7,8 +7,9 @@ It serves the base model and its LoRA adapter under two model names, the way vLL
     python app.py --backend openai --base_url http://127.0.0.1:8000/v1 --model base --adapter_model tuned
 
 It implements what the remote backend uses: ``GET /v1/models`` and ``POST /v1/completions`` (text or a list of
-texts, streaming, stop sequences, seed, ``echo`` with ``logprobs`` for the echoed prompt tokens, and top
-``logprobs`` of the first generated token). It is not a production server: one request generates at a time.
+texts, streaming, stop sequences, seed, ``echo`` with ``logprobs`` for the last 16 echoed prompt tokens (null
+before them, to keep a CPU from scoring the whole prompt), and top ``logprobs`` of the first generated token). It is
+not a production server: one request generates at a time.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _choice(registry, index, text, variant, settings, stops, echo, logprobs) -> 
                               "logprobs": None, "finish_reason": "stop"}
     if logprobs is not None:
         tokens, following = registry.token_logprobs(text, variant, top=int(logprobs))
-        if echo:  # log-probabilities of the echoed prompt tokens (the generated ones are not scored here)
+        if echo:  # the echoed prompt's last tokens, where answer options are (see text_logprobs)
             choice["logprobs"] = {"tokens": [t for t, _, _ in tokens], "text_offset": [o for _, o, _ in tokens],
                                   "token_logprobs": [v for _, _, v in tokens], "top_logprobs": None}
         else:  # top log-probabilities of the first generated token

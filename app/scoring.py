@@ -82,18 +82,23 @@ def _continuation_logprob(model, tokenizer, batch, option_ids, names, device) ->
 
 @torch.inference_mode()
 def text_logprobs(
-    model: Any, tokenizer: Any, text: str, adapter_names: Sequence[str] | None = None, top: int = 0
+    model: Any, tokenizer: Any, text: str, adapter_names: Sequence[str] | None = None, top: int = 0, tail: int = 16
 ) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
-    """Each token of ``text`` as (token text, character offset, log-probability given the tokens before it; None
-    for the first), and the ``top`` most likely next tokens with their log-probabilities."""
+    """Each token of ``text`` as (token text, character offset, log-probability given the tokens before it), and the
+    ``top`` most likely next tokens with their log-probabilities. Only the last ``tail`` tokens are scored (None
+    before them, and for the first token): scoring every position would run the 262k-vocabulary output layer over
+    the whole prompt, and answer options are scored at the end."""
     encoding = tokenizer(text, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     device = model.get_input_embeddings().weight.device
     batch = torch.tensor([ids], device=device)
-    logprobs = torch.log_softmax(_forward(model, batch, torch.ones_like(batch), 0, adapter_names)[0].float(), dim=-1)
+    keep = min(tail, len(ids) - 1) + 1
+    logprobs = torch.log_softmax(_forward(model, batch, torch.ones_like(batch), keep, adapter_names)[0].float(), dim=-1)
+    first_scored = len(ids) - keep + 1  # logits row r predicts token first_scored + r
     rows = []
     for i, (token_id, (start, _)) in enumerate(zip(ids, encoding["offset_mapping"])):
-        rows.append((tokenizer.decode([token_id]), start, None if i == 0 else logprobs[i - 1, token_id].item()))
+        value = logprobs[i - first_scored, token_id].item() if i >= first_scored else None
+        rows.append((tokenizer.decode([token_id]), start, value))
     best = torch.topk(logprobs[-1], top) if top else None
     following = {tokenizer.decode([i]): v for v, i in zip(best.values.tolist(), best.indices.tolist())} if best else {}
     return rows, following
