@@ -172,6 +172,27 @@ def _cut(text: str, stops: Sequence[str]) -> str:
     return cut_at_stop(text, tuple(stops))[0] if stops else text
 
 
+def serve_in_thread(app: FastAPI, timeout_s: float = 30.0) -> tuple[str, Any]:
+    """Serve ``app`` on a free localhost port in a daemon thread (for tests and benchmarks): its /v1 URL and the
+    uvicorn server (set ``should_exit`` to stop it)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="openai-server", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the OpenAI-compatible server did not start within {timeout_s:g} s")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 

@@ -10,34 +10,17 @@ changes the picture (see the README's "Scaling out").
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 from app.backend import GenerationSettings, ModelBackend, Variant
 from app.compare import stream_comparison
 from app.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
+from app.openai_server import create_app, serve_in_thread
 from app.prompts import fit_prompt
 from app.pubmedqa import load_examples, load_records, load_test_ids, stratified_sample
 from app.registry import ModelRegistry
 from app.remote_backend import RemoteBackend
 from training.evaluate import EvalArguments, in_batches
-
-
-def _serve(registry: ModelRegistry) -> tuple[str, object]:
-    import socket
-
-    import uvicorn
-
-    from app.openai_server import create_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(registry), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", server
 
 
 def _evaluation(backend: ModelBackend, prompts, batch_size: int, settings: GenerationSettings) -> float:
@@ -59,7 +42,7 @@ def main() -> None:
 
     local = ModelRegistry(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
     local.load()
-    url, server = _serve(local)
+    url, server = serve_in_thread(create_app(local))
     remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), backend="openai", base_url=url,
                                          remote_model="base", adapter_model="tuned"))
     remote.load()

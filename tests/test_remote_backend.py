@@ -15,6 +15,7 @@ from app.backend import BackendError, GenerationSettings, LoadState, Variant
 from app.chat import stream_answer
 from app.compare import stream_comparison
 from app.config import ModelSettings, ServerSettings
+from app.openai_server import create_app, serve_in_thread
 from app.prompts import PromptInput
 from app.remote_backend import RemoteBackend
 from tests.conftest import JsonHandler, free_port
@@ -31,22 +32,11 @@ LIMITS = ServerSettings(max_new_tokens_limit=64)
 @contextlib.contextmanager
 def api_server(registry, **options) -> Iterator[str]:
     """The OpenAI-compatible server for ``registry`` on a free localhost port; yields its /v1 URL."""
-    import uvicorn
-
-    from app.openai_server import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(registry, **options), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
+    url, server = serve_in_thread(create_app(registry, **options))
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield url
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
 
 
 def remote(tiny_model_dir, base_url, **overrides) -> RemoteBackend:
