@@ -31,8 +31,6 @@ from app.config import ModelSettings, parse_settings
 from app.prompts import FittedPrompt, cut_at_stop
 from app.registry import ModelRegistry
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class ServeSettings:
