@@ -26,6 +26,14 @@ class CalibrationError(ValueError):
     """A calibration file that cannot be used."""
 
 
+def probabilities_from_log_scores(log_scores: dict[str, float]) -> dict[str, float]:
+    """A softmax over the options' log-scores: probabilities that sum to 1."""
+    top = max(log_scores.values())
+    weights = {o: math.exp(v - top) for o, v in log_scores.items()}
+    total = sum(weights.values())
+    return {o: w / total for o, w in weights.items()}
+
+
 @dataclass(frozen=True)
 class DecisionCalibration:
     log_offsets: dict[str, float]
@@ -34,11 +42,9 @@ class DecisionCalibration:
 
     def apply(self, probabilities: dict[str, float]) -> dict[str, float]:
         """The option probabilities with the offsets added to their logarithms, renormalised."""
-        logits = {o: math.log(max(p, 1e-30)) + self.log_offsets.get(o, 0.0) for o, p in probabilities.items()}
-        top = max(logits.values())
-        weights = {o: math.exp(v - top) for o, v in logits.items()}
-        total = sum(weights.values())
-        return {o: w / total for o, w in weights.items()}
+        return probabilities_from_log_scores(
+            {o: math.log(max(p, 1e-30)) + self.log_offsets.get(o, 0.0) for o, p in probabilities.items()}
+        )
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CALIBRATION_FILE

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 from app.backend import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
-from app.calibration import load_calibration
+from app.calibration import load_calibration, probabilities_from_log_scores
 from app.config import ModelSettings
 from app.model_loading import load_tokenizer
 from app.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
@@ -116,10 +116,7 @@ class RemoteBackend(ModelBackend):
                 self._echo_supported = False
         if not self._echo_supported:
             logprobs = self._option_top_logprobs(prompt.text, variant)
-        top = max(logprobs.values())
-        weights = {o: math.exp(v - top) for o, v in logprobs.items()}
-        total = sum(weights.values())
-        return {o: w / total for o, w in weights.items()}
+        return probabilities_from_log_scores(logprobs)
 
     def _option_loglikelihoods(self, text: str, variant: Variant) -> dict[str, float]:
         """Log-likelihood of each option after the prompt, from the echoed prompt log-probabilities."""
