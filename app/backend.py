@@ -241,6 +241,19 @@ class ModelBackend(ABC):
             pass
         return texts
 
+    def generate_with_decisions(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        calibrated: bool = True,
+    ) -> tuple[list[str], list[dict[str, float]]]:
+        """Answers and yes/no/maybe probabilities of several prompts (what the evaluation needs of each question).
+        Here, two passes; a backend that can read the decision off the generation's own first step overrides it."""
+        return self.generate_batch(prompts, variants, settings), self.score_decisions(
+            prompts, variants, len(prompts), calibrated
+        )
+
 
 def create_backend(settings: ModelSettings) -> ModelBackend:
     """The backend ``settings.backend`` names."""

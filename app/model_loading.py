@@ -112,6 +112,7 @@ def load_base_model(settings: BaseModelSettings) -> BaseModel:
                 quantization, type(exc).__name__, exc, description,
             )
             quantization = "none (bf16 fallback)"
+    # "none" is full precision on a CPU; a GPU (and the fallback) always runs bf16.
     dtype = torch.bfloat16 if cuda or quantization != "none" else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **common)

@@ -21,7 +21,14 @@ from app.calibration import load_calibration
 from app.config import ModelSettings
 from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from app.prompts import FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
-from app.scoring import left_pad, score_options, text_logprobs
+from app.scoring import (
+    FirstStepOptionScores,
+    first_step_logits_are_raw,
+    left_pad,
+    score_options,
+    single_token_options,
+    text_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +129,13 @@ class ModelRegistry(ModelBackend):
         variants: Sequence[Variant],
         settings: GenerationSettings,
         cancel: threading.Event | None = None,
+        logits_processor: Any = None,
     ) -> Iterator[list[str]]:
         """Generate for several prompts in ONE batched call (left padding), each row with base or fine-tuned
         weights (PEFT ``adapter_names``), and yield every row's answer so far after each token. A row ends at EOS
-        or a stop sequence; ``cancel`` (or closing the iterator) ends them all within one token."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        or a stop sequence; ``cancel`` (or closing the iterator) ends them all within one token. ``logits_processor``
+        is handed to ``generate`` (it sees every step's logits)."""
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         loaded = self.load()
         tokenizer = loaded.tokenizer
@@ -143,6 +152,8 @@ class ModelRegistry(ModelBackend):
 
         kwargs = self._generate_kwargs(loaded, settings, ids, adapter_names)
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
+        if logits_processor is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([logits_processor])
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -176,6 +187,29 @@ class ModelRegistry(ModelBackend):
         if failure:
             raise failure[0]
         yield [cut_at_stop(t, stops)[0].strip() for t in texts]
+
+    def generate_with_decisions(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        calibrated: bool = True,
+    ) -> tuple[list[str], list[dict[str, float]]]:
+        """Answers and decisions in ONE pass over each prompt: the option scores are the logits of the greedy
+        generation's first step, the very forward pass that scoring would repeat. The prompt pass costs as much as
+        the rest of a 64-token answer on a CPU, so this nearly halves an evaluation. Falls back to two passes where
+        the first step's logits are not the raw ones (sampling, a repetition penalty) or an option is several
+        tokens."""
+        loaded = self.load()
+        options = single_token_options(loaded.tokenizer)
+        if options is None or settings.temperature > 0 or not first_step_logits_are_raw(loaded.model.generation_config):
+            return super().generate_with_decisions(prompts, variants, settings, calibrated)
+        capture = FirstStepOptionScores(options)
+        texts: list[str] = []
+        for texts in self.stream_batch(prompts, variants, settings, logits_processor=capture):
+            pass
+        scores = capture.probabilities()
+        return texts, self._calibrate(scores, variants) if calibrated else scores
 
     @staticmethod
     def _input_device(loaded: LoadedModel) -> torch.device:

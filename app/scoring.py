@@ -32,22 +32,66 @@ def score_options(
     gigabytes for a 262k vocabulary.
     """
     options = option_token_ids(tokenizer)
-    single_token = all(len(ids) == 1 for ids in options)
+    single_token = single_token_options(tokenizer) is not None
     device = model.get_input_embeddings().weight.device
     results: list[dict[str, float]] = []
     for start in range(0, len(prompts), batch_size):
         batch = [encode_prompt(p, tokenizer) for p in prompts[start : start + batch_size]]
         names = list(adapter_names[start : start + batch_size]) if adapter_names is not None else None
         if single_token:
-            logprobs = _next_token_logprobs(model, tokenizer, batch, names, device)
-            scores = logprobs[:, [ids[0] for ids in options]]
+            ids, mask = left_pad(tokenizer, batch, device)
+            results += option_probabilities(_forward(model, ids, mask, 1, names)[:, -1, [o[0] for o in options]])
         else:
-            scores = torch.stack(
-                [_continuation_logprob(model, tokenizer, batch, ids, names, device) for ids in options], dim=1
-            )
-        probs = torch.softmax(scores.float(), dim=1)
-        results += [dict(zip(ANSWER_OPTIONS, row.tolist())) for row in probs]
+            scores = [_continuation_logprob(model, tokenizer, batch, ids, names, device) for ids in options]
+            results += option_probabilities(torch.stack(scores, dim=1))
     return results
+
+
+def single_token_options(tokenizer: Any) -> list[list[int]] | None:
+    """The options' token ids when each is one token (Gemma, Llama), else None."""
+    options = option_token_ids(tokenizer)
+    return options if all(len(ids) == 1 for ids in options) else None
+
+
+def option_probabilities(option_scores: torch.Tensor) -> list[dict[str, float]]:
+    """Normalise each row of option log-likelihoods (or, for single-token options, their next-token logits: the
+    softmax is the same) into the options' probabilities."""
+    probs = torch.softmax(option_scores.float(), dim=1)
+    return [dict(zip(ANSWER_OPTIONS, row.tolist())) for row in probs]
+
+
+class FirstStepOptionScores:
+    """A ``generate`` logits processor that keeps the next-token logits of the answer options at the first step,
+    i.e. right after the prompt: the decision comes out of the generation's own pass over the prompt instead of a
+    second one. It sees the logits after ``generate``'s own processors; see :func:`first_step_logits_are_raw`."""
+
+    def __init__(self, options: list[list[int]]):
+        self.options = options
+        self.logits: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = scores.detach().clone()[:, [ids[0] for ids in self.options]]
+        return scores
+
+    def probabilities(self) -> list[dict[str, float]]:
+        if self.logits is None:
+            raise RuntimeError("generation produced no step: no option scores were recorded")
+        return option_probabilities(self.logits)
+
+
+# generation_config settings under which greedy decoding changes the first step's logits of individual tokens
+_FIRST_STEP_PROCESSORS = (
+    "sequence_bias", "bad_words_ids", "no_repeat_ngram_size", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id",
+)
+
+
+def first_step_logits_are_raw(generation_config: Any) -> bool:
+    """Whether greedy ``generate`` hands a logits processor the model's own logits at the first step (no
+    repetition penalty, token bias or suppression configured), so option scores read there are exact."""
+    penalty = getattr(generation_config, "repetition_penalty", None)
+    return penalty in (None, 1.0) and not any(getattr(generation_config, k, None) for k in _FIRST_STEP_PROCESSORS)
 
 
 def left_pad(tokenizer: Any, sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +108,6 @@ def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, keep: int, names
     if names is not None:
         kwargs["adapter_names"] = names
     return model(**kwargs).logits
-
-
-def _next_token_logprobs(model, tokenizer, batch, names, device) -> torch.Tensor:
-    ids, mask = left_pad(tokenizer, batch, device)
-    return torch.log_softmax(_forward(model, ids, mask, 1, names)[:, -1, :].float(), dim=-1)
 
 
 def _continuation_logprob(model, tokenizer, batch, option_ids, names, device) -> torch.Tensor:

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--adapter", default=str(SHIPPED_ADAPTER_DIR))
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quantizations", default="4bit,none", help="Comma-separated: each is timed in turn.")
+    parser.add_argument("--quantizations", default="4bit,bf16,none", help="Comma-separated: each is timed in turn.")
     args = parser.parse_args()
 
     memory = _memory_in_fresh_process(args.adapter)

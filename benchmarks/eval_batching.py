@@ -2,7 +2,7 @@
 
 Same model, same questions, one run. Prints both wall times and the speed-up (goal >= 3x).
 
-    python -m benchmarks.eval_batching [--n 32] [--batch_size 8] [--max_new_tokens 64]
+    python -m benchmarks.eval_batching [--n 32] [--batch_size 8] [--max_new_tokens 64] [--quantization 4bit]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 import torch
 
 from app.backend import GenerationSettings, Variant
-from app.config import ModelSettings
+from app.config import QUANTIZATION_CHOICES, ModelSettings
 from app.prompts import fit_prompt
 from app.pubmedqa import load_records, load_test_ids, stratified_sample
 from app.registry import ModelRegistry
@@ -25,22 +25,25 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--quantization", default=ModelSettings.quantization, choices=QUANTIZATION_CHOICES)
     args = parser.parse_args()
 
     data = EvalArguments().data
     records = load_records(data)
     questions = stratified_sample([records[i] for i in load_test_ids(data)], args.n, seed=0)
-    registry = ModelRegistry(ModelSettings(adapter="none"))
+    registry = ModelRegistry(ModelSettings(adapter="none", quantization=args.quantization))
     loaded = registry.load()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     budget = registry.prompt_budget(args.max_new_tokens)
     prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget) for r in questions]
 
-    # (a) batched, as training.evaluate runs it: length-sorted batches, option scores for a batch in one forward
-    # pass (logits_to_keep=1), long answers in one generate call per batch
+    # (a) batched, as training.evaluate runs it: length-sorted batches, one generate call per batch whose first
+    # step also gives the option scores (one pass over each prompt)
     t0 = time.perf_counter()
-    in_batches(prompts, args.batch_size, lambda b: registry.score_decisions(b, [Variant.BASE] * len(b), len(b)), "decisions")
-    in_batches(prompts, args.batch_size, lambda b: registry.generate_batch(b, [Variant.BASE] * len(b), settings), "long answers")
+    in_batches(
+        prompts, args.batch_size,
+        lambda b: list(zip(*registry.generate_with_decisions(b, [Variant.BASE] * len(b), settings))), "batched",
+    )
     batched = time.perf_counter() - t0
 
     # (b) the notebook's loop: one question at a time, full logits for the decision, then generate
@@ -53,7 +56,8 @@ def main() -> None:
         registry.generate(prompt, Variant.BASE, settings)
     sequential = time.perf_counter() - t0
 
-    print(f"questions: {len(prompts)}, batch size {args.batch_size}, max new tokens {args.max_new_tokens}")
+    print(f"questions: {len(prompts)}, batch size {args.batch_size}, max new tokens {args.max_new_tokens}, "
+          f"base in {loaded.quantization}")
     print(f"batched:    {batched:8.1f} s")
     print(f"one by one: {sequential:8.1f} s")
     print(f"speed-up:   {sequential / batched:8.2f}x  (goal >= 3x)")

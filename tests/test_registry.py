@@ -192,3 +192,33 @@ def test_batched_generation_mixes_variants_and_matches_one_at_a_time(tiny_regist
     batched = tiny_registry.generate_batch(prompts, variants, GREEDY)
     alone = [tiny_registry.generate(p, v, GREEDY) for p, v in zip(prompts, variants)]
     assert batched == alone
+
+
+def test_answers_and_decisions_in_one_pass_equal_the_two_separate_passes(tiny_registry, monkeypatch):
+    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:4]]
+    variants = [Variant.BASE, Variant.TUNED, Variant.TUNED, Variant.BASE]
+    separate = tiny_registry.score_decisions(prompts, variants), tiny_registry.generate_batch(prompts, variants, GREEDY)
+    # the one-pass path must really be taken: scoring on its own would make it two passes again
+    monkeypatch.setattr(tiny_registry, "score_decisions", lambda *a, **k: pytest.fail("scored in a second pass"))
+    answers, decisions = tiny_registry.generate_with_decisions(prompts, variants, GREEDY)
+    assert answers == separate[1]
+    for got, want in zip(decisions, separate[0]):
+        assert got == pytest.approx(want, abs=1e-5)
+    assert len({round(d["yes"], 6) for d in decisions}) > 1  # the rows' own scores, not one row copied
+
+
+def test_one_pass_decisions_fall_back_where_generation_changes_the_first_step(tiny_registry):
+    # A repetition penalty changes the option logits that a logits processor sees: score them separately then.
+    model = tiny_registry.load().model
+    model.generation_config.repetition_penalty = 1.3
+    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:2]]
+    _, decisions = tiny_registry.generate_with_decisions(prompts, [Variant.BASE] * 2, GREEDY)
+    assert decisions == tiny_registry.score_decisions(prompts, [Variant.BASE] * 2)
+
+
+def test_bf16_loads_bfloat16_weights_without_quantising(tiny_model_dir):
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="bf16"))
+    loaded = registry.load()
+    assert loaded.quantization == "bf16"
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert registry.generate(registry.prepare(PromptInput(QUESTIONS[0]), GREEDY), Variant.BASE, GREEDY)

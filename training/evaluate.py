@@ -132,19 +132,25 @@ def evaluate(
     gold = [r.final_decision for r in questions]
     per_model: dict[str, dict[str, Any]] = {}
     outputs: dict[str, dict[str, Any]] = {}
-    steps = len(variants) * (2 if args.long_answers else 1)
-    done = 0
 
-    for variant in variants:
+    for step, variant in enumerate(variants):
         key = VARIANT_KEYS[variant]
         t0 = time.perf_counter()
-        probabilities = in_batches(
-            prompts, args.batch_size,
-            lambda batch, v=variant: registry.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False),
-            f"{key}: decisions", lambda f, d=done, k=key: report((d + f) / steps, f"{k}: scoring decisions"),
+        if args.long_answers:
+            # One pass per batch: the decision comes from the generation's first step (see generate_with_decisions).
+            task = "decisions_and_answers"
+            run = lambda batch, v=variant: list(  # noqa: E731
+                zip(*registry.generate_with_decisions(batch, [v] * len(batch), settings, calibrated=False))
+            )
+        else:
+            task = "decisions"
+            run = lambda batch, v=variant: registry.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False)  # noqa: E731
+        message = f"{key}: {task.replace('_', ' ')}"
+        rows = in_batches(
+            prompts, args.batch_size, run, message, lambda f, d=step, m=message: report((d + f) / len(variants), m)
         )
-        done += 1
-        timings[f"{key}_decisions_s"] = time.perf_counter() - t0
+        answers, probabilities = ([a for a, _ in rows], [p for _, p in rows]) if args.long_answers else ([], rows)
+        timings[f"{key}_{task}_s"] = time.perf_counter() - t0
         raw_metrics = None
         if variant is Variant.TUNED and loaded.calibration is not None:
             raw_metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
@@ -155,18 +161,7 @@ def evaluate(
         if raw_metrics is not None:  # what the adapter scores without its dev-fitted offsets
             per_model[key]["uncalibrated"] = {k: raw_metrics[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
         outputs[key] = {"decision": decisions, "probabilities": probabilities}
-
-    if args.long_answers:
-        for variant in variants:
-            key = VARIANT_KEYS[variant]
-            t0 = time.perf_counter()
-            answers = in_batches(
-                prompts, args.batch_size,
-                lambda batch, v=variant: registry.generate_batch(batch, [v] * len(batch), settings),
-                f"{key}: long answers", lambda f, d=done, k=key: report((d + f) / steps, f"{k}: generating long answers"),
-            )
-            done += 1
-            timings[f"{key}_generation_s"] = time.perf_counter() - t0
+        if args.long_answers:
             outputs[key]["answer"] = answers
             _score_answers(key, answers, questions, args, judge, per_model, outputs, timings, errors, model_settings.cache_dir)
 
