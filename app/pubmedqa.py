@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 HUB_DATASET = "qiaojin/PubMedQA"
 HUB_CONFIG = "pqa_labeled"
+HUB_ARTIFICIAL_CONFIG = "pqa_artificial"  # PQA-A: 211k questions labelled yes/no by a heuristic
+ARTIFICIAL_FILE = "ori_pqaa.json"  # its name in the PubMedQA repository
 # The official test ids (no labels), shipped so that the Hub copy, which has no split, can be split the same way.
 SHIPPED_TEST_IDS = PROJECT_ROOT / "assets" / "pubmedqa_test_ids.json"
 DEFAULT_SPLIT_SEED = 0
@@ -88,7 +90,11 @@ def _read_json(path: Path) -> Any:
 
 def load_local(data_dir: str | Path) -> dict[str, PubMedQARecord]:
     """Records from ``ori_pqal.json`` in ``data_dir`` (the PubMedQA repository's format), keyed by PubMed id."""
-    path = Path(data_dir) / "ori_pqal.json"
+    return load_local_file(Path(data_dir) / "ori_pqal.json")
+
+
+def load_local_file(path: Path) -> dict[str, PubMedQARecord]:
+    """Records from one JSON file in the PubMedQA repository's format (``ori_pqal.json``, ``ori_pqaa.json``)."""
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise DataFormatError(f"{path}: expected a non-empty JSON object keyed by PubMed id")
@@ -108,7 +114,8 @@ def load_local(data_dir: str | Path) -> dict[str, PubMedQARecord]:
 
 
 def records_from_hub_rows(rows: Iterable[dict[str, Any]]) -> dict[str, PubMedQARecord]:
-    """Records from rows of the Hub dataset ``qiaojin/PubMedQA`` (config ``pqa_labeled``)."""
+    """Records from rows of the Hub dataset ``qiaojin/PubMedQA`` (configs ``pqa_labeled`` and ``pqa_artificial``
+    share this shape)."""
     records = {}
     for row in rows:
         context = row.get("context") or {}
@@ -126,6 +133,17 @@ def records_from_hub_rows(rows: Iterable[dict[str, Any]]) -> dict[str, PubMedQAR
     return records
 
 
+def load_artificial(source: str | Path) -> dict[str, PubMedQARecord]:
+    """PQA-A, the artificial questions of an optional first training phase: ``hub`` (config ``pqa_artificial``),
+    a JSON file of the same shape as ``ori_pqal.json``, or a folder holding ``ori_pqaa.json``."""
+    if str(source) == "hub":
+        return load_hub(HUB_DATASET, HUB_ARTIFICIAL_CONFIG)
+    path = Path(source) / ARTIFICIAL_FILE if Path(source).is_dir() else Path(source)
+    if not path.is_file():
+        raise DataFormatError(f"{path} does not exist (--pqa_a takes 'hub', an {ARTIFICIAL_FILE} file or its folder)")
+    return load_local_file(path)
+
+
 def load_hub(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> dict[str, PubMedQARecord]:
     from datasets import load_dataset
 
@@ -135,7 +153,7 @@ def load_hub(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> dict[str, 
     except Exception as exc:  # offline, unknown repo, no access: one clear line instead of a traceback
         raise DataFormatError(
             f"could not load {repo_id} ({config}) from the Hub ({type(exc).__name__}); check the network, "
-            "or point --data at a folder with ori_pqal.json"
+            "or use local files (ori_pqal.json / ori_pqaa.json)"
         ) from None
     return records_from_hub_rows(rows)
 

@@ -9,6 +9,7 @@ import pytest
 
 from app.pubmedqa import (
     DataFormatError,
+    load_artificial,
     load_examples,
     load_local,
     load_records,
@@ -113,3 +114,26 @@ def test_hub_source_offline_gives_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataFormatError, match="could not load qiaojin/PubMedQA"):
         load_records("hub")
+
+
+def test_pqa_a_comes_from_the_hub_config_or_a_local_file(monkeypatch, tmp_path, pubmedqa_dir):
+    import datasets
+
+    raw = dict(list(json.loads((pubmedqa_dir / "ori_pqal.json").read_text()).items())[:3])
+    asked = []
+
+    def fake_load_dataset(repo, config, split):
+        asked.append((repo, config, split))
+        return [
+            {"pubid": int(k), "question": v["QUESTION"], "context": {"contexts": v["CONTEXTS"], "labels": v["LABELS"]},
+             "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]}
+            for k, v in raw.items()
+        ]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    from_hub = load_artificial("hub")
+    assert asked == [("qiaojin/PubMedQA", "pqa_artificial", "train")]
+    (tmp_path / "ori_pqaa.json").write_text(json.dumps(raw))
+    assert load_artificial(tmp_path) == load_artificial(tmp_path / "ori_pqaa.json") == from_hub
+    with pytest.raises(DataFormatError, match="does not exist"):
+        load_artificial(tmp_path / "missing.json")

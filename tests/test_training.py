@@ -277,3 +277,51 @@ def test_model_card_cli_puts_test_results_on_the_card_and_refuses_a_broken_run(t
     (run / "results.json").write_text("{broken")
     assert card_main([str(adapter), "--results", str(run)]) == 2
     assert (adapter / "README.md").read_text() == card  # nothing lost
+
+
+def _write_pqa_a(path, pubmedqa_dir, n, extra_ids=()):
+    """A tiny PQA-A file in the PubMedQA repository's format: PQA-L abstracts under new ids, plus ``extra_ids``."""
+    raw = json.loads((pubmedqa_dir / "ori_pqal.json").read_text())
+    items = list(raw.values())
+    ids = [f"9000{i:04d}" for i in range(n)] + list(extra_ids)
+    path.write_text(json.dumps({pubid: {**items[i], "final_decision": "yes" if i % 2 else "no"} for i, pubid in enumerate(ids)}))
+    return path
+
+
+def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_dir, pubmedqa_dir, tmp_path, caplog):
+    test_id = load_test_ids(pubmedqa_dir)[0]
+    pqa_a = _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 12, extra_ids=[test_id])
+    out = tmp_path / "run"
+    settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
+    with caplog.at_level("INFO", logger="training.train"):
+        train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), pqa_a_epochs=1.0))  # the folder form
+    info = json.loads((out / "training_args.json").read_text())["pqa_a_phase"]
+    assert (info["questions"], info["dropped_pqa_l_ids"]) == (12, 1)
+    assert info["global_step"] == 3 and info["labels"] == {"no": 6, "yes": 6}
+    assert "PQA-A phase: 12 questions (1 dropped" in caplog.text
+    assert any((out / "pqa_a").glob("checkpoint-*"))  # the first phase's own checkpoints, apart from PQA-L's
+    assert "First phase: 12 PQA-A" in (out / "README.md").read_text()
+    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
+    assert registry.load().adapter_loaded
+
+    # The second phase continued the first phase's adapter instead of starting a fresh one.
+    from safetensors.torch import load_file
+
+    first = load_file(next((out / "pqa_a").glob("checkpoint-*")) / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    fresh_b = [k for k in first if "lora_B" in k]
+    assert fresh_b and any(first[k].abs().sum() > 0 for k in fresh_b)  # LoRA B starts at zero: phase 1 moved it
+    first_b, final_b = (torch.cat([w[k].flatten() for k in fresh_b]) for w in (first, final))
+    # A fresh adapter after 3 PQA-L steps would be nearly orthogonal to the first phase's.
+    assert torch.nn.functional.cosine_similarity(first_b, final_b, dim=0) > 0.9
+
+
+def test_malformed_pqa_a_file_fails_in_one_line(tiny_model_dir, pubmedqa_dir, tmp_path, caplog):
+    bad = tmp_path / "pqa_a.json"
+    bad.write_text('{"1": {"QUESTION": "Q?", "CONTEXTS": "not a list"}}')
+    code = train_cli.main([
+        "--base_model", str(tiny_model_dir), "--quantization", "none", "--data", str(pubmedqa_dir),
+        "--output_dir", str(tmp_path / "out"), "--pqa_a", str(bad), "--max_steps", "1",
+    ])
+    assert code == 2
+    assert "'contexts' must be a list of strings" in caplog.text and "Traceback" not in caplog.text

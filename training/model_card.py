@@ -34,7 +34,9 @@ project's Gradio app).
 - The **official 500-question test set is excluded** from training and from checkpoint selection.
 - The other 500 are split, stratified by label (seed {{ split_seed }}), into {{ n_train }} train and {{ n_dev }} dev
   questions (train ids sha256/16 `{{ train_hash }}`, test ids sha256/16 `{{ test_hash }}`).
-- Target: `"<decision>. <the abstract's conclusion>"` after the project's shared prompt format; the loss is on the
+{% if pqa_a %}- First phase: {{ pqa_a.questions }} PQA-A (artificial, yes/no) questions from {{ pqa_a.source }},
+  {{ pqa_a.epochs }} epoch(s); PQA-L dev and test ids excluded ({{ pqa_a.dropped_pqa_l_ids }} found and dropped).
+{% endif %}- Target: `"<decision>. <the abstract's conclusion>"` after the project's shared prompt format; the loss is on the
   answer only; long abstracts are shortened, never the question or the answer.
 
 ## Recipe
@@ -122,6 +124,7 @@ def write_model_card(
         before=before,
         after=after,
         calibration=calibration,
+        pqa_a=run.get("pqa_a_phase"),
         test=_test_summary(test_results) if test_results else None,
     )
     path = output_dir / "README.md"

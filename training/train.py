@@ -34,6 +34,8 @@ from app.pubmedqa import (
     DEFAULT_SPLIT_SEED,
     DataFormatError,
     PubMedQARecord,
+    Split,
+    load_artificial,
     load_records,
     load_test_ids,
     official_split,
@@ -57,6 +59,16 @@ class TrainArguments:
     dev_size: int = field(default=50, metadata={"help": "Dev questions held out of the 500 non-test ones."})
     split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the stratified train/dev split."})
     limit_train: int = field(default=0, metadata={"help": "Train on only this many questions (0 = all); for quick runs."})
+    pqa_a: str = field(
+        default="",
+        metadata={
+            "help": "Optional first phase on PubMedQA's 211k artificial questions (PQA-A), as the PubMedQA authors "
+            "did before PQA-L: 'hub' (qiaojin/PubMedQA, config pqa_artificial), a JSON file shaped like ori_pqal.json "
+            "(ori_pqaa.json), or a folder holding ori_pqaa.json. The PQA-L phase then continues the same adapter."
+        },
+    )
+    pqa_a_limit: int = field(default=0, metadata={"help": "Use only this many PQA-A questions, chosen at random (0 = all)."})
+    pqa_a_epochs: float = field(default=1.0, metadata={"help": "Epochs over the PQA-A questions."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
@@ -265,6 +277,91 @@ def _make_trainer_class():
     return PubMedQATrainer
 
 
+def _sft_config(args: TrainArguments, output_dir: Path, **phase: Any) -> Any:
+    """The SFT settings both phases share; ``phase`` sets epochs, evaluation and checkpoint selection."""
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
+        max_length=args.max_length,
+        completion_only_loss=True,  # loss on the answer only: prompt tokens are masked
+        packing=False,  # dynamic padding per batch
+        save_strategy="steps",
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        bf16=cuda,
+        use_cpu=not cuda,  # also what makes `accelerate launch` on a CPU-only machine run DDP over gloo
+        gradient_checkpointing=cuda,
+        report_to="none",
+        prediction_loss_only=True,  # never gather full-vocabulary logits during evaluation
+        save_only_model=False,
+        dataloader_num_workers=0,
+        **phase,
+    )
+
+
+def _dataset(examples: list[dict[str, str]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in examples])
+
+
+def _train_on_artificial(
+    model: Any, tokenizer: Any, peft_config: Any, args: TrainArguments, split: Split, output_dir: Path
+) -> tuple[Any, dict[str, Any]]:
+    """First phase on PQA-A: the same recipe, no dev selection. Returns the model with its adapter, and what was used.
+
+    PQA-A and PQA-L are disjoint by construction; any PQA-L dev or test id found in PQA-A is dropped all the same, so
+    the no-test guarantee does not rest on it."""
+    import random
+
+    records = load_artificial(args.pqa_a)
+    held_out = {r.pubid for r in (*split.dev, *split.test)}
+    kept = [r for pubid, r in sorted(records.items()) if pubid not in held_out]
+    dropped = len(records) - len(kept)
+    if args.pqa_a_limit > 0 and len(kept) > args.pqa_a_limit:
+        kept = sorted(random.Random(args.seed).sample(kept, args.pqa_a_limit), key=lambda r: r.pubid)
+    logger.info("PQA-A phase: %d questions (%d dropped as PQA-L dev/test ids)", len(kept), dropped)
+    examples = build_examples(kept, tokenizer, args.max_length)
+    if not examples:
+        raise DataFormatError(f"no usable PQA-A questions in {args.pqa_a}")
+    config = _sft_config(
+        args, output_dir / "pqa_a", num_train_epochs=args.pqa_a_epochs, eval_strategy="no", save_steps=500
+    )
+    trainer = _make_trainer_class()(
+        model=model,
+        args=config,
+        train_dataset=_dataset(examples),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        dev_prompts=[],
+        dev_gold=[],
+        decision_weight=args.decision_loss_weight,
+    )
+    with StopOnInterrupt.installed():
+        result = trainer.train()
+    if StopOnInterrupt.requested:
+        raise TrainingInterrupted(f"Interrupted during the PQA-A phase; its checkpoints are in {output_dir / 'pqa_a'}")
+    info = {
+        "source": args.pqa_a,
+        "questions": len(examples),
+        "dropped_pqa_l_ids": dropped,
+        "labels": dict(Counter(r.final_decision for r in kept)),
+        "epochs": args.pqa_a_epochs,
+        "global_step": result.global_step,
+        "training_loss": result.training_loss,
+    }
+    return trainer.model, info
+
+
 def _ids_hash(records: Sequence[PubMedQARecord]) -> str:
     return hashlib.sha256(",".join(sorted(r.pubid for r in records)).encode()).hexdigest()[:16]
 
@@ -276,7 +373,6 @@ def _canonical_base(model_settings: BaseModelSettings, loaded_source: str) -> st
 
 def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     from peft import LoraConfig, prepare_model_for_kbit_training
-    from trl import SFTConfig
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
@@ -294,8 +390,6 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
 
     train_examples = build_examples(train_records, tokenizer, args.max_length)
     dev_examples = build_examples(split.dev, tokenizer, args.max_length)
-    from datasets import Dataset
-
     targets = args.lora_target_modules
     peft_config = LoraConfig(
         r=args.lora_r,
@@ -304,43 +398,27 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
         task_type="CAUSAL_LM",
     )
-    cuda = torch.cuda.is_available()
-    config = SFTConfig(
-        output_dir=str(output_dir),
-        learning_rate=args.learning_rate,
+    pqa_a = None
+    if args.pqa_a:
+        model, pqa_a = _train_on_artificial(model, tokenizer, peft_config, args, split, output_dir)
+        peft_config = None  # the PQA-L phase continues the adapter of the first phase
+    config = _sft_config(
+        args,
+        output_dir,
         num_train_epochs=args.num_train_epochs,
         max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
-        max_length=args.max_length,
-        completion_only_loss=True,  # loss on the answer only: prompt tokens are masked
-        packing=False,  # dynamic padding per batch
         eval_strategy="steps",
         eval_steps=args.eval_steps,
-        save_strategy="steps",
         save_steps=args.eval_steps,
-        save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="selection_score",  # mean of dev accuracy and macro-F1
         greater_is_better=True,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        bf16=cuda,
-        use_cpu=not cuda,  # also what makes `accelerate launch` on a CPU-only machine run DDP over gloo
-        gradient_checkpointing=cuda,
-        report_to="none",
-        prediction_loss_only=True,  # never gather full-vocabulary logits during evaluation
-        save_only_model=False,
-        dataloader_num_workers=0,
     )
     trainer = _make_trainer_class()(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in train_examples]),
-        eval_dataset=Dataset.from_list([{k: e[k] for k in ("prompt", "completion")} for e in dev_examples]),
+        train_dataset=_dataset(train_examples),
+        eval_dataset=_dataset(dev_examples),
         processing_class=tokenizer,
         peft_config=peft_config,
         dev_prompts=[e["prompt"] for e in dev_examples],
@@ -388,6 +466,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         "model_settings": asdict(model_settings),
         "train_arguments": {k: v for k, v in asdict(args).items()},
         "data_source": "hub:qiaojin/PubMedQA (pqa_labeled)" if not Path(args.data).is_dir() else "local PQA-L files",
+        "pqa_a_phase": pqa_a,
         "split": {
             "train": len(train_records),
             "dev": len(split.dev),
