@@ -195,7 +195,9 @@ def test_batched_generation_mixes_variants_and_matches_one_at_a_time(tiny_regist
 
 
 def test_answers_and_decisions_in_one_pass_equal_the_two_separate_passes(tiny_registry, monkeypatch):
-    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:4]]
+    contexts = ["", "We studied 120 patients.", "", "A randomized trial of heart failure in elderly patients " * 3]
+    prompts = [tiny_registry.prepare(PromptInput(q, c), GREEDY) for q, c in zip(QUESTIONS, contexts)]
+    assert len({p.n_tokens for p in prompts}) > 1  # left padding is part of what must agree
     variants = [Variant.BASE, Variant.TUNED, Variant.TUNED, Variant.BASE]
     separate = tiny_registry.score_decisions(prompts, variants), tiny_registry.generate_batch(prompts, variants, GREEDY)
     # the one-pass path must really be taken: scoring on its own would make it two passes again
