@@ -91,7 +91,8 @@ def _answer_snapshots(page, index: int = 0, settle_s: float = 1.5) -> list[str]:
     bot.wait_for()
     seen: list[str] = []
     changed, deadline = time.monotonic(), time.monotonic() + 60
-    while time.monotonic() - changed < settle_s and time.monotonic() < deadline:
+    # Settling counts from the last change once text has appeared: a busy machine may take seconds to the first token.
+    while (not seen or time.monotonic() - changed < settle_s) and time.monotonic() < deadline:
         text = bot.inner_text().strip()
         if text and text != "…" and (not seen or seen[-1] != text):
             seen.append(text)

@@ -4,17 +4,19 @@ run on the tiny model (official prediction format, results schema round trip, ba
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from http.server import ThreadingHTTPServer
 
 import pytest
 
+from app.calibration import DecisionCalibration
 from app.config import ModelSettings
 from tests.conftest import JsonHandler
 from training.evaluate import EvalArguments, evaluate
 from training.judge import Judge, parse_grade, summarize_grades
-from training.metrics import decision_metrics, text_metrics, token_f1
+from training.metrics import decision_metrics, pairwise_auc, text_metrics, token_f1
 from training.results import ResultsError, load_results
 
 
@@ -28,6 +30,24 @@ def test_decision_metrics_match_hand_computed_values():
     assert m["per_class"]["no"]["recall"] == 1.0 and m["per_class"]["maybe"]["support"] == 1
     assert m["confusion_matrix"]["rows_gold_columns_predicted"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
     assert m["predicted_counts"] == {"yes": 3, "no": 3, "maybe": 0}
+
+
+def _probs(yes, no, maybe):
+    total = yes + no + maybe
+    return {"yes": yes / total, "no": no / total, "maybe": maybe / total}
+
+
+def test_pairwise_auc_measures_separation_whatever_the_offsets():
+    gold = ["yes", "yes", "no", "no", "maybe"]
+    probabilities = [_probs(8, 1, 1), _probs(3, 2, 1), _probs(4, 3, 1), _probs(2, 1, 1), _probs(1, 1, 3)]
+    # yes-vs-no margins log(p_yes/p_no): yes rows 2.08, 0.41; no rows 0.29, 0.69 -> 3 of 4 pairs ordered: 0.75.
+    # yes-vs-maybe and no-vs-maybe are perfectly ordered: 1.0 each. Mean (0.75 + 1 + 1) / 3.
+    assert pairwise_auc(probabilities, gold) == pytest.approx((0.75 + 1 + 1) / 3)
+    # Every prediction is "yes", yet the AUC is the same: a calibration offset cannot change it.
+    assert {max(p, key=p.get) for p in probabilities[:4]} == {"yes"}
+    shifted = [DecisionCalibration({"yes": 0.0, "no": 2.0, "maybe": -1.0}).apply(p) for p in probabilities]
+    assert pairwise_auc(shifted, gold) == pytest.approx(pairwise_auc(probabilities, gold))
+    assert math.isnan(pairwise_auc(probabilities[:2], gold[:2]))  # one label only: nothing to separate
 
 
 def test_token_f1_uses_squad_normalisation():

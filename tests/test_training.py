@@ -325,3 +325,16 @@ def test_malformed_pqa_a_file_fails_in_one_line(tiny_model_dir, pubmedqa_dir, tm
     ])
     assert code == 2
     assert "'contexts' must be a list of strings" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_select_by_auc_keeps_the_checkpoint_with_the_best_dev_pairwise_auc(tiny_model_dir, pubmedqa_dir, tmp_path):
+    out = tmp_path / "run"
+    settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
+    train_cli.train(settings, _tiny_args(pubmedqa_dir, out, eval_steps=1, select_by="auc", learning_rate=5e-3))
+    history = json.loads((out / "dev_metrics.json").read_text())["log_history"]
+    aucs = [(h["step"], h["eval_pairwise_auc"]) for h in history if "eval_pairwise_auc" in h]
+    assert len(aucs) == 3
+    best_step = max(aucs, key=lambda item: item[1])[0]  # the first of equals, as the Trainer keeps it
+    info = json.loads((out / "training_args.json").read_text())
+    assert info["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert info["best_dev_selection_score"] == pytest.approx(max(a for _, a in aucs))

@@ -4,11 +4,12 @@ metrics (Token-F1, BLEU, ROUGE-1/L)."""
 
 from __future__ import annotations
 
+import math
 import string
 from collections import Counter
 from typing import Any, Sequence
 
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from app.prompts import ANSWER_OPTIONS
 
@@ -30,6 +31,23 @@ def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str,
         },
         "confusion_matrix": {"labels": labels, "rows_gold_columns_predicted": confusion_matrix(gold, predicted, labels=labels).tolist()},
     }
+
+
+def pairwise_auc(probabilities: Sequence[dict[str, float]], gold: Sequence[str]) -> float:
+    """How well the option scores rank the questions, whatever the decision threshold: for each pair of labels
+    (a, b) present in ``gold``, the ROC AUC of log p(a) - log p(b) between the questions labelled a and those
+    labelled b, averaged over the pairs. Per-option offsets (the decision calibration) add a constant to every
+    difference, so this does not move with them: it tells a checkpoint that separates the labels from one that
+    only leans a different way. 0.5 is chance; NaN when fewer than two labels occur."""
+    aucs = []
+    for i, a in enumerate(ANSWER_OPTIONS):
+        for b in ANSWER_OPTIONS[i + 1 :]:
+            rows = [(p, g == a) for p, g in zip(probabilities, gold) if g in (a, b)]
+            if len({is_a for _, is_a in rows}) < 2:
+                continue
+            margin = [math.log(max(p[a], 1e-30)) - math.log(max(p[b], 1e-30)) for p, _ in rows]
+            aucs.append(roc_auc_score([is_a for _, is_a in rows], margin))
+    return float(sum(aucs) / len(aucs)) if aucs else float("nan")
 
 
 def _normalize(text: str) -> list[str]:

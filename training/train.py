@@ -43,7 +43,7 @@ from app.pubmedqa import (
 from app.scoring import option_token_ids, predicted_decision, score_options
 from training.calibrate import fit_calibration
 from training.hub import HubError
-from training.metrics import decision_metrics
+from training.metrics import decision_metrics, pairwise_auc
 from training.model_card import write_model_card
 
 logger = logging.getLogger("training.train")
@@ -97,6 +97,15 @@ class TrainArguments:
     eval_steps: int = field(default=30, metadata={"help": "Evaluate on dev (loss, accuracy) every N optimizer steps."})
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N optimizer steps."})
     seed: int = field(default=42, metadata={"help": "Seed of model initialisation and data order."})
+    select_by: str = field(
+        default="accuracy_f1",
+        metadata={
+            "help": "How dev picks the checkpoint: 'accuracy_f1' = (accuracy + macro-F1) / 2 of the raw decisions; "
+            "'auc' = pairwise AUC of the option scores, which the decision calibration does not change (it rewards "
+            "separating the labels, not the lean of the moment).",
+            "choices": ["accuracy_f1", "auc"],
+        },
+    )
     calibrate: bool = field(
         default=True,
         metadata={
@@ -148,7 +157,20 @@ def dev_probabilities(model: Any, tokenizer: Any, prompts: list[str]) -> list[di
 
 
 def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: list[str]) -> dict[str, Any]:
-    return decision_metrics(gold, [predicted_decision(p) for p in dev_probabilities(model, tokenizer, prompts)])
+    return probability_metrics(dev_probabilities(model, tokenizer, prompts), gold)
+
+
+def probability_metrics(probabilities: list[dict[str, float]], gold: list[str]) -> dict[str, Any]:
+    """The decision metrics of the most likely options, and the threshold-free :func:`pairwise_auc`."""
+    metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
+    return {**metrics, "pairwise_auc": pairwise_auc(probabilities, gold)}
+
+
+def selection_score(metrics: dict[str, Any], select_by: str) -> float:
+    # A 270M base collapses onto one label easily: accuracy alone would reward "always yes".
+    if select_by == "auc":
+        return metrics["pairwise_auc"]
+    return (metrics["accuracy"] + metrics["macro_f1"]) / 2
 
 
 def answer_only_loss(
@@ -243,10 +265,11 @@ def _make_trainer_class():
             dev_gold: list[str],
             decision_weight: float = 1.0,
             class_weights: dict[int, float] | None = None,
+            select_by: str = "accuracy_f1",
             **kwargs: Any,
         ):
             super().__init__(*args, **kwargs)
-            self.dev_prompts, self.dev_gold = dev_prompts, dev_gold
+            self.dev_prompts, self.dev_gold, self.select_by = dev_prompts, dev_gold, select_by
             self.decision_weight, self.class_weights = decision_weight, class_weights
 
         def compute_loss(
@@ -266,8 +289,8 @@ def _make_trainer_class():
             extra = {
                 "eval_accuracy": scores["accuracy"],
                 "eval_macro_f1": scores["macro_f1"],
-                # A 270M base collapses onto one label easily: accuracy alone would reward "always yes".
-                "eval_selection_score": (scores["accuracy"] + scores["macro_f1"]) / 2,
+                "eval_pairwise_auc": scores["pairwise_auc"],
+                "eval_selection_score": selection_score(scores, self.select_by),
                 **{f"eval_predicted_{label}": n for label, n in scores["predicted_counts"].items()},
             }
             self.log(extra)
@@ -411,7 +434,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         eval_steps=args.eval_steps,
         save_steps=args.eval_steps,
         load_best_model_at_end=True,
-        metric_for_best_model="selection_score",  # mean of dev accuracy and macro-F1
+        metric_for_best_model="selection_score",  # see --select_by
         greater_is_better=True,
     )
     trainer = _make_trainer_class()(
@@ -425,12 +448,16 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         dev_gold=[records[e["pubid"]].final_decision for e in dev_examples],  # aligned with dev_prompts
         decision_weight=args.decision_loss_weight,
         class_weights=balanced_class_weights(train_records, tokenizer) if args.balance_decisions else None,
+        select_by=args.select_by,
     )
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     if args.resume and not has_checkpoint:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
     baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
-    logger.info("Dev before training: accuracy %.3f, macro-F1 %.3f", baseline["accuracy"], baseline["macro_f1"])
+    logger.info(
+        "Dev before training: accuracy %.3f, macro-F1 %.3f, pairwise AUC %.3f",
+        baseline["accuracy"], baseline["macro_f1"], baseline["pairwise_auc"],
+    )
     trainer.add_callback(EvaluateAtEnd())
     trainer.add_callback(StopOnInterrupt())
     with StopOnInterrupt.installed():
@@ -449,8 +476,11 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     if base.tokenizer_changed:
         tokenizer.save_pretrained(str(output_dir))
     probabilities = dev_probabilities(trainer.model, tokenizer, trainer.dev_prompts)
-    dev = decision_metrics(trainer.dev_gold, [predicted_decision(p) for p in probabilities])
-    logger.info("Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f", dev["accuracy"], dev["macro_f1"])
+    dev = probability_metrics(probabilities, trainer.dev_gold)
+    logger.info(
+        "Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f, pairwise AUC %.3f",
+        dev["accuracy"], dev["macro_f1"], dev["pairwise_auc"],
+    )
     calibration = None
     if args.calibrate:
         calibration = fit_calibration(
@@ -478,7 +508,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         "train_result": {"global_step": result.global_step, "training_loss": result.training_loss, **result.metrics},
         "processes": trainer.args.world_size,
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_dev_accuracy": trainer.state.best_metric,
+        "best_dev_selection_score": trainer.state.best_metric,  # see train_arguments.select_by
         "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
     }
     metrics = {"before_training": baseline, "after_training": dev, "log_history": trainer.state.log_history}
