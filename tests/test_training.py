@@ -315,6 +315,14 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
     # A fresh adapter after 3 PQA-L steps would be nearly orthogonal to the first phase's.
     assert torch.nn.functional.cosine_similarity(first_b, final_b, dim=0) > 0.9
 
+    # --resume continues the PQA-L phase without training on PQA-A again.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="training.train"):
+        train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), max_steps=4, resume=True))
+    assert "the PQA-A phase is done" in caplog.text and "PQA-A phase: 12 questions" not in caplog.text
+    resumed = json.loads((out / "training_args.json").read_text())
+    assert resumed["pqa_a_phase"] == info and resumed["train_result"]["global_step"] == 4
+
 
 def test_malformed_pqa_a_file_fails_in_one_line(tiny_model_dir, pubmedqa_dir, tmp_path, caplog):
     bad = tmp_path / "pqa_a.json"

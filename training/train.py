@@ -48,6 +48,8 @@ from training.model_card import write_model_card
 
 logger = logging.getLogger("training.train")
 
+PQA_A_RECORD = "pqa_a/phase.json"  # what the PQA-A phase used, kept for --resume of the PQA-L phase
+
 
 @dataclass
 class TrainArguments:
@@ -369,10 +371,14 @@ def _train_on_artificial(
         dev_gold=[],
         decision_weight=args.decision_loss_weight,
     )
+    resume = args.resume and any((output_dir / "pqa_a").glob("checkpoint-*"))
     with StopOnInterrupt.installed():
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
     if StopOnInterrupt.requested:
-        raise TrainingInterrupted(f"Interrupted during the PQA-A phase; its checkpoints are in {output_dir / 'pqa_a'}")
+        raise TrainingInterrupted(
+            f"Interrupted in the PQA-A phase: a checkpoint was saved in {output_dir / 'pqa_a'}; continue with the same "
+            "command plus --resume"
+        )
     info = {
         "source": args.pqa_a,
         "questions": len(examples),
@@ -382,6 +388,9 @@ def _train_on_artificial(
         "global_step": result.global_step,
         "training_loss": result.training_loss,
     }
+    if trainer.is_world_process_zero():
+        (output_dir / PQA_A_RECORD).parent.mkdir(parents=True, exist_ok=True)
+        (output_dir / PQA_A_RECORD).write_text(json.dumps(info, indent=2))
     return trainer.model, info
 
 
@@ -421,8 +430,13 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
         task_type="CAUSAL_LM",
     )
+    has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     pqa_a = None
-    if args.pqa_a:
+    if args.pqa_a and has_checkpoint and (output_dir / PQA_A_RECORD).is_file():
+        # The PQA-L checkpoint already holds the adapter that the first phase started.
+        logger.info("Resuming the PQA-L phase; the PQA-A phase is done")
+        pqa_a = json.loads((output_dir / PQA_A_RECORD).read_text())
+    elif args.pqa_a:
         model, pqa_a = _train_on_artificial(model, tokenizer, peft_config, args, split, output_dir)
         peft_config = None  # the PQA-L phase continues the adapter of the first phase
     config = _sft_config(
@@ -450,7 +464,6 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         class_weights=balanced_class_weights(train_records, tokenizer) if args.balance_decisions else None,
         select_by=args.select_by,
     )
-    has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     if args.resume and not has_checkpoint:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
     baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
