@@ -196,8 +196,8 @@ class ModelRegistry(ModelBackend):
         calibrated: bool = True,
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Answers and decisions in ONE pass over each prompt: the option scores are the logits of the greedy
-        generation's first step, the very forward pass that scoring would repeat. The prompt pass costs as much as
-        the rest of a 64-token answer on a CPU, so this nearly halves an evaluation. Falls back to two passes where
+        generation's first step, the very forward pass that scoring would repeat (a quarter of an evaluation's time
+        on a CPU, where a pass over an abstract is compute-bound). Falls back to two passes where
         the first step's logits are not the raw ones (sampling, a repetition penalty) or an option is several
         tokens."""
         loaded = self.load()
