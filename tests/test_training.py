@@ -285,12 +285,11 @@ def _write_pqa_a(path, pubmedqa_dir, n, extra_ids=()):
     items = list(raw.values())
     ids = [f"9000{i:04d}" for i in range(n)] + list(extra_ids)
     path.write_text(json.dumps({pubid: {**items[i], "final_decision": "yes" if i % 2 else "no"} for i, pubid in enumerate(ids)}))
-    return path
 
 
 def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_dir, pubmedqa_dir, tmp_path, caplog):
     test_id = load_test_ids(pubmedqa_dir)[0]
-    pqa_a = _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 12, extra_ids=[test_id])
+    _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 12, extra_ids=[test_id])
     out = tmp_path / "run"
     settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
     with caplog.at_level("INFO", logger="training.train"):
