@@ -136,21 +136,19 @@ def evaluate(
     for step, variant in enumerate(variants):
         key = VARIANT_KEYS[variant]
         t0 = time.perf_counter()
-        if args.long_answers:
-            # One pass per batch: the decision comes from the generation's first step (see generate_with_decisions).
-            task = "decisions_and_answers"
-            run = lambda batch, v=variant: list(  # noqa: E731
-                zip(*registry.generate_with_decisions(batch, [v] * len(batch), settings, calibrated=False))
-            )
-        else:
-            task = "decisions"
-            run = lambda batch, v=variant: registry.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False)  # noqa: E731
-        message = f"{key}: {task.replace('_', ' ')}"
+        def run(batch: list[FittedPrompt], v: Variant = variant) -> list[tuple[str, dict[str, float]]]:
+            if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
+                answers, scores = registry.generate_with_decisions(batch, [v] * len(batch), settings, calibrated=False)
+                return list(zip(answers, scores))
+            return [("", s) for s in registry.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False)]
+
+        task = "decisions and answers" if args.long_answers else "decisions"
+        message = f"{key}: {task}"
         rows = in_batches(
             prompts, args.batch_size, run, message, lambda f, d=step, m=message: report((d + f) / len(variants), m)
         )
-        answers, probabilities = ([a for a, _ in rows], [p for _, p in rows]) if args.long_answers else ([], rows)
-        timings[f"{key}_{task}_s"] = time.perf_counter() - t0
+        answers, probabilities = [a for a, _ in rows], [p for _, p in rows]
+        timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
         raw_metrics = None
         if variant is Variant.TUNED and loaded.calibration is not None:
             raw_metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
