@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -346,8 +347,6 @@ def _train_on_artificial(
 
     PQA-A and PQA-L are disjoint by construction; any PQA-L dev or test id found in PQA-A is dropped all the same, so
     the no-test guarantee does not rest on it."""
-    import random
-
     records = load_artificial(args.pqa_a)
     held_out = {r.pubid for r in (*split.dev, *split.test)}
     kept = [r for pubid, r in sorted(records.items()) if pubid not in held_out]
