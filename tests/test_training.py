@@ -140,7 +140,8 @@ def test_existing_output_dir_is_refused_unless_overwrite_or_resume(trained_adapt
         train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), _tiny_args(pubmedqa_dir, trained_adapter))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, pubmedqa_dir, tmp_path, monkeypatch):
+def _interrupting_trainer_class(original):
+    """The project's trainer class, with Ctrl-C pressed as step 2 begins."""
     import os
     import signal
 
@@ -150,8 +151,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, p
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGINT)
-
-    original = train_cli._make_trainer_class
 
     def with_interrupt():
         cls = original()
@@ -163,6 +162,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, p
 
         return Interrupted
 
+    return with_interrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, pubmedqa_dir, tmp_path, monkeypatch):
+    original = train_cli._make_trainer_class
+    with_interrupt = _interrupting_trainer_class(original)
     settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
     out = tmp_path / "run"
     monkeypatch.setattr(train_cli, "_make_trainer_class", with_interrupt)
@@ -345,3 +350,20 @@ def test_select_by_auc_keeps_the_checkpoint_with_the_best_dev_pairwise_auc(tiny_
     info = json.loads((out / "training_args.json").read_text())
     assert info["best_checkpoint"].endswith(f"checkpoint-{best_step}")
     assert info["best_dev_selection_score"] == pytest.approx(max(a for _, a in aucs))
+
+
+def test_ctrl_c_in_the_pqa_a_phase_saves_a_checkpoint_there_and_resume_finishes(
+    tiny_model_dir, pubmedqa_dir, tmp_path, monkeypatch
+):
+    _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 16)  # 4 steps of 4
+    settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
+    out = tmp_path / "run"
+    original = train_cli._make_trainer_class
+    monkeypatch.setattr(train_cli, "_make_trainer_class", _interrupting_trainer_class(original))
+    with pytest.raises(train_cli.TrainingInterrupted, match="pqa_a.*--resume"):
+        train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path)))
+    assert (out / "pqa_a" / "checkpoint-2").is_dir() and not (out / "training_args.json").exists()
+    monkeypatch.setattr(train_cli, "_make_trainer_class", original)
+    train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), resume=True))
+    info = json.loads((out / "training_args.json").read_text())
+    assert info["pqa_a_phase"]["global_step"] == 4 and info["train_result"]["global_step"] == 3

@@ -169,6 +169,10 @@ def probability_metrics(probabilities: list[dict[str, float]], gold: list[str]) 
     return {**metrics, "pairwise_auc": pairwise_auc(probabilities, gold)}
 
 
+def _dev_summary(metrics: dict[str, Any]) -> str:
+    return f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, pairwise AUC {metrics['pairwise_auc']:.3f}"
+
+
 def selection_score(metrics: dict[str, Any], select_by: str) -> float:
     # A 270M base collapses onto one label easily: accuracy alone would reward "always yes".
     if select_by == "auc":
@@ -334,6 +338,20 @@ def _sft_config(args: TrainArguments, output_dir: Path, **phase: Any) -> Any:
     )
 
 
+def _train_interruptibly(trainer: Any, resume: bool) -> Any:
+    """``trainer.train()``, resuming from its last checkpoint if asked; Ctrl-C saves a checkpoint and raises
+    :class:`TrainingInterrupted` (used by both phases)."""
+    trainer.add_callback(StopOnInterrupt())
+    with StopOnInterrupt.installed():
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if StopOnInterrupt.requested:
+        raise TrainingInterrupted(
+            f"Interrupted: a checkpoint was saved in {trainer.args.output_dir}; continue with the same command plus "
+            "--resume"
+        )
+    return result
+
+
 def _dataset(examples: list[dict[str, str]]) -> Any:
     from datasets import Dataset
 
@@ -370,14 +388,7 @@ def _train_on_artificial(
         dev_gold=[],
         decision_weight=args.decision_loss_weight,
     )
-    resume = args.resume and any((output_dir / "pqa_a").glob("checkpoint-*"))
-    with StopOnInterrupt.installed():
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
-    if StopOnInterrupt.requested:
-        raise TrainingInterrupted(
-            f"Interrupted in the PQA-A phase: a checkpoint was saved in {output_dir / 'pqa_a'}; continue with the same "
-            "command plus --resume"
-        )
+    result = _train_interruptibly(trainer, args.resume and any((output_dir / "pqa_a").glob("checkpoint-*")))
     info = {
         "source": args.pqa_a,
         "questions": len(examples),
@@ -466,18 +477,9 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     if args.resume and not has_checkpoint:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
     baseline = dev_decision_metrics(trainer.model, tokenizer, trainer.dev_prompts, trainer.dev_gold)
-    logger.info(
-        "Dev before training: accuracy %.3f, macro-F1 %.3f, pairwise AUC %.3f",
-        baseline["accuracy"], baseline["macro_f1"], baseline["pairwise_auc"],
-    )
+    logger.info("Dev before training: %s", _dev_summary(baseline))
     trainer.add_callback(EvaluateAtEnd())
-    trainer.add_callback(StopOnInterrupt())
-    with StopOnInterrupt.installed():
-        result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
-    if StopOnInterrupt.requested:
-        raise TrainingInterrupted(
-            f"Interrupted: a checkpoint was saved in {output_dir}; continue with the same command plus --resume"
-        )
+    result = _train_interruptibly(trainer, has_checkpoint)
 
     if not trainer.is_world_process_zero():
         return output_dir  # under `accelerate launch`, the main process alone writes the adapter and its files
@@ -489,10 +491,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         tokenizer.save_pretrained(str(output_dir))
     probabilities = dev_probabilities(trainer.model, tokenizer, trainer.dev_prompts)
     dev = probability_metrics(probabilities, trainer.dev_gold)
-    logger.info(
-        "Dev after training (best checkpoint): accuracy %.3f, macro-F1 %.3f, pairwise AUC %.3f",
-        dev["accuracy"], dev["macro_f1"], dev["pairwise_auc"],
-    )
+    logger.info("Dev after training (best checkpoint): %s", _dev_summary(dev))
     calibration = None
     if args.calibrate:
         calibration = fit_calibration(
