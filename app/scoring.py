@@ -32,7 +32,7 @@ def score_options(
     gigabytes for a 262k vocabulary.
     """
     options = option_token_ids(tokenizer)
-    single_token = single_token_options(tokenizer) is not None
+    single_token = all(len(ids) == 1 for ids in options)
     device = model.get_input_embeddings().weight.device
     results: list[dict[str, float]] = []
     for start in range(0, len(prompts), batch_size):
