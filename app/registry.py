@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -76,7 +77,11 @@ class ModelRegistry(ModelBackend):
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
+            with warnings.catch_warnings():
+                # A decision head (training/decision_head.py) is a LoRA on the output layer, which Gemma ties to the
+                # input embeddings; PEFT warns about merging such adapters, and this app never merges.
+                warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter")
+                model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
         except Exception as exc:  # the base model stays usable; the fine-tuned variant says why it is off
             self._adapter_error = (
                 f"the adapter {adapter!r} could not be loaded ({type(exc).__name__}: {exc}); "

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from app.prompts import ANSWER_OPTIONS
+from app.scoring import predicted_decision
 
 
 def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
@@ -31,6 +32,12 @@ def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str,
         },
         "confusion_matrix": {"labels": labels, "rows_gold_columns_predicted": confusion_matrix(gold, predicted, labels=labels).tolist()},
     }
+
+
+def probability_metrics(probabilities: Sequence[dict[str, float]], gold: Sequence[str]) -> dict[str, Any]:
+    """The decision metrics of the most likely options, and the threshold-free :func:`pairwise_auc`."""
+    predicted = [predicted_decision(p) for p in probabilities]
+    return {**decision_metrics(list(gold), predicted), "pairwise_auc": pairwise_auc(probabilities, gold)}
 
 
 def pairwise_auc(probabilities: Sequence[dict[str, float]], gold: Sequence[str]) -> float:

@@ -49,11 +49,17 @@ project's Gradio app).
 |---|---|---|
 | base model | {{ "%.3f"|format(before.accuracy) }} | {{ "%.3f"|format(before.macro_f1) }} |
 | with this adapter | {{ "%.3f"|format(after.accuracy) }} | {{ "%.3f"|format(after.macro_f1) }} |
-{% if calibration %}| with this adapter, calibrated (in-sample: fitted on {{ calibration.fitted_on }}) | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
+{% if calibration and calibration.details.decision_head %}| with this adapter and its decision head | {{ "%.3f"|format(calibration.details.before.accuracy) }} | {{ "%.3f"|format(calibration.details.before.macro_f1) }} |
+{% endif %}{% if calibration %}| with this adapter, calibrated (in-sample: fitted on {{ calibration.fitted_on }}) | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
 
 The adapter ships `decision_calibration.json`: log-probability offsets per option ({{ calibration.log_offsets }}),
 fitted on {{ calibration.fitted_on }} (never on test questions), which the project's app and evaluation add before
 picking the decision. The calibrated row above is in-sample; the test set says how it holds.
+{% endif %}{% if calibration and calibration.details.decision_head %}
+**Decision head.** The yes/no/maybe output rows carry a logistic-regression correction fitted on the training
+questions' last hidden states (a rank-3 LoRA on the output layer, one-hot on the three option tokens; L2
+{{ calibration.details.decision_head.l2 }}, chosen by dev pairwise AUC: {{ calibration.details.decision_head.dev_auc_by_l2 }}).
+Its intercepts are part of the offsets above. Every other token's logit is untouched.
 {% endif %}
 {% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
 `python -m training.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import TrainerCallback
 
-from app.config import PROJECT_ROOT, BaseModelSettings, parse_settings
+from app.config import PROJECT_ROOT, BaseModelSettings, ModelSettings, parse_settings
 from app.model_loading import ModelLoadError, load_base_model
 from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
 from app.pubmedqa import (
@@ -41,10 +41,11 @@ from app.pubmedqa import (
     load_test_ids,
     official_split,
 )
-from app.scoring import option_token_ids, predicted_decision, score_options
+from app.scoring import option_token_ids, score_options
 from training.calibrate import fit_calibration
+from training.decision_head import DecisionHeadError, fit_and_attach
 from training.hub import HubError
-from training.metrics import decision_metrics, pairwise_auc
+from training.metrics import probability_metrics
 from training.model_card import write_model_card
 
 logger = logging.getLogger("training.train")
@@ -116,6 +117,14 @@ class TrainArguments:
             "(--no_calibrate: raw option likelihoods)."
         },
     )
+    decision_head: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, fit a logistic-regression correction of the yes/no/maybe output rows on the "
+            "training questions' hidden states and ship it in the adapter (a rank-3 LoRA on the output layer; see "
+            "training/decision_head.py). --no_decision_head: the adapter's own option logits."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
     overwrite: bool = field(default=False, metadata={"help": "Train into an output_dir that already has files."})
     push_to_hub: str = field(default="", metadata={"help": "Upload the adapter to this Hub repo id when done."})
@@ -161,12 +170,6 @@ def dev_probabilities(model: Any, tokenizer: Any, prompts: list[str]) -> list[di
 
 def dev_decision_metrics(model: Any, tokenizer: Any, prompts: list[str], gold: list[str]) -> dict[str, Any]:
     return probability_metrics(dev_probabilities(model, tokenizer, prompts), gold)
-
-
-def probability_metrics(probabilities: list[dict[str, float]], gold: list[str]) -> dict[str, Any]:
-    """The decision metrics of the most likely options, and the threshold-free :func:`pairwise_auc`."""
-    metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
-    return {**metrics, "pairwise_auc": pairwise_auc(probabilities, gold)}
 
 
 def _dev_summary(metrics: dict[str, Any]) -> str:
@@ -404,6 +407,13 @@ def _train_on_artificial(
     return trainer.model, info
 
 
+def _serving_prompts(records: Sequence[PubMedQARecord], tokenizer: Any) -> tuple[list[str], list[str]]:
+    """Prompts as the app fits them (whole abstracts up to its prompt budget, not training's --max_length), so the
+    decision head sees the hidden states it will be applied to; with their gold decisions."""
+    budget = ModelSettings.max_input_tokens
+    return [fit_prompt(r.prompt_input(), tokenizer, budget).text for r in records], [r.final_decision for r in records]
+
+
 def _ids_hash(records: Sequence[PubMedQARecord]) -> str:
     return hashlib.sha256(",".join(sorted(r.pubid for r in records)).encode()).hexdigest()[:16]
 
@@ -492,11 +502,20 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     probabilities = dev_probabilities(trainer.model, tokenizer, trainer.dev_prompts)
     dev = probability_metrics(probabilities, trainer.dev_gold)
     logger.info("Dev after training (best checkpoint): %s", _dev_summary(dev))
-    calibration = None
-    if args.calibrate:
-        calibration = fit_calibration(
-            probabilities, trainer.dev_gold, f"dev ({len(trainer.dev_gold)} questions, {base.quantization})"
-        )
+    fitted_on = f"dev ({len(trainer.dev_gold)} questions, {base.quantization})"
+    calibration, with_head = None, None
+    if args.decision_head:
+        try:
+            calibration, head_probabilities = fit_and_attach(
+                trainer.model, tokenizer, output_dir, _serving_prompts(train_records, tokenizer),
+                _serving_prompts(split.dev, tokenizer), fitted_on, dev_offsets=args.calibrate,
+            )
+            with_head = probability_metrics(head_probabilities, [r.final_decision for r in split.dev])
+            logger.info("Dev with the decision head: %s", _dev_summary(with_head))
+        except DecisionHeadError as exc:  # the trained adapter is kept, without a head
+            logger.warning("No decision head: %s", exc)
+    if args.calibrate and calibration is None:
+        calibration = fit_calibration(probabilities, trainer.dev_gold, fitted_on)
         calibration.save(output_dir)
     run_info = {
         "base_model": model_settings.base_model,
@@ -522,7 +541,10 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         "best_dev_selection_score": trainer.state.best_metric,  # see train_arguments.select_by
         "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
     }
-    metrics = {"before_training": baseline, "after_training": dev, "log_history": trainer.state.log_history}
+    metrics = {
+        "before_training": baseline, "after_training": dev, "with_decision_head": with_head,
+        "log_history": trainer.state.log_history,
+    }
     (output_dir / "training_args.json").write_text(json.dumps(run_info, indent=2, default=str))
     (output_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     write_model_card(output_dir, run_info, baseline, dev, calibration)
