@@ -114,7 +114,8 @@ class ModelBackend(ABC):
             loaded = self._loaded
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
             if loaded.calibration is not None:
-                adapter += ", decisions calibrated on dev"
+                head = "decision head fitted on train, " if "decision_head" in loaded.calibration.details else ""
+                adapter += f", {head}decisions calibrated on dev"
             return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"

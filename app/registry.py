@@ -21,8 +21,9 @@ from app.backend import GenerationSettings, LoadedModel, ModelBackend, Variant
 from app.calibration import load_calibration
 from app.config import ModelSettings
 from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from app.prompts import FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
+from app.prompts import ANSWER_OPTIONS, FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
 from app.scoring import (
+    FirstStepOptionOffsets,
     FirstStepOptionScores,
     first_step_logits_are_raw,
     left_pad,
@@ -157,8 +158,11 @@ class ModelRegistry(ModelBackend):
 
         kwargs = self._generate_kwargs(loaded, settings, ids, adapter_names)
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
-        if logits_processor is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([logits_processor])
+        # After the caller's processor, so that a first-step capture still sees the uncalibrated logits.
+        calibration = self._calibration_processor(loaded, variants, len(prompts))
+        processors = [p for p in (logits_processor, calibration) if p is not None]
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -215,6 +219,17 @@ class ModelRegistry(ModelBackend):
             pass
         scores = capture.probabilities()
         return texts, self._calibrate(scores, variants) if calibrated else scores
+
+    @staticmethod
+    def _calibration_processor(
+        loaded: LoadedModel, variants: Sequence[Variant], rows: int
+    ) -> FirstStepOptionOffsets | None:
+        options = single_token_options(loaded.tokenizer)
+        tuned = [v is Variant.TUNED for v in variants] * (rows if len(variants) == 1 else 1)
+        if loaded.calibration is None or options is None or not any(tuned):
+            return None
+        offsets = [loaded.calibration.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]
+        return FirstStepOptionOffsets(options, offsets, tuned)
 
     @staticmethod
     def _input_device(loaded: LoadedModel) -> torch.device:

@@ -60,6 +60,26 @@ def option_probabilities(option_scores: torch.Tensor) -> list[dict[str, float]]:
     return [dict(zip(ANSWER_OPTIONS, row.tolist())) for row in probs]
 
 
+class FirstStepOptionOffsets:
+    """A ``generate`` logits processor that adds the decision calibration's offsets to the answer options' logits
+    at the first step, in the given rows: the answer text then starts with the decision the app shows (the option
+    with the highest calibrated score) instead of the uncalibrated one."""
+
+    def __init__(self, options: list[list[int]], offsets: Sequence[float], rows: Sequence[bool]):
+        self.columns = [ids[0] for ids in options]
+        self.offsets, self.rows = list(offsets), list(rows)
+        self.done = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.done:
+            return scores
+        self.done = True
+        shift = torch.zeros_like(scores)
+        rows = torch.tensor(self.rows, device=scores.device)
+        shift[:, self.columns] = torch.tensor(self.offsets, dtype=scores.dtype, device=scores.device)
+        return scores + shift * rows.unsqueeze(1)
+
+
 class FirstStepOptionScores:
     """A ``generate`` logits processor that keeps the next-token logits of the answer options at the first step,
     i.e. right after the prompt: the decision comes out of the generation's own pass over the prompt instead of a

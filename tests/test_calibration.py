@@ -58,6 +58,23 @@ def test_registry_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_ada
     assert "calibrated" in registry.status_message()
 
 
+def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
+    from app.backend import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=4)
+    calibrated = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    plain = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), calibrated.load().tokenizer, 512)
+    variants = [Variant.BASE, Variant.TUNED]
+    texts, decisions = calibrated.generate_with_decisions([prompt, prompt], variants, settings, calibrated=False)
+    plain_texts, _ = plain.generate_with_decisions([prompt, prompt], variants, settings)
+    # The +30 offset shows in the text (random weights: what follows the first token is noise).
+    assert texts[1].startswith("maybe") and not plain_texts[1].startswith("maybe")
+    assert texts[0] == plain_texts[0]  # base rows get no offsets
+    # The decisions are still read before the offsets (the calibration is applied to them once, afterwards).
+    assert decisions == pytest.approx(calibrated.score_decisions([prompt, prompt], variants, calibrated=False), abs=1e-5)
+
+
 @pytest.mark.parametrize("content", ["not json", json.dumps({"log_offsets": {"perhaps": 1.0}}), json.dumps([1, 2])])
 def test_broken_calibration_file_is_ignored_with_a_warning(calibrated_adapter, content, caplog):
     (calibrated_adapter / CALIBRATION_FILE).write_text(content)

@@ -100,7 +100,9 @@ def test_head_cli_fits_on_train_picks_on_dev_and_writes_the_calibration(tiny_mod
     # The calibration is the head's intercepts plus dev offsets from the calibration grid ("yes" fixed).
     extra = {o: calibration.log_offsets[o] - head["intercepts"][o] for o in ("yes", "no", "maybe")}
     assert extra["yes"] == 0.0 and all(abs(v) <= 4 and abs(4 * v - round(4 * v)) < 1e-9 for v in extra.values())
-    assert _registry(tiny_model_dir, adapter_copy).load().adapter_loaded
+    registry = _registry(tiny_model_dir, adapter_copy)
+    assert registry.load().adapter_loaded
+    assert "decision head fitted on train, decisions calibrated on dev" in registry.status_message()
 
 
 @pytest.mark.parametrize("change, message", [
