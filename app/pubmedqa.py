@@ -10,7 +10,7 @@ import json
 import logging
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -227,6 +227,24 @@ def official_split(
     train = sorted((r for r in rest if r.pubid not in dev_ids), key=lambda r: r.pubid)
     test = sorted((records[pubid] for pubid in test_set), key=lambda r: r.pubid)
     return Split(train=train, dev=dev, test=test)
+
+
+@dataclass
+class SplitSettings:
+    """Where PubMedQA comes from and how its 500 non-test questions split into train and dev. The commands that
+    reuse a training run's split (calibration, decision head, baseline) must be given the same values."""
+
+    data: str = field(
+        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
+        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
+    )
+    dev_size: int = field(default=50, metadata={"help": "Dev questions held out of the 500 non-test ones."})
+    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the stratified train/dev split."})
+
+    def load_split(self) -> Split:
+        records = load_records(self.data)
+        test_ids = load_test_ids(self.data if Path(self.data).is_dir() else None)
+        return official_split(records, test_ids, self.dev_size, self.split_seed)
 
 
 SHIPPED_EXAMPLES = PROJECT_ROOT / "assets" / "examples.json"

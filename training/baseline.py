@@ -19,16 +19,9 @@ from typing import Any, Sequence
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from app.config import PROJECT_ROOT, parse_settings
+from app.config import parse_settings
 from app.prompts import ANSWER_OPTIONS
-from app.pubmedqa import (
-    DEFAULT_SPLIT_SEED,
-    DataFormatError,
-    PubMedQARecord,
-    load_records,
-    load_test_ids,
-    official_split,
-)
+from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
 from training.metrics import probability_metrics
 from training.results import write_json_atomic
 
@@ -36,13 +29,7 @@ logger = logging.getLogger("training.baseline")
 
 
 @dataclass
-class BaselineArguments:
-    data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json + test_ground_truth.json, or 'hub' for qiaojin/PubMedQA."},
-    )
-    dev_size: int = field(default=50, metadata={"help": "Dev questions (as in training)."})
-    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the train/dev split (as in training)."})
+class BaselineArguments(SplitSettings):
     output: str = field(default="", metadata={"help": "Also write the metrics to this JSON file."})
 
 
@@ -70,10 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         (args,) = parse_settings([BaselineArguments], argv)
-        records = load_records(args.data)
-        split = official_split(
-            records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed
-        )
+        split = args.load_split()
     except (DataFormatError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

@@ -20,10 +20,10 @@ import numpy as np
 
 from app.backend import Variant, create_backend
 from app.calibration import DecisionCalibration
-from app.config import PROJECT_ROOT, ModelSettings, parse_settings
+from app.config import ModelSettings, parse_settings
 from app.model_loading import ModelLoadError
 from app.prompts import ANSWER_OPTIONS, fit_prompt
-from app.pubmedqa import DEFAULT_SPLIT_SEED, DataFormatError, load_records, load_test_ids, official_split
+from app.pubmedqa import DataFormatError, SplitSettings
 from app.scoring import predicted_decision
 from training.evaluate import in_batches
 from training.metrics import decision_metrics
@@ -74,21 +74,14 @@ def fit_calibration(
 
 
 @dataclass
-class CalibrateArguments:
-    data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
-    )
-    dev_size: int = field(default=50, metadata={"help": "Dev questions (must match the adapter's training split)."})
-    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the train/dev split (as in training)."})
+class CalibrateArguments(SplitSettings):
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
 
 
 def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
     if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
         raise ValueError("--adapter must be a local adapter folder (the calibration is written into it)")
-    records = load_records(args.data)
-    split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
+    split = args.load_split()
     registry = create_backend(model_settings)
     loaded = registry.load()
     if not loaded.adapter_loaded:

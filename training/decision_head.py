@@ -35,17 +35,10 @@ import torch
 from tqdm.auto import tqdm
 
 from app.calibration import DecisionCalibration
-from app.config import PROJECT_ROOT, ModelSettings, parse_settings
+from app.config import ModelSettings, parse_settings
 from app.model_loading import ModelLoadError
 from app.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from app.pubmedqa import (
-    DEFAULT_SPLIT_SEED,
-    DataFormatError,
-    PubMedQARecord,
-    load_records,
-    load_test_ids,
-    official_split,
-)
+from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
 from app.registry import ModelRegistry
 from app.scoring import left_pad, single_token_options
 from training.calibrate import fit_calibration
@@ -292,13 +285,7 @@ def fit_and_attach(
 
 
 @dataclass
-class HeadArguments:
-    data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
-    )
-    dev_size: int = field(default=50, metadata={"help": "Dev questions (must match the adapter's training split)."})
-    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the train/dev split (as in training)."})
+class HeadArguments(SplitSettings):
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
     export_without_head: str = field(
         default="",
@@ -312,8 +299,7 @@ def fit_head_for_adapter(model_settings: ModelSettings, args: HeadArguments) -> 
     adapter_dir = Path(model_settings.adapter_source or "").expanduser()
     if not model_settings.adapter_source or not adapter_dir.is_dir():
         raise ValueError("--adapter must be a local adapter folder (the head is written into it)")
-    records = load_records(args.data)
-    split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
+    split = args.load_split()
     registry = ModelRegistry(model_settings)
     loaded = registry.load()
     if not loaded.adapter_loaded:
