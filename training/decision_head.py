@@ -40,7 +40,7 @@ from app.model_loading import ModelLoadError
 from app.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
 from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
 from app.registry import ModelRegistry
-from app.scoring import left_pad, single_token_options
+from app.scoring import left_pad, option_probabilities, single_token_options
 from training.calibrate import fit_calibration
 from training.metrics import pairwise_auc
 
@@ -74,8 +74,7 @@ class DecisionHead:
 
     def probabilities(self, features: DecisionFeatures) -> list[dict[str, float]]:
         """Option probabilities with the head and its intercepts."""
-        scores = torch.softmax(torch.from_numpy(self.option_logits(features) + self.bias), dim=1)
-        return [dict(zip(ANSWER_OPTIONS, row.tolist())) for row in scores]
+        return option_probabilities(torch.from_numpy(self.option_logits(features) + self.bias))
 
 
 def output_layer_name(model: Any) -> str:
@@ -176,15 +175,10 @@ def choose_head(
     best = max(range(len(heads)), key=lambda i: (aucs[i], grid[i]))
     head = heads[best]
     head.dev_auc_by_l2 = {f"{l2:g}": round(auc, 4) for l2, auc in zip(grid, aucs)}
-    own = pairwise_auc(_own_probabilities(dev), list(dev_gold))
+    own = pairwise_auc(option_probabilities(torch.from_numpy(dev.option_logits)), list(dev_gold))
     logger.info("Decision head: dev pairwise AUC %.3f without, %s with (by L2); keeping L2 = %g",
                 own, head.dev_auc_by_l2, head.l2)
     return head
-
-
-def _own_probabilities(features: DecisionFeatures) -> list[dict[str, float]]:
-    scores = torch.softmax(torch.from_numpy(features.option_logits), dim=1)
-    return [dict(zip(ANSWER_OPTIONS, row.tolist())) for row in scores]
 
 
 def calibrate_with_head(
@@ -192,8 +186,9 @@ def calibrate_with_head(
 ) -> DecisionCalibration:
     """The head's intercepts plus, with ``dev_offsets``, offsets fitted on dev on top of them: one calibration."""
     calibration = fit_calibration(head.probabilities(dev), dev_gold, fitted_on)
-    if not dev_offsets:
-        calibration = DecisionCalibration(dict.fromkeys(ANSWER_OPTIONS, 0.0), fitted_on, calibration.details)
+    if not dev_offsets:  # the intercepts alone
+        before = calibration.details["before"]
+        calibration = DecisionCalibration(dict.fromkeys(ANSWER_OPTIONS, 0.0), fitted_on, {"before": before, "after": before})
     offsets = {o: float(head.bias[k]) + calibration.log_offsets[o] for k, o in enumerate(ANSWER_OPTIONS)}
     details = {**calibration.details, "decision_head": head_summary(head)}
     return DecisionCalibration(offsets, fitted_on, details)
