@@ -28,19 +28,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import TrainerCallback
 
-from app.config import PROJECT_ROOT, BaseModelSettings, ModelSettings, parse_settings
+from app.config import BaseModelSettings, ModelSettings, parse_settings
 from app.model_loading import ModelLoadError, load_base_model
 from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
-from app.pubmedqa import (
-    DEFAULT_SPLIT_SEED,
-    DataFormatError,
-    PubMedQARecord,
-    Split,
-    load_artificial,
-    load_records,
-    load_test_ids,
-    official_split,
-)
+from app.pubmedqa import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
 from app.scoring import option_token_ids, score_options
 from training.calibrate import fit_calibration
 from training.decision_head import DecisionHeadError, fit_and_attach
@@ -54,14 +45,8 @@ PQA_A_RECORD = "pqa_a/phase.json"  # what the PQA-A phase used, kept for --resum
 
 
 @dataclass
-class TrainArguments:
-    data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
-    )
+class TrainArguments(SplitSettings):
     output_dir: str = field(default="outputs/adapter", metadata={"help": "Where the adapter and its card are written."})
-    dev_size: int = field(default=50, metadata={"help": "Dev questions held out of the 500 non-test ones."})
-    split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the stratified train/dev split."})
     limit_train: int = field(default=0, metadata={"help": "Train on only this many questions (0 = all); for quick runs."})
     pqa_a: str = field(
         default="",
@@ -429,8 +414,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
         raise ValueError(f"{output_dir} already exists and is not empty: pass --overwrite, --resume or another --output_dir")
-    records = load_records(args.data)
-    split = official_split(records, load_test_ids(args.data if Path(args.data).is_dir() else None), args.dev_size, args.split_seed)
+    split = args.load_split()
     train_records = split.train[: args.limit_train] if args.limit_train > 0 else split.train
     logger.info("Official split: %d train, %d dev, %d test (never used here)", len(split.train), len(split.dev), len(split.test))
 
@@ -442,6 +426,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
 
     train_examples = build_examples(train_records, tokenizer, args.max_length)
     dev_examples = build_examples(split.dev, tokenizer, args.max_length)
+    dev_decisions = {r.pubid: r.final_decision for r in split.dev}
     targets = args.lora_target_modules
     peft_config = LoraConfig(
         r=args.lora_r,
@@ -479,7 +464,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         processing_class=tokenizer,
         peft_config=peft_config,
         dev_prompts=[e["prompt"] for e in dev_examples],
-        dev_gold=[records[e["pubid"]].final_decision for e in dev_examples],  # aligned with dev_prompts
+        dev_gold=[dev_decisions[e["pubid"]] for e in dev_examples],  # aligned with dev_prompts
         decision_weight=args.decision_loss_weight,
         class_weights=balanced_class_weights(train_records, tokenizer) if args.balance_decisions else None,
         select_by=args.select_by,
