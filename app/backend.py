@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from app.calibration import DecisionCalibration
 from app.config import ModelSettings
+from app.decision_probe import DecisionProbe, probe_summary
 from app.model_loading import ModelLoadError
 from app.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
 
@@ -81,7 +82,8 @@ class LoadedModel:
     context_window: int
     adapter_loaded: bool
     load_seconds: float
-    calibration: DecisionCalibration | None = None  # the adapter's dev-fitted decision offsets, if it ships them
+    calibration: DecisionCalibration | None = None  # the adapter's decision offsets, if it ships them
+    probe: DecisionProbe | None = None  # the adapter's decision probe, if it ships one (local backend only)
 
 
 class ModelBackend(ABC):
@@ -113,9 +115,10 @@ class ModelBackend(ABC):
         if self._state is LoadState.READY and self._loaded is not None:
             loaded = self._loaded
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
+            if loaded.probe is not None:
+                adapter += f", {probe_summary(loaded.probe)}"
             if loaded.calibration is not None:
-                head = "decision head fitted on train, " if "decision_head" in loaded.calibration.details else ""
-                adapter += f", {head}decisions calibrated on dev"
+                adapter += f", decisions calibrated on {loaded.calibration.fitted_on or 'dev'}"
             return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"

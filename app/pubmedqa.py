@@ -232,7 +232,7 @@ def official_split(
 @dataclass
 class SplitSettings:
     """Where PubMedQA comes from and how its 500 non-test questions split into train and dev. The commands that
-    reuse a training run's split (calibration, decision head, baseline) must be given the same values."""
+    reuse a training run's split (calibration, decision probe, baseline) must be given the same values."""
 
     data: str = field(
         default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),

@@ -2,16 +2,17 @@
 
 It loads the base model once (lazily, or in a background thread), puts the LoRA adapter on top with PEFT, and
 selects base or fine-tuned *per call* (PEFT ``adapter_names``), so no request can flip a switch under another one
-and a single batch can mix base and adapter rows. There is exactly one copy of the base weights.
+and a single batch can mix base and adapter rows. There is exactly one copy of the base weights. An adapter's
+decision probe (``app/decision_probe.py``) and calibration, when it ships them, decide the fine-tuned rows' yes/no/maybe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,6 +21,7 @@ import torch
 from app.backend import GenerationSettings, LoadedModel, ModelBackend, Variant
 from app.calibration import load_calibration
 from app.config import ModelSettings
+from app.decision_probe import DecisionProbe, FirstStepProbeDecision, ProbeError, ProbeReader, load_probe
 from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from app.prompts import ANSWER_OPTIONS, FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
 from app.scoring import (
@@ -27,6 +29,7 @@ from app.scoring import (
     FirstStepOptionScores,
     first_step_logits_are_raw,
     left_pad,
+    option_probabilities,
     score_options,
     single_token_options,
     text_logprobs,
@@ -62,27 +65,38 @@ class ModelRegistry(ModelBackend):
         started = time.perf_counter()
         base = load_base_model(self.settings)
         model = base.model.eval()
-        adapter_loaded, calibration = False, None
+        adapter_loaded, calibration, probe = False, None, None
+        tokenizer = base.tokenizer
         if self.settings.adapter_source:
             model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
-            calibration = load_calibration(self.settings.adapter_source) if adapter_loaded else None
-        tokenizer = base.tokenizer
+            if adapter_loaded:
+                calibration = load_calibration(self.settings.adapter_source)
+                probe = self._usable_probe(model, tokenizer)
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, base.description, base.quantization, adapter_loaded)
         return LoadedModel(
-            model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, calibration
+            model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, calibration, probe
         )
+
+    def _usable_probe(self, model: Any, tokenizer: Any) -> DecisionProbe | None:
+        probe = load_probe(self.settings.adapter_source)
+        if probe is None:
+            return None
+        try:
+            probe.check(model)
+            if single_token_options(tokenizer) is None:
+                raise ProbeError("the answer options are not one token each in this tokenizer")
+        except ProbeError as exc:
+            logger.warning("Ignoring the adapter's decision probe: %s", exc)
+            return None
+        return probe
 
     def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
         from peft import PeftModel
 
         try:
-            with warnings.catch_warnings():
-                # A decision head (training/decision_head.py) is a LoRA on the output layer, which Gemma ties to the
-                # input embeddings; PEFT warns about merging such adapters, and this app never merges.
-                warnings.filterwarnings("ignore", message=".*tied layer is part of the adapter")
-                model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
         except Exception as exc:  # the base model stays usable; the fine-tuned variant says why it is off
             self._adapter_error = (
                 f"the adapter {adapter!r} could not be loaded ({type(exc).__name__}: {exc}); "
@@ -116,8 +130,15 @@ class ModelRegistry(ModelBackend):
     ) -> list[dict[str, float]]:
         loaded = self.load()
         names = self._adapter_names(list(variants))
+        tuned = [v is Variant.TUNED for v in variants]
         with self._generate_lock:
-            scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+            if loaded.probe is None or not any(tuned):
+                scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+            else:
+                with ProbeReader(loaded.model, loaded.probe.layer) as reader:  # one forward pass per batch
+                    scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+                probed = option_probabilities(loaded.probe.logits(torch.cat(reader.pooled)))
+                scores = [p if t else s for s, p, t in zip(scores, probed, tuned)]
         return self._calibrate(scores, variants) if calibrated else scores
 
     def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
@@ -158,9 +179,14 @@ class ModelRegistry(ModelBackend):
 
         kwargs = self._generate_kwargs(loaded, settings, ids, adapter_names)
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
-        # After the caller's processor, so that a first-step capture still sees the uncalibrated logits.
-        calibration = self._calibration_processor(loaded, variants, len(prompts))
-        processors = [p for p in (logits_processor, calibration) if p is not None]
+        tuned = [v is Variant.TUNED for v in variants] * (len(prompts) if len(variants) == 1 else 1)
+        options = single_token_options(tokenizer)
+        reader = ProbeReader(loaded.model, loaded.probe.layer) if loaded.probe is not None and any(tuned) else None
+        # The probe first: a first-step capture then reads the fine-tuned rows' probe decisions. The calibration
+        # after the caller's processor, so that the capture still sees the uncalibrated scores.
+        probe = FirstStepProbeDecision(loaded.probe, reader, options, tuned) if reader is not None else None
+        calibration = self._calibration_processor(loaded, tuned, options)
+        processors = [p for p in (probe, logits_processor, calibration) if p is not None]
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
         failure: list[BaseException] = []
@@ -174,7 +200,7 @@ class ModelRegistry(ModelBackend):
                 try:
                     if not cancel.is_set():
                         torch.manual_seed(settings.seed)
-                        with torch.inference_mode():
+                        with torch.inference_mode(), reader or contextlib.nullcontext():
                             loaded.model.generate(**kwargs)
                 finally:
                     self._generate_lock.release()
@@ -222,10 +248,8 @@ class ModelRegistry(ModelBackend):
 
     @staticmethod
     def _calibration_processor(
-        loaded: LoadedModel, variants: Sequence[Variant], rows: int
+        loaded: LoadedModel, tuned: Sequence[bool], options: list[list[int]] | None
     ) -> FirstStepOptionOffsets | None:
-        options = single_token_options(loaded.tokenizer)
-        tuned = [v is Variant.TUNED for v in variants] * (rows if len(variants) == 1 else 1)
         if loaded.calibration is None or options is None or not any(tuned):
             return None
         offsets = [loaded.calibration.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]

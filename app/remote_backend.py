@@ -18,11 +18,13 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from app.backend import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
 from app.calibration import load_calibration, probabilities_from_log_scores
 from app.config import ModelSettings
+from app.decision_probe import PROBE_FILE
 from app.model_loading import load_tokenizer
 from app.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
 
@@ -67,6 +69,14 @@ class RemoteBackend(ModelBackend):
         if served and s.remote_model not in served:
             logger.warning("The server at %s does not list %r; requests for the base model may fail.", s.base_url, s.remote_model)
         calibration = load_calibration(s.adapter_source) if adapter_loaded and s.adapter_source else None
+        if calibration is not None and (Path(s.adapter_source).expanduser() / PROBE_FILE).is_file():
+            # Those offsets go with the probe's scores, which a server's logits are not.
+            logger.warning(
+                "Ignoring %s's decision calibration: it was fitted for its decision probe, which a remote server does "
+                "not run. Fit one for the server with `python -m training.calibrate` on a copy without %s.",
+                s.adapter_source, PROBE_FILE,
+            )
+            calibration = None
         seconds = time.perf_counter() - started
         logger.info("Remote backend ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
         return LoadedModel(

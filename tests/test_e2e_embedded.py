@@ -112,3 +112,7 @@ def test_shipped_adapter_makes_the_model_state_a_decision():
     tuned = registry.generate(prompt, Variant.TUNED, settings)
     assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
     assert tuned != registry.generate(prompt, Variant.BASE, settings)
+    # The shipped decision probe decides, and the answer opens with that decision.
+    assert registry.load().probe is not None and "decision probe on layer 10" in registry.status_message()
+    (answer,), (decision,) = registry.generate_with_decisions([prompt], [Variant.TUNED], settings)
+    assert answer == tuned and parse_decision(answer) == max(decision, key=decision.get)

@@ -137,6 +137,20 @@ def test_server_down_is_a_clear_message_and_the_backend_stays_ready(tiny_model_d
         backend.score_decisions([backend.prepare(PromptInput("Q?"), GenerationSettings())], [Variant.BASE])
 
 
+def test_offsets_fitted_for_a_decision_probe_are_not_applied_to_a_servers_logits(tiny_model_dir, tmp_path, caplog):
+    import torch
+
+    from app.calibration import DecisionCalibration
+    from app.decision_probe import DecisionProbe
+
+    DecisionCalibration({"yes": 0.0, "no": 1.0, "maybe": 2.0}, "dev").save(tmp_path)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().calibration is not None
+    DecisionProbe(1, torch.zeros(3, 64), torch.zeros(3)).save(tmp_path)  # the offsets now go with the probe
+    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().calibration is None
+    assert "fitted for its decision probe, which a remote server does not run" in caplog.text
+
+
 class _Slow(JsonHandler):
     def do_GET(self):
         self.reply({"object": "list", "data": [{"id": "base", "object": "model"}]})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.backend import Variant
+from app.calibration import load_calibration
 from app.config import BaseModelSettings, ModelSettings
 from app.prompts import encode_prompt
 from app.pubmedqa import load_local, load_test_ids, official_split
@@ -91,10 +92,11 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     card = (trained_adapter / "README.md").read_text()
     assert "library_name: peft" in card and "qiaojin/PubMedQA" in card and "not medical advice" in card
     assert "official 500-question test set is excluded" in card
-    # The decision head is in the adapter itself (a rank-3 LoRA on the output layer) and on the card.
+    # LoRA trains only the layers above the probe, whose file and card section ship with the adapter.
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
-    assert "lm_head" in config["target_modules"] and config["rank_pattern"] == {"lm_head": 3}
-    assert "Decision head" in card and "decision_head" in json.loads((trained_adapter / "decision_calibration.json").read_text())["details"]
+    assert config["layers_to_transform"] == [1] and "q_proj" in config["target_modules"]
+    assert (trained_adapter / "decision_probe.safetensors").is_file() and "Decision probe" in card
+    assert load_calibration(str(trained_adapter)).fitted_on.endswith("out of fold")
     metrics = json.loads((trained_adapter / "dev_metrics.json").read_text())
     assert 0.0 <= metrics["after_training"]["accuracy"] <= 1.0
     evaluated_steps = [entry["step"] for entry in metrics["log_history"] if "eval_selection_score" in entry]

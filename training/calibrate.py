@@ -14,13 +14,14 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from app.backend import Variant, create_backend
+from app.backend import LoadedModel, ModelBackend, Variant, create_backend
 from app.calibration import DecisionCalibration
 from app.config import ModelSettings, parse_settings
+from app.decision_probe import PROBE_FILE
 from app.model_loading import ModelLoadError
 from app.prompts import ANSWER_OPTIONS, fit_prompt
 from app.pubmedqa import DataFormatError, SplitSettings
@@ -78,14 +79,29 @@ class CalibrateArguments(SplitSettings):
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
 
 
-def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
+def load_adapter_to_fit(
+    model_settings: ModelSettings, what: str, backend_factory: Callable[[ModelSettings], ModelBackend] = create_backend
+) -> tuple[ModelBackend, LoadedModel]:
+    """Load a local adapter folder as the app does (same quantization) for a command that writes its ``what`` into
+    it, with a clear error where that cannot work."""
     if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
-        raise ValueError("--adapter must be a local adapter folder (the calibration is written into it)")
-    split = args.load_split()
-    registry = create_backend(model_settings)
-    loaded = registry.load()
+        raise ValueError(f"--adapter must be a local adapter folder (the {what} is written into it)")
+    backend = backend_factory(model_settings)
+    loaded = backend.load()
     if not loaded.adapter_loaded:
-        raise ModelLoadError(f"The adapter cannot be calibrated: {registry.adapter_unavailable_reason()}")
+        raise ModelLoadError(f"No {what} can be fitted: {backend.adapter_unavailable_reason()}")
+    return backend, loaded
+
+
+def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
+    split = args.load_split()
+    registry, loaded = load_adapter_to_fit(model_settings, "calibration")
+    if loaded.probe is not None:
+        raise ValueError(
+            f"{model_settings.adapter_source} decides with its decision probe: refit the probe and its offsets (out of "
+            f"fold, on 500 questions) with `python -m training.decision_probe --adapter {model_settings.adapter_source}`; "
+            f"for a server's own logits, calibrate a copy without {PROBE_FILE}"
+        )
     # Dev only: on training questions the adapter is over-confident, and offsets fitted there over-correct (tried:
     # fitted on train + dev, test accuracy fell from 55.4 % to 49.2 %).
     questions = split.dev

@@ -183,6 +183,11 @@ def evaluate(
                 if loaded.calibration is not None and Variant.TUNED in variants
                 else None
             ),
+            "decision_probe": (
+                {"layer": loaded.probe.layer, **{k: loaded.probe.details.get(k) for k in ("fitted_on", "l2", "cross_validated")}}
+                if loaded.probe is not None and Variant.TUNED in variants
+                else None
+            ),
             "settings": {k: v for k, v in asdict(args).items() if k not in ("judge_api_key_env",)},
             "bertscore_model": args.bertscore_model if args.long_answers else None,
             "judge": {"model": args.judge_model, "base_url": args.judge_base_url} if judge else "not run (no --judge_base_url)",

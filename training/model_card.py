@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from huggingface_hub import ModelCard, ModelCardData
 
 from app.calibration import DecisionCalibration, load_calibration
+from app.decision_probe import DecisionProbe, load_probe
 from training.results import ResultsError, load_results
 
 logger = logging.getLogger("training.model_card")
@@ -49,17 +50,19 @@ project's Gradio app).
 |---|---|---|
 | base model | {{ "%.3f"|format(before.accuracy) }} | {{ "%.3f"|format(before.macro_f1) }} |
 | with this adapter | {{ "%.3f"|format(after.accuracy) }} | {{ "%.3f"|format(after.macro_f1) }} |
-{% if calibration and calibration.details.decision_head %}| with this adapter and its decision head | {{ "%.3f"|format(calibration.details.before.accuracy) }} | {{ "%.3f"|format(calibration.details.before.macro_f1) }} |
-{% endif %}{% if calibration %}| with this adapter, calibrated (in-sample: fitted on {{ calibration.fitted_on }}) | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
-
+{% if probe %}| with this adapter's decision probe and offsets (out of fold over all {{ probe.details.questions }} train + dev questions) | {{ "%.3f"|format(probe.details.cross_validated.accuracy) }} | {{ "%.3f"|format(probe.details.cross_validated.macro_f1) }} |
+{% endif %}{% if calibration and not probe %}| with this adapter, calibrated (in-sample: fitted on {{ calibration.fitted_on }}) | {{ "%.3f"|format(calibration.details.after.accuracy) }} | {{ "%.3f"|format(calibration.details.after.macro_f1) }} |
+{% endif %}{% if calibration %}
 The adapter ships `decision_calibration.json`: log-probability offsets per option ({{ calibration.log_offsets }}),
 fitted on {{ calibration.fitted_on }} (never on test questions), which the project's app and evaluation add before
-picking the decision. The calibrated row above is in-sample; the test set says how it holds.
-{% endif %}{% if calibration and calibration.details.decision_head %}
-**Decision head.** The yes/no/maybe output rows carry a logistic-regression correction fitted on the training
-questions' last hidden states (a rank-3 LoRA on the output layer, one-hot on the three option tokens; L2
-{{ calibration.details.decision_head.l2 }}, chosen by dev pairwise AUC: {{ calibration.details.decision_head.dev_auc_by_l2 }}).
-Its intercepts are part of the offsets above. Every other token's logit is untouched.
+picking the decision. The offsets are chosen on the rows they are scored on (in-sample); the test set says how they hold.
+{% endif %}{% if probe %}
+**Decision probe.** The fine-tuned variant's yes/no/maybe comes from `decision_probe.safetensors`: a logistic
+regression on the prompt's mean hidden state after decoder layer {{ probe.layer - 1 }} (L2 {{ probe.details.l2 }}, chosen
+by out-of-fold pairwise AUC {{ probe.details.cv_auc_by_l2 }} over {{ probe.details.questions }} train + dev
+questions; the row above is out of fold, offsets included). The adapter trains only the layers above it, so the
+probe reads the base model's own hidden states. The project's app and evaluation apply it; PEFT alone (or vLLM/TGI)
+ignores the file, and the adapter's own option logits decide there.
 {% endif %}
 {% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
 `python -m training.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):
@@ -90,6 +93,7 @@ def write_model_card(
     after: dict[str, Any],
     calibration: DecisionCalibration | None = None,
     test_results: dict[str, Any] | None = None,
+    probe: DecisionProbe | None = None,
 ) -> Path:
     """Write README.md into ``output_dir``; ``test_results`` is an evaluation run's results.json, if there is one."""
     args = run["train_arguments"]
@@ -108,6 +112,7 @@ def write_model_card(
         "base quantization": run["quantization"],
         "LoRA r / alpha / dropout": f"{args['lora_r']} / {args['lora_alpha']} / {args['lora_dropout']}",
         "target modules": args["lora_target_modules"],
+        "trained decoder layers": f"above {args['probe_depth']:.0%} of the depth" if args.get("probe_depth") else "all",
         "learning rate": args["learning_rate"],
         "epochs (max steps)": f"{args['num_train_epochs']} ({args['max_steps']})",
         "batch size x grad. accumulation": f"{args['per_device_train_batch_size']} x {args['gradient_accumulation_steps']}",
@@ -130,6 +135,7 @@ def write_model_card(
         before=before,
         after=after,
         calibration=calibration,
+        probe=probe,
         pqa_a=run.get("pqa_a_phase"),
         test=_test_summary(test_results) if test_results else None,
     )
@@ -173,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("Cannot write the card: %s", exc)
         return 2
     path = write_model_card(args.adapter_dir, run, dev["before_training"], dev["after_training"],
-                            load_calibration(str(args.adapter_dir)), results)
+                            load_calibration(str(args.adapter_dir)), results, load_probe(str(args.adapter_dir)))
     logger.info("Wrote %s", path)
     return 0
 

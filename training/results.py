@@ -3,7 +3,7 @@
 Schema (``schema_version`` 1)::
 
     results.json  {"schema_version": 1,
-                   "run": {models, adapter, dataset source, split, n, settings, decision_calibration,
+                   "run": {models, adapter, dataset source, split, n, settings, decision_calibration, decision_probe,
                            library versions, timings, errors},
                    "models": {"base" | "tuned": {accuracy, macro_f1, per_class, confusion_matrix, predicted_counts,
                                                   uncalibrated (tuned, when the adapter ships a calibration):

@@ -29,12 +29,13 @@ import torch
 from transformers import TrainerCallback
 
 from app.config import BaseModelSettings, ModelSettings, parse_settings
+from app.decision_probe import decoder_layers, probe_layer
 from app.model_loading import ModelLoadError, load_base_model
 from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
 from app.pubmedqa import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
 from app.scoring import option_token_ids, score_options
 from training.calibrate import fit_calibration
-from training.decision_head import DecisionHeadError, fit_and_attach
+from training.decision_probe import ProbeFitError, fit_for_model
 from training.hub import HubError
 from training.metrics import probability_metrics
 from training.model_card import write_model_card
@@ -102,12 +103,21 @@ class TrainArguments(SplitSettings):
             "(--no_calibrate: raw option likelihoods)."
         },
     )
-    decision_head: bool = field(
+    probe_depth: float = field(
+        default=0.55,
+        metadata={
+            "help": "LoRA trains only the decoder layers above this fraction of the model's depth (0.55: layers 10-17 "
+            "of Gemma 3 270M's 18), so the hidden states there stay the base model's and the decision probe reads "
+            "features that no training label has shaped (see training/decision_probe.py). 0: LoRA on every layer, "
+            "and no probe."
+        },
+    )
+    decision_probe: bool = field(
         default=True,
         metadata={
-            "help": "After training, fit a logistic-regression correction of the yes/no/maybe output rows on the "
-            "training questions' hidden states and ship it in the adapter (a rank-3 LoRA on the output layer; see "
-            "training/decision_head.py). --no_decision_head: the adapter's own option logits."
+            "help": "After training, fit the decision probe (a logistic regression on the hidden states at "
+            "--probe_depth, cross-validated on the 500 non-test questions) and ship it with the adapter. "
+            "--no_decision_probe: the adapter's own option logits decide."
         },
     )
     resume: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in output_dir."})
@@ -394,9 +404,27 @@ def _train_on_artificial(
 
 def _serving_prompts(records: Sequence[PubMedQARecord], tokenizer: Any) -> tuple[list[str], list[str]]:
     """Prompts as the app fits them (whole abstracts up to its prompt budget, not training's --max_length), so the
-    decision head sees the hidden states it will be applied to; with their gold decisions."""
+    decision probe sees the hidden states it will be applied to; with their gold decisions."""
     budget = ModelSettings.max_input_tokens
     return [fit_prompt(r.prompt_input(), tokenizer, budget).text for r in records], [r.final_decision for r in records]
+
+
+def lora_layers(model: Any, probe_depth: float) -> list[int] | None:
+    """The decoder layers LoRA trains: those above the probe (all of them without one)."""
+    layers = len(decoder_layers(model))
+    below = probe_layer(layers, probe_depth)
+    return None if below is None else list(range(below, layers))
+
+
+def lora_targets(model: Any, targets: str, layers: list[int] | None) -> str | list[str]:
+    """--lora_target_modules as PEFT takes it. PEFT restricts "all-linear" to some layers only as a list of names:
+    there, the linear projections of one decoder layer."""
+    if targets != "all-linear":
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    if layers is None:
+        return targets
+    block = decoder_layers(model)[0]
+    return sorted({name.rsplit(".", 1)[-1] for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
 def _ids_hash(records: Sequence[PubMedQARecord]) -> str:
@@ -427,12 +455,13 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     train_examples = build_examples(train_records, tokenizer, args.max_length)
     dev_examples = build_examples(split.dev, tokenizer, args.max_length)
     dev_decisions = {r.pubid: r.final_decision for r in split.dev}
-    targets = args.lora_target_modules
+    targets, layers = args.lora_target_modules, lora_layers(model, args.probe_depth)
     peft_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        target_modules=lora_targets(model, targets, layers),
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
@@ -488,19 +517,22 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     dev = probability_metrics(probabilities, trainer.dev_gold)
     logger.info("Dev after training (best checkpoint): %s", _dev_summary(dev))
     fitted_on = f"dev ({len(trainer.dev_gold)} questions, {base.quantization})"
-    calibration, with_head = None, None
-    if args.decision_head:
+    calibration, probe = None, None
+    if args.decision_probe:
         try:
-            calibration, head_probabilities = fit_and_attach(
-                trainer.model, tokenizer, output_dir, _serving_prompts(train_records, tokenizer),
-                _serving_prompts(split.dev, tokenizer), fitted_on, dev_offsets=args.calibrate,
+            # Train and dev: the probe reads hidden states no label has shaped, so cross-validation on all 500
+            # non-test questions is honest, and ten times less noisy than the 50 dev questions alone.
+            probe, calibration = fit_for_model(
+                trainer.model, tokenizer, _serving_prompts([*train_records, *split.dev], tokenizer),
+                f"train + dev ({len(train_records) + len(split.dev)} questions, {base.quantization})",
+                calibrate=args.calibrate,
             )
-            with_head = probability_metrics(head_probabilities, [r.final_decision for r in split.dev])
-            logger.info("Dev with the decision head: %s", _dev_summary(with_head))
-        except DecisionHeadError as exc:  # the trained adapter is kept, without a head
-            logger.warning("No decision head: %s", exc)
+            probe.save(output_dir)
+        except ProbeFitError as exc:  # the trained adapter is kept, without a probe
+            logger.warning("No decision probe: %s", exc)
     if args.calibrate and calibration is None:
         calibration = fit_calibration(probabilities, trainer.dev_gold, fitted_on)
+    if calibration is not None:
         calibration.save(output_dir)
     run_info = {
         "base_model": model_settings.base_model,
@@ -527,12 +559,12 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
         "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "trl", "bitsandbytes")},
     }
     metrics = {
-        "before_training": baseline, "after_training": dev, "with_decision_head": with_head,
+        "before_training": baseline, "after_training": dev, "decision_probe": probe.details if probe else None,
         "log_history": trainer.state.log_history,
     }
     (output_dir / "training_args.json").write_text(json.dumps(run_info, indent=2, default=str))
     (output_dir / "dev_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    write_model_card(output_dir, run_info, baseline, dev, calibration)
+    write_model_card(output_dir, run_info, baseline, dev, calibration, probe=probe)
     logger.info("Adapter written to %s; serve it with: PUBMEDQA_ADAPTER=%s python app.py", output_dir, output_dir)
     return output_dir
 

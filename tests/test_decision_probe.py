@@ -1,0 +1,176 @@
+"""The decision probe: a logistic regression on the base model's mid-layer hidden states that decides the fine-tuned
+variant's yes/no/maybe. It must learn what it is shown, read exactly the features it was fitted on (padding left
+out), decide the fine-tuned rows in scoring and in generation alike while the base rows stay untouched, and be
+refused or ignored, with a message, where it cannot apply."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from app.backend import GenerationSettings, Variant
+from app.calibration import load_calibration
+from app.config import ModelSettings
+from app.decision_probe import PROBE_FILE, DecisionProbe, ProbeReader, load_probe, probe_layer
+from app.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
+from app.registry import ModelRegistry
+from app.scoring import left_pad
+from training import calibrate, decision_probe
+from training.decision_probe import ProbeFitError
+
+QUESTIONS = [
+    "Does aspirin reduce fever in children?", "Is ultrasound equal to X-ray in fracture diagnosis?",
+    "Do statins prevent stroke?", "Is coffee linked to heart failure?", "Does exercise improve survival?",
+    "Are antibiotics useful for viral infections?",
+]
+
+
+@pytest.fixture(scope="module")
+def upper_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny model's upper layer only, as `training.train` makes them (--probe_depth)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("upper-adapter")
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
+                        init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def adapter_copy(upper_adapter_dir, tmp_path):
+    return shutil.copytree(upper_adapter_dir, tmp_path / "adapter")
+
+
+def _registry(tiny_model_dir, adapter) -> ModelRegistry:
+    return ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+
+
+def test_probe_depth_maps_to_a_layer_strictly_inside_the_model():
+    assert probe_layer(18, 0.55) == 10 and probe_layer(2, 0.55) == 1 and probe_layer(40, 0.55) == 22
+    assert probe_layer(18, 0.01) == 1 and probe_layer(18, 0.99) == 17 and probe_layer(18, 0) is None
+    with pytest.raises(ValueError):
+        probe_layer(18, 1.0)
+
+
+def test_the_probe_learns_a_planted_direction_and_cross_validates_it():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 16)) * 5 + 3  # not standardised: the probe must fold its scaling back
+    gold = [ANSWER_OPTIONS[i] for i in np.argmax(features[:, :3], axis=1)]
+    probe, calibration = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic")
+    assert probe.details["cross_validated"]["accuracy"] > 0.85 and probe.details["cross_validated"]["pairwise_auc"] > 0.9
+    assert set(probe.details["cv_auc_by_l2"]) == {"0.1", "0.3", "1", "3"}
+    held_out = rng.normal(size=(200, 16)) * 5 + 3
+    predicted = probe.logits(torch.from_numpy(held_out)).argmax(dim=1).numpy()
+    assert np.mean(predicted == np.argmax(held_out[:, :3], axis=1)) > 0.85
+    assert calibration.fitted_on == "synthetic, out of fold" and calibration.log_offsets["yes"] == 0.0
+
+    # Two labels only: the third is never predicted.
+    two = ["yes" if g == "yes" else "no" for g in gold]
+    probe, _ = decision_probe.fit_probe(features, two, layer=1, fitted_on="synthetic")
+    assert set(probe.logits(torch.from_numpy(held_out)).argmax(dim=1).tolist()) <= {0, 1}
+    with pytest.raises(ProbeFitError, match="two different decisions"):
+        decision_probe.fit_probe(features, ["yes"] * 300, layer=1, fitted_on="synthetic")
+
+
+def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upper_adapter_dir):
+    loaded = _registry(tiny_model_dir, upper_adapter_dir).load()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    short, long = tokenizer("Does aspirin help?")["input_ids"], tokenizer("Is coffee linked to heart failure in adults?")["input_ids"]
+    ids, mask = left_pad(tokenizer, [short, long], torch.device("cpu"))
+    with torch.inference_mode(), ProbeReader(model, 1) as reader:
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, len(short), dtype=torch.long), logits_to_keep=1)
+    with torch.inference_mode():
+        alone = model(input_ids=torch.tensor([short]), output_hidden_states=True).hidden_states[1][0].mean(dim=0)
+    batched, single = reader.pooled
+    torch.testing.assert_close(batched[0], single[0], atol=1e-5, rtol=1e-4)  # the left padding is not averaged in
+    torch.testing.assert_close(single[0], alone.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_model_dir, adapter_copy):
+    registry = _registry(tiny_model_dir, adapter_copy)
+    loaded = registry.load()
+    prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
+    variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
+    before = registry.score_decisions(prompts * 2, variants, calibrated=False)
+    features = decision_probe.collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
+    rng = np.random.default_rng(1)
+    probe = DecisionProbe(1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {})
+    probe.save(adapter_copy)
+
+    reloaded = _registry(tiny_model_dir, adapter_copy)
+    assert reloaded.load().probe is not None and "decision probe on layer 1" in reloaded.status_message()
+    after = reloaded.score_decisions(prompts * 2, variants, calibrated=False, batch_size=4)
+    expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
+    tuned = np.array([[p[o] for o in ANSWER_OPTIONS] for p in after[len(prompts):]])
+    np.testing.assert_allclose(tuned, expected, atol=1e-4)
+    base_after, base_before = ([[p[o] for o in ANSWER_OPTIONS] for p in rows[: len(prompts)]] for rows in (after, before))
+    np.testing.assert_allclose(base_after, base_before, atol=1e-5)  # base rows: no probe
+
+    # One generation pass gives the same decisions, and the answers start with them.
+    settings = GenerationSettings(max_new_tokens=3)
+    texts, decisions = reloaded.generate_with_decisions(prompts * 2, variants, settings, calibrated=False)
+    for got, want in zip(decisions, after):
+        assert [got[o] for o in ANSWER_OPTIONS] == pytest.approx([want[o] for o in ANSWER_OPTIONS], abs=1e-4)
+    bias = torch.tensor([0.0, 0.0, 40.0])  # "maybe" wins whatever the features say
+    DecisionProbe(1, probe.weight, bias, {}).save(adapter_copy)
+    texts, decisions = _registry(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
+    assert all(t.startswith("maybe") for t in texts[len(prompts):])
+    assert all(max(d, key=d.get) == "maybe" for d in decisions[len(prompts):])
+
+
+def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
+    tiny_model_dir, adapter_copy, pubmedqa_dir, caplog
+):
+    code = decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter",
+                                str(adapter_copy), "--data", str(pubmedqa_dir), "--batch_size", "50"])
+    assert code == 0
+    probe = load_probe(str(adapter_copy))
+    assert probe.layer == 1 and probe.details["questions"] == 500
+    calibration = load_calibration(str(adapter_copy))
+    assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
+    registry = _registry(tiny_model_dir, adapter_copy)
+    assert registry.load().adapter_loaded
+    assert "decisions calibrated on train + dev (500 questions" in registry.status_message()
+
+    # Dev-only offsets would replace the out-of-fold ones: the dev calibration command points to this one instead.
+    assert calibrate.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter_copy),
+                           "--data", str(pubmedqa_dir)]) == 2
+    assert "decides with its decision probe" in caplog.text and load_calibration(str(adapter_copy)) == calibration
+
+    # --no_calibrate removes offsets that were fitted for other scores.
+    assert decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter",
+                                str(adapter_copy), "--data", str(pubmedqa_dir), "--batch_size", "50", "--no_calibrate"]) == 0
+    assert load_calibration(str(adapter_copy)) is None
+
+
+def test_the_cli_refuses_an_adapter_that_trains_every_layer(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, caplog):
+    assert decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter",
+                                str(tiny_adapter_dir), "--data", str(pubmedqa_dir)]) == 2
+    assert "trains every decoder layer" in caplog.text and "--probe_depth" in caplog.text
+    assert not (tiny_adapter_dir / PROBE_FILE).exists()
+    assert decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", "none"]) == 2
+    assert "local adapter folder" in caplog.text
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_bytes(b"not a safetensors file"), "is not a decision probe"),
+    (lambda path: DecisionProbe(1, torch.zeros(3, 7), torch.zeros(3)).save(path.parent), "this model has 2 layers of 64"),
+    (lambda path: DecisionProbe(5, torch.zeros(3, 64), torch.zeros(3)).save(path.parent), "reads layer 5"),
+])
+def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serves(
+    tiny_model_dir, adapter_copy, caplog, write, message
+):
+    write(adapter_copy / PROBE_FILE)
+    registry = _registry(tiny_model_dir, adapter_copy)
+    loaded = registry.load()
+    assert loaded.adapter_loaded and loaded.probe is None
+    assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text
+    prompt = fit_prompt(PromptInput(QUESTIONS[0]), loaded.tokenizer, 256)
+    assert isinstance(registry.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)

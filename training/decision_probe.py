@@ -1,0 +1,219 @@
+"""Fit the decision probe of an adapter (see ``app/decision_probe.py``) and the decision calibration that goes with it.
+
+    python -m training.decision_probe --adapter outputs/adapter     # (re)fit; writes decision_probe.safetensors
+
+``python -m training.train`` does this at the end of training; this command refits an existing adapter, e.g. in the
+precision the app serves it in (4-bit moves the hidden states a little).
+
+The probe is a multinomial logistic regression (scikit-learn, L2 on standardised features) on the mean hidden state
+of each prompt at the probe's layer: the first layer the adapter trains, so the features are the base model's and
+no training label has shaped them. That makes cross-validation honest on all 500 non-test questions (train and dev;
+the test questions are never read): the L2 strength is chosen by the out-of-fold pairwise AUC, and the decision
+offsets are fitted on the out-of-fold scores with the same objective as checkpoint selection, (accuracy +
+macro-F1) / 2 — 500 questions rather than the 50 dev ones, whose offsets over-corrected. The final probe is then
+fitted on all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+from app.calibration import CALIBRATION_FILE, DecisionCalibration
+from app.config import ModelSettings, parse_settings
+from app.decision_probe import DecisionProbe, ProbeReader
+from app.model_loading import ModelLoadError
+from app.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
+from app.pubmedqa import DataFormatError, SplitSettings
+from app.registry import ModelRegistry
+from app.scoring import left_pad, option_probabilities, single_token_options
+from training.calibrate import fit_calibration, load_adapter_to_fit
+from training.metrics import probability_metrics
+
+logger = logging.getLogger("training.decision_probe")
+
+L2_GRID = (0.1, 0.3, 1.0, 3.0)  # per mean cross-entropy, on standardised features
+FOLDS = 5
+
+
+class ProbeFitError(ValueError):
+    """The probe cannot be fitted for this adapter or data."""
+
+
+def probe_layer_of(model: Any) -> int:
+    """The probe's layer for a PEFT model: the lowest layer its adapter trains. Refuses adapters that train every
+    layer (their hidden states have seen the training labels, so cross-validation on them would flatter the probe)."""
+    trained = {int(m.group(1)) for name, _ in model.named_parameters() if "lora_" in name and (m := re.search(r"\.layers\.(\d+)\.", name))}
+    if not trained:
+        raise ProbeFitError("the model has no LoRA layers: a decision probe goes with a trained adapter")
+    layer = min(trained)
+    if layer == 0:
+        raise ProbeFitError(
+            "the adapter trains every decoder layer, so no layer keeps the base model's hidden states for a probe: "
+            "train it with `python -m training.train --probe_depth 0.55` (the default)"
+        )
+    return layer
+
+
+@torch.inference_mode()
+def collect_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, batch_size: int = 8) -> np.ndarray:
+    """The mean hidden state at ``layer`` of each prompt (prompts x hidden size)."""
+    device = model.get_input_embeddings().weight.device
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
+    features: list[np.ndarray | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with ProbeReader(model, layer) as reader:
+            for start in tqdm(range(0, len(order), batch_size), desc="decision probe: features", unit="batch"):
+                rows = order[start : start + batch_size]
+                ids, mask = left_pad(tokenizer, [encoded[i] for i in rows], device)
+                reader.pooled.clear()
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                for j, i in enumerate(rows):
+                    features[i] = reader.pooled[0][j].cpu().numpy().astype(np.float64)
+    finally:
+        if was_training:
+            model.train()
+    return np.stack(features)
+
+
+def _fit(features: np.ndarray, gold: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """Raw-space weights (options x features) and intercepts of an L2-penalised multinomial regression on
+    standardised features; ``l2`` multiplies the squared weights next to the mean cross-entropy."""
+    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
+    # scikit-learn's objective is C * (summed cross-entropy) + ||w||^2 / 2.
+    model = LogisticRegression(C=1.0 / (2.0 * l2 * len(gold)), max_iter=5000)
+    model.fit((features - mean) / std, gold)
+    coef, intercept = model.coef_, model.intercept_
+    if len(model.classes_) == 2:  # scikit-learn's binary form: one row, for the second class
+        coef, intercept = np.vstack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, intercept[0]])
+    weight = np.zeros((len(ANSWER_OPTIONS), features.shape[1]))
+    bias = np.full(len(ANSWER_OPTIONS), -30.0)  # an option missing from the training labels is never predicted
+    for row, k in enumerate(model.classes_):
+        weight[k] = coef[row] / std
+        bias[k] = intercept[row] - weight[k] @ mean
+    return weight, bias
+
+
+def _logits(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(features @ weight.T + bias)
+
+
+@dataclass
+class CrossValidation:
+    l2: float
+    auc_by_l2: dict[str, float]
+    probabilities: list[dict[str, float]]  # out of fold, with the chosen L2
+
+
+def cross_validate(features: np.ndarray, gold: Sequence[str], grid: Sequence[float] = L2_GRID, seed: int = 0) -> CrossValidation:
+    """Out-of-fold probabilities (stratified folds) for each L2 strength; keeps the one with the best pairwise AUC
+    (ties: the stronger penalty)."""
+    labels = np.array([ANSWER_OPTIONS.index(g) for g in gold])
+    counts = np.bincount(labels, minlength=len(ANSWER_OPTIONS))
+    if (counts > 0).sum() < 2:
+        raise ProbeFitError("the questions need at least two different decisions to fit a probe")
+    folds = min(FOLDS, int(counts[counts > 0].min()))
+    if folds < 2:
+        raise ProbeFitError("every decision present needs at least two questions to cross-validate a probe")
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels))
+    results = {}
+    for l2 in grid:
+        logits = torch.zeros(len(labels), len(ANSWER_OPTIONS), dtype=torch.float64)
+        for fit_rows, held_out in splits:
+            logits[held_out] = _logits(features[held_out], *_fit(features[fit_rows], labels[fit_rows], l2))
+        probabilities = option_probabilities(logits)
+        results[l2] = (probability_metrics(probabilities, list(gold))["pairwise_auc"], probabilities)
+    best = max(grid, key=lambda l2: (results[l2][0], l2))
+    return CrossValidation(best, {f"{l2:g}": round(results[l2][0], 4) for l2 in grid}, results[best][1])
+
+
+def fit_probe(
+    features: np.ndarray, gold: Sequence[str], layer: int, fitted_on: str, calibrate: bool = True
+) -> tuple[DecisionProbe, DecisionCalibration | None]:
+    """Choose the L2 and the decision offsets by cross-validation, then fit the probe on every question."""
+    cv = cross_validate(features, gold)
+    calibration = fit_calibration(cv.probabilities, gold, f"{fitted_on}, out of fold") if calibrate else None
+    scored = [calibration.apply(p) for p in cv.probabilities] if calibration else cv.probabilities
+    cross_validated = {k: v for k, v in probability_metrics(scored, list(gold)).items() if k != "confusion_matrix"}
+    weight, bias = _fit(features, np.array([ANSWER_OPTIONS.index(g) for g in gold]), cv.l2)
+    details = {
+        "fitted_on": fitted_on, "questions": len(gold), "folds": FOLDS, "l2": cv.l2, "cv_auc_by_l2": cv.auc_by_l2,
+        "cross_validated": cross_validated,
+    }
+    logger.info(
+        "Decision probe on layer %d: L2 %g (out-of-fold AUC by L2: %s); out of fold with the offsets: accuracy %.3f, "
+        "macro-F1 %.3f, predicted %s", layer, cv.l2, cv.auc_by_l2, cross_validated["accuracy"],
+        cross_validated["macro_f1"], cross_validated["predicted_counts"],
+    )
+    probe = DecisionProbe(layer, torch.from_numpy(weight).float(), torch.from_numpy(bias - bias[0]).float(), details)
+    return probe, calibration
+
+
+def fit_for_model(
+    model: Any, tokenizer: Any, questions: tuple[list[str], list[str]], fitted_on: str, calibrate: bool = True,
+    batch_size: int = 8,
+) -> tuple[DecisionProbe, DecisionCalibration | None]:
+    """Fit the probe of a PEFT model on these (prompt, gold decision) pairs. With ``calibrate``, also returns the
+    out-of-fold offsets, saved by the caller next to the probe."""
+    if single_token_options(tokenizer) is None:
+        raise ProbeFitError("a decision probe needs answer options of one token each in this tokenizer")
+    layer = probe_layer_of(model)
+    prompts, gold = questions
+    features = collect_features(model, tokenizer, prompts, layer, batch_size)
+    return fit_probe(features, gold, layer, fitted_on, calibrate)
+
+
+@dataclass
+class ProbeArguments(SplitSettings):
+    batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
+    calibrate: bool = field(
+        default=True, metadata={"help": "Also fit the decision offsets (out of fold); --no_calibrate removes them."}
+    )
+
+
+def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -> DecisionProbe:
+    """The CLI: load base + adapter as the app does (same quantization), fit on train + dev, save next to the adapter."""
+    split = args.load_split()
+    registry, loaded = load_adapter_to_fit(model_settings, "decision probe", ModelRegistry)
+    budget = registry.prompt_budget(1)
+    records = [*split.train, *split.dev]
+    questions = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget).text for r in records], [r.final_decision for r in records]
+    fitted_on = f"train + dev ({len(records)} questions, {loaded.quantization})"
+    probe, calibration = fit_for_model(loaded.model, loaded.tokenizer, questions, fitted_on, args.calibrate, args.batch_size)
+    adapter_dir = Path(model_settings.adapter_source).expanduser()
+    probe.save(adapter_dir)
+    if calibration is not None:
+        calibration.save(adapter_dir)
+    else:
+        (adapter_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # it was fitted for other scores
+    return probe
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model_settings, args = parse_settings([ModelSettings, ProbeArguments], argv)
+        fit_probe_for_adapter(model_settings, args)
+    except (DataFormatError, ModelLoadError, ProbeFitError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("Decision probe written to %s; rewrite its card with `python -m training.model_card %s`",
+                model_settings.adapter_source, model_settings.adapter_source)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
