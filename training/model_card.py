@@ -149,7 +149,8 @@ def _test_summary(results: dict[str, Any]) -> dict[str, Any]:
         return f"{value * scale:.1f}" if isinstance(value, (int, float)) else ""
 
     rows = []
-    for key, name in (("base", "base model"), ("tuned", "with this adapter")):
+    tuned = "with this adapter and its decision probe" if results["run"].get("decision_probe") else "with this adapter"
+    for key, name in (("base", "base model"), ("tuned", tuned)):
         m = results["models"].get(key)
         if m:
             rows.append({
