@@ -120,6 +120,11 @@ def test_train_cli_reports_a_missing_data_folder_in_one_line(tmp_path, caplog):
     assert any("neither a folder" in r.getMessage() or "does not exist" in r.getMessage() for r in caplog.records)
 
 
+def test_train_cli_refuses_a_probe_depth_outside_the_model(tmp_path, caplog):
+    assert train_cli.main(["--probe_depth", "1", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "--probe_depth must be at least 0 and below 1" in caplog.text and not (tmp_path / "out").exists()
+
+
 def test_push_without_network_fails_in_one_line_without_the_token(tiny_adapter_dir, monkeypatch, capsys, caplog):
     from training import push
 

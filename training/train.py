@@ -125,6 +125,10 @@ class TrainArguments(SplitSettings):
     push_to_hub: str = field(default="", metadata={"help": "Upload the adapter to this Hub repo id when done."})
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.probe_depth < 1:
+            raise ValueError(f"--probe_depth must be at least 0 and below 1, got {self.probe_depth}")
+
 
 def build_examples(records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int) -> list[dict[str, str]]:
     """Prompt/completion pairs in the shared format. The completion is the decision followed by the conclusion;
