@@ -34,7 +34,7 @@ from app.config import ModelSettings, parse_settings
 from app.decision_probe import DecisionProbe, ProbeReader
 from app.model_loading import ModelLoadError
 from app.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from app.pubmedqa import DataFormatError, SplitSettings
+from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
 from app.registry import ModelRegistry
 from app.scoring import left_pad, option_probabilities, single_token_options
 from training.calibrate import fit_calibration, load_adapter_to_fit
@@ -162,6 +162,11 @@ def fit_probe(
     return probe, calibration
 
 
+def labelled_prompts(records: Sequence[PubMedQARecord], tokenizer: Any, budget: int) -> tuple[list[str], list[str]]:
+    """The questions' prompts fitted to ``budget`` tokens, and their gold decisions: what a probe is fitted on."""
+    return [fit_prompt(r.prompt_input(), tokenizer, budget).text for r in records], [r.final_decision for r in records]
+
+
 def fit_for_model(
     model: Any, tokenizer: Any, questions: tuple[list[str], list[str]], fitted_on: str, calibrate: bool = True,
     batch_size: int = 8,
@@ -188,9 +193,8 @@ def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -
     """The CLI: load base + adapter as the app does (same quantization), fit on train + dev, save next to the adapter."""
     split = args.load_split()
     registry, loaded = load_adapter_to_fit(model_settings, "decision probe", ModelRegistry)
-    budget = registry.prompt_budget(1)
     records = [*split.train, *split.dev]
-    questions = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget).text for r in records], [r.final_decision for r in records]
+    questions = labelled_prompts(records, loaded.tokenizer, registry.prompt_budget(1))
     fitted_on = f"train + dev ({len(records)} questions, {loaded.quantization})"
     probe, calibration = fit_for_model(loaded.model, loaded.tokenizer, questions, fitted_on, args.calibrate, args.batch_size)
     adapter_dir = Path(model_settings.adapter_source).expanduser()

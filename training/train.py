@@ -35,7 +35,7 @@ from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_c
 from app.pubmedqa import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
 from app.scoring import option_token_ids, score_options
 from training.calibrate import fit_calibration
-from training.decision_probe import ProbeFitError, fit_for_model
+from training.decision_probe import ProbeFitError, fit_for_model, labelled_prompts
 from training.hub import HubError
 from training.metrics import probability_metrics
 from training.model_card import write_model_card
@@ -406,13 +406,6 @@ def _train_on_artificial(
     return trainer.model, info
 
 
-def _serving_prompts(records: Sequence[PubMedQARecord], tokenizer: Any) -> tuple[list[str], list[str]]:
-    """Prompts as the app fits them (whole abstracts up to its prompt budget, not training's --max_length), so the
-    decision probe sees the hidden states it will be applied to; with their gold decisions."""
-    budget = ModelSettings.max_input_tokens
-    return [fit_prompt(r.prompt_input(), tokenizer, budget).text for r in records], [r.final_decision for r in records]
-
-
 def lora_layers(model: Any, probe_depth: float) -> list[int] | None:
     """The decoder layers LoRA trains: those above the probe (all of them without one)."""
     layers = len(decoder_layers(model))
@@ -525,9 +518,11 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     if args.decision_probe:
         try:
             # Train and dev: the probe reads hidden states no label has shaped, so cross-validation on all 500
-            # non-test questions is honest, and ten times less noisy than the 50 dev questions alone.
+            # non-test questions is honest, and ten times less noisy than the 50 dev questions alone. Prompts at the
+            # app's budget, not training's --max_length: the hidden states the probe will be applied to.
             probe, calibration = fit_for_model(
-                trainer.model, tokenizer, _serving_prompts([*train_records, *split.dev], tokenizer),
+                trainer.model, tokenizer,
+                labelled_prompts([*train_records, *split.dev], tokenizer, ModelSettings.max_input_tokens),
                 f"train + dev ({len(train_records) + len(split.dev)} questions, {base.quantization})",
                 calibrate=args.calibrate,
             )
