@@ -316,6 +316,9 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
     assert "PQA-A phase: 12 questions (1 dropped" in caplog.text
     assert any((out / "pqa_a").glob("checkpoint-*"))  # the first phase's own checkpoints, apart from PQA-L's
     assert "First phase: 12 PQA-A" in (out / "README.md").read_text()
+    # After PQA-A the adapter's own decision counts: LoRA on every layer, and no probe in its place.
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] is None
+    assert not (out / "decision_probe.safetensors").exists() and "No decision probe: LoRA trains every" in caplog.text
     registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
     assert registry.load().adapter_loaded
 

@@ -103,13 +103,14 @@ class TrainArguments(SplitSettings):
             "(--no_calibrate: raw option likelihoods)."
         },
     )
-    probe_depth: float = field(
-        default=0.55,
+    probe_depth: float | None = field(
+        default=None,
         metadata={
             "help": "LoRA trains only the decoder layers above this fraction of the model's depth (0.55: layers 10-17 "
             "of Gemma 3 270M's 18), so the hidden states there stay the base model's and the decision probe reads "
             "features that no training label has shaped (see training/decision_probe.py). 0: LoRA on every layer, "
-            "and no probe."
+            "and no probe. Default: 0.55, or 0 with --pqa_a (after 211k artificial questions the adapter's own "
+            "decision is the one to trust, and it needs every layer)."
         },
     )
     decision_probe: bool = field(
@@ -126,6 +127,8 @@ class TrainArguments(SplitSettings):
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
 
     def __post_init__(self) -> None:
+        if self.probe_depth is None:
+            self.probe_depth = 0.0 if self.pqa_a else 0.55
         if not 0 <= self.probe_depth < 1:
             raise ValueError(f"--probe_depth must be at least 0 and below 1, got {self.probe_depth}")
 
@@ -515,7 +518,9 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     logger.info("Dev after training (best checkpoint): %s", _dev_summary(dev))
     fitted_on = f"dev ({len(trainer.dev_gold)} questions, {base.quantization})"
     calibration, probe = None, None
-    if args.decision_probe:
+    if args.decision_probe and not args.probe_depth:
+        logger.info("No decision probe: LoRA trains every decoder layer (--probe_depth 0)")
+    elif args.decision_probe:
         try:
             # Train and dev: the probe reads hidden states no label has shaped, so cross-validation on all 500
             # non-test questions is honest, and ten times less noisy than the 50 dev questions alone. Prompts at the
