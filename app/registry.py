@@ -131,14 +131,12 @@ class ModelRegistry(ModelBackend):
         loaded = self.load()
         names = self._adapter_names(list(variants))
         tuned = [v is Variant.TUNED for v in variants]
-        with self._generate_lock:
-            if loaded.probe is None or not any(tuned):
-                scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
-            else:
-                with ProbeReader(loaded.model, loaded.probe.layer) as reader:  # one forward pass per batch
-                    scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
-                probed = option_probabilities(loaded.probe.logits(torch.cat(reader.pooled)))
-                scores = [p if t else s for s, p, t in zip(scores, probed, tuned)]
+        reader = self._probe_reader(loaded, tuned)
+        with self._generate_lock, reader or contextlib.nullcontext():  # the probe reads score_options' own passes
+            scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
+        if reader is not None:
+            probed = option_probabilities(loaded.probe.logits(torch.cat(reader.pooled)))
+            scores = [p if t else s for s, p, t in zip(scores, probed, tuned)]
         return self._calibrate(scores, variants) if calibrated else scores
 
     def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
@@ -181,7 +179,7 @@ class ModelRegistry(ModelBackend):
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
         tuned = [v is Variant.TUNED for v in variants] * (len(prompts) if len(variants) == 1 else 1)
         options = single_token_options(tokenizer)
-        reader = ProbeReader(loaded.model, loaded.probe.layer) if loaded.probe is not None and any(tuned) else None
+        reader = self._probe_reader(loaded, tuned)
         # The probe first: a first-step capture then reads the fine-tuned rows' probe decisions. The calibration
         # after the caller's processor, so that the capture still sees the uncalibrated scores.
         probe = FirstStepProbeDecision(loaded.probe, reader, options, tuned) if reader is not None else None
@@ -245,6 +243,11 @@ class ModelRegistry(ModelBackend):
             pass
         scores = capture.probabilities()
         return texts, self._calibrate(scores, variants) if calibrated else scores
+
+    @staticmethod
+    def _probe_reader(loaded: LoadedModel, tuned: Sequence[bool]) -> ProbeReader | None:
+        """A reader of the probe's features when fine-tuned rows will be decided by the adapter's probe."""
+        return ProbeReader(loaded.model, loaded.probe.layer) if loaded.probe is not None and any(tuned) else None
 
     @staticmethod
     def _calibration_processor(
