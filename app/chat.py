@@ -1,4 +1,4 @@
-"""Chat requests: server-side validation of what a user (or an API caller) sends, then streaming from the registry.
+"""Chat requests: server-side validation of what a user (or an API caller) sends, then streaming from the backend.
 
 The Chat tab and the ``/chat`` API both go through :func:`stream_answer`, so both enforce the same limits.
 """
@@ -9,9 +9,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from app.backend import GenerationSettings, ModelBackend, Variant
-from app.config import ServerSettings
-from app.prompts import PromptInput, PromptTooLongError, Turn
+from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.config import ServerSettings
+from pubmedqa.prompts import PromptInput, PromptTooLongError, Turn
 
 _CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
 
@@ -38,12 +38,12 @@ def clean_text(value: Any, name: str, max_chars: int) -> str:
     return text
 
 
-def parse_variant(value: Any, registry: ModelBackend) -> Variant:
+def parse_variant(value: Any, backend: ModelBackend) -> Variant:
     try:
         variant = Variant(value)
     except ValueError:
         raise UserInputError(f"Unknown model choice {value!r}: use 'base' or 'fine-tuned'.") from None
-    reason = registry.adapter_unavailable_reason()
+    reason = backend.adapter_unavailable_reason()
     if variant is Variant.TUNED and reason:
         raise UserInputError(f"The fine-tuned model is not available: {reason}.")
     return variant
@@ -104,7 +104,7 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
 
 
 def stream_answer(
-    registry: ModelBackend,
+    backend: ModelBackend,
     limits: ServerSettings,
     question: Any,
     context: Any,
@@ -119,14 +119,14 @@ def stream_answer(
     if not question_text:
         raise UserInputError("Please type a question.")
     context_text = clean_text(context, "context", limits.max_context_chars)
-    chosen = parse_variant(variant, registry)
+    chosen = parse_variant(variant, backend)
     generation = parse_settings(settings, limits)
     turns = history_to_turns(history, limits)
     try:
-        prompt = registry.prepare(PromptInput(question_text, context_text, turns), generation)
+        prompt = backend.prepare(PromptInput(question_text, context_text, turns), generation)
     except PromptTooLongError as exc:
         raise UserInputError(str(exc)) from None
     notices = prompt.notices
     yield ChatUpdate("", notices)
-    for answer in registry.stream(prompt, chosen, generation, cancel):
+    for answer in backend.stream(prompt, chosen, generation, cancel):
         yield ChatUpdate(answer, notices)

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from app.backend import ModelBackend, Variant
 from app.chat import UserInputError, clean_text, parse_settings
-from app.config import ServerSettings
-from app.prompts import PromptInput, PromptTooLongError, parse_decision
-from app.scoring import predicted_decision
+from pubmedqa.backends.base import ModelBackend, Variant
+from pubmedqa.config import ServerSettings
+from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.prompts import PromptInput, PromptTooLongError, parse_decision
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ComparisonUpdate:
 
 
 def stream_comparison(
-    registry: ModelBackend,
+    backend: ModelBackend,
     limits: ServerSettings,
     question: Any,
     context: Any,
@@ -61,29 +61,29 @@ def stream_comparison(
     context_text = clean_text(context, "context", limits.max_context_chars)
     generation = parse_settings(settings, limits)
     try:
-        prompt = registry.prepare(PromptInput(question_text, context_text), generation)
+        prompt = backend.prepare(PromptInput(question_text, context_text), generation)
     except PromptTooLongError as exc:
         raise UserInputError(str(exc)) from None
-    loaded = registry.load()
+    loaded = backend.load()
     notices = list(prompt.notices)
     variants = [Variant.BASE]
     if loaded.adapter_loaded:
         variants.append(Variant.TUNED)
     else:
-        notices.append(f"Only the base model can answer: {registry.adapter_unavailable_reason()}.")
+        notices.append(f"Only the base model can answer: {backend.adapter_unavailable_reason()}.")
     sides = [SideResult(v.value) for v in variants]
     start = time.perf_counter()
-    for texts in registry.stream_batch([prompt] * len(variants), variants, generation, cancel):
+    for texts in backend.stream_batch([prompt] * len(variants), variants, generation, cancel):
         now = time.perf_counter() - start
         for side, text in zip(sides, texts):
             if text != side.answer:
                 side.answer, side.seconds = text, now
                 if side.ttft_s is None:
                     side.ttft_s = now
-        yield ComparisonUpdate(sides, notices, registry.pair_mode)
-    for side, probabilities in zip(sides, registry.score_decisions([prompt] * len(variants), variants)):
-        side.n_tokens = registry.count_tokens(side.answer)
+        yield ComparisonUpdate(sides, notices, backend.pair_mode)
+    for side, probabilities in zip(sides, backend.score_decisions([prompt] * len(variants), variants)):
+        side.n_tokens = backend.count_tokens(side.answer)
         side.probabilities = probabilities
         side.decision = predicted_decision(probabilities)
         side.stated_decision = parse_decision(side.answer)
-    yield ComparisonUpdate(sides, notices, registry.pair_mode, done=True)
+    yield ComparisonUpdate(sides, notices, backend.pair_mode, done=True)

@@ -1,4 +1,4 @@
-"""Command-line entry point: parse settings, create the model registry, build and launch the app."""
+"""Command-line entry point: parse settings, create the model backend, build and launch the app."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import logging
 import sys
 from typing import Sequence
 
-from app.backend import create_backend
-from app.config import ModelSettings, ServerSettings, parse_settings
-from app.model_loading import ModelLoadError
 from app.ui.interface import build_app
+from pubmedqa.backends.factory import create_backend
+from pubmedqa.config import ModelSettings, ServerSettings, parse_settings
+from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -21,15 +21,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    registry = create_backend(model_settings)
+    backend = create_backend(model_settings)
     try:
-        registry.check_sources()
+        backend.check_sources()
     except ModelLoadError as exc:
         logger.error("%s", exc)
         return 2
     if server.preload:
-        registry.load_in_background()
-    demo = build_app(registry, server)
+        backend.load_in_background()
+    demo = build_app(backend, server)
     demo.launch(server_name=server.server_name, server_port=server.server_port)
     return 0
 

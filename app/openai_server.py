@@ -1,4 +1,4 @@
-"""A small OpenAI-compatible completions server over the local registry.
+"""A small OpenAI-compatible completions server over the local backend.
 
 It serves the base model and its LoRA adapter under two model names, the way vLLM (``--lora-modules``) and TGI
 (``LORA_ADAPTERS``) do, so the remote backend can be tried, tested and benchmarked without a GPU:
@@ -26,10 +26,10 @@ from typing import Any, Iterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.backend import GenerationSettings, Variant
-from app.config import ModelSettings, parse_settings
-from app.prompts import FittedPrompt, cut_at_stop
-from app.registry import ModelRegistry
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, parse_settings
+from pubmedqa.prompts import FittedPrompt, cut_at_stop
 
 
 @dataclass
@@ -50,13 +50,13 @@ class RequestError(ValueError):
 
 
 def create_app(
-    registry: ModelRegistry,
+    backend: TransformersBackend,
     base_name: str = "base",
     adapter_name: str = "tuned",
     api_key: str | None = None,
     allow_echo: bool = True,
 ):
-    """A FastAPI app serving ``registry`` as ``base_name`` and, when it has an adapter, ``adapter_name``.
+    """A FastAPI app serving ``backend`` as ``base_name`` and, when it has an adapter, ``adapter_name``.
     ``allow_echo=False`` refuses ``echo`` with ``logprobs`` as TGI does."""
     app = FastAPI(title="PubMedQA OpenAI-compatible server")
     names = {base_name: Variant.BASE, adapter_name: Variant.TUNED}
@@ -71,7 +71,7 @@ def create_app(
     def models(request: Request) -> Any:
         if not authorised(request):
             return error(401, "Invalid API key.")
-        loaded = registry.load()
+        loaded = backend.load()
         served = [base_name] + ([adapter_name] if loaded.adapter_loaded else [])
         return {"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "pubmedqa", "max_model_len": loaded.context_window} for n in served
@@ -86,7 +86,7 @@ def create_app(
             if not isinstance(body, dict):
                 raise RequestError(400, "The request body must be a JSON object.")
             variant, prompts, settings, stops = _parse(body, names)
-            if variant is Variant.TUNED and not registry.load().adapter_loaded:
+            if variant is Variant.TUNED and not backend.load().adapter_loaded:
                 raise RequestError(404, f"The model {body['model']!r} does not exist: no adapter is loaded.")
         except RequestError as exc:
             return error(exc.status, str(exc))
@@ -98,9 +98,9 @@ def create_app(
         if body.get("stream"):
             if len(prompts) != 1:
                 return error(400, "Streaming takes one prompt.")
-            return StreamingResponse(_stream(registry, model, prompts[0], variant, settings, stops), media_type="text/event-stream")
+            return StreamingResponse(_stream(backend, model, prompts[0], variant, settings, stops), media_type="text/event-stream")
         choices = [
-            _choice(registry, i, text, variant, settings, stops, bool(body.get("echo")), body.get("logprobs"))
+            _choice(backend, i, text, variant, settings, stops, bool(body.get("echo")), body.get("logprobs"))
             for i, text in enumerate(prompts)
         ]
         return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
@@ -135,12 +135,12 @@ def _fitted(text: str) -> FittedPrompt:
     return FittedPrompt(text=text, n_tokens=0)
 
 
-def _choice(registry, index, text, variant, settings, stops, echo, logprobs) -> dict[str, Any]:
-    completion = _cut(registry.generate(_fitted(text), variant, settings), stops)
+def _choice(backend, index, text, variant, settings, stops, echo, logprobs) -> dict[str, Any]:
+    completion = _cut(backend.generate(_fitted(text), variant, settings), stops)
     choice: dict[str, Any] = {"index": index, "text": (text + completion) if echo else completion,
                               "logprobs": None, "finish_reason": "stop"}
     if logprobs is not None:
-        tokens, following = registry.token_logprobs(text, variant, top=int(logprobs))
+        tokens, following = backend.token_logprobs(text, variant, top=int(logprobs))
         if echo:  # the echoed prompt's last tokens, where answer options are (see text_logprobs)
             choice["logprobs"] = {"tokens": [t for t, _, _ in tokens], "text_offset": [o for _, o, _ in tokens],
                                   "token_logprobs": [v for _, _, v in tokens], "top_logprobs": None}
@@ -149,9 +149,9 @@ def _choice(registry, index, text, variant, settings, stops, echo, logprobs) -> 
     return choice
 
 
-def _stream(registry, model, text, variant, settings, stops) -> Iterator[str]:
+def _stream(backend, model, text, variant, settings, stops) -> Iterator[str]:
     sent = ""
-    for answer in registry.stream(_fitted(text), variant, settings):
+    for answer in backend.stream(_fitted(text), variant, settings):
         answer = _cut(answer, stops)
         if answer.startswith(sent) and len(answer) > len(sent):
             yield _event(model, answer[len(sent):])
@@ -198,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_settings, serve = parse_settings([ModelSettings, ServeSettings], argv)
-    registry = ModelRegistry(model_settings)
-    registry.load()
+    backend = TransformersBackend(model_settings)
+    backend.load()
     api_key = os.environ.get(serve.require_key_env) if serve.require_key_env else None
-    uvicorn.run(create_app(registry, serve.base_name, serve.adapter_name, api_key), host=serve.host, port=serve.port)
+    uvicorn.run(create_app(backend, serve.base_name, serve.adapter_name, api_key), host=serve.host, port=serve.port)
     return 0
 
 

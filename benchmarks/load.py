@@ -16,10 +16,10 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from app.config import ModelSettings, ServerSettings
-from app.pubmedqa import load_examples
-from app.registry import ModelRegistry
 from app.ui.interface import build_app
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.data import load_examples
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -41,10 +41,10 @@ def main() -> None:
 
     from gradio_client import Client
 
-    registry = ModelRegistry(ModelSettings(base_model=args.base_model, adapter=args.adapter, quantization=args.quantization))
-    registry.load()
+    backend = TransformersBackend(ModelSettings(base_model=args.base_model, adapter=args.adapter, quantization=args.quantization))
+    backend.load()
     server = ServerSettings(queue_size=max(64, args.clients * args.requests), preload=False)
-    demo = build_app(registry, server)
+    demo = build_app(backend, server)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     questions = [ex["question"] for ex in load_examples() + load_examples(key="dev_examples")]
     started = time.monotonic()
@@ -71,7 +71,7 @@ def main() -> None:
                 if kind == "compare":
                     own.predict(question=question, max_new_tokens=args.max_new_tokens, api_name="/compare")
                 else:
-                    model = "fine-tuned" if kind == "chat-tuned" and registry.load().adapter_loaded else "base"
+                    model = "fine-tuned" if kind == "chat-tuned" and backend.load().adapter_loaded else "base"
                     own.predict(question=question, model=model, max_new_tokens=args.max_new_tokens, api_name="/chat")
                 results.append((kind, time.perf_counter() - t0))
             return results
@@ -90,7 +90,7 @@ def main() -> None:
         demo.close()
 
     chats = [s for kind, s in loaded if kind != "compare"]
-    print(f"model: {registry.status_message()}")
+    print(f"model: {backend.status_message()}")
     print(f"alone:      {len(alone)} short chat replies, p50 {statistics.median(alone):.2f} s, p95 {_percentile(alone, 0.95):.2f} s")
     print(f"under load: {args.clients} concurrent clients x {args.requests} requests ({len(loaded)} done, "
           f"{len(errors)} errors) in {wall:.1f} s = {len(loaded) / wall:.2f} requests/s")

@@ -1,6 +1,6 @@
 """Benchmark: the remote (OpenAI-compatible server) backend vs the in-process one, on the same model, in one run.
 
-The server is :mod:`app.openai_server` wrapping the very registry the in-process side uses (on localhost), so the
+The server is :mod:`app.openai_server` wrapping the very backend the in-process side uses (on localhost), so the
 ratios show what the protocol and the request pattern cost; against vLLM or TGI on a GPU, continuous batching
 changes the picture (see the README's "Scaling out").
 
@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from app.backend import GenerationSettings, ModelBackend, Variant
 from app.compare import stream_comparison
-from app.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from app.openai_server import create_app, serve_in_thread
-from app.prompts import fit_prompt
-from app.pubmedqa import load_examples, load_records, load_test_ids, stratified_sample
-from app.registry import ModelRegistry
-from app.remote_backend import RemoteBackend
-from training.evaluate import EvalArguments, in_batches
+from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.backends.remote import RemoteBackend
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
+from pubmedqa.data import load_examples, load_records, load_test_ids, stratified_sample
+from pubmedqa.evaluation.runner import EvalArguments, in_batches
+from pubmedqa.prompts import fit_prompt
 
 
 def _evaluation(backend: ModelBackend, prompts, batch_size: int, settings: GenerationSettings) -> float:
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    local = ModelRegistry(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    local = TransformersBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
     local.load()
     url, server = serve_in_thread(create_app(local))
     remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), backend="openai", base_url=url,

@@ -16,10 +16,10 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from app.config import BaseModelSettings
-from app.model_loading import load_base_model
-from app.prompts import encode_prompt
-from app.pubmedqa import load_records, load_test_ids, official_split
+from pubmedqa.config import BaseModelSettings
+from pubmedqa.data import load_records, load_test_ids, official_split
+from pubmedqa.model_loading import load_base_model
+from pubmedqa.prompts import encode_prompt
 from training.train import TrainArguments, answer_only_loss, build_examples
 
 

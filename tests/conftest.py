@@ -96,16 +96,16 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_settings(tiny_model_dir, tiny_adapter_dir):
-    from app.config import ModelSettings
+    from pubmedqa.config import ModelSettings
 
     return ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
 
 
 @pytest.fixture
 def tiny_registry(tiny_settings):
-    from app.registry import ModelRegistry
+    from pubmedqa.backends.transformers_backend import TransformersBackend
 
-    return ModelRegistry(tiny_settings)
+    return TransformersBackend(tiny_settings)
 
 
 class JsonHandler(BaseHTTPRequestHandler):

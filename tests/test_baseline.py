@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.pubmedqa import PubMedQARecord
+from pubmedqa.data import PubMedQARecord
 from training import baseline
 
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from app.config import ModelSettings, ServerSettings
-from app.registry import ModelRegistry
 from app.ui.interface import build_app
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import REPO_ROOT, serving
 
 pytestmark = pytest.mark.browser
@@ -45,10 +45,10 @@ def _require_browser():
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
-    registry.load()
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    backend.load()
     limits = ServerSettings(max_new_tokens_limit=256, votes_path=str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
-    with serving(build_app(registry, limits)) as url:
+    with serving(build_app(backend, limits)) as url:
         yield url
 
 

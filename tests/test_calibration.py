@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from app.backend import Variant
-from app.calibration import CALIBRATION_FILE, DecisionCalibration, load_calibration
-from app.config import ModelSettings
-from app.prompts import PromptInput, fit_prompt
-from app.registry import ModelRegistry
+from pubmedqa.backends.base import Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration, load_calibration
+from pubmedqa.prompts import PromptInput, fit_prompt
 from training.calibrate import fit_calibration
 
 
@@ -48,22 +48,22 @@ def calibrated_adapter(tiny_adapter_dir, tmp_path):
 
 
 def test_registry_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_adapter):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
-    loaded = registry.load()
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    loaded = backend.load()
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)
-    base, tuned = registry.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
-    raw_base, raw_tuned = registry.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], calibrated=False)
+    base, tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    raw_base, raw_tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], calibrated=False)
     assert base == raw_base
     assert tuned["maybe"] > 0.99 and raw_tuned["maybe"] < 0.99  # a +30 offset wins whatever the random model says
-    assert "calibrated" in registry.status_message()
+    assert "calibrated" in backend.status_message()
 
 
 def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
-    from app.backend import GenerationSettings
+    from pubmedqa.backends.base import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=4)
-    calibrated = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
-    plain = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    calibrated = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), calibrated.load().tokenizer, 512)
     variants = [Variant.BASE, Variant.TUNED]
     texts, decisions = calibrated.generate_with_decisions([prompt, prompt], variants, settings, calibrated=False)

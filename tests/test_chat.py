@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 from app.chat import UserInputError, history_to_turns, stream_answer
-from app.config import ServerSettings
-from app.prompts import Turn
 from app.ui.interface import build_app
+from pubmedqa.config import ServerSettings
+from pubmedqa.prompts import Turn
 from tests.conftest import serving
 
 LIMITS = ServerSettings(max_question_chars=300, max_context_chars=2000, max_new_tokens_limit=64)
 SETTINGS = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 
 
-def _final(registry, question, context="", history=None, variant="base", settings=SETTINGS):
-    updates = list(stream_answer(registry, LIMITS, question, context, history, variant, settings))
+def _final(backend, question, context="", history=None, variant="base", settings=SETTINGS):
+    updates = list(stream_answer(backend, LIMITS, question, context, history, variant, settings))
     return updates[-1]
 
 

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from app.backend import GenerationSettings, Variant
 from app.chat import UserInputError
 from app.compare import stream_comparison
-from app.config import ModelSettings, ServerSettings
-from app.prompts import PromptInput
-from app.registry import ModelRegistry
 from app.ui.interface import build_app
 from app.votes import VoteError, VoteLog
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.prompts import PromptInput
 from tests.conftest import serving
 
 SETTINGS = {"max_new_tokens": 10, "temperature": 0.0, "top_p": 0.95, "seed": 0}
@@ -41,12 +41,12 @@ def test_comparison_gives_each_variant_its_own_answer_from_one_batch(tiny_regist
 
 
 def test_without_adapter_only_the_base_side_answers_and_says_why(tiny_model_dir, tmp_path):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
-    final = list(stream_comparison(registry, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
+    final = list(stream_comparison(backend, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
     assert [s.variant for s in final.sides] == ["base"]
     assert any("Only the base model" in n for n in final.notices)
     with pytest.raises(UserInputError, match="type a question"):
-        list(stream_comparison(registry, _limits(tmp_path), " ", "", SETTINGS))
+        list(stream_comparison(backend, _limits(tmp_path), " ", "", SETTINGS))
 
 
 def test_votes_are_appended_and_summarised(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import ModelSettings, ServerSettings, parse_settings
+from pubmedqa.config import ModelSettings, ServerSettings, parse_settings
 
 
 def test_environment_overrides_defaults_and_flags_override_environment(monkeypatch):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from app.backend import GenerationSettings, Variant
-from app.calibration import load_calibration
-from app.config import ModelSettings
-from app.decision_probe import PROBE_FILE, DecisionProbe, ProbeReader, load_probe, probe_layer
-from app.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
-from app.registry import ModelRegistry
-from app.scoring import left_pad
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import load_calibration
+from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeReader, load_probe, probe_layer
+from pubmedqa.decisions.scoring import left_pad
+from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
 from training.decision_probe import ProbeFitError
 
@@ -47,8 +47,8 @@ def adapter_copy(upper_adapter_dir, tmp_path):
     return shutil.copytree(upper_adapter_dir, tmp_path / "adapter")
 
 
-def _registry(tiny_model_dir, adapter) -> ModelRegistry:
-    return ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+def _registry(tiny_model_dir, adapter) -> TransformersBackend:
+    return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
 
 
 def test_probe_depth_maps_to_a_layer_strictly_inside_the_model():
@@ -94,11 +94,11 @@ def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upp
 
 
 def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_model_dir, adapter_copy):
-    registry = _registry(tiny_model_dir, adapter_copy)
-    loaded = registry.load()
+    backend = _registry(tiny_model_dir, adapter_copy)
+    loaded = backend.load()
     prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
     variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
-    before = registry.score_decisions(prompts * 2, variants, calibrated=False)
+    before = backend.score_decisions(prompts * 2, variants, calibrated=False)
     features = decision_probe.collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
     rng = np.random.default_rng(1)
     probe = DecisionProbe(1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {})
@@ -135,9 +135,9 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     assert probe.layer == 1 and probe.details["questions"] == 500
     calibration = load_calibration(str(adapter_copy))
     assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
-    registry = _registry(tiny_model_dir, adapter_copy)
-    assert registry.load().adapter_loaded
-    assert "decisions calibrated on train + dev (500 questions" in registry.status_message()
+    backend = _registry(tiny_model_dir, adapter_copy)
+    assert backend.load().adapter_loaded
+    assert "decisions calibrated on train + dev (500 questions" in backend.status_message()
 
     # Dev-only offsets would replace the out-of-fold ones: the dev calibration command points to this one instead.
     assert calibrate.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter_copy),
@@ -168,9 +168,9 @@ def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serve
     tiny_model_dir, adapter_copy, caplog, write, message
 ):
     write(adapter_copy / PROBE_FILE)
-    registry = _registry(tiny_model_dir, adapter_copy)
-    loaded = registry.load()
+    backend = _registry(tiny_model_dir, adapter_copy)
+    loaded = backend.load()
     assert loaded.adapter_loaded and loaded.probe is None
     assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text
     prompt = fit_prompt(PromptInput(QUESTIONS[0]), loaded.tokenizer, 256)
-    assert isinstance(registry.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)
+    assert isinstance(backend.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)

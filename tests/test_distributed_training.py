@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 
-from app.backend import GenerationSettings, Variant
-from app.config import ModelSettings
-from app.prompts import PromptInput
-from app.registry import ModelRegistry
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings
+from pubmedqa.prompts import PromptInput
 from tests.conftest import REPO_ROOT, free_port
 
 
@@ -39,6 +39,6 @@ def test_accelerate_launch_trains_with_two_processes_and_the_main_one_writes_the
         "README.md", "adapter_config.json", "adapter_model.safetensors", "decision_calibration.json",
         "decision_probe.safetensors", "dev_metrics.json", "training_args.json",
     ]
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
     settings = GenerationSettings(max_new_tokens=4)
-    assert registry.generate(registry.prepare(PromptInput("Does aspirin help?"), settings), Variant.TUNED, settings) is not None
+    assert backend.generate(backend.prepare(PromptInput("Does aspirin help?"), settings), Variant.TUNED, settings) is not None

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from app.chat import stream_answer
-from app.config import ModelSettings, ServerSettings
-from app.registry import ModelRegistry
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -59,7 +59,7 @@ def test_app_serves_the_page_at_once_and_answers_through_the_chat_api(app_url):
 def test_compare_api_answers_with_both_models(app_url):
     from gradio_client import Client
 
-    from app.config import SHIPPED_ADAPTER_DIR
+    from pubmedqa.config import SHIPPED_ADAPTER_DIR
 
     result = Client(app_url, verbose=False).predict(question=QUESTION, max_new_tokens=32, api_name="/compare")
     sides = ["base", "fine-tuned"] if (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file() else ["base"]
@@ -79,7 +79,7 @@ def test_app_refuses_to_start_with_a_missing_model_folder_and_names_the_setting(
 
 @pytest.fixture(scope="module")
 def embedded_registry():
-    return ModelRegistry(ModelSettings(adapter="none"))
+    return TransformersBackend(ModelSettings(adapter="none"))
 
 
 def test_real_model_answers_a_long_abstract_by_truncating_the_context(embedded_registry):
@@ -99,20 +99,20 @@ def test_real_model_keeps_a_multi_turn_conversation(embedded_registry):
 
 
 def test_shipped_adapter_makes_the_model_state_a_decision():
-    from app.backend import GenerationSettings, Variant
-    from app.config import SHIPPED_ADAPTER_DIR
-    from app.prompts import PromptInput, parse_decision
+    from pubmedqa.backends.base import GenerationSettings, Variant
+    from pubmedqa.config import SHIPPED_ADAPTER_DIR
+    from pubmedqa.prompts import PromptInput, parse_decision
 
     if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
         pytest.skip("no adapter shipped in assets/adapter yet")
-    registry = ModelRegistry(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    backend = TransformersBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
     settings = GenerationSettings(max_new_tokens=40)
-    prompt = registry.prepare(PromptInput(QUESTION), settings)
-    assert registry.load().adapter_loaded
-    tuned = registry.generate(prompt, Variant.TUNED, settings)
+    prompt = backend.prepare(PromptInput(QUESTION), settings)
+    assert backend.load().adapter_loaded
+    tuned = backend.generate(prompt, Variant.TUNED, settings)
     assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
-    assert tuned != registry.generate(prompt, Variant.BASE, settings)
+    assert tuned != backend.generate(prompt, Variant.BASE, settings)
     # The shipped decision probe decides, and the answer opens with that decision.
-    assert registry.load().probe is not None and "decision probe on layer 10" in registry.status_message()
-    (answer,), (decision,) = registry.generate_with_decisions([prompt], [Variant.TUNED], settings)
+    assert backend.load().probe is not None and "decision probe on layer 10" in backend.status_message()
+    (answer,), (decision,) = backend.generate_with_decisions([prompt], [Variant.TUNED], settings)
     assert answer == tuned and parse_decision(answer) == max(decision, key=decision.get)

@@ -11,13 +11,13 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from app.calibration import DecisionCalibration
-from app.config import ModelSettings
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import DecisionCalibration
+from pubmedqa.evaluation.judge import Judge, parse_grade, summarize_grades
+from pubmedqa.evaluation.metrics import decision_metrics, pairwise_auc, text_metrics, token_f1
+from pubmedqa.evaluation.results import ResultsError, load_results
+from pubmedqa.evaluation.runner import EvalArguments, evaluate
 from tests.conftest import JsonHandler
-from training.evaluate import EvalArguments, evaluate
-from training.judge import Judge, parse_grade, summarize_grades
-from training.metrics import decision_metrics, pairwise_auc, text_metrics, token_f1
-from training.results import ResultsError, load_results
 
 
 def test_decision_metrics_match_hand_computed_values():

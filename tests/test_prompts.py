@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.prompts import (
+from pubmedqa.prompts import (
     ANSWER_OPTIONS,
     PromptInput,
     PromptTooLongError,

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from app.pubmedqa import (
+from pubmedqa.data import (
     DataFormatError,
     load_artificial,
     load_examples,

@@ -12,9 +12,9 @@ import pytest
 
 from app.chat import UserInputError, stream_answer
 from app.compare import stream_comparison
-from app.config import ModelSettings, ServerSettings
-from app.registry import ModelRegistry
 from app.ui.interface import build_app
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import serving
 
 LIMITS = ServerSettings(
@@ -24,23 +24,23 @@ SHORT = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 QUESTIONS = [f"Does treatment number {i} reduce mortality in patients with condition {i * 7}?" for i in range(24)]
 
 
-def _alone_chat(registry, question, variant):
-    return list(stream_answer(registry, LIMITS, question, "", None, variant, SHORT))[-1].answer
+def _alone_chat(backend, question, variant):
+    return list(stream_answer(backend, LIMITS, question, "", None, variant, SHORT))[-1].answer
 
 
-def _alone_compare(registry, question):
-    last = list(stream_comparison(registry, LIMITS, question, "", SHORT))[-1]
+def _alone_compare(backend, question):
+    last = list(stream_comparison(backend, LIMITS, question, "", SHORT))[-1]
     return {side.variant: side.answer for side in last.sides}
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_model_dir, tiny_adapter_dir):
-    return ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+def backend(tiny_model_dir, tiny_adapter_dir):
+    return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
 
 
 @pytest.fixture(scope="module")
-def app_url(registry):
-    with serving(build_app(registry, LIMITS)) as url:
+def app_url(backend):
+    with serving(build_app(backend, LIMITS)) as url:
         yield url
 
 
@@ -51,12 +51,12 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
-def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(registry, client):
+def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(backend, client):
     # 16 Chat jobs (base and fine-tuned alternating) and 8 Compare jobs, all in flight at once.
     chats = [(q, "base" if i % 2 else "fine-tuned") for i, q in enumerate(QUESTIONS[:16])]
     compares = QUESTIONS[16:]
-    expected_chat = [_alone_chat(registry, q, v) for q, v in chats]
-    expected_compare = [_alone_compare(registry, q) for q in compares]
+    expected_chat = [_alone_chat(backend, q, v) for q, v in chats]
+    expected_compare = [_alone_compare(backend, q) for q in compares]
 
     jobs = [client.submit(question=q, model=v, max_new_tokens=6, api_name="/chat") for q, v in chats]
     jobs += [client.submit(question=q, max_new_tokens=6, api_name="/compare") for q in compares]
@@ -68,11 +68,11 @@ def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(registry, cl
     assert len(set(expected_chat)) > 1  # distinct questions really give distinct answers, so crossing would show
 
 
-def test_a_full_queue_says_busy_and_the_app_recovers(registry):
+def test_a_full_queue_says_busy_and_the_app_recovers(backend):
     from gradio_client import Client
 
     limits = ServerSettings(max_new_tokens_limit=64, queue_size=1)
-    with serving(build_app(registry, limits)) as url:
+    with serving(build_app(backend, limits)) as url:
         client = Client(url, verbose=False)
         jobs = [client.submit(question=q, max_new_tokens=64, api_name="/chat") for q in QUESTIONS[:8]]
         outcomes = []
@@ -85,7 +85,7 @@ def test_a_full_queue_says_busy_and_the_app_recovers(registry):
         assert refused and all("queue is full" in str(o).lower() for o in refused)
         assert any(isinstance(o, str) for o in outcomes)
         assert client.predict(question=QUESTIONS[0], max_new_tokens=6, api_name="/chat") == _alone_chat(
-            registry, QUESTIONS[0], "base"
+            backend, QUESTIONS[0], "base"
         )
 
 
@@ -118,7 +118,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("kwargs, message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
-def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(registry, client, kwargs, message):
+def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(backend, client, kwargs, message):
     call = {"max_new_tokens": 6, **kwargs}
     if message is None:
         answer = client.predict(**call, api_name="/chat")
@@ -127,7 +127,7 @@ def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(regist
         with pytest.raises(Exception, match=message):
             client.predict(**call, api_name="/chat")
     assert client.predict(question=QUESTIONS[1], max_new_tokens=6, api_name="/chat") == _alone_chat(
-        registry, QUESTIONS[1], "base"
+        backend, QUESTIONS[1], "base"
     )
 
 
@@ -135,7 +135,7 @@ def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(regist
     "body",
     [b"not json", b'{"data": "not a list"}', b'{"data": []}', b'{"data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}', b"{}"],
 )
-def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(registry, client, app_url, body):
+def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(backend, client, app_url, body):
     response = httpx.post(f"{app_url}gradio_api/call/chat", content=body, headers={"Content-Type": "application/json"})
     if response.status_code == 200:  # accepted into the queue: the event stream must end with an error
         event_id = response.json()["event_id"]
@@ -144,19 +144,19 @@ def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(regist
     else:
         assert 400 <= response.status_code < 500
     assert client.predict(question=QUESTIONS[2], max_new_tokens=6, api_name="/chat") == _alone_chat(
-        registry, QUESTIONS[2], "base"
+        backend, QUESTIONS[2], "base"
     )
 
 
-def test_compare_pressed_many_times_at_once_answers_each(registry, client):
+def test_compare_pressed_many_times_at_once_answers_each(backend, client):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: client.predict(question=QUESTIONS[3], max_new_tokens=6, api_name="/compare"), range(4)))
-    expected = _alone_compare(registry, QUESTIONS[3])
+    expected = _alone_compare(backend, QUESTIONS[3])
     assert all({"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} == expected for r in results)
 
 
-def test_question_over_the_token_budget_gets_a_message(registry):
-    small = ModelRegistry(ModelSettings(base_model=registry.settings.base_model, adapter="none", quantization="none",
+def test_question_over_the_token_budget_gets_a_message(backend):
+    small = TransformersBackend(ModelSettings(base_model=backend.settings.base_model, adapter="none", quantization="none",
                                         max_input_tokens=40))
     with pytest.raises(UserInputError, match="too long"):
         list(stream_answer(small, LIMITS, "Does " + "very " * 80 + "long aspirin help?", "", None, "base", SHORT))
@@ -165,11 +165,11 @@ def test_question_over_the_token_budget_gets_a_message(registry):
 def test_adapter_folder_deleted_while_serving_keeps_both_variants(tiny_model_dir, tiny_adapter_dir, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
-    before = _alone_chat(registry, QUESTIONS[4], "fine-tuned")
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+    before = _alone_chat(backend, QUESTIONS[4], "fine-tuned")
     shutil.rmtree(adapter)  # the weights are already in memory
-    assert _alone_chat(registry, QUESTIONS[4], "fine-tuned") == before
-    assert _alone_chat(registry, QUESTIONS[4], "base")
+    assert _alone_chat(backend, QUESTIONS[4], "fine-tuned") == before
+    assert _alone_chat(backend, QUESTIONS[4], "base")
 
 
 def test_model_load_failure_is_shown_and_the_rest_of_the_app_serves(tmp_path):
@@ -178,11 +178,11 @@ def test_model_load_failure_is_shown_and_the_rest_of_the_app_serves(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    registry = ModelRegistry(ModelSettings(base_model=str(broken), adapter="none", quantization="none"))
-    with serving(build_app(registry, LIMITS)) as url:
+    backend = TransformersBackend(ModelSettings(base_model=str(broken), adapter="none", quantization="none"))
+    with serving(build_app(backend, LIMITS)) as url:
         client = Client(url, verbose=False)
         for _ in range(2):  # the failure is reported every time, not only to the first caller
             with pytest.raises(Exception, match="Could not load model .*PUBMEDQA_BASE_MODEL"):
                 client.predict(question="Is it?", max_new_tokens=6, api_name="/chat")
-        assert "failed" in registry.status_message().lower()
+        assert "failed" in backend.status_message().lower()
         assert httpx.get(url, timeout=10).status_code == 200  # the page (with the Evaluation tab) still serves

@@ -1,5 +1,5 @@
 """The remote (OpenAI-compatible server) backend against the project's own server wrapping the tiny model: answers
-are real model outputs, so the remote path must give exactly what the in-process registry gives."""
+are real model outputs, so the remote path must give exactly what the in-process backend gives."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
-from app.backend import BackendError, GenerationSettings, LoadState, Variant
 from app.chat import stream_answer
 from app.compare import stream_comparison
-from app.config import ModelSettings, ServerSettings
 from app.openai_server import create_app, serve_in_thread
-from app.prompts import PromptInput
-from app.remote_backend import RemoteBackend
+from pubmedqa.backends.base import BackendError, GenerationSettings, LoadState, Variant
+from pubmedqa.backends.remote import RemoteBackend
+from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.prompts import PromptInput
 from tests.conftest import JsonHandler, free_port
 
 QUESTIONS = [
@@ -30,9 +30,9 @@ LIMITS = ServerSettings(max_new_tokens_limit=64)
 
 
 @contextlib.contextmanager
-def api_server(registry, **options) -> Iterator[str]:
-    """The OpenAI-compatible server for ``registry`` on a free localhost port; yields its /v1 URL."""
-    url, server = serve_in_thread(create_app(registry, **options))
+def api_server(backend, **options) -> Iterator[str]:
+    """The OpenAI-compatible server for ``backend`` on a free localhost port; yields its /v1 URL."""
+    url, server = serve_in_thread(create_app(backend, **options))
     try:
         yield url
     finally:
@@ -47,11 +47,11 @@ def remote(tiny_model_dir, base_url, **overrides) -> RemoteBackend:
 
 @pytest.fixture(scope="module")
 def local(tiny_model_dir, tiny_adapter_dir):
-    from app.registry import ModelRegistry
+    from pubmedqa.backends.transformers_backend import TransformersBackend
 
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
-    registry.load()
-    return registry
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    backend.load()
+    return backend
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,8 @@ def test_server_down_is_a_clear_message_and_the_backend_stays_ready(tiny_model_d
 def test_offsets_fitted_for_a_decision_probe_are_not_applied_to_a_servers_logits(tiny_model_dir, tmp_path, caplog):
     import torch
 
-    from app.calibration import DecisionCalibration
-    from app.decision_probe import DecisionProbe
+    from pubmedqa.decisions.calibration import DecisionCalibration
+    from pubmedqa.decisions.probe import DecisionProbe
 
     DecisionCalibration({"yes": 0.0, "no": 1.0, "maybe": 2.0}, "dev").save(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/v1"
@@ -196,15 +196,15 @@ def test_the_app_on_the_remote_backend_shows_server_errors_in_the_ui(tiny_model_
 
 
 def test_evaluation_runs_through_the_remote_backend(local, server_url, tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path):
-    from training.evaluate import EvalArguments, evaluate
-    from training.results import load_results
+    from pubmedqa.evaluation.results import load_results
+    from pubmedqa.evaluation.runner import EvalArguments, evaluate
 
     backend = remote(tiny_model_dir, server_url, adapter=str(tiny_adapter_dir))
     args = EvalArguments(data=str(pubmedqa_dir), limit=6, batch_size=3, max_new_tokens=6, output_dir=str(tmp_path / "remote"),
                          bertscore_model="none")
-    results = load_results(evaluate(backend.settings, args, registry=backend)).results
+    results = load_results(evaluate(backend.settings, args, backend=backend)).results
     local_args = EvalArguments(**{**args.__dict__, "output_dir": str(tmp_path / "local")})
-    expected = load_results(evaluate(local.settings, local_args, registry=local)).results
+    expected = load_results(evaluate(local.settings, local_args, backend=local)).results
     for key in ("base", "tuned"):
         assert results["models"][key]["accuracy"] == expected["models"][key]["accuracy"]
         assert results["models"][key]["token_f1"] == pytest.approx(expected["models"][key]["token_f1"])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import app.scoring as scoring
-from app.prompts import ANSWER_OPTIONS, PromptInput, encode_prompt, render_prompt
-from app.registry import ADAPTER_NAME, BASE_ADAPTER_NAME
+import pubmedqa.decisions.scoring as scoring
+from pubmedqa.backends.transformers_backend import ADAPTER_NAME, BASE_ADAPTER_NAME
+from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, encode_prompt, render_prompt
 
 QUESTIONS = ["Does aspirin help?", "Is ultrasound equal to X-ray in pediatric fracture diagnosis?", "Do moles exist?"]
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from app.backend import Variant
-from app.calibration import load_calibration
-from app.config import BaseModelSettings, ModelSettings
-from app.prompts import encode_prompt
-from app.pubmedqa import load_local, load_test_ids, official_split
-from app.registry import ModelRegistry
+from pubmedqa.backends.base import Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import BaseModelSettings, ModelSettings
+from pubmedqa.data import load_local, load_test_ids, official_split
+from pubmedqa.decisions.calibration import load_calibration
+from pubmedqa.prompts import encode_prompt
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training.train import TrainArguments, _ids_hash, build_examples
@@ -102,14 +102,14 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     evaluated_steps = [entry["step"] for entry in metrics["log_history"] if "eval_selection_score" in entry]
     assert evaluated_steps[-1] == metrics["log_history"][-1]["step"]  # the finished model competes for "best"
 
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
-    from app.backend import GenerationSettings
-    from app.prompts import PromptInput
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
+    from pubmedqa.backends.base import GenerationSettings
+    from pubmedqa.prompts import PromptInput
 
     settings = GenerationSettings(max_new_tokens=8)
-    prompt = registry.prepare(PromptInput("Does aspirin help?"), settings)
-    assert registry.load().adapter_loaded
-    assert isinstance(registry.generate(prompt, Variant.TUNED, settings), str)
+    prompt = backend.prepare(PromptInput("Does aspirin help?"), settings)
+    assert backend.load().adapter_loaded
+    assert isinstance(backend.generate(prompt, Variant.TUNED, settings), str)
     assert metrics["log_history"][-1]["train_loss"] > 0
 
 
@@ -253,8 +253,8 @@ def test_balanced_decision_weights_scale_each_label_by_its_rarity(tiny_model_dir
 
 
 def test_balanced_class_weights_follow_label_frequency(pubmedqa_dir):
-    from app.pubmedqa import load_records
-    from app.scoring import option_token_ids
+    from pubmedqa.data import load_records
+    from pubmedqa.decisions.scoring import option_token_ids
     from training.train import balanced_class_weights
 
     records = list(load_records(str(pubmedqa_dir)).values())[:200]
@@ -271,8 +271,8 @@ def test_model_card_cli_puts_test_results_on_the_card_and_refuses_a_broken_run(t
 
     from huggingface_hub import ModelCard
 
+    from pubmedqa.evaluation.results import SCHEMA_VERSION, write_json_atomic
     from training.model_card import main as card_main
-    from training.results import SCHEMA_VERSION, write_json_atomic
 
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_adapter, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -319,8 +319,8 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
     # After PQA-A the adapter's own decision counts: LoRA on every layer, and no probe in its place.
     assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] is None
     assert not (out / "decision_probe.safetensors").exists() and "No decision probe: LoRA trains every" in caplog.text
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
-    assert registry.load().adapter_loaded
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
+    assert backend.load().adapter_loaded
 
     # The second phase continued the first phase's adapter instead of starting a fresh one.
     from safetensors.torch import load_file

@@ -19,11 +19,11 @@ from typing import Any, Sequence
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from app.config import parse_settings
-from app.prompts import ANSWER_OPTIONS
-from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
-from training.metrics import probability_metrics
-from training.results import write_json_atomic
+from pubmedqa.config import parse_settings
+from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
+from pubmedqa.evaluation.metrics import probability_metrics
+from pubmedqa.evaluation.results import write_json_atomic
+from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger("training.baseline")
 

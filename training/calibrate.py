@@ -18,16 +18,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from app.backend import LoadedModel, ModelBackend, Variant, create_backend
-from app.calibration import DecisionCalibration
-from app.config import ModelSettings, parse_settings
-from app.decision_probe import PROBE_FILE
-from app.model_loading import ModelLoadError
-from app.prompts import ANSWER_OPTIONS, fit_prompt
-from app.pubmedqa import DataFormatError, SplitSettings
-from app.scoring import predicted_decision
-from training.evaluate import in_batches
-from training.metrics import decision_metrics
+from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
+from pubmedqa.backends.factory import create_backend
+from pubmedqa.config import ModelSettings, parse_settings
+from pubmedqa.data import DataFormatError, SplitSettings
+from pubmedqa.decisions.calibration import DecisionCalibration
+from pubmedqa.decisions.probe import PROBE_FILE
+from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.evaluation.metrics import decision_metrics
+from pubmedqa.evaluation.runner import in_batches
+from pubmedqa.model_loading import ModelLoadError
+from pubmedqa.prompts import ANSWER_OPTIONS, fit_prompt
 
 logger = logging.getLogger("training.calibrate")
 
@@ -95,7 +96,7 @@ def load_adapter_to_fit(
 
 def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
     split = args.load_split()
-    registry, loaded = load_adapter_to_fit(model_settings, "calibration")
+    backend, loaded = load_adapter_to_fit(model_settings, "calibration")
     if loaded.probe is not None:
         raise ValueError(
             f"{model_settings.adapter_source} decides with its decision probe: refit the probe and its offsets (out of "
@@ -105,10 +106,10 @@ def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -
     # Dev only: on training questions the adapter is over-confident, and offsets fitted there over-correct (tried:
     # fitted on train + dev, test accuracy fell from 55.4 % to 49.2 %).
     questions = split.dev
-    prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, registry.prompt_budget(1)) for r in questions]
+    prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, backend.prompt_budget(1)) for r in questions]
     probabilities = in_batches(
         prompts, args.batch_size,
-        lambda batch: registry.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch), calibrated=False),
+        lambda batch: backend.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch), calibrated=False),
         "dev: decisions",
     )
     calibration = fit_calibration(

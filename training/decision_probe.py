@@ -29,16 +29,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
-from app.calibration import CALIBRATION_FILE, DecisionCalibration
-from app.config import ModelSettings, parse_settings
-from app.decision_probe import DecisionProbe, ProbeReader
-from app.model_loading import ModelLoadError
-from app.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from app.pubmedqa import DataFormatError, PubMedQARecord, SplitSettings
-from app.registry import ModelRegistry
-from app.scoring import left_pad, option_probabilities, single_token_options
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings, parse_settings
+from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
+from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration
+from pubmedqa.decisions.probe import DecisionProbe, ProbeReader
+from pubmedqa.decisions.scoring import left_pad, option_probabilities, single_token_options
+from pubmedqa.evaluation.metrics import probability_metrics
+from pubmedqa.model_loading import ModelLoadError
+from pubmedqa.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
 from training.calibrate import fit_calibration, load_adapter_to_fit
-from training.metrics import probability_metrics
 
 logger = logging.getLogger("training.decision_probe")
 
@@ -192,9 +192,9 @@ class ProbeArguments(SplitSettings):
 def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -> DecisionProbe:
     """The CLI: load base + adapter as the app does (same quantization), fit on train + dev, save next to the adapter."""
     split = args.load_split()
-    registry, loaded = load_adapter_to_fit(model_settings, "decision probe", ModelRegistry)
+    backend, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersBackend)
     records = [*split.train, *split.dev]
-    questions = labelled_prompts(records, loaded.tokenizer, registry.prompt_budget(1))
+    questions = labelled_prompts(records, loaded.tokenizer, backend.prompt_budget(1))
     fitted_on = f"train + dev ({len(records)} questions, {loaded.quantization})"
     probe, calibration = fit_for_model(loaded.model, loaded.tokenizer, questions, fitted_on, args.calibrate, args.batch_size)
     adapter_dir = Path(model_settings.adapter_source).expanduser()

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from app.config import PROJECT_ROOT, SHIPPED_ADAPTER_DIR
+from pubmedqa.config import PROJECT_ROOT, SHIPPED_ADAPTER_DIR
 from training.hub import HubError, hub_errors
 
 logger = logging.getLogger("training.deploy")
 
 # What a Space needs to run: the entry point, the packages, the shipped assets and the pinned requirements.
-ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "app/**", "training/**", "assets/**"]
+ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "app/**", "pubmedqa/**", "training/**", "assets/**"]
 # Never uploaded, even inside the allowed folders.
 IGNORE = [
     "**/__pycache__/**", "*.pyc", "**/.*", ".*", "*.env", "*.pem", "*.key", "**/*secret*", "**/*token*",

@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from app.calibration import DecisionCalibration, load_calibration
-from app.decision_probe import DecisionProbe, load_probe
-from training.results import ResultsError, load_results
+from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
+from pubmedqa.decisions.probe import DecisionProbe, load_probe
+from pubmedqa.evaluation.results import ResultsError, load_results
 
 logger = logging.getLogger("training.model_card")
 

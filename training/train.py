@@ -28,16 +28,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import TrainerCallback
 
-from app.config import BaseModelSettings, ModelSettings, parse_settings
-from app.decision_probe import decoder_layers, probe_layer
-from app.model_loading import ModelLoadError, load_base_model
-from app.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
-from app.pubmedqa import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
-from app.scoring import option_token_ids, score_options
+from pubmedqa.config import BaseModelSettings, ModelSettings, parse_settings
+from pubmedqa.data import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
+from pubmedqa.decisions.probe import decoder_layers, probe_layer
+from pubmedqa.decisions.scoring import option_token_ids, score_options
+from pubmedqa.evaluation.metrics import probability_metrics
+from pubmedqa.model_loading import ModelLoadError, load_base_model
+from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
 from training.calibrate import fit_calibration
 from training.decision_probe import ProbeFitError, fit_for_model, labelled_prompts
 from training.hub import HubError
-from training.metrics import probability_metrics
 from training.model_card import write_model_card
 
 logger = logging.getLogger("training.train")

@@ -7,9 +7,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from app.backend import GenerationSettings, LoadState, ModelBackend, Variant
 from app.chat import stream_answer
-from app.config import ServerSettings
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -19,14 +17,16 @@ from app.ui.common import (
     run_guarded,
     session_id,
 )
+from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
+from pubmedqa.config import ServerSettings
 
 
-def variant_update(registry: ModelBackend) -> dict[str, Any]:
-    """The model choice as the registry allows it now: fine-tuned only once an adapter is really loaded."""
-    reason = registry.adapter_unavailable_reason()
+def variant_update(backend: ModelBackend) -> dict[str, Any]:
+    """The model choice as the backend allows it now: fine-tuned only once an adapter is really loaded."""
+    reason = backend.adapter_unavailable_reason()
     if reason:
         return gr.update(interactive=False, value=Variant.BASE.value, info=f"Fine-tuned unavailable: {reason}.")
-    if registry.state is LoadState.READY:
+    if backend.state is LoadState.READY:
         return gr.update(interactive=True, info="Same base weights; 'fine-tuned' adds the LoRA adapter.")
     return gr.update(interactive=False, info="Available once the model has loaded.")
 
@@ -37,7 +37,7 @@ class ChatTab:
     end_session: Callable[[gr.Request], None]  # to call when a browser session ends
 
 
-def build_chat_tab(registry: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
+def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
     cancels = SessionCancels()
     with gr.Row():
         with gr.Column(scale=3):
@@ -99,12 +99,12 @@ def build_chat_tab(registry: ModelBackend, limits: ServerSettings, examples: lis
         if not isinstance(message, str) or not message.strip():
             raise gr.Error("Please type a question.")
         original = list(history or [])
-        waiting = "⏳ Loading the model…" if registry.state is not LoadState.READY else "…"
+        waiting = "⏳ Loading the model…" if backend.state is not LoadState.READY else "…"
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
         yield pending, "", ""
         cancel = cancels.start(session_id(request))
         updates = stream_answer(
-            registry, limits, message, context_text, original, variant,
+            backend, limits, message, context_text, original, variant,
             generation_settings(max_new_tokens, temperature, top_p, seed), cancel,
         )
         try:
@@ -141,7 +141,7 @@ def build_chat_tab(registry: ModelBackend, limits: ServerSettings, examples: lis
     return ChatTab(variant=variant, end_session=stop_generation)
 
 
-def register_chat_api(registry: ModelBackend, limits: ServerSettings) -> None:
+def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
     """The ``/chat`` endpoint for scripts (gradio_client): same validation and model as the Chat tab."""
 
     def chat(
@@ -157,7 +157,7 @@ def register_chat_api(registry: ModelBackend, limits: ServerSettings) -> None:
         """Answer a biomedical question. `history` is a list of {"role": "user"|"assistant", "content": str}
         messages; `model` is "base" or "fine-tuned". Streams the growing answer; the last value is the answer."""
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
-        updates = stream_answer(registry, limits, question, context, history, model, settings)
+        updates = stream_answer(backend, limits, question, context, history, model, settings)
         for update in run_guarded(updates):
             yield update.answer
 

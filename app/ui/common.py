@@ -9,10 +9,10 @@ from typing import Any, Iterator, TypeVar
 
 import gradio as gr
 
-from app.backend import AdapterUnavailableError, BackendError, GenerationSettings
 from app.chat import UserInputError
-from app.config import ServerSettings
-from app.model_loading import ModelLoadError
+from pubmedqa.backends.base import AdapterUnavailableError, BackendError, GenerationSettings
+from pubmedqa.config import ServerSettings
+from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -6,9 +6,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app.backend import ModelBackend
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
-from app.config import ServerSettings
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -19,6 +17,8 @@ from app.ui.common import (
     session_id,
 )
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
+from pubmedqa.backends.base import ModelBackend
+from pubmedqa.config import ServerSettings
 
 TITLES = {"base": "Base model", "fine-tuned": "Fine-tuned (LoRA)"}
 
@@ -48,7 +48,7 @@ def vote_summary_markdown(counts: dict[str, int]) -> str:
     return f"**{total} votes** — " + " · ".join(f"{choice}: {n}" for choice, n in counts.items())
 
 
-def build_compare_tab(registry: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
+def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
     cancels = SessionCancels()
     votes = VoteLog(limits.votes_path, limits.votes_repo)
     with gr.Row():
@@ -97,7 +97,7 @@ def build_compare_tab(registry: ModelBackend, limits: ServerSettings, examples: 
         cancel = cancels.start(session_id(request))
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
         update: ComparisonUpdate | None = None
-        updates = stream_comparison(registry, limits, question_text, context_text, settings, cancel)
+        updates = stream_comparison(backend, limits, question_text, context_text, settings, cancel)
         for update in run_guarded(updates):
             base = update.sides[0]
             tuned = update.sides[1] if len(update.sides) > 1 else None
@@ -107,7 +107,7 @@ def build_compare_tab(registry: ModelBackend, limits: ServerSettings, examples: 
         if update is not None and update.done:
             record = {
                 "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
-                "base_model": registry.settings.base_model, "adapter": registry.settings.adapter_source,
+                "base_model": backend.settings.base_model, "adapter": backend.settings.adapter_source,
                 "answers": {side.variant: side.answer for side in update.sides},
             }
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), record
@@ -143,7 +143,7 @@ def build_compare_tab(registry: ModelBackend, limits: ServerSettings, examples: 
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
         decision, option probabilities, time to first token, tokens/s and token count."""
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
-        *_, last = run_guarded(stream_comparison(registry, limits, question, context, settings))
+        *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings))
         return {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
 
     gr.api(compare_api, api_name="compare", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

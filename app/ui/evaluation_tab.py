@@ -12,10 +12,10 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.backend import ModelBackend
-from app.config import PROJECT_ROOT
 from app.ui.common import MODEL_EVENTS
-from training.results import ResultsError, RunResults, load_results
+from pubmedqa.backends.base import ModelBackend
+from pubmedqa.config import PROJECT_ROOT
+from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def run_summary(run: RunResults) -> str:
     return "  \n".join(lines)
 
 
-def build_evaluation_tab(registry: ModelBackend) -> None:
+def build_evaluation_tab(backend: ModelBackend) -> None:
     runs = available_runs()
     with gr.Row():
         run_choice = gr.Dropdown(
@@ -178,11 +178,11 @@ def build_evaluation_tab(registry: ModelBackend) -> None:
         )
 
     def run_evaluation(n: float, with_answers: bool, progress: gr.Progress = gr.Progress()) -> Any:
-        from training.evaluate import EvalArguments, evaluate
+        from pubmedqa.evaluation.runner import EvalArguments, evaluate
 
         args = EvalArguments(limit=int(n), long_answers=bool(with_answers))
         try:
-            run_dir = evaluate(registry.settings, args, progress=lambda f, m: progress(f, desc=m), registry=registry)
+            run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
         except Exception as exc:  # missing data folder, adapter gone, ...: say so, keep the app serving
             logger.exception("Evaluation failed")
             raise gr.Error(f"Evaluation failed: {exc}") from None

@@ -6,12 +6,12 @@ from typing import Any
 
 import gradio as gr
 
-from app.backend import LoadState, ModelBackend
-from app.config import ServerSettings
-from app.pubmedqa import load_examples
 from app.ui.chat_tab import build_chat_tab, register_chat_api, variant_update
 from app.ui.compare_tab import build_compare_tab
 from app.ui.evaluation_tab import build_evaluation_tab
+from pubmedqa.backends.base import LoadState, ModelBackend
+from pubmedqa.config import ServerSettings
+from pubmedqa.data import load_examples
 
 TITLE = "PubMedQA chatbot"
 DISCLAIMER = (
@@ -20,30 +20,30 @@ DISCLAIMER = (
 )
 
 
-def _status_markdown(registry: ModelBackend) -> str:
-    return f"**Model status:** {registry.status_message()}"
+def _status_markdown(backend: ModelBackend) -> str:
+    return f"**Model status:** {backend.status_message()}"
 
 
-def build_app(registry: ModelBackend, limits: ServerSettings) -> gr.Blocks:
+def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
         gr.Markdown(DISCLAIMER)
-        status = gr.Markdown(_status_markdown(registry))
+        status = gr.Markdown(_status_markdown(backend))
         with gr.Tabs():
             with gr.Tab("Chat"):
-                chat = build_chat_tab(registry, limits, load_examples())
+                chat = build_chat_tab(backend, limits, load_examples())
             with gr.Tab("Compare"):
-                build_compare_tab(registry, limits, load_examples(key="dev_examples"))
+                build_compare_tab(backend, limits, load_examples(key="dev_examples"))
             with gr.Tab("Evaluation"):
-                build_evaluation_tab(registry)
-        register_chat_api(registry, limits)
+                build_evaluation_tab(backend)
+        register_chat_api(backend, limits)
 
         # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
         timer = gr.Timer(2.0)
 
         def refresh() -> tuple[str, Any, Any]:
-            settled = registry.state in (LoadState.READY, LoadState.FAILED)
-            return _status_markdown(registry), variant_update(registry), gr.Timer(active=not settled)
+            settled = backend.state in (LoadState.READY, LoadState.FAILED)
+            return _status_markdown(backend), variant_update(backend), gr.Timer(active=not settled)
 
         outputs = [status, chat.variant, timer]
         timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")

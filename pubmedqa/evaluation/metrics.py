@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
-from app.prompts import ANSWER_OPTIONS
-from app.scoring import predicted_decision
+from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.prompts import ANSWER_OPTIONS
 
 
 def decision_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:

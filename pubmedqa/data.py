@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from app.config import PROJECT_ROOT
-from app.prompts import ANSWER_OPTIONS, PromptInput, format_answer
+from pubmedqa.config import PROJECT_ROOT
+from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, format_answer
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from app.prompts import ANSWER_OPTIONS
+from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.prompts import ANSWER_OPTIONS
+from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
 

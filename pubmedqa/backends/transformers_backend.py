@@ -18,13 +18,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from app.backend import GenerationSettings, LoadedModel, ModelBackend, Variant
-from app.calibration import load_calibration
-from app.config import ModelSettings
-from app.decision_probe import DecisionProbe, FirstStepProbeDecision, ProbeError, ProbeReader, load_probe
-from app.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from app.prompts import ANSWER_OPTIONS, FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
-from app.scoring import (
+from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import load_calibration
+from pubmedqa.decisions.probe import DecisionProbe, FirstStepProbeDecision, ProbeError, ProbeReader, load_probe
+from pubmedqa.decisions.scoring import (
     FirstStepOptionOffsets,
     FirstStepOptionScores,
     first_step_logits_are_raw,
@@ -34,6 +32,8 @@ from app.scoring import (
     single_token_options,
     text_logprobs,
 )
+from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
+from pubmedqa.prompts import ANSWER_OPTIONS, FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ ADAPTER_NAME = "tuned"
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
-class ModelRegistry(ModelBackend):
+class TransformersBackend(ModelBackend):
     """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads."""
 
     pair_mode = "one batched generation with per-row adapters (PEFT adapter_names)"

@@ -1,4 +1,4 @@
-"""The model registry on a tiny random-weight model: one load, per-call adapter choice, streaming, Stop, errors."""
+"""The model backend on a tiny random-weight model: one load, per-call adapter choice, streaming, Stop, errors."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.backend import AdapterUnavailableError, GenerationSettings, LoadState, Variant
-from app.config import ModelSettings
-from app.model_loading import ModelLoadError
-from app.prompts import PromptInput, encode_prompt
-from app.registry import ModelRegistry
+from pubmedqa.backends.base import AdapterUnavailableError, GenerationSettings, LoadState, Variant
+from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.config import ModelSettings
+from pubmedqa.model_loading import ModelLoadError
+from pubmedqa.prompts import PromptInput, encode_prompt
 
 GREEDY = GenerationSettings(max_new_tokens=12)
 QUESTIONS = [f"Does treatment {i} reduce mortality in patients with diabetes?" for i in range(6)]
 
 
-def _answer(registry: ModelRegistry, question: str, variant: Variant, settings: GenerationSettings = GREEDY) -> str:
-    prompt = registry.prepare(PromptInput(question), settings)
-    return registry.generate(prompt, variant, settings)
+def _answer(backend: TransformersBackend, question: str, variant: Variant, settings: GenerationSettings = GREEDY) -> str:
+    prompt = backend.prepare(PromptInput(question), settings)
+    return backend.generate(prompt, variant, settings)
 
 
 def test_registry_loads_the_model_once_for_concurrent_callers(tiny_registry, monkeypatch):
@@ -108,27 +108,27 @@ def test_sampling_is_reproducible_with_the_same_seed(tiny_registry):
 
 
 def test_without_adapter_the_fine_tuned_variant_says_why(tiny_model_dir):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
-    assert "no adapter configured" in registry.adapter_unavailable_reason()
-    assert _answer(registry, QUESTIONS[0], Variant.BASE)
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
+    assert "no adapter configured" in backend.adapter_unavailable_reason()
+    assert _answer(backend, QUESTIONS[0], Variant.BASE)
     with pytest.raises(AdapterUnavailableError, match="not available"):
-        _answer(registry, QUESTIONS[0], Variant.TUNED)
+        _answer(backend, QUESTIONS[0], Variant.TUNED)
 
 
 def test_missing_base_model_directory_names_the_setting(tmp_path):
-    registry = ModelRegistry(ModelSettings(base_model=str(tmp_path / "nope"), adapter="none"))
+    backend = TransformersBackend(ModelSettings(base_model=str(tmp_path / "nope"), adapter="none"))
     with pytest.raises(ModelLoadError, match="PUBMEDQA_BASE_MODEL"):
-        registry.check_sources()
+        backend.check_sources()
     with pytest.raises(ModelLoadError, match="does not exist"):
-        registry.load()
-    assert registry.state is LoadState.FAILED
-    assert "does not exist" in registry.status_message()
+        backend.load()
+    assert backend.state is LoadState.FAILED
+    assert "does not exist" in backend.status_message()
 
 
 def test_adapter_directory_without_config_names_the_setting(tiny_model_dir, tmp_path):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tmp_path)))
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tmp_path)))
     with pytest.raises(ModelLoadError, match="PUBMEDQA_ADAPTER"):
-        registry.check_sources()
+        backend.check_sources()
 
 
 def test_corrupted_adapter_keeps_the_base_model_serving(tiny_model_dir, tiny_adapter_dir, tmp_path):
@@ -137,20 +137,20 @@ def test_corrupted_adapter_keeps_the_base_model_serving(tiny_model_dir, tiny_ada
     config = json.loads((tiny_adapter_dir / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps(config))
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(broken), quantization="none"))
-    assert _answer(registry, QUESTIONS[0], Variant.BASE)
-    assert "could not be loaded" in registry.adapter_unavailable_reason()
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(broken), quantization="none"))
+    assert _answer(backend, QUESTIONS[0], Variant.BASE)
+    assert "could not be loaded" in backend.adapter_unavailable_reason()
     with pytest.raises(AdapterUnavailableError, match="PUBMEDQA_ADAPTER"):
-        _answer(registry, QUESTIONS[0], Variant.TUNED)
+        _answer(backend, QUESTIONS[0], Variant.TUNED)
 
 
 def test_4bit_with_adapter_generates_both_variants(tiny_model_dir, tiny_adapter_dir):
     pytest.importorskip("bitsandbytes")
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir)))
-    loaded = registry.load()
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir)))
+    loaded = backend.load()
     assert loaded.quantization == "4bit"
     assert any("Linear4bit" in type(m).__name__ for m in loaded.model.modules())
-    assert _answer(registry, QUESTIONS[0], Variant.BASE) != _answer(registry, QUESTIONS[0], Variant.TUNED)
+    assert _answer(backend, QUESTIONS[0], Variant.BASE) != _answer(backend, QUESTIONS[0], Variant.TUNED)
 
 
 def test_failed_4bit_load_falls_back_to_bf16_with_one_log_line(tiny_settings, monkeypatch, caplog):
@@ -163,8 +163,8 @@ def test_failed_4bit_load_falls_back_to_bf16_with_one_log_line(tiny_settings, mo
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_bitsandbytes)
     settings = ModelSettings(base_model=tiny_settings.base_model, adapter="none", quantization="4bit")
-    with caplog.at_level(logging.WARNING, logger="app.registry"):
-        loaded = ModelRegistry(settings).load()
+    with caplog.at_level(logging.WARNING, logger="pubmedqa.backends.transformers_backend"):
+        loaded = TransformersBackend(settings).load()
     assert loaded.model.dtype == torch.bfloat16
     assert "bf16" in loaded.quantization
     warnings = [r for r in caplog.records if "4bit quantization is not available" in r.getMessage()]
@@ -219,8 +219,8 @@ def test_one_pass_decisions_fall_back_where_generation_changes_the_first_step(ti
 
 
 def test_bf16_loads_bfloat16_weights_without_quantising(tiny_model_dir):
-    registry = ModelRegistry(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="bf16"))
-    loaded = registry.load()
+    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="bf16"))
+    loaded = backend.load()
     assert loaded.quantization == "bf16"
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
-    assert registry.generate(registry.prepare(PromptInput(QUESTIONS[0]), GREEDY), Variant.BASE, GREEDY)
+    assert backend.generate(backend.prepare(PromptInput(QUESTIONS[0]), GREEDY), Variant.BASE, GREEDY)

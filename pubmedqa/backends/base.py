@@ -1,7 +1,7 @@
 """The one interface every tab, the API and the evaluation use to reach a model, whatever runs it.
 
-Two backends implement it: :class:`app.registry.ModelRegistry` (transformers + PEFT in this process, the default)
-and :class:`app.remote_backend.RemoteBackend` (an OpenAI-compatible server such as vLLM or TGI serving the base
+Two backends implement it: :class:`pubmedqa.backends.transformers_backend.TransformersBackend` (transformers + PEFT in this process, the default)
+and :class:`pubmedqa.backends.remote.RemoteBackend` (an OpenAI-compatible server such as vLLM or TGI serving the base
 model and the adapter under two model names). This module holds what they share: the request types, the
 load-once state machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``.
 """
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterator, Sequence
 
-from app.calibration import DecisionCalibration
-from app.config import ModelSettings
-from app.decision_probe import DecisionProbe, probe_summary
-from app.model_loading import ModelLoadError
-from app.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import DecisionCalibration
+from pubmedqa.decisions.probe import DecisionProbe, probe_summary
+from pubmedqa.model_loading import ModelLoadError
+from pubmedqa.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -257,14 +257,3 @@ class ModelBackend(ABC):
         return self.generate_batch(prompts, variants, settings), self.score_decisions(
             prompts, variants, len(prompts), calibrated
         )
-
-
-def create_backend(settings: ModelSettings) -> ModelBackend:
-    """The backend ``settings.backend`` names."""
-    if settings.backend == "openai":
-        from app.remote_backend import RemoteBackend
-
-        return RemoteBackend(settings)
-    from app.registry import ModelRegistry
-
-    return ModelRegistry(settings)

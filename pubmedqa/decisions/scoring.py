@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from app.prompts import ANSWER_OPTIONS, answer_prefix, encode_prompt
+from pubmedqa.prompts import ANSWER_OPTIONS, answer_prefix, encode_prompt
 
 
 def option_token_ids(tokenizer: Any) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """Loading a base model and its tokenizer from the configured source: the embedded Gemma, a Hub id or a folder.
 
-Shared by the registry (serving) and the training CLI, so both read the same weights the same way.
+Shared by the backend (serving) and the training CLI, so both read the same weights the same way.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from app.config import EMBEDDED_MODEL, BaseModelSettings
-from app.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from app.embedded_model import embedded_checkpoint
+from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings
+from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
+from pubmedqa.embedded_model import embedded_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from app.backend import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
-from app.calibration import load_calibration, probabilities_from_log_scores
-from app.config import ModelSettings
-from app.decision_probe import PROBE_FILE
-from app.model_loading import load_tokenizer
-from app.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
+from pubmedqa.backends.base import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.calibration import load_calibration, probabilities_from_log_scores
+from pubmedqa.decisions.probe import PROBE_FILE
+from pubmedqa.model_loading import load_tokenizer
+from pubmedqa.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
 
 logger = logging.getLogger(__name__)
 
