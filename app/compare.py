@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from app.chat import UserInputError, clean_text, parse_settings
 from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.config import ServerSettings
-from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.prompts import PromptInput, PromptTooLongError, parse_decision
 
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from pubmedqa.adapter_metadata import AdapterMetadata
 from pubmedqa.backends.base import GenerationSettings, Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.backends.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
-from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeReader, load_probe, probe_layer
-from pubmedqa.decisions.scoring import left_pad
+from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, load_probe, probe_layer
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
 from training.decision_probe import ProbeFitError
@@ -39,6 +40,7 @@ def upper_adapter_dir(tiny_model_dir, tmp_path_factory):
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
                         init_lora_weights=False)
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(path)
+    AdapterMetadata(probe_layer=1, prompt_budget=2048, base_quantization="none").save(path)
     return path
 
 
@@ -105,7 +107,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     probe.save(adapter_copy)
 
     reloaded = _registry(tiny_model_dir, adapter_copy)
-    assert reloaded.load().probe is not None and "decision probe on layer 1" in reloaded.status_message()
+    assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in reloaded.status_message()
     after = reloaded.score_decisions(prompts * 2, variants, calibrated=False, batch_size=4)
     expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
     tuned = np.array([[p[o] for o in ANSWER_OPTIONS] for p in after[len(prompts):]])
@@ -170,7 +172,7 @@ def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serve
     write(adapter_copy / PROBE_FILE)
     backend = _registry(tiny_model_dir, adapter_copy)
     loaded = backend.load()
-    assert loaded.adapter_loaded and loaded.probe is None
+    assert loaded.adapter_loaded and loaded.policy.probe is None
     assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text
     prompt = fit_prompt(PromptInput(QUESTIONS[0]), loaded.tokenizer, 256)
     assert isinstance(backend.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)

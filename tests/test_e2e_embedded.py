@@ -113,6 +113,6 @@ def test_shipped_adapter_makes_the_model_state_a_decision():
     assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
     assert tuned != backend.generate(prompt, Variant.BASE, settings)
     # The shipped decision probe decides, and the answer opens with that decision.
-    assert backend.load().probe is not None and "decision probe on layer 10" in backend.status_message()
+    assert backend.load().policy.probe is not None and "decision probe on layer 10" in backend.status_message()
     (answer,), (decision,) = backend.generate_with_decisions([prompt], [Variant.TUNED], settings)
     assert answer == tuned and parse_decision(answer) == max(decision, key=decision.get)

@@ -145,10 +145,10 @@ def test_offsets_fitted_for_a_decision_probe_are_not_applied_to_a_servers_logits
 
     DecisionCalibration({"yes": 0.0, "no": 1.0, "maybe": 2.0}, "dev").save(tmp_path)
     url = f"http://127.0.0.1:{free_port()}/v1"
-    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().calibration is not None
+    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().policy.calibration is not None
     DecisionProbe(1, torch.zeros(3, 64), torch.zeros(3)).save(tmp_path)  # the offsets now go with the probe
-    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().calibration is None
-    assert "fitted for its decision probe, which a remote server does not run" in caplog.text
+    assert remote(tiny_model_dir, url, adapter=str(tmp_path)).load().policy.calibration is None
+    assert "Ignoring the adapter's decision probe and its calibration: this engine cannot read hidden states" in caplog.text
 
 
 class _Slow(JsonHandler):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pubmedqa.decisions.scoring as scoring
+import pubmedqa.backends.transformers_passes as scoring
 from pubmedqa.backends.transformers_backend import ADAPTER_NAME, BASE_ADAPTER_NAME
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, encode_prompt, render_prompt
 

@@ -254,7 +254,7 @@ def test_balanced_decision_weights_scale_each_label_by_its_rarity(tiny_model_dir
 
 def test_balanced_class_weights_follow_label_frequency(pubmedqa_dir):
     from pubmedqa.data import load_records
-    from pubmedqa.decisions.scoring import option_token_ids
+    from pubmedqa.decisions.options import option_token_ids
     from training.train import balanced_class_weights
 
     records = list(load_records(str(pubmedqa_dir)).values())[:200]

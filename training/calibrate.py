@@ -23,8 +23,8 @@ from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, SplitSettings
 from pubmedqa.decisions.calibration import DecisionCalibration
+from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.decisions.probe import PROBE_FILE
-from pubmedqa.decisions.scoring import predicted_decision
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.evaluation.runner import in_batches
 from pubmedqa.model_loading import ModelLoadError
@@ -80,13 +80,19 @@ class CalibrateArguments(SplitSettings):
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
 
 
+def local_adapter_dir(model_settings: ModelSettings, what: str) -> Path:
+    """The --adapter folder a command writes its ``what`` into, or a ValueError saying it must be one."""
+    if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
+        raise ValueError(f"--adapter must be a local adapter folder (the {what} is written into it)")
+    return Path(model_settings.adapter_source).expanduser()
+
+
 def load_adapter_to_fit(
     model_settings: ModelSettings, what: str, backend_factory: Callable[[ModelSettings], ModelBackend] = create_backend
 ) -> tuple[ModelBackend, LoadedModel]:
     """Load a local adapter folder as the app does (same quantization) for a command that writes its ``what`` into
     it, with a clear error where that cannot work."""
-    if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
-        raise ValueError(f"--adapter must be a local adapter folder (the {what} is written into it)")
+    local_adapter_dir(model_settings, what)
     backend = backend_factory(model_settings)
     loaded = backend.load()
     if not loaded.adapter_loaded:
@@ -97,7 +103,7 @@ def load_adapter_to_fit(
 def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
     split = args.load_split()
     backend, loaded = load_adapter_to_fit(model_settings, "calibration")
-    if loaded.probe is not None:
+    if loaded.policy.probe is not None:
         raise ValueError(
             f"{model_settings.adapter_source} decides with its decision probe: refit the probe and its offsets (out of "
             f"fold, on 500 questions) with `python -m training.decision_probe --adapter {model_settings.adapter_source}`; "

@@ -17,7 +17,6 @@ fitted on all of them.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,18 +26,19 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
-from tqdm.auto import tqdm
 
+from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
 from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.backends.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
 from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration
-from pubmedqa.decisions.probe import DecisionProbe, ProbeReader
-from pubmedqa.decisions.scoring import left_pad, option_probabilities, single_token_options
+from pubmedqa.decisions.options import option_probabilities, single_token_options
+from pubmedqa.decisions.probe import DecisionProbe
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from training.calibrate import fit_calibration, load_adapter_to_fit
+from pubmedqa.prompts import ANSWER_OPTIONS, fit_prompt
+from training.calibrate import fit_calibration, load_adapter_to_fit, local_adapter_dir
 
 logger = logging.getLogger("training.decision_probe")
 
@@ -50,43 +50,16 @@ class ProbeFitError(ValueError):
     """The probe cannot be fitted for this adapter or data."""
 
 
-def probe_layer_of(model: Any) -> int:
-    """The probe's layer for a PEFT model: the lowest layer its adapter trains. Refuses adapters that train every
-    layer (their hidden states have seen the training labels, so cross-validation on them would flatter the probe)."""
-    trained = {int(m.group(1)) for name, _ in model.named_parameters() if "lora_" in name and (m := re.search(r"\.layers\.(\d+)\.", name))}
-    if not trained:
-        raise ProbeFitError("the model has no LoRA layers: a decision probe goes with a trained adapter")
-    layer = min(trained)
-    if layer == 0:
-        raise ProbeFitError(
-            "the adapter trains every decoder layer, so no layer keeps the base model's hidden states for a probe: "
-            "train it with `python -m training.train --probe_depth 0.55` (the default)"
-        )
-    return layer
-
-
-@torch.inference_mode()
 def collect_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, batch_size: int = 8) -> np.ndarray:
-    """The mean hidden state at ``layer`` of each prompt (prompts x hidden size)."""
-    device = model.get_input_embeddings().weight.device
-    encoded = [encode_prompt(p, tokenizer) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
-    features: list[np.ndarray | None] = [None] * len(prompts)
+    """The mean hidden state at ``layer`` of each prompt (prompts x hidden size), read as the app reads it."""
     was_training = model.training
     model.eval()
     try:
-        with ProbeReader(model, layer) as reader:
-            for start in tqdm(range(0, len(order), batch_size), desc="decision probe: features", unit="batch"):
-                rows = order[start : start + batch_size]
-                ids, mask = left_pad(tokenizer, [encoded[i] for i in rows], device)
-                reader.pooled.clear()
-                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-                for j, i in enumerate(rows):
-                    features[i] = reader.pooled[0][j].cpu().numpy().astype(np.float64)
+        _, features = option_scores(model, tokenizer, prompts, batch_size, feature_layer=layer, desc="decision probe: features")
     finally:
         if was_training:
             model.train()
-    return np.stack(features)
+    return features.numpy().astype(np.float64)
 
 
 def _fit(features: np.ndarray, gold: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
@@ -168,14 +141,14 @@ def labelled_prompts(records: Sequence[PubMedQARecord], tokenizer: Any, budget: 
 
 
 def fit_for_model(
-    model: Any, tokenizer: Any, questions: tuple[list[str], list[str]], fitted_on: str, calibrate: bool = True,
-    batch_size: int = 8,
+    model: Any, tokenizer: Any, questions: tuple[list[str], list[str]], layer: int, fitted_on: str,
+    calibrate: bool = True, batch_size: int = 8,
 ) -> tuple[DecisionProbe, DecisionCalibration | None]:
-    """Fit the probe of a PEFT model on these (prompt, gold decision) pairs. With ``calibrate``, also returns the
-    out-of-fold offsets, saved by the caller next to the probe."""
+    """Fit the probe of a PEFT model on these (prompt, gold decision) pairs, on the features of ``layer`` (the
+    adapter folder's recorded probe layer). With ``calibrate``, also returns the out-of-fold offsets, saved by the
+    caller next to the probe."""
     if single_token_options(tokenizer) is None:
         raise ProbeFitError("a decision probe needs answer options of one token each in this tokenizer")
-    layer = probe_layer_of(model)
     prompts, gold = questions
     features = collect_features(model, tokenizer, prompts, layer, batch_size)
     return fit_probe(features, gold, layer, fitted_on, calibrate)
@@ -191,12 +164,20 @@ class ProbeArguments(SplitSettings):
 
 def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -> DecisionProbe:
     """The CLI: load base + adapter as the app does (same quantization), fit on train + dev, save next to the adapter."""
+    metadata = AdapterMetadata.load(local_adapter_dir(model_settings, "decision probe"))
+    if metadata.probe_layer is None:
+        raise ProbeFitError(
+            "the adapter trains every decoder layer, so no layer keeps the base model's hidden states for a probe: "
+            "train it with `python -m training.train --probe_depth 0.55` (the default)"
+        )
     split = args.load_split()
     backend, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersBackend)
     records = [*split.train, *split.dev]
-    questions = labelled_prompts(records, loaded.tokenizer, backend.prompt_budget(1))
+    questions = labelled_prompts(records, loaded.tokenizer, metadata.prompt_budget)
     fitted_on = f"train + dev ({len(records)} questions, {loaded.quantization})"
-    probe, calibration = fit_for_model(loaded.model, loaded.tokenizer, questions, fitted_on, args.calibrate, args.batch_size)
+    probe, calibration = fit_for_model(
+        loaded.model, loaded.tokenizer, questions, metadata.probe_layer, fitted_on, args.calibrate, args.batch_size
+    )
     adapter_dir = Path(model_settings.adapter_source).expanduser()
     probe.save(adapter_dir)
     if calibration is not None:
@@ -211,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model_settings, args = parse_settings([ModelSettings, ProbeArguments], argv)
         fit_probe_for_adapter(model_settings, args)
-    except (DataFormatError, ModelLoadError, ProbeFitError, ValueError) as exc:
+    except (AdapterMetadataError, DataFormatError, ModelLoadError, ProbeFitError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     logger.info("Decision probe written to %s; rewrite its card with `python -m training.model_card %s`",

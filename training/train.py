@@ -28,10 +28,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from transformers import TrainerCallback
 
+from pubmedqa.adapter_metadata import AdapterMetadata
+from pubmedqa.backends.transformers_passes import decoder_layers, score_options
 from pubmedqa.config import BaseModelSettings, ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, Split, SplitSettings, load_artificial
-from pubmedqa.decisions.probe import decoder_layers, probe_layer
-from pubmedqa.decisions.scoring import option_token_ids, score_options
+from pubmedqa.decisions.options import option_token_ids
+from pubmedqa.decisions.probe import probe_layer
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import ModelLoadError, load_base_model
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
@@ -513,6 +515,9 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     trainer.model.save_pretrained(str(output_dir))  # the adapter only; checkpoints stay in checkpoint-*/
     if base.tokenizer_changed:
         tokenizer.save_pretrained(str(output_dir))
+    # What serving and refitting read back: the probe's layer (the first layer LoRA trains) and prompt budget.
+    metadata = AdapterMetadata(layers[0] if layers else None, ModelSettings.max_input_tokens, base.quantization)
+    metadata.save(output_dir)
     probabilities = dev_probabilities(trainer.model, tokenizer, trainer.dev_prompts)
     dev = probability_metrics(probabilities, trainer.dev_gold)
     logger.info("Dev after training (best checkpoint): %s", _dev_summary(dev))
@@ -527,7 +532,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
             # app's budget, not training's --max_length: the hidden states the probe will be applied to.
             probe, calibration = fit_for_model(
                 trainer.model, tokenizer,
-                labelled_prompts([*train_records, *split.dev], tokenizer, ModelSettings.max_input_tokens),
+                labelled_prompts([*train_records, *split.dev], tokenizer, metadata.prompt_budget), metadata.probe_layer,
                 f"train + dev ({len(train_records) + len(split.dev)} questions, {base.quantization})",
                 calibrate=args.calibrate,
             )

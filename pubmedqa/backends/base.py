@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator, Sequence
 
 from pubmedqa.config import ModelSettings
-from pubmedqa.decisions.calibration import DecisionCalibration
-from pubmedqa.decisions.probe import DecisionProbe, probe_summary
+from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
 
@@ -82,8 +81,7 @@ class LoadedModel:
     context_window: int
     adapter_loaded: bool
     load_seconds: float
-    calibration: DecisionCalibration | None = None  # the adapter's decision offsets, if it ships them
-    probe: DecisionProbe | None = None  # the adapter's decision probe, if it ships one (local backend only)
+    policy: DecisionPolicy = field(default_factory=DecisionPolicy)  # how the fine-tuned variant decides
 
 
 class ModelBackend(ABC):
@@ -115,10 +113,8 @@ class ModelBackend(ABC):
         if self._state is LoadState.READY and self._loaded is not None:
             loaded = self._loaded
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
-            if loaded.probe is not None:
-                adapter += f", {probe_summary(loaded.probe)}"
-            if loaded.calibration is not None:
-                adapter += f", decisions calibrated on {loaded.calibration.fitted_on or 'dev'}"
+            if loaded.policy.status():
+                adapter += f", {loaded.policy.status()}"
             return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"
@@ -191,12 +187,6 @@ class ModelBackend(ABC):
             raise AdapterUnavailableError(f"The fine-tuned model is not available: {self.adapter_unavailable_reason()}.")
         return loaded.adapter_loaded
 
-    def _calibrate(self, scores: list[dict[str, float]], variants: Sequence[Variant]) -> list[dict[str, float]]:
-        calibration = self.load().calibration
-        if calibration is None:
-            return scores
-        return [calibration.apply(s) if v is Variant.TUNED else s for s, v in zip(scores, variants)]
-
     # ---------------------------------------------------------------------------------------- generation
     @abstractmethod
     def score_decisions(
@@ -206,8 +196,8 @@ class ModelBackend(ABC):
         batch_size: int = 8,
         calibrated: bool = True,
     ) -> list[dict[str, float]]:
-        """yes/no/maybe probabilities of each prompt (option likelihood), each row with its own variant. Fine-tuned
-        rows get the adapter's decision calibration when it ships one (``calibrated=False``: raw likelihoods)."""
+        """yes/no/maybe probabilities of each prompt, each row with its own variant, as the adapter's decision policy
+        decides them (``calibrated=False``: without its calibration's offsets)."""
 
     @abstractmethod
     def stream_batch(

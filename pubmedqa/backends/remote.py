@@ -18,13 +18,13 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+import torch
 
 from pubmedqa.backends.base import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.config import ModelSettings
-from pubmedqa.decisions.calibration import load_calibration, probabilities_from_log_scores
-from pubmedqa.decisions.probe import PROBE_FILE
+from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import load_tokenizer
 from pubmedqa.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
 
@@ -68,20 +68,12 @@ class RemoteBackend(ModelBackend):
             )
         if served and s.remote_model not in served:
             logger.warning("The server at %s does not list %r; requests for the base model may fail.", s.base_url, s.remote_model)
-        calibration = load_calibration(s.adapter_source) if adapter_loaded and s.adapter_source else None
-        if calibration is not None and (Path(s.adapter_source).expanduser() / PROBE_FILE).is_file():
-            # Those offsets go with the probe's scores, which a server's logits are not.
-            logger.warning(
-                "Ignoring %s's decision calibration: it was fitted for its decision probe, which a remote server does "
-                "not run. Fit one for the server with `python -m training.calibrate` on a copy without %s.",
-                s.adapter_source, PROBE_FILE,
-            )
-            calibration = None
+        policy = DecisionPolicy.from_adapter(s.adapter_source if adapter_loaded else None, reads_hidden_states=False)
         seconds = time.perf_counter() - started
         logger.info("Remote backend ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
         return LoadedModel(
             None, tokenizer, f"{s.remote_model} at {s.base_url}", "served remotely", window, adapter_loaded, seconds,
-            calibration,
+            policy,
         )
 
     def _served_models(self) -> dict[str, dict[str, Any]]:
@@ -112,10 +104,11 @@ class RemoteBackend(ModelBackend):
     ) -> list[dict[str, float]]:
         self._require_adapter(variants)
         with ThreadPoolExecutor(max_workers=max(1, min(batch_size, MAX_PARALLEL_REQUESTS))) as pool:
-            scores = list(pool.map(self._option_probabilities, prompts, variants))
-        return self._calibrate(scores, variants) if calibrated else scores
+            scores = list(pool.map(self._option_log_scores, prompts, variants))
+        tuned = [v is Variant.TUNED for v in variants]
+        return self.load().policy.decide(torch.tensor(scores, dtype=torch.float64), tuned, calibrated=calibrated)
 
-    def _option_probabilities(self, prompt: FittedPrompt, variant: Variant) -> dict[str, float]:
+    def _option_log_scores(self, prompt: FittedPrompt, variant: Variant) -> list[float]:
         if self._echo_supported:
             try:
                 logprobs = self._option_loglikelihoods(prompt.text, variant)
@@ -126,7 +119,7 @@ class RemoteBackend(ModelBackend):
                 self._echo_supported = False
         if not self._echo_supported:
             logprobs = self._option_top_logprobs(prompt.text, variant)
-        return probabilities_from_log_scores(logprobs)
+        return [logprobs[option] for option in ANSWER_OPTIONS]
 
     def _option_loglikelihoods(self, text: str, variant: Variant) -> dict[str, float]:
         """Log-likelihood of each option after the prompt, from the echoed prompt log-probabilities."""

@@ -2,8 +2,9 @@
 
 It loads the base model once (lazily, or in a background thread), puts the LoRA adapter on top with PEFT, and
 selects base or fine-tuned *per call* (PEFT ``adapter_names``), so no request can flip a switch under another one
-and a single batch can mix base and adapter rows. There is exactly one copy of the base weights. An adapter's
-decision probe (``app/decision_probe.py``) and calibration, when it ships them, decide the fine-tuned rows' yes/no/maybe.
+and a single batch can mix base and adapter rows. There is exactly one copy of the base weights. The adapter's decision
+policy (``pubmedqa/decisions/policy.py``) decides the fine-tuned rows' yes/no/maybe from the option scores and the
+probe's features that this backend reads in its own forward passes (``transformers_passes.py``).
 """
 
 from __future__ import annotations
@@ -14,26 +15,24 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.config import ModelSettings
-from pubmedqa.decisions.calibration import load_calibration
-from pubmedqa.decisions.probe import DecisionProbe, FirstStepProbeDecision, ProbeError, ProbeReader, load_probe
-from pubmedqa.decisions.scoring import (
-    FirstStepOptionOffsets,
-    FirstStepOptionScores,
+from pubmedqa.backends.transformers_passes import (
+    ProbeReader,
+    decoder_layers,
     first_step_logits_are_raw,
     left_pad,
-    option_probabilities,
-    score_options,
-    single_token_options,
+    option_scores,
     text_logprobs,
 )
+from pubmedqa.config import ModelSettings
+from pubmedqa.decisions.options import single_token_options
+from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from pubmedqa.prompts import ANSWER_OPTIONS, FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -65,32 +64,21 @@ class TransformersBackend(ModelBackend):
         started = time.perf_counter()
         base = load_base_model(self.settings)
         model = base.model.eval()
-        adapter_loaded, calibration, probe = False, None, None
+        adapter_loaded, policy = False, DecisionPolicy()
         tokenizer = base.tokenizer
         if self.settings.adapter_source:
             model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
             if adapter_loaded:
-                calibration = load_calibration(self.settings.adapter_source)
-                probe = self._usable_probe(model, tokenizer)
+                policy = DecisionPolicy.from_adapter(self.settings.adapter_source).checked(
+                    len(decoder_layers(model)), model.get_input_embeddings().weight.shape[1],
+                    single_token_options(tokenizer) is not None,
+                )
         window = int(getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length or 2048)
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, %s, adapter: %s)", seconds, base.description, base.quantization, adapter_loaded)
         return LoadedModel(
-            model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, calibration, probe
+            model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, policy
         )
-
-    def _usable_probe(self, model: Any, tokenizer: Any) -> DecisionProbe | None:
-        probe = load_probe(self.settings.adapter_source)
-        if probe is None:
-            return None
-        try:
-            probe.check(model)
-            if single_token_options(tokenizer) is None:
-                raise ProbeError("the answer options are not one token each in this tokenizer")
-        except ProbeError as exc:
-            logger.warning("Ignoring the adapter's decision probe: %s", exc)
-            return None
-        return probe
 
     def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
         from peft import PeftModel
@@ -131,13 +119,12 @@ class TransformersBackend(ModelBackend):
         loaded = self.load()
         names = self._adapter_names(list(variants))
         tuned = [v is Variant.TUNED for v in variants]
-        reader = self._probe_reader(loaded, tuned)
-        with self._generate_lock, reader or contextlib.nullcontext():  # the probe reads score_options' own passes
-            scores = score_options(loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names)
-        if reader is not None:
-            probed = option_probabilities(loaded.probe.logits(torch.cat(reader.pooled)))
-            scores = [p if t else s for s, p, t in zip(scores, probed, tuned)]
-        return self._calibrate(scores, variants) if calibrated else scores
+        layer = loaded.policy.feature_layer if any(tuned) else None
+        with self._generate_lock:
+            scores, features = option_scores(
+                loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names, layer
+            )
+        return loaded.policy.decide(scores, tuned, features, calibrated)
 
     def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None for the
@@ -154,12 +141,46 @@ class TransformersBackend(ModelBackend):
         variants: Sequence[Variant],
         settings: GenerationSettings,
         cancel: threading.Event | None = None,
-        logits_processor: Any = None,
     ) -> Iterator[list[str]]:
         """Generate for several prompts in ONE batched call (left padding), each row with base or fine-tuned
         weights (PEFT ``adapter_names``), and yield every row's answer so far after each token. A row ends at EOS
-        or a stop sequence; ``cancel`` (or closing the iterator) ends them all within one token. ``logits_processor``
-        is handed to ``generate`` (it sees every step's logits)."""
+        or a stop sequence; ``cancel`` (or closing the iterator) ends them all within one token. Fine-tuned answers
+        open with the decision the adapter's decision policy makes."""
+        yield from self._generate(prompts, variants, settings, cancel)
+
+    def generate_with_decisions(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        calibrated: bool = True,
+    ) -> tuple[list[str], list[dict[str, float]]]:
+        """Answers and decisions in ONE pass over each prompt: the option scores are the logits of the greedy
+        generation's first step, the very forward pass that scoring would repeat (a quarter of an evaluation's time
+        on a CPU, where a pass over an abstract is compute-bound). Falls back to two passes where
+        the first step's logits are not the raw ones (sampling, a repetition penalty) or an option is several
+        tokens."""
+        loaded = self.load()
+        if (
+            single_token_options(loaded.tokenizer) is None or settings.temperature > 0
+            or not first_step_logits_are_raw(loaded.model.generation_config)
+        ):
+            return super().generate_with_decisions(prompts, variants, settings, calibrated)
+        decided: list[FirstStepDecision] = []
+        texts: list[str] = []
+        for texts in self._generate(prompts, variants, settings, None, decided.append):
+            pass
+        return texts, decided[0].decisions(calibrated)
+
+    def _generate(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None,
+        on_decision: Callable[[FirstStepDecision], None] | None = None,
+    ) -> Iterator[list[str]]:
+        """:meth:`stream_batch`; ``on_decision`` receives the generation's first-step decision processor."""
         from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         loaded = self.load()
@@ -179,14 +200,13 @@ class TransformersBackend(ModelBackend):
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
         tuned = [v is Variant.TUNED for v in variants] * (len(prompts) if len(variants) == 1 else 1)
         options = single_token_options(tokenizer)
-        reader = self._probe_reader(loaded, tuned)
-        # The probe first: a first-step capture then reads the fine-tuned rows' probe decisions. The calibration
-        # after the caller's processor, so that the capture still sees the uncalibrated scores.
-        probe = FirstStepProbeDecision(loaded.probe, reader, options, tuned) if reader is not None else None
-        calibration = self._calibration_processor(loaded, tuned, options)
-        processors = [p for p in (probe, logits_processor, calibration) if p is not None]
-        if processors:
-            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        layer = loaded.policy.feature_layer if any(tuned) else None
+        reader = ProbeReader(loaded.model, layer) if layer is not None and options is not None else None
+        if options is not None:
+            decision = loaded.policy.first_step([o[0] for o in options], tuned, reader and (lambda: reader.pooled[0]))
+            kwargs["logits_processor"] = LogitsProcessorList([decision])
+            if on_decision is not None:
+                on_decision(decision)
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -220,43 +240,6 @@ class TransformersBackend(ModelBackend):
         if failure:
             raise failure[0]
         yield [cut_at_stop(t, stops)[0].strip() for t in texts]
-
-    def generate_with_decisions(
-        self,
-        prompts: Sequence[FittedPrompt],
-        variants: Sequence[Variant],
-        settings: GenerationSettings,
-        calibrated: bool = True,
-    ) -> tuple[list[str], list[dict[str, float]]]:
-        """Answers and decisions in ONE pass over each prompt: the option scores are the logits of the greedy
-        generation's first step, the very forward pass that scoring would repeat (a quarter of an evaluation's time
-        on a CPU, where a pass over an abstract is compute-bound). Falls back to two passes where
-        the first step's logits are not the raw ones (sampling, a repetition penalty) or an option is several
-        tokens."""
-        loaded = self.load()
-        options = single_token_options(loaded.tokenizer)
-        if options is None or settings.temperature > 0 or not first_step_logits_are_raw(loaded.model.generation_config):
-            return super().generate_with_decisions(prompts, variants, settings, calibrated)
-        capture = FirstStepOptionScores(options)
-        texts: list[str] = []
-        for texts in self.stream_batch(prompts, variants, settings, logits_processor=capture):
-            pass
-        scores = capture.probabilities()
-        return texts, self._calibrate(scores, variants) if calibrated else scores
-
-    @staticmethod
-    def _probe_reader(loaded: LoadedModel, tuned: Sequence[bool]) -> ProbeReader | None:
-        """A reader of the probe's features when fine-tuned rows will be decided by the adapter's probe."""
-        return ProbeReader(loaded.model, loaded.probe.layer) if loaded.probe is not None and any(tuned) else None
-
-    @staticmethod
-    def _calibration_processor(
-        loaded: LoadedModel, tuned: Sequence[bool], options: list[list[int]] | None
-    ) -> FirstStepOptionOffsets | None:
-        if loaded.calibration is None or options is None or not any(tuned):
-            return None
-        offsets = [loaded.calibration.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]
-        return FirstStepOptionOffsets(options, offsets, tuned)
 
     @staticmethod
     def _input_device(loaded: LoadedModel) -> torch.device:

@@ -46,6 +46,10 @@ class DecisionCalibration:
             {o: math.log(max(p, 1e-30)) + self.log_offsets.get(o, 0.0) for o, p in probabilities.items()}
         )
 
+    def offsets_vector(self) -> list[float]:
+        """The offsets in the order of ``ANSWER_OPTIONS`` (0 for an option without one)."""
+        return [self.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CALIBRATION_FILE
         path.write_text(json.dumps(asdict(self), indent=2))

@@ -8,18 +8,16 @@ batch, base or fine-tuned: no training label has shaped them, which lets the pro
 all 500 non-test questions (see ``training/decision_probe.py``), and it costs no extra pass, the answer's own
 forward pass computes them.
 
-At generation, the fine-tuned rows' answer options get the probe's distribution at the first step (their total
-probability is kept), so the answer starts with the probe's decision and the first-step capture reads it.
+How an engine applies it is the decision policy's (``policy.py``); this module is the probe itself and its file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -42,15 +40,6 @@ def probe_layer(num_layers: int, depth: float) -> int | None:
     if depth == 0:
         return None
     return min(max(round(depth * num_layers), 1), num_layers - 1)
-
-
-def decoder_layers(model: Any) -> torch.nn.ModuleList:
-    """The decoder's layer list of a transformers causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(base.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ProbeError(f"{type(base).__name__} has no decoder layer list for a decision probe to read")
-    return layers
 
 
 @dataclass
@@ -91,14 +80,12 @@ class DecisionProbe:
             raise ProbeError(f"{path}: the probe's weights are not finite")
         return cls(layer, weight.float(), bias.float(), details)
 
-    def check(self, model: Any) -> None:
+    def check(self, num_layers: int, hidden_size: int) -> None:
         """Refuse a probe fitted for another model shape (layer count or hidden size)."""
-        layers = decoder_layers(model)
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if not 1 <= self.layer < len(layers) or self.weight.shape[1] != hidden:
+        if not 1 <= self.layer < num_layers or self.weight.shape[1] != hidden_size:
             raise ProbeError(
                 f"the probe reads layer {self.layer} with {self.weight.shape[1]} features; this model has "
-                f"{len(layers)} layers of {hidden}"
+                f"{num_layers} layers of {hidden_size}"
             )
 
 
@@ -120,75 +107,3 @@ def load_probe(adapter_source: str) -> DecisionProbe | None:
     except Exception as exc:  # noqa: BLE001 - a missing or broken probe must never stop the adapter
         logger.warning("Ignoring the adapter's decision probe: %s", exc)
         return None
-
-
-class ProbeReader:
-    """While active (``with``), keeps a probe's features of every forward pass of ``model``: the output of decoder
-    layer ``layer - 1``, averaged over each row's real tokens (the attention mask, so left padding is left out).
-    ``pooled[0]`` is a generation's pass over the prompts."""
-
-    def __init__(self, model: Any, layer: int):
-        self.model, self.layer = model, layer
-        self.pooled: list[torch.Tensor] = []
-        self._mask: torch.Tensor | None = None
-        self._hooks: list[Any] = []
-
-    def __enter__(self) -> ProbeReader:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._hooks = [
-            base.get_decoder().register_forward_pre_hook(self._keep_mask, with_kwargs=True),
-            decoder_layers(self.model)[self.layer - 1].register_forward_hook(self._pool),
-        ]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-    def _keep_mask(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
-
-    def _pool(self, module: Any, inputs: Any, output: Any) -> None:
-        hidden = (output[0] if isinstance(output, tuple) else output).float()
-        if self._mask is None:
-            self.pooled.append(hidden.mean(dim=1))
-            return
-        mask = self._mask[:, -hidden.shape[1] :].to(hidden.dtype).unsqueeze(-1)  # the new positions' mask
-        self.pooled.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))
-
-
-def replace_option_scores(scores: torch.Tensor, columns: Sequence[int], probe_logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``scores`` with the option columns of the selected rows replaced by the probe's distribution, scaled to the
-    options' total probability there (so every other token keeps its probability)."""
-    options = scores[:, columns].float()
-    replaced = torch.logsumexp(options, dim=1, keepdim=True) + torch.log_softmax(probe_logits.float(), dim=1)
-    out = scores.clone()
-    out[:, columns] = torch.where(rows.unsqueeze(1), replaced.to(scores.dtype), scores[:, columns])
-    return out
-
-
-class FirstStepProbeDecision:
-    """A ``generate`` logits processor: at the first step, the fine-tuned rows' answer options take the probe's
-    distribution (see :func:`replace_option_scores`); later steps pass through."""
-
-    def __init__(self, probe: DecisionProbe, reader: ProbeReader, options: list[list[int]], rows: Sequence[bool]):
-        self.probe, self.reader, self.columns, self.rows = probe, reader, [ids[0] for ids in options], list(rows)
-        self.done = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.done:
-            return scores
-        self.done = True
-        rows = torch.tensor(self.rows, device=scores.device)
-        if not self.reader.pooled:
-            raise RuntimeError("the model made no forward pass for the decision probe to read")
-        return replace_option_scores(scores, self.columns, self.probe.logits(self.reader.pooled[0]), rows)
-
-
-def probe_summary(probe: DecisionProbe) -> str:
-    """One line for the UI's status: what decides the fine-tuned variant's answers."""
-    cv = probe.details.get("cross_validated") or {}
-    auc = cv.get("pairwise_auc")
-    quality = f", cross-validated pairwise AUC {auc:.3f}" if isinstance(auc, float) and math.isfinite(auc) else ""
-    return f"decision probe on layer {probe.layer}{quality}"

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
-from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 

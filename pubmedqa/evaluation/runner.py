@@ -26,7 +26,8 @@ from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import PROJECT_ROOT, ModelSettings
 from pubmedqa.data import PubMedQARecord, load_records, load_test_ids, stratified_sample
-from pubmedqa.decisions.scoring import predicted_decision
+from pubmedqa.decisions.options import predicted_decision
+from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.evaluation.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from pubmedqa.evaluation.judge import Judge, summarize_grades
 from pubmedqa.evaluation.metrics import decision_metrics, text_metrics
@@ -156,9 +157,9 @@ def evaluate(
         answers, probabilities = [a for a, _ in rows], [p for _, p in rows]
         timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
         raw_metrics = None
-        if variant is Variant.TUNED and loaded.calibration is not None:
+        if variant is Variant.TUNED and loaded.policy.calibration is not None:
             raw_metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
-            probabilities = [loaded.calibration.apply(p) for p in probabilities]
+            probabilities = loaded.policy.calibrated(probabilities, [True] * len(probabilities))
         decisions = [predicted_decision(p) for p in probabilities]
         write_predictions(run_dir, key, {r.pubid: d for r, d in zip(questions, decisions)})
         per_model[key] = decision_metrics(gold, decisions)
@@ -184,16 +185,7 @@ def evaluate(
             "split": "official test set" + (f", stratified sample (seed {args.sample_seed})" if args.limit else ""),
             "n": len(questions),
             "decision_method": "option likelihood: softmax over the log-likelihoods of yes/no/maybe after the prompt",
-            "decision_calibration": (
-                {"model": "tuned", "log_offsets": loaded.calibration.log_offsets, "fitted_on": loaded.calibration.fitted_on}
-                if loaded.calibration is not None and Variant.TUNED in variants
-                else None
-            ),
-            "decision_probe": (
-                {"layer": loaded.probe.layer, **{k: loaded.probe.details.get(k) for k in ("fitted_on", "l2", "cross_validated")}}
-                if loaded.probe is not None and Variant.TUNED in variants
-                else None
-            ),
+            **(loaded.policy if Variant.TUNED in variants else DecisionPolicy()).record(),
             "settings": {k: v for k, v in asdict(args).items() if k not in ("judge_api_key_env",)},
             "bertscore_model": args.bertscore_model if args.long_answers else None,
             "judge": {"model": args.judge_model, "base_url": args.judge_base_url} if judge else "not run (no --judge_base_url)",
