@@ -9,9 +9,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from app import variants
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
-from pubmedqa.prompts import PromptInput, PromptTooLongError, Turn
+from pubmedqa.prompts import FittedPrompt, PromptInput, PromptTooLongError, Turn
 
 _CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
 
@@ -22,6 +23,8 @@ class UserInputError(ValueError):
 
 @dataclass
 class ChatUpdate:
+    """One step of a streamed answer: the text so far, and what the user should know about the request."""
+
     answer: str
     notices: list[str] = field(default_factory=list)
 
@@ -39,17 +42,19 @@ def clean_text(value: Any, name: str, max_chars: int) -> str:
 
 
 def parse_variant(value: Any, backend: ModelBackend) -> Variant:
-    try:
-        variant = Variant(value)
-    except ValueError:
-        raise UserInputError(f"Unknown model choice {value!r}: use 'base' or 'fine-tuned'.") from None
+    """The variant ``value`` names, or a UserInputError if it names none or the backend cannot serve it now."""
+    variant = variants.from_choice(value)
+    if variant is None:
+        raise UserInputError(f"Unknown model choice {value!r}: use {' or '.join(map(repr, variants.CHOICES))}.")
     reason = backend.adapter_unavailable_reason()
     if variant is Variant.TUNED and reason:
         raise UserInputError(f"The fine-tuned model is not available: {reason}.")
     return variant
 
 
-def parse_settings(values: dict[str, Any], limits: ServerSettings) -> GenerationSettings:
+def parse_generation_settings(values: dict[str, Any], limits: ServerSettings) -> GenerationSettings:
+    """Generation settings from a request's values (defaults for those missing), or a UserInputError saying which
+    one to change."""
     defaults = GenerationSettings()
     try:
         settings = GenerationSettings(
@@ -103,6 +108,22 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
     return tuple(turns)
 
 
+def parse_question(question: Any, context: Any, limits: ServerSettings) -> tuple[str, str]:
+    """The question and the optional context as clean text, or a UserInputError saying what to change."""
+    question_text = clean_text(question, "question", limits.max_question_chars)
+    if not question_text:
+        raise UserInputError("Please type a question.")
+    return question_text, clean_text(context, "context", limits.max_context_chars)
+
+
+def prepare_prompt(backend: ModelBackend, prompt_input: PromptInput, generation: GenerationSettings) -> FittedPrompt:
+    """The prompt fitted to the model's window; a question too long to fit is the user's to shorten."""
+    try:
+        return backend.prepare(prompt_input, generation)
+    except PromptTooLongError as exc:
+        raise UserInputError(str(exc)) from None
+
+
 def stream_answer(
     backend: ModelBackend,
     limits: ServerSettings,
@@ -115,17 +136,11 @@ def stream_answer(
 ) -> Iterator[ChatUpdate]:
     """Validate a chat request, then yield the growing answer. Raises UserInputError for anything the user
     must change; the first update carries the notices (e.g. that the context was truncated)."""
-    question_text = clean_text(question, "question", limits.max_question_chars)
-    if not question_text:
-        raise UserInputError("Please type a question.")
-    context_text = clean_text(context, "context", limits.max_context_chars)
+    question_text, context_text = parse_question(question, context, limits)
     chosen = parse_variant(variant, backend)
-    generation = parse_settings(settings, limits)
+    generation = parse_generation_settings(settings, limits)
     turns = history_to_turns(history, limits)
-    try:
-        prompt = backend.prepare(PromptInput(question_text, context_text, turns), generation)
-    except PromptTooLongError as exc:
-        raise UserInputError(str(exc)) from None
+    prompt = prepare_prompt(backend, PromptInput(question_text, context_text, turns), generation)
     notices = prompt.notices
     yield ChatUpdate("", notices)
     for answer in backend.stream(prompt, chosen, generation, cancel):

@@ -9,18 +9,21 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from app.chat import UserInputError, clean_text, parse_settings
+from app import variants
+from app.chat import parse_generation_settings, parse_question, prepare_prompt
 from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision
-from pubmedqa.prompts import PromptInput, PromptTooLongError, parse_decision
+from pubmedqa.prompts import PromptInput, parse_decision
 
 
 @dataclass
 class SideResult:
-    variant: str
+    """One model's answer in a comparison, with what the UI and the /compare API report about it."""
+
+    variant: str  # the variant's choice name (app.variants), which keys this side in a /compare result
     answer: str = ""
     ttft_s: float | None = None  # time to first token
     seconds: float | None = None
@@ -39,6 +42,8 @@ class SideResult:
 
 @dataclass
 class ComparisonUpdate:
+    """One step of a streamed comparison: the base side first, then the fine-tuned one if an adapter is loaded."""
+
     sides: list[SideResult]
     notices: list[str]
     mode: str
@@ -55,35 +60,33 @@ def stream_comparison(
 ) -> Iterator[ComparisonUpdate]:
     """Validate, then stream both answers; the last update carries decisions, probabilities and timings.
     Without an adapter only the base side is produced, and a notice says why."""
-    question_text = clean_text(question, "question", limits.max_question_chars)
-    if not question_text:
-        raise UserInputError("Please type a question.")
-    context_text = clean_text(context, "context", limits.max_context_chars)
-    generation = parse_settings(settings, limits)
-    try:
-        prompt = backend.prepare(PromptInput(question_text, context_text), generation)
-    except PromptTooLongError as exc:
-        raise UserInputError(str(exc)) from None
-    loaded = backend.load()
+    question_text, context_text = parse_question(question, context, limits)
+    generation = parse_generation_settings(settings, limits)
+    prompt = prepare_prompt(backend, PromptInput(question_text, context_text), generation)
     notices = list(prompt.notices)
-    variants = [Variant.BASE]
-    if loaded.adapter_loaded:
-        variants.append(Variant.TUNED)
+    answering = [Variant.BASE]
+    if backend.load().adapter_loaded:
+        answering.append(Variant.TUNED)
     else:
         notices.append(f"Only the base model can answer: {backend.adapter_unavailable_reason()}.")
-    sides = [SideResult(v.value) for v in variants]
+    sides = [SideResult(variants.choice(variant)) for variant in answering]
+    prompts = [prompt] * len(answering)
     start = time.perf_counter()
-    for texts in backend.stream_batch([prompt] * len(variants), variants, generation, cancel):
-        now = time.perf_counter() - start
-        for side, text in zip(sides, texts):
-            if text != side.answer:
-                side.answer, side.seconds = text, now
-                if side.ttft_s is None:
-                    side.ttft_s = now
+    for texts in backend.stream_batch(prompts, answering, generation, cancel):
+        _record_progress(sides, texts, time.perf_counter() - start)
         yield ComparisonUpdate(sides, notices, backend.pair_mode)
-    for side, probabilities in zip(sides, backend.score_decisions([prompt] * len(variants), variants)):
+    for side, probabilities in zip(sides, backend.score_decisions(prompts, answering)):
         side.n_tokens = backend.count_tokens(side.answer)
         side.probabilities = probabilities
         side.decision = predicted_decision(probabilities)
         side.stated_decision = parse_decision(side.answer)
     yield ComparisonUpdate(sides, notices, backend.pair_mode, done=True)
+
+
+def _record_progress(sides: list[SideResult], texts: Sequence[str], elapsed_s: float) -> None:
+    # Timings count from the batch's start, and only when a side's text changed, so an idle row keeps its own.
+    for side, text in zip(sides, texts):
+        if text != side.answer:
+            side.answer, side.seconds = text, elapsed_s
+            if side.ttft_s is None:
+                side.ttft_s = elapsed_s

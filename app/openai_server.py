@@ -31,13 +31,20 @@ from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.prompts import FittedPrompt, cut_at_stop
 
+# Default names the two variants are served under. They are server model names, which a client chooses with
+# --model / --adapter_model, not the app's variant choices (app.variants).
+BASE_MODEL_NAME = "base"
+ADAPTER_MODEL_NAME = "tuned"
+
 
 @dataclass
 class ServeSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
-    base_name: str = field(default="base", metadata={"help": "Model name of the base model."})
-    adapter_name: str = field(default="tuned", metadata={"help": "Model name of the base model with the LoRA adapter."})
+    base_name: str = field(default=BASE_MODEL_NAME, metadata={"help": "Model name of the base model."})
+    adapter_name: str = field(
+        default=ADAPTER_MODEL_NAME, metadata={"help": "Model name of the base model with the LoRA adapter."}
+    )
     require_key_env: str = field(
         default="", metadata={"help": "If set, the environment variable holding the API key clients must send."}
     )
@@ -51,15 +58,15 @@ class RequestError(ValueError):
 
 def create_app(
     backend: TransformersBackend,
-    base_name: str = "base",
-    adapter_name: str = "tuned",
+    base_name: str = BASE_MODEL_NAME,
+    adapter_name: str = ADAPTER_MODEL_NAME,
     api_key: str | None = None,
     allow_echo: bool = True,
 ):
     """A FastAPI app serving ``backend`` as ``base_name`` and, when it has an adapter, ``adapter_name``.
     ``allow_echo=False`` refuses ``echo`` with ``logprobs`` as TGI does."""
     app = FastAPI(title="PubMedQA OpenAI-compatible server")
-    names = {base_name: Variant.BASE, adapter_name: Variant.TUNED}
+    variant_by_model = {base_name: Variant.BASE, adapter_name: Variant.TUNED}
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": status}}, status)
@@ -83,22 +90,16 @@ def create_app(
             return error(401, "Invalid API key.")
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise RequestError(400, "The request body must be a JSON object.")
-            variant, prompts, settings, stops = _parse(body, names)
-            if variant is Variant.TUNED and not backend.load().adapter_loaded:
-                raise RequestError(404, f"The model {body['model']!r} does not exist: no adapter is loaded.")
+            variant, prompts, settings, stops = _parse(body, variant_by_model)
+            _check_servable(body, variant, prompts, backend, allow_echo)
         except RequestError as exc:
             return error(exc.status, str(exc))
-        except ValueError as exc:
+        except ValueError as exc:  # also a body that is not JSON
             return error(400, str(exc))
         model = body["model"]
-        if body.get("echo") and body.get("logprobs") is not None and not allow_echo:
-            return error(400, "echo with logprobs is not supported.")
         if body.get("stream"):
-            if len(prompts) != 1:
-                return error(400, "Streaming takes one prompt.")
-            return StreamingResponse(_stream(backend, model, prompts[0], variant, settings, stops), media_type="text/event-stream")
+            events = _stream(backend, model, prompts[0], variant, settings, stops)
+            return StreamingResponse(events, media_type="text/event-stream")
         choices = [
             _choice(backend, i, text, variant, settings, stops, bool(body.get("echo")), body.get("logprobs"))
             for i, text in enumerate(prompts)
@@ -109,10 +110,14 @@ def create_app(
     return app
 
 
-def _parse(body: dict[str, Any], names: dict[str, Variant]) -> tuple[Variant, list[str], GenerationSettings, list[str]]:
+def _parse(body: Any, variant_by_model: dict[str, Variant]) -> tuple[Variant, list[str], GenerationSettings, list[str]]:
+    if not isinstance(body, dict):
+        raise RequestError(400, "The request body must be a JSON object.")
     model = body.get("model")
-    if model not in names:
-        raise RequestError(404, f"The model {model!r} does not exist; this server serves {', '.join(names)}.")
+    if model not in variant_by_model:
+        raise RequestError(
+            404, f"The model {model!r} does not exist; this server serves {', '.join(variant_by_model)}."
+        )
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -128,7 +133,19 @@ def _parse(body: dict[str, Any], names: dict[str, Variant]) -> tuple[Variant, li
         )
     except (TypeError, ValueError):
         raise RequestError(400, "max_tokens, temperature, top_p and seed must be numbers.") from None
-    return names[model], prompts, settings.validated(4096), stops
+    return variant_by_model[model], prompts, settings.validated(4096), stops
+
+
+def _check_servable(
+    body: dict[str, Any], variant: Variant, prompts: list[str], backend: TransformersBackend, allow_echo: bool
+) -> None:
+    """A RequestError if this server cannot serve a well-formed request."""
+    if variant is Variant.TUNED and not backend.load().adapter_loaded:
+        raise RequestError(404, f"The model {body['model']!r} does not exist: no adapter is loaded.")
+    if body.get("echo") and body.get("logprobs") is not None and not allow_echo:
+        raise RequestError(400, "echo with logprobs is not supported.")
+    if body.get("stream") and len(prompts) != 1:
+        raise RequestError(400, "Streaming takes one prompt.")
 
 
 def _fitted(text: str) -> FittedPrompt:

@@ -16,7 +16,9 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from app import variants
 from app.ui.interface import build_app
+from pubmedqa.backends.base import Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.data import load_examples
@@ -51,7 +53,7 @@ def main() -> None:
     try:
         client = Client(url, verbose=False)
 
-        def chat(question: str, model: str = "base") -> float:
+        def chat(question: str, model: str = variants.choice(variants.DEFAULT)) -> float:
             t0 = time.perf_counter()
             client.predict(question=question, model=model, max_new_tokens=args.max_new_tokens, api_name="/chat")
             return time.perf_counter() - t0
@@ -71,7 +73,8 @@ def main() -> None:
                 if kind == "compare":
                     own.predict(question=question, max_new_tokens=args.max_new_tokens, api_name="/compare")
                 else:
-                    model = "fine-tuned" if kind == "chat-tuned" and backend.load().adapter_loaded else "base"
+                    tuned = kind == "chat-tuned" and backend.load().adapter_loaded
+                    model = variants.choice(Variant.TUNED if tuned else Variant.BASE)
                     own.predict(question=question, model=model, max_new_tokens=args.max_new_tokens, api_name="/chat")
                 results.append((kind, time.perf_counter() - t0))
             return results

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from app.compare import stream_comparison
-from app.openai_server import create_app, serve_in_thread
+from app.openai_server import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.backends.remote import RemoteBackend
 from pubmedqa.backends.transformers_backend import TransformersBackend
@@ -44,7 +44,7 @@ def main() -> None:
     local.load()
     url, server = serve_in_thread(create_app(local))
     remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), backend="openai", base_url=url,
-                                         remote_model="base", adapter_model="tuned"))
+                                         remote_model=BASE_MODEL_NAME, adapter_model=ADAPTER_MODEL_NAME))
     remote.load()
     limits = ServerSettings()
     example = load_examples(key="dev_examples")[0]

@@ -1,4 +1,4 @@
-"""Fit the decision probe of an adapter (see ``app/decision_probe.py``) and the decision calibration that goes with it.
+"""Fit the decision probe of an adapter (see ``pubmedqa/decisions/probe.py``) and the decision calibration that goes with it.
 
     python -m training.decision_probe --adapter outputs/adapter     # (re)fit; writes decision_probe.safetensors
 

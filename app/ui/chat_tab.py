@@ -1,4 +1,8 @@
-"""The Chat tab: multi-turn conversation with streaming, Stop, Clear, optional context and generation settings."""
+"""The Chat tab: multi-turn conversation with streaming, Stop, Clear, optional context and generation settings.
+
+:func:`_layout` creates the components, :class:`ChatHandlers` answers their events and :func:`_wire` connects the
+two; :func:`register_chat_api` adds the ``/chat`` endpoint for scripts.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from app import variants
 from app.chat import stream_answer
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
+    SettingsControls,
     build_settings_controls,
     generation_settings,
     notices_markdown,
@@ -20,63 +26,59 @@ from app.ui.common import (
 from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 
+ChatUpdates = Iterator[tuple[Any, Any, Any]]  # (conversation, question box, notice) as the answer grows
+
 
 def variant_update(backend: ModelBackend) -> dict[str, Any]:
     """The model choice as the backend allows it now: fine-tuned only once an adapter is really loaded."""
     reason = backend.adapter_unavailable_reason()
     if reason:
-        return gr.update(interactive=False, value=Variant.BASE.value, info=f"Fine-tuned unavailable: {reason}.")
+        return gr.update(
+            interactive=False, value=variants.choice(variants.DEFAULT), info=f"Fine-tuned unavailable: {reason}."
+        )
     if backend.state is LoadState.READY:
-        return gr.update(interactive=True, info="Same base weights; 'fine-tuned' adds the LoRA adapter.")
+        return gr.update(
+            interactive=True, info=f"Same base weights; {variants.choice(Variant.TUNED)!r} adds the LoRA adapter."
+        )
     return gr.update(interactive=False, info="Available once the model has loaded.")
 
 
 @dataclass
 class ChatTab:
+    """What the page needs from the Chat tab once it is built."""
+
     variant: gr.Radio
     end_session: Callable[[gr.Request], None]  # to call when a browser session ends
 
 
-def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
-    cancels = SessionCancels()
+@dataclass
+class ChatComponents:
+    chatbot: gr.Chatbot
+    question: gr.Textbox
+    send: gr.Button
+    stop: gr.Button
+    clear: gr.Button
+    notice: gr.Markdown
+    variant: gr.Radio
+    settings: SettingsControls
+    context: gr.Textbox
+
+
+def _layout(limits: ServerSettings, examples: list[dict[str, str]]) -> ChatComponents:
     with gr.Row():
         with gr.Column(scale=3):
-            chatbot = gr.Chatbot(
-                label="Conversation",
-                elem_id="chat-conversation",
-                height=460,
-                buttons=["copy", "copy_all"],
-                feedback_options=None,
-                placeholder="Ask a yes/no/maybe question about biomedical research. "
-                "Paste an abstract on the right to ground the answer.",
-            )
+            chatbot = _conversation()
             with gr.Row():
-                question = gr.Textbox(
-                    placeholder="e.g. Does aspirin reduce the risk of myocardial infarction?",
-                    show_label=False,
-                    scale=5,
-                    max_lines=6,
-                    max_length=limits.max_question_chars,
-                    autofocus=True,
-                    elem_id="chat-question",
-                )
+                question = _question_box(limits)
                 send = gr.Button("Send", variant="primary", scale=1)
             with gr.Row():
                 stop = gr.Button("Stop", variant="stop")
                 clear = gr.Button("Clear", elem_id="chat-clear")
             notice = gr.Markdown()
         with gr.Column(scale=2):
-            variant = gr.Radio(
-                choices=[v.value for v in Variant], value=Variant.BASE.value, label="Model", interactive=False
-            )
-            controls = build_settings_controls(limits)
-            context = gr.Textbox(
-                label="Abstract / context (optional)",
-                placeholder="Paste the abstract the question is about; it is put into the prompt.",
-                lines=8,
-                max_lines=16,
-                max_length=limits.max_context_chars,
-            )
+            variant = _variant_radio()
+            settings = build_settings_controls(limits)
+            context = _context_box(limits)
     if examples:
         gr.Examples(
             examples=[[ex["question"], ex["context"]] for ex in examples],
@@ -84,8 +86,63 @@ def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list
             example_labels=[ex["question"] for ex in examples],
             label="Examples from PubMedQA (training questions)",
         )
+    return ChatComponents(
+        chatbot=chatbot, question=question, send=send, stop=stop, clear=clear, notice=notice, variant=variant,
+        settings=settings, context=context,
+    )
+
+
+def _conversation() -> gr.Chatbot:
+    return gr.Chatbot(
+        label="Conversation",
+        elem_id="chat-conversation",
+        height=460,
+        buttons=["copy", "copy_all"],
+        feedback_options=None,
+        placeholder="Ask a yes/no/maybe question about biomedical research. "
+        "Paste an abstract on the right to ground the answer.",
+    )
+
+
+def _question_box(limits: ServerSettings) -> gr.Textbox:
+    return gr.Textbox(
+        placeholder="e.g. Does aspirin reduce the risk of myocardial infarction?",
+        show_label=False,
+        scale=5,
+        max_lines=6,
+        max_length=limits.max_question_chars,
+        autofocus=True,
+        elem_id="chat-question",
+    )
+
+
+def _variant_radio() -> gr.Radio:
+    # Starts disabled: the page's status poll enables it once the backend can say which variants it serves.
+    return gr.Radio(
+        choices=list(variants.CHOICES), value=variants.choice(variants.DEFAULT), label="Model", interactive=False
+    )
+
+
+def _context_box(limits: ServerSettings) -> gr.Textbox:
+    return gr.Textbox(
+        label="Abstract / context (optional)",
+        placeholder="Paste the abstract the question is about; it is put into the prompt.",
+        lines=8,
+        max_lines=16,
+        max_length=limits.max_context_chars,
+    )
+
+
+class ChatHandlers:
+    """The Chat tab's event handlers; one cancel flag per browser session, so Stop and Clear reach only it."""
+
+    def __init__(self, backend: ModelBackend, limits: ServerSettings) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.cancels = SessionCancels()
 
     def respond(
+        self,
         message: str,
         history: list[dict[str, Any]] | None,
         context_text: str,
@@ -95,16 +152,16 @@ def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list
         top_p: float,
         seed: float,
         request: gr.Request,
-    ) -> Iterator[tuple[Any, Any, Any]]:
+    ) -> ChatUpdates:
         if not isinstance(message, str) or not message.strip():
             raise gr.Error("Please type a question.")
         original = list(history or [])
-        waiting = "⏳ Loading the model…" if backend.state is not LoadState.READY else "…"
+        waiting = "⏳ Loading the model…" if self.backend.state is not LoadState.READY else "…"
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
         yield pending, "", ""
-        cancel = cancels.start(session_id(request))
+        cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
-            backend, limits, message, context_text, original, variant,
+            self.backend, self.limits, message, context_text, original, variant,
             generation_settings(max_new_tokens, temperature, top_p, seed), cancel,
         )
         try:
@@ -118,27 +175,36 @@ def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list
             pending[-1] = {"role": "assistant", "content": "_(stopped before any text was generated)_"}
             yield pending, gr.skip(), gr.skip()
 
-    def stop_generation(request: gr.Request) -> None:
-        cancels.cancel(session_id(request))
+    def stop_generation(self, request: gr.Request) -> None:
+        self.cancels.cancel(session_id(request))
 
-    def clear_chat(request: gr.Request) -> tuple[list, str, str]:
-        cancels.cancel(session_id(request))
+    def clear_chat(self, request: gr.Request) -> tuple[list, str, str]:
+        self.cancels.cancel(session_id(request))
         return [], "", ""
 
+
+def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) -> None:
     chat_event = gr.on(
-        triggers=[question.submit, send.click],
-        fn=respond,
-        inputs=[question, chatbot, context, variant, *controls.inputs],
-        outputs=[chatbot, question, notice],
+        triggers=[ui.question.submit, ui.send.click],
+        fn=handlers.respond,
+        inputs=[ui.question, ui.chatbot, ui.context, ui.variant, *ui.settings.inputs],
+        outputs=[ui.chatbot, ui.question, ui.notice],
         api_visibility="private",
         concurrency_id=MODEL_EVENTS,
-        concurrency_limit=limits.concurrency_limit,
+        concurrency_limit=concurrency_limit,
     )
-    stop.click(stop_generation, None, None, cancels=[chat_event], queue=False, api_visibility="private")
-    clear.click(
-        clear_chat, None, [chatbot, question, notice], cancels=[chat_event], queue=False, api_visibility="private"
+    ui.stop.click(handlers.stop_generation, None, None, cancels=[chat_event], queue=False, api_visibility="private")
+    ui.clear.click(
+        handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=[chat_event], queue=False,
+        api_visibility="private",
     )
-    return ChatTab(variant=variant, end_session=stop_generation)
+
+
+def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
+    ui = _layout(limits, examples)
+    handlers = ChatHandlers(backend, limits)
+    _wire(ui, handlers, limits.concurrency_limit)
+    return ChatTab(variant=ui.variant, end_session=handlers.stop_generation)
 
 
 def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
@@ -148,7 +214,7 @@ def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
         question: str,
         context: str = "",
         history: list[dict] | None = None,
-        model: str = Variant.BASE.value,
+        model: str = variants.choice(variants.DEFAULT),
         max_new_tokens: int = GenerationSettings.max_new_tokens,
         temperature: float = GenerationSettings.temperature,
         top_p: float = GenerationSettings.top_p,

@@ -1,15 +1,22 @@
-"""The Compare tab: base and fine-tuned answers to the same question, side by side and streaming, with votes."""
+"""The Compare tab: base and fine-tuned answers to the same question, side by side and streaming, with votes.
+
+:func:`_layout` creates the components, :class:`CompareHandlers` answers their events and :func:`_wire` connects
+the two; :func:`register_compare_api` adds the ``/compare`` endpoint for scripts.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import gradio as gr
 
+from app import variants
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
+    SettingsControls,
     build_settings_controls,
     generation_settings,
     notices_markdown,
@@ -17,10 +24,11 @@ from app.ui.common import (
     session_id,
 )
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
-from pubmedqa.backends.base import ModelBackend
+from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 
-TITLES = {"base": "Base model", "fine-tuned": "Fine-tuned (LoRA)"}
+# (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to)
+CompareUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any]]
 
 
 def side_stats(side: SideResult | None, done: bool) -> str:
@@ -48,12 +56,35 @@ def vote_summary_markdown(counts: dict[str, int]) -> str:
     return f"**{total} votes** — " + " · ".join(f"{choice}: {n}" for choice, n in counts.items())
 
 
-def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
-    cancels = SessionCancels()
-    votes = VoteLog(limits.votes_path, limits.votes_repo)
+@dataclass
+class AnswerPanel:
+    answer: gr.Markdown
+    stats: gr.Markdown
+
+
+@dataclass
+class CompareComponents:
+    question: gr.Textbox
+    context: gr.Textbox
+    example: gr.Dropdown
+    settings: SettingsControls
+    compare: gr.Button
+    stop: gr.Button
+    reference: gr.Markdown
+    info: gr.Markdown
+    base: AnswerPanel
+    tuned: AnswerPanel
+    last_result: gr.State
+    vote_buttons: list[gr.Button]
+    comment: gr.Textbox
+    summary: gr.Markdown
+
+
+def _layout(limits: ServerSettings, examples: list[dict[str, str]], vote_summary: str) -> CompareComponents:
     with gr.Row():
         with gr.Column(scale=3):
-            question = gr.Textbox(label="Question", max_lines=4, elem_id="compare-question", max_length=limits.max_question_chars,
+            question = gr.Textbox(label="Question", max_lines=4, elem_id="compare-question",
+                                  max_length=limits.max_question_chars,
                                   placeholder="Ask once, get the base and the fine-tuned answer side by side.")
             context = gr.Textbox(label="Abstract / context (optional)", lines=4, max_lines=12,
                                  max_length=limits.max_context_chars)
@@ -62,42 +93,59 @@ def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: l
                 choices=[(ex["question"], i) for i, ex in enumerate(examples)], value=None,
                 label="PubMedQA dev example (shows the reference answer)",
             )
-            controls = build_settings_controls(limits)
+            settings = build_settings_controls(limits)
             with gr.Row():
                 compare = gr.Button("Compare", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
     reference = gr.Markdown()
     info = gr.Markdown()
     with gr.Row(equal_height=True):
-        with gr.Column():
-            gr.Markdown(f"### {TITLES['base']}")
-            base_answer = gr.Markdown(container=True, min_height=120, elem_id="compare-base-answer")
-            base_stats = gr.Markdown()
-        with gr.Column():
-            gr.Markdown(f"### {TITLES['fine-tuned']}")
-            tuned_answer = gr.Markdown(container=True, min_height=120, elem_id="compare-tuned-answer")
-            tuned_stats = gr.Markdown()
+        base = _answer_panel(Variant.BASE, "compare-base-answer")
+        tuned = _answer_panel(Variant.TUNED, "compare-tuned-answer")
     last_result = gr.State(None)  # this session's last comparison, what a vote refers to
     with gr.Group():
         with gr.Row():
             vote_buttons = [gr.Button(choice, size="sm") for choice in VOTE_CHOICES]
         comment = gr.Textbox(label="Comment (optional)", max_length=1000, max_lines=3)
-    summary = gr.Markdown(vote_summary_markdown(votes.summary()))
+    summary = gr.Markdown(vote_summary)
+    return CompareComponents(
+        question=question, context=context, example=example, settings=settings, compare=compare, stop=stop,
+        reference=reference, info=info, base=base, tuned=tuned, last_result=last_result, vote_buttons=vote_buttons,
+        comment=comment, summary=summary,
+    )
 
-    def pick_example(index: int | None) -> tuple[Any, Any, str]:
-        if index is None or not 0 <= index < len(examples):
+
+def _answer_panel(variant: Variant, elem_id: str) -> AnswerPanel:
+    with gr.Column():
+        gr.Markdown(f"### {variants.HEADINGS[variant]}")
+        return AnswerPanel(answer=gr.Markdown(container=True, min_height=120, elem_id=elem_id), stats=gr.Markdown())
+
+
+class CompareHandlers:
+    """The Compare tab's event handlers; one cancel flag per browser session, so Stop reaches only it."""
+
+    def __init__(self, backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]],
+                 votes: VoteLog) -> None:
+        self.backend = backend
+        self.limits = limits
+        self.examples = examples
+        self.votes = votes
+        self.cancels = SessionCancels()
+
+    def pick_example(self, index: int | None) -> tuple[Any, Any, str]:
+        if index is None or not 0 <= index < len(self.examples):
             return gr.skip(), gr.skip(), ""
-        ex = examples[index]
+        ex = self.examples[index]
         return ex["question"], ex["context"], (
             f"**Gold label: {ex['final_decision']}** — reference (the abstract's conclusion): {ex['long_answer']}"
         )
 
-    def run(question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
-            seed: float, request: gr.Request) -> Iterator[tuple[Any, ...]]:
-        cancel = cancels.start(session_id(request))
+    def run(self, question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
+            seed: float, request: gr.Request) -> CompareUpdates:
+        cancel = self.cancels.start(session_id(request))
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)
         update: ComparisonUpdate | None = None
-        updates = stream_comparison(backend, limits, question_text, context_text, settings, cancel)
+        updates = stream_comparison(self.backend, self.limits, question_text, context_text, settings, cancel)
         for update in run_guarded(updates):
             base = update.sides[0]
             tuned = update.sides[1] if len(update.sides) > 1 else None
@@ -105,41 +153,59 @@ def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: l
             yield (base.answer or "…", (tuned.answer or "…") if tuned else "—", side_stats(base, update.done),
                    side_stats(tuned, update.done), note, gr.skip())
         if update is not None and update.done:
-            record = {
-                "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
-                "base_model": backend.settings.base_model, "adapter": backend.settings.adapter_source,
-                "answers": {side.variant: side.answer for side in update.sides},
-            }
+            record = self._vote_record(question_text, context_text, settings, update.sides)
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), record
 
-    def vote(choice: str, note: str, record: dict[str, Any] | None) -> tuple[str, str]:
+    def _vote_record(self, question_text: str, context_text: str, settings: dict[str, Any],
+                     sides: list[SideResult]) -> dict[str, Any]:
+        return {
+            "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
+            "base_model": self.backend.settings.base_model, "adapter": self.backend.settings.adapter_source,
+            "answers": {side.variant: side.answer for side in sides},
+        }
+
+    def vote(self, choice: str, note: str, record: dict[str, Any] | None) -> tuple[str, str]:
         if not record:
             raise gr.Error("Compare the two models on a question first, then vote.")
         try:
-            votes.append(choice, {**record, "comment": (note or "").strip()[:1000]})
+            self.votes.append(choice, {**record, "comment": (note or "").strip()[:1000]})
         except VoteError as exc:
             gr.Warning(str(exc))
-            return gr.skip(), vote_summary_markdown(votes.summary())
+            return gr.skip(), vote_summary_markdown(self.votes.summary())
         gr.Info(f"Vote recorded: {choice}.")
-        return "", vote_summary_markdown(votes.summary())
+        return "", vote_summary_markdown(self.votes.summary())
 
-    example.change(pick_example, example, [question, context, reference], api_visibility="private")
+    def stop_comparison(self, request: gr.Request) -> None:
+        self.cancels.cancel(session_id(request))
+
+
+def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: int) -> None:
+    ui.example.change(handlers.pick_example, ui.example, [ui.question, ui.context, ui.reference],
+                      api_visibility="private")
     event = gr.on(
-        [compare.click, question.submit], run, [question, context, *controls.inputs],
-        [base_answer, tuned_answer, base_stats, tuned_stats, info, last_result],
-        api_visibility="private", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit,
+        [ui.compare.click, ui.question.submit], handlers.run, [ui.question, ui.context, *ui.settings.inputs],
+        [ui.base.answer, ui.tuned.answer, ui.base.stats, ui.tuned.stats, ui.info, ui.last_result],
+        api_visibility="private", concurrency_id=MODEL_EVENTS, concurrency_limit=concurrency_limit,
         trigger_mode="once",  # a second click while running is ignored, not queued
     )
-    def stop_comparison(request: gr.Request) -> None:
-        cancels.cancel(session_id(request))
+    ui.stop.click(handlers.stop_comparison, None, None, cancels=[event], queue=False, api_visibility="private")
+    for button, choice in zip(ui.vote_buttons, VOTE_CHOICES):
+        button.click(lambda note, record, c=choice: handlers.vote(c, note, record), [ui.comment, ui.last_result],
+                     [ui.comment, ui.summary], api_visibility="private")
 
-    stop.click(stop_comparison, None, None, cancels=[event], queue=False, api_visibility="private")
-    for button, choice in zip(vote_buttons, VOTE_CHOICES):
-        button.click(lambda note, record, c=choice: vote(c, note, record), [comment, last_result], [comment, summary],
-                     api_visibility="private")
 
-    def compare_api(question: str, context: str = "", max_new_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 0.95, seed: int = 0) -> dict:
+def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
+    votes = VoteLog(limits.votes_path, limits.votes_repo)
+    ui = _layout(limits, examples, vote_summary_markdown(votes.summary()))
+    _wire(ui, CompareHandlers(backend, limits, examples, votes), limits.concurrency_limit)
+
+
+def register_compare_api(backend: ModelBackend, limits: ServerSettings) -> None:
+    """The ``/compare`` endpoint for scripts (gradio_client): same validation and model as the Compare tab."""
+
+    def compare_api(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
+                    temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
+                    seed: int = GenerationSettings.seed) -> dict:
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
         decision, option probabilities, time to first token, tokens/s and token count."""
         settings = generation_settings(max_new_tokens, temperature, top_p, seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,19 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
+from app import variants
 from app.ui.common import MODEL_EVENTS
-from pubmedqa.backends.base import ModelBackend
+from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.config import PROJECT_ROOT
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
+from pubmedqa.evaluation.runner import EvalArguments, evaluate
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_RUNS = PROJECT_ROOT / "assets" / "eval"  # runs shipped with the app, one folder each
 RUNS_ROOT = Path("outputs") / "eval"  # where `python -m training.evaluate` writes new runs
 COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
-LABELS = {"base": "base", "tuned": "fine-tuned"}
+LABELS = {"base": variants.choice(Variant.BASE), "tuned": variants.choice(Variant.TUNED)}  # results keys -> UI
 FILTERS = {
     "all questions": lambda b, t, g: True,
     "fine-tuned right, base wrong": lambda b, t, g: t == g and b != g,
@@ -127,7 +130,24 @@ def run_summary(run: RunResults) -> str:
     return "  \n".join(lines)
 
 
+@dataclass
+class EvaluationTab:
+    """The tab's components."""
+
+    run_choice: gr.Dropdown
+    reload: gr.Button
+    filter_choice: gr.Dropdown
+    n_questions: gr.Slider
+    long_answers: gr.Checkbox
+    run_button: gr.Button
+    shown: list[Any]  # what :func:`show_run` fills, in its order
+
+
 def build_evaluation_tab(backend: ModelBackend) -> None:
+    _wire(_layout(), backend)
+
+
+def _layout() -> EvaluationTab:
     runs = available_runs()
     with gr.Row():
         run_choice = gr.Dropdown(
@@ -157,40 +177,49 @@ def build_evaluation_tab(backend: ModelBackend) -> None:
             n_questions = gr.Slider(10, 500, value=50, step=10, label="Questions")
             long_answers = gr.Checkbox(value=True, label="Long answers + text metrics")
             run_button = gr.Button("Run evaluation", variant="primary")
+    shown = [message, decision_plot, text_plot, judge_plot, confusion_base, confusion_tuned, table, download]
+    return EvaluationTab(run_choice, reload, filter_choice, n_questions, long_answers, run_button, shown)
 
-    outputs = [message, decision_plot, text_plot, judge_plot, confusion_base, confusion_tuned, table, download]
 
-    def show(run_dir: str | None, filter_name: str) -> tuple[Any, ...]:
-        empty = (None,) * 5 + (pd.DataFrame(), gr.update(value=None))
-        if not run_dir:
-            return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
-        try:
-            run = load_results(run_dir)
-        except ResultsError as exc:
-            return (f"⚠️ Cannot show this run: {exc}",) + empty
-        frame = examples_frame(run, filter_name)
-        csv = Path(tempfile.mkdtemp()) / f"pubmedqa-eval-{run.path.name}.csv"
-        frame.to_csv(csv, index=False)
-        has_tuned = "tuned" in run.model_keys
-        return (
-            run_summary(run), decision_figure(run), text_figure(run), judge_figure(run), confusion_figure(run, "base"),
-            confusion_figure(run, "tuned") if has_tuned else None, frame, gr.update(value=str(csv)),
-        )
+def show_run(run_dir: str | None, filter_name: str) -> tuple[Any, ...]:
+    """Everything the tab shows of one run folder, or a one-line message where it cannot."""
+    empty = (None,) * 5 + (pd.DataFrame(), gr.update(value=None))
+    if not run_dir:
+        return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
+    try:
+        run = load_results(run_dir)
+    except ResultsError as exc:
+        return (f"⚠️ Cannot show this run: {exc}",) + empty
+    frame = examples_frame(run, filter_name)
+    csv = Path(tempfile.mkdtemp()) / f"pubmedqa-eval-{run.path.name}.csv"
+    frame.to_csv(csv, index=False)
+    has_tuned = "tuned" in run.model_keys
+    return (
+        run_summary(run), decision_figure(run), text_figure(run), judge_figure(run), confusion_figure(run, "base"),
+        confusion_figure(run, "tuned") if has_tuned else None, frame, gr.update(value=str(csv)),
+    )
 
-    def run_evaluation(n: float, with_answers: bool, progress: gr.Progress = gr.Progress()) -> Any:
-        from pubmedqa.evaluation.runner import EvalArguments, evaluate
 
-        args = EvalArguments(limit=int(n), long_answers=bool(with_answers))
-        try:
-            run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
-        except Exception as exc:  # missing data folder, adapter gone, ...: say so, keep the app serving
-            logger.exception("Evaluation failed")
-            raise gr.Error(f"Evaluation failed: {exc}") from None
-        return gr.update(choices=available_runs(), value=str(run_dir))
+def run_evaluation(backend: ModelBackend, n: float, with_answers: bool, progress: gr.Progress) -> Any:
+    """A new run through the app's own backend (no second copy of the model); the selector then shows it."""
+    args = EvalArguments(limit=int(n), long_answers=bool(with_answers))
+    try:
+        run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
+    except Exception as exc:  # missing data folder, adapter gone, ...: say so, keep the app serving
+        logger.exception("Evaluation failed")
+        raise gr.Error(f"Evaluation failed: {exc}") from None
+    return gr.update(choices=available_runs(), value=str(run_dir))
 
+
+def _wire(tab: EvaluationTab, backend: ModelBackend) -> None:
+    def start(n: float, with_answers: bool, progress: gr.Progress = gr.Progress()) -> Any:
+        return run_evaluation(backend, n, with_answers, progress)
+
+    inputs = [tab.run_choice, tab.filter_choice]
     # No triggers: on page load and whenever the run or the filter changes.
-    gr.on(None, show, [run_choice, filter_choice], outputs, api_visibility="private")
-    reload.click(show, [run_choice, filter_choice], outputs, api_visibility="private")
-    run_button.click(
-        run_evaluation, [n_questions, long_answers], run_choice, concurrency_id=MODEL_EVENTS, api_visibility="private"
+    gr.on(None, show_run, inputs, tab.shown, api_visibility="private")
+    tab.reload.click(show_run, inputs, tab.shown, api_visibility="private")
+    tab.run_button.click(
+        start, [tab.n_questions, tab.long_answers], tab.run_choice, concurrency_id=MODEL_EVENTS,
+        api_visibility="private",
     )

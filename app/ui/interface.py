@@ -6,8 +6,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.ui.chat_tab import build_chat_tab, register_chat_api, variant_update
-from app.ui.compare_tab import build_compare_tab
+from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
+from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from pubmedqa.backends.base import LoadState, ModelBackend
 from pubmedqa.config import ServerSettings
@@ -26,30 +26,43 @@ def _status_markdown(backend: ModelBackend) -> str:
 
 def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
-        gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
-        gr.Markdown(DISCLAIMER)
-        status = gr.Markdown(_status_markdown(backend))
-        with gr.Tabs():
-            with gr.Tab("Chat"):
-                chat = build_chat_tab(backend, limits, load_examples())
-            with gr.Tab("Compare"):
-                build_compare_tab(backend, limits, load_examples(key="dev_examples"))
-            with gr.Tab("Evaluation"):
-                build_evaluation_tab(backend)
+        status = _header(backend)
+        chat = _tabs(backend, limits)
         register_chat_api(backend, limits)
-
-        # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
-        timer = gr.Timer(2.0)
-
-        def refresh() -> tuple[str, Any, Any]:
-            settled = backend.state in (LoadState.READY, LoadState.FAILED)
-            return _status_markdown(backend), variant_update(backend), gr.Timer(active=not settled)
-
-        outputs = [status, chat.variant, timer]
-        timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
-        demo.load(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
+        register_compare_api(backend, limits)
+        _poll_model_status(demo, backend, status, chat)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
     # try again" instead of unbounded waiting.
     demo.queue(default_concurrency_limit=limits.concurrency_limit, max_size=limits.queue_size)
     return demo
+
+
+def _header(backend: ModelBackend) -> gr.Markdown:
+    gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
+    gr.Markdown(DISCLAIMER)
+    return gr.Markdown(_status_markdown(backend))
+
+
+def _tabs(backend: ModelBackend, limits: ServerSettings) -> ChatTab:
+    with gr.Tabs():
+        with gr.Tab("Chat"):
+            chat = build_chat_tab(backend, limits, load_examples())
+        with gr.Tab("Compare"):
+            build_compare_tab(backend, limits, load_examples(key="dev_examples"))
+        with gr.Tab("Evaluation"):
+            build_evaluation_tab(backend)
+    return chat
+
+
+def _poll_model_status(demo: gr.Blocks, backend: ModelBackend, status: gr.Markdown, chat: ChatTab) -> None:
+    # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
+    timer = gr.Timer(2.0)
+
+    def refresh() -> tuple[str, Any, Any]:
+        settled = backend.state in (LoadState.READY, LoadState.FAILED)
+        return _status_markdown(backend), variant_update(backend), gr.Timer(active=not settled)
+
+    outputs = [status, chat.variant, timer]
+    timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
+    demo.load(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")

@@ -1,9 +1,9 @@
 """The one interface every tab, the API and the evaluation use to reach a model, whatever runs it.
 
-Two backends implement it: :class:`pubmedqa.backends.transformers_backend.TransformersBackend` (transformers + PEFT in this process, the default)
-and :class:`pubmedqa.backends.remote.RemoteBackend` (an OpenAI-compatible server such as vLLM or TGI serving the base
-model and the adapter under two model names). This module holds what they share: the request types, the
-load-once state machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``.
+Implementations live beside it (``transformers_backend.py`` in this process, ``remote.py`` on an OpenAI-compatible
+server such as vLLM or TGI) and ``factory.py`` picks one; this module knows none of them. It holds what they share:
+the request types, the load-once state machine, prompt fitting and the single-prompt conveniences built on
+``stream_batch``. How a fine-tuned decision is made is the adapter's decision policy's, held in ``LoadedModel``.
 """
 
 from __future__ import annotations

@@ -186,7 +186,6 @@ class TransformersBackend(ModelBackend):
         loaded = self.load()
         tokenizer = loaded.tokenizer
         stops = self.stop_sequences()
-        adapter_names = self._adapter_names(list(variants))
         cancel = cancel or threading.Event()
         ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
         streamer = _BatchStreamer(tokenizer, len(prompts), stops)
@@ -196,38 +195,19 @@ class TransformersBackend(ModelBackend):
                 done = [cancel.is_set() or stopped for stopped in streamer.stopped]
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-        kwargs = self._generate_kwargs(loaded, settings, ids, adapter_names)
+        kwargs = self._generate_kwargs(loaded, settings, ids, self._adapter_names(list(variants)))
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
         tuned = [v is Variant.TUNED for v in variants] * (len(prompts) if len(variants) == 1 else 1)
-        options = single_token_options(tokenizer)
-        layer = loaded.policy.feature_layer if any(tuned) else None
-        reader = ProbeReader(loaded.model, layer) if layer is not None and options is not None else None
-        if options is not None:
-            decision = loaded.policy.first_step([o[0] for o in options], tuned, reader and (lambda: reader.pooled[0]))
+        decision, reader = self._first_step_decision(loaded, tuned)
+        if decision is not None:
             kwargs["logits_processor"] = LogitsProcessorList([decision])
             if on_decision is not None:
                 on_decision(decision)
         failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                # Wait for our turn, but give up as soon as the request is cancelled (Stop while queued).
-                while not self._generate_lock.acquire(timeout=0.1):
-                    if cancel.is_set():
-                        return
-                try:
-                    if not cancel.is_set():
-                        torch.manual_seed(settings.seed)
-                        with torch.inference_mode(), reader or contextlib.nullcontext():
-                            loaded.model.generate(**kwargs)
-                finally:
-                    self._generate_lock.release()
-            except BaseException as exc:  # re-raised in the consumer's thread
-                failure.append(exc)
-            finally:
-                streamer.end()
-
-        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker = threading.Thread(
+            target=self._run_generate, args=(loaded, kwargs, settings.seed, reader, cancel, streamer, failure),
+            name="generate", daemon=True,
+        )
         worker.start()
         texts = [""] * len(prompts)
         try:
@@ -240,6 +220,42 @@ class TransformersBackend(ModelBackend):
         if failure:
             raise failure[0]
         yield [cut_at_stop(t, stops)[0].strip() for t in texts]
+
+    @staticmethod
+    def _first_step_decision(
+        loaded: LoadedModel, tuned: list[bool]
+    ) -> tuple[FirstStepDecision | None, ProbeReader | None]:
+        """The policy's first-step processor for these rows (None when an option is several tokens), and the
+        reader of the probe's features it needs, if any."""
+        options = single_token_options(loaded.tokenizer)
+        if options is None:
+            return None, None
+        layer = loaded.policy.feature_layer if any(tuned) else None
+        reader = ProbeReader(loaded.model, layer) if layer is not None else None
+        features = (lambda: reader.pooled[0]) if reader is not None else None  # the pass over the prompts
+        return loaded.policy.first_step([o[0] for o in options], tuned, features), reader
+
+    def _run_generate(
+        self, loaded: LoadedModel, kwargs: dict[str, Any], seed: int, reader: ProbeReader | None,
+        cancel: threading.Event, streamer: _BatchStreamer, failure: list[BaseException],
+    ) -> None:
+        """The generation thread: waits for the model, generates, and always ends the stream."""
+        try:
+            # Wait for our turn, but give up as soon as the request is cancelled (Stop while queued).
+            while not self._generate_lock.acquire(timeout=0.1):
+                if cancel.is_set():
+                    return
+            try:
+                if not cancel.is_set():
+                    torch.manual_seed(seed)
+                    with torch.inference_mode(), reader or contextlib.nullcontext():
+                        loaded.model.generate(**kwargs)
+            finally:
+                self._generate_lock.release()
+        except BaseException as exc:  # re-raised in the consumer's thread
+            failure.append(exc)
+        finally:
+            streamer.end()
 
     @staticmethod
     def _input_device(loaded: LoadedModel) -> torch.device:

@@ -22,15 +22,14 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import PROJECT_ROOT, ModelSettings
-from pubmedqa.data import PubMedQARecord, load_records, load_test_ids, stratified_sample
+from pubmedqa.data import PubMedQARecord
 from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.evaluation.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from pubmedqa.evaluation.judge import Judge, summarize_grades
-from pubmedqa.evaluation.metrics import decision_metrics, text_metrics
 from pubmedqa.evaluation.results import (
     RESULTS_FILE,
     SCHEMA_VERSION,
@@ -38,6 +37,7 @@ from pubmedqa.evaluation.results import (
     write_json_atomic,
     write_predictions,
 )
+from pubmedqa.evaluation.task import PUBMEDQA, Task
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, fit_prompt
 
@@ -78,14 +78,6 @@ class EvalArguments:
     judge_timeout: float = field(default=60.0, metadata={"help": "Seconds before a judge request counts as failed."})
 
 
-def select_questions(records: dict[str, PubMedQARecord], args: EvalArguments) -> list[PubMedQARecord]:
-    test = [records[pubid] for pubid in load_test_ids(args.data if Path(args.data).is_dir() else None)]
-    if not 0 <= args.limit <= len(test):
-        raise ValueError(f"--limit must be between 1 and {len(test)} (0 = all), got {args.limit}")
-    # The ground-truth file is sorted by label: a sample must be stratified, never the first N.
-    return stratified_sample(test, args.limit, args.sample_seed) if args.limit else test
-
-
 def length_batches(prompts: Sequence[FittedPrompt], size: int) -> list[list[int]]:
     """Indices of ``prompts`` in batches of similar token length (longest first), so a batch pads little and an
     out-of-memory error, if any, comes at once rather than at the end."""
@@ -109,11 +101,36 @@ def in_batches(
     return results
 
 
+@dataclass
+class VariantRun:
+    """One variant's results on the task's questions: what ``results.json`` holds under ``models[key]`` and the
+    per-example lines hold under ``key``."""
+
+    key: str
+    probabilities: list[dict[str, float]]  # as the backend's decision policy decides them
+    answers: list[str] | None  # None: decisions only
+    metrics: dict[str, Any] = field(default_factory=dict)
+    scores: list[dict[str, Any]] | None = None  # per-example answer scores
+
+    @property
+    def decisions(self) -> list[str]:
+        return [predicted_decision(p) for p in self.probabilities]
+
+    def example(self, i: int) -> dict[str, Any]:
+        return {
+            "decision": predicted_decision(self.probabilities[i]),
+            "probabilities": self.probabilities[i],
+            "answer": self.answers[i] if self.answers is not None else None,
+            "scores": self.scores[i] if self.scores is not None else {},
+        }
+
+
 def evaluate(
     model_settings: ModelSettings,
     args: EvalArguments,
     progress: Progress | None = None,
     backend: ModelBackend | None = None,
+    task: Task = PUBMEDQA,
 ) -> Path:
     """Run the evaluation and return the run folder. ``progress(fraction, message)`` is called as work advances;
     pass the app's ``backend`` to evaluate through the already loaded model instead of loading a second copy."""
@@ -121,87 +138,87 @@ def evaluate(
     report = progress or (lambda fraction, message: None)
     run_dir = Path(args.output_dir or f"outputs/eval/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    questions = select_questions(load_records(args.data), args)
+    questions = task.documents(args.data, args.limit, args.sample_seed)
     judge = _make_judge(args)
-
     backend = backend or create_backend(model_settings)
     loaded = backend.load()
-    variants = [Variant.BASE]
-    if model_settings.adapter_source:
-        if not loaded.adapter_loaded:
-            raise ModelLoadError(f"The adapter cannot be evaluated: {backend.adapter_unavailable_reason()}")
-        variants.append(Variant.TUNED)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    variants = _variants(model_settings, backend)
     budget = backend.prompt_budget(args.max_new_tokens)
-    prompts: list[FittedPrompt] = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget) for r in questions]
+    prompts = [fit_prompt(task.doc_to_prompt(r), loaded.tokenizer, budget) for r in questions]
+    gold = [task.doc_to_target(r) for r in questions]
     timings: dict[str, float] = {}
     errors: list[str] = []
-    gold = [r.final_decision for r in questions]
-    per_model: dict[str, dict[str, Any]] = {}
-    outputs: dict[str, dict[str, Any]] = {}
-
+    runs = []
     for step, variant in enumerate(variants):
-        key = VARIANT_KEYS[variant]
-        t0 = time.perf_counter()
-        def run(batch: list[FittedPrompt], v: Variant = variant) -> list[tuple[str, dict[str, float]]]:
-            if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
-                answers, scores = backend.generate_with_decisions(batch, [v] * len(batch), settings, calibrated=False)
-                return list(zip(answers, scores))
-            return [("", s) for s in backend.score_decisions(batch, [v] * len(batch), len(batch), calibrated=False)]
+        def step_progress(fraction: float, message: str, step: int = step) -> None:
+            report((step + fraction) / len(variants), message)
 
-        task = "decisions and answers" if args.long_answers else "decisions"
-        message = f"{key}: {task}"
-        rows = in_batches(
-            prompts, args.batch_size, run, message, lambda f, d=step, m=message: report((d + f) / len(variants), m)
-        )
-        answers, probabilities = [a for a, _ in rows], [p for _, p in rows]
-        timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
-        raw_metrics = None
-        if variant is Variant.TUNED and loaded.policy.calibration is not None:
-            raw_metrics = decision_metrics(gold, [predicted_decision(p) for p in probabilities])
-            probabilities = loaded.policy.calibrated(probabilities, [True] * len(probabilities))
-        decisions = [predicted_decision(p) for p in probabilities]
-        write_predictions(run_dir, key, {r.pubid: d for r, d in zip(questions, decisions)})
-        per_model[key] = decision_metrics(gold, decisions)
-        if raw_metrics is not None:  # what the adapter scores without its dev-fitted offsets
-            per_model[key]["uncalibrated"] = {k: raw_metrics[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
-        outputs[key] = {"decision": decisions, "probabilities": probabilities}
-        if args.long_answers:
-            outputs[key]["answer"] = answers
-            _score_answers(key, answers, questions, args, judge, per_model, outputs, timings, errors, model_settings.cache_dir)
+        run = _decide_and_answer(backend, prompts, variant, args, timings, step_progress)
+        run.metrics = _decision_metrics(task, run, gold, loaded.policy, variant)
+        write_predictions(run_dir, run.key, {r.pubid: d for r, d in zip(questions, run.decisions)})
+        if run.answers is not None:
+            _score_answers(task, run, questions, args, judge, timings, errors, model_settings.cache_dir)
+        runs.append(run)
 
-    examples = _examples(questions, variants, outputs)
-    write_examples(run_dir, examples)
+    write_examples(run_dir, [_example(task, record, i, runs) for i, record in enumerate(questions)])
     timings["total_s"] = time.perf_counter() - started
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run": {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "base_model": model_settings.base_model,
-            "base_description": loaded.description,
-            "quantization": loaded.quantization,
-            "adapter": model_settings.adapter_source,
-            "dataset": "local PQA-L files" if Path(args.data).is_dir() else "hub:qiaojin/PubMedQA (pqa_labeled)",
-            "split": "official test set" + (f", stratified sample (seed {args.sample_seed})" if args.limit else ""),
-            "n": len(questions),
-            "decision_method": "option likelihood: softmax over the log-likelihoods of yes/no/maybe after the prompt",
-            **(loaded.policy if Variant.TUNED in variants else DecisionPolicy()).record(),
-            "settings": {k: v for k, v in asdict(args).items() if k not in ("judge_api_key_env",)},
-            "bertscore_model": args.bertscore_model if args.long_answers else None,
-            "judge": {"model": args.judge_model, "base_url": args.judge_base_url} if judge else "not run (no --judge_base_url)",
-            "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "sacrebleu", "rouge-score", "bert-score")},
-            "timings": timings,
-            "errors": errors,
-        },
-        "models": per_model,
-    }
+    run_record = _run_record(model_settings, args, loaded, variants, judge, len(questions), timings, errors)
+    results = {"schema_version": SCHEMA_VERSION, "run": run_record, "models": {run.key: run.metrics for run in runs}}
     write_json_atomic(run_dir / RESULTS_FILE, results)
     report(1.0, "done")
     logger.info("Results written to %s (%.0f s)", run_dir, timings["total_s"])
-    for key, metrics in per_model.items():
-        logger.info("%s: accuracy %.3f, macro-F1 %.3f%s", key, metrics["accuracy"], metrics["macro_f1"],
-                    f", Token-F1 {metrics['token_f1']:.1f}, ROUGE-L {metrics['rougeL']:.1f}" if "token_f1" in metrics else "")
+    for run in runs:
+        m = run.metrics
+        logger.info("%s: accuracy %.3f, macro-F1 %.3f%s", run.key, m["accuracy"], m["macro_f1"],
+                    f", Token-F1 {m['token_f1']:.1f}, ROUGE-L {m['rougeL']:.1f}" if "token_f1" in m else "")
     return run_dir
+
+
+def _variants(model_settings: ModelSettings, backend: ModelBackend) -> list[Variant]:
+    """Base, and fine-tuned when an adapter is configured (refused, with the reason, when it did not load)."""
+    if not model_settings.adapter_source:
+        return [Variant.BASE]
+    if not backend.load().adapter_loaded:
+        raise ModelLoadError(f"The adapter cannot be evaluated: {backend.adapter_unavailable_reason()}")
+    return [Variant.BASE, Variant.TUNED]
+
+
+def _decide_and_answer(
+    backend: ModelBackend, prompts: list[FittedPrompt], variant: Variant, args: EvalArguments,
+    timings: dict[str, float], progress: Progress,
+) -> VariantRun:
+    """The variant's uncalibrated decisions (the policy's offsets are added by :func:`_decision_metrics`, which also
+    records the metrics without them) and, with ``args.long_answers``, its answers from the same pass."""
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+
+    def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
+        if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
+            answers, scores = backend.generate_with_decisions(batch, [variant] * len(batch), settings, calibrated=False)
+            return list(zip(answers, scores))
+        return [(None, s) for s in backend.score_decisions(batch, [variant] * len(batch), len(batch), calibrated=False)]
+
+    key = VARIANT_KEYS[variant]
+    task = "decisions and answers" if args.long_answers else "decisions"
+    t0 = time.perf_counter()
+    message = f"{key}: {task}"
+    rows = in_batches(prompts, args.batch_size, run, message, lambda fraction: progress(fraction, message))
+    timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
+    answers = [a for a, _ in rows] if args.long_answers else None
+    return VariantRun(key, [p for _, p in rows], answers)
+
+
+def _decision_metrics(
+    task: Task, run: VariantRun, gold: list[str], policy: DecisionPolicy, variant: Variant
+) -> dict[str, Any]:
+    """The task's decision metrics after the policy's calibration; for a calibrated variant, also without it."""
+    uncalibrated = None
+    if variant is Variant.TUNED and policy.calibration is not None:
+        uncalibrated = task.decision_metrics(gold, run.decisions)
+        run.probabilities = policy.calibrated(run.probabilities, [True] * len(run.probabilities))
+    metrics = task.decision_metrics(gold, run.decisions)
+    if uncalibrated is not None:  # what the adapter scores without its fitted offsets
+        metrics["uncalibrated"] = {k: uncalibrated[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
+    return metrics
 
 
 def _make_judge(args: EvalArguments) -> Judge | None:
@@ -212,52 +229,68 @@ def _make_judge(args: EvalArguments) -> Judge | None:
     return Judge(args.judge_base_url, args.judge_model, os.environ.get(args.judge_api_key_env), args.judge_timeout)
 
 
-def _score_answers(key, answers, questions, args, judge, per_model, outputs, timings, errors, cache_dir) -> None:
-    """Long-answer metrics for one model; a metric that fails is recorded in ``errors``, the others still count."""
-    references = [r.long_answer for r in questions]
-    text = text_metrics(answers, references)
-    per_model[key].update({k: text[k] for k in ("token_f1", "bleu", "rouge1", "rougeL")})
-    outputs[key]["scores"] = text["per_example"]
+def _score_answers(
+    task: Task, run: VariantRun, questions: list[PubMedQARecord], args: EvalArguments, judge: Judge | None,
+    timings: dict[str, float], errors: list[str], cache_dir: str,
+) -> None:
+    """Long-answer metrics for one variant; a metric that fails is recorded in ``errors``, the others still count."""
+    references = [task.doc_to_reference(r) for r in questions]
+    answers = run.answers or []
+    text = task.answer_metrics(answers, references)
+    run.metrics.update({k: text[k] for k in ("token_f1", "bleu", "rouge1", "rougeL")})
+    run.scores = text["per_example"]
     if args.bertscore_model.lower() != "none":
         t0 = time.perf_counter()
         try:
             scores = bertscore(answers, references, args.bertscore_model, args.bertscore_num_layers, cache_dir)
-            per_model[key]["bertscore"] = {k: scores[k] for k in ("model", "num_layers", "precision", "recall", "f1")}
-            for row, value in zip(outputs[key]["scores"], scores["per_example_f1"]):
+            run.metrics["bertscore"] = {k: scores[k] for k in ("model", "num_layers", "precision", "recall", "f1")}
+            for row, value in zip(run.scores, scores["per_example_f1"]):
                 row["bertscore_f1"] = value
         except Exception as exc:  # a missing or broken BERTScore model must not cost the other metrics
-            errors.append(f"{key}: BERTScore failed ({type(exc).__name__}: {exc})")
+            errors.append(f"{run.key}: BERTScore failed ({type(exc).__name__}: {exc})")
             logger.error("%s", errors[-1])
-        timings[f"{key}_bertscore_s"] = time.perf_counter() - t0
+        timings[f"{run.key}_bertscore_s"] = time.perf_counter() - t0
     if judge is None:
-        per_model[key]["judge"] = {"enabled": False, "note": "LLM judge not run (pass --judge_base_url)"}
+        run.metrics["judge"] = {"enabled": False, "note": "LLM judge not run (pass --judge_base_url)"}
         return
     t0 = time.perf_counter()
-    grades = [judge.grade(r.question, r.long_answer, a) for r, a in tqdm(list(zip(questions, answers)), desc=f"{key}: judge")]
-    per_model[key]["judge"] = {"model": judge.model, **summarize_grades(grades)}
-    for row, grade in zip(outputs[key]["scores"], grades):
+    pairs = list(zip(questions, answers))
+    grades = [judge.grade(r.question, task.doc_to_reference(r), a) for r, a in tqdm(pairs, desc=f"{run.key}: judge")]
+    run.metrics["judge"] = {"model": judge.model, **summarize_grades(grades)}
+    for row, grade in zip(run.scores, grades):
         row["judge"] = grade.score
         row["judge_reason"] = grade.reason or grade.error
-    timings[f"{key}_judge_s"] = time.perf_counter() - t0
+    timings[f"{run.key}_judge_s"] = time.perf_counter() - t0
 
 
-def _examples(questions, variants, outputs) -> list[dict[str, Any]]:
-    examples = []
-    for i, record in enumerate(questions):
-        row: dict[str, Any] = {
-            "id": record.pubid,
-            "question": record.question,
-            "reference": record.long_answer,
-            "gold": record.final_decision,
-        }
-        for variant in variants:
-            key = VARIANT_KEYS[variant]
-            out = outputs[key]
-            row[key] = {
-                "decision": out["decision"][i],
-                "probabilities": out["probabilities"][i],
-                "answer": out.get("answer", [None] * len(questions))[i],
-                "scores": out.get("scores", [{}] * len(questions))[i],
-            }
-        examples.append(row)
-    return examples
+def _example(task: Task, record: PubMedQARecord, i: int, runs: list[VariantRun]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": record.pubid, "question": record.question, "reference": task.doc_to_reference(record),
+        "gold": task.doc_to_target(record),
+    }
+    return row | {run.key: run.example(i) for run in runs}
+
+
+def _run_record(
+    model_settings: ModelSettings, args: EvalArguments, loaded: LoadedModel, variants: list[Variant],
+    judge: Judge | None, n: int, timings: dict[str, float], errors: list[str],
+) -> dict[str, Any]:
+    """``results.json``'s ``run``: what was evaluated, how, with which libraries, in how long."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": model_settings.base_model,
+        "base_description": loaded.description,
+        "quantization": loaded.quantization,
+        "adapter": model_settings.adapter_source,
+        "dataset": "local PQA-L files" if Path(args.data).is_dir() else "hub:qiaojin/PubMedQA (pqa_labeled)",
+        "split": "official test set" + (f", stratified sample (seed {args.sample_seed})" if args.limit else ""),
+        "n": n,
+        "decision_method": "option likelihood: softmax over the log-likelihoods of yes/no/maybe after the prompt",
+        **(loaded.policy if Variant.TUNED in variants else DecisionPolicy()).record(),
+        "settings": {k: v for k, v in asdict(args).items() if k not in ("judge_api_key_env",)},
+        "bertscore_model": args.bertscore_model if args.long_answers else None,
+        "judge": {"model": args.judge_model, "base_url": args.judge_base_url} if judge else "not run (no --judge_base_url)",
+        "library_versions": {p: version(p) for p in ("torch", "transformers", "peft", "sacrebleu", "rouge-score", "bert-score")},
+        "timings": timings,
+        "errors": errors,
+    }
