@@ -20,7 +20,9 @@ from pubmedqa.config import BaseModelSettings
 from pubmedqa.data import load_records, load_test_ids, official_split
 from pubmedqa.model_loading import load_base_model
 from pubmedqa.prompts import encode_prompt
-from training.train import TrainArguments, answer_only_loss, build_examples
+from training.sft_data import build_examples
+from training.train import TrainArguments
+from training.trainer import answer_only_loss
 
 
 def _step(model, input_ids, attention_mask, labels, ours: bool) -> float:

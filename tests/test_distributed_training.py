@@ -37,7 +37,7 @@ def test_accelerate_launch_trains_with_two_processes_and_the_main_one_writes_the
     assert run.stderr.count("Adapter written to") == 1  # only the main process writes (and says so)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-")) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "decision_calibration.json",
-        "decision_probe.safetensors", "dev_metrics.json", "training_args.json",
+        "decision_probe.safetensors", "dev_metrics.json", "pubmedqa_adapter.json", "training_args.json",
     ]
     backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
     settings = GenerationSettings(max_new_tokens=4)

@@ -15,7 +15,11 @@ from pubmedqa.decisions.calibration import load_calibration
 from pubmedqa.prompts import encode_prompt
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
-from training.train import TrainArguments, _ids_hash, build_examples
+from training import trainer as sft_trainer
+from training.run_record import ids_hash
+from training.sft_data import build_examples
+from training.train import TrainArguments
+from training.trainer import TrainingInterrupted
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_test_ids_never_reach_training(pubmedqa_dir, trained_adapter):
     examples = build_examples(split.train, build_tiny_tokenizer(), 768)
     assert len(examples) == len(split.train) and not {e["pubid"] for e in examples} & test_ids
     info = json.loads((trained_adapter / "training_args.json").read_text())
-    assert info["split"]["train_ids_sha256_16"] == _ids_hash(split.train[:8])
+    assert info["split"]["train_ids_sha256_16"] == ids_hash(split.train[:8])
     assert info["split"]["test_excluded"] == 500
     assert not set(info["split"]["dev_ids"]) & test_ids
 
@@ -54,7 +58,7 @@ def test_training_examples_keep_question_and_answer_and_shorten_the_context(pubm
 
 def test_trainer_masks_the_prompt_and_trains_on_the_answer_only(tiny_model_dir, pubmedqa_dir, monkeypatch):
     captured = {}
-    original = train_cli._make_trainer_class
+    original = sft_trainer.make_trainer_class
 
     def spy():
         cls = original()
@@ -66,7 +70,7 @@ def test_trainer_masks_the_prompt_and_trains_on_the_answer_only(tiny_model_dir, 
 
         return Spy
 
-    monkeypatch.setattr(train_cli, "_make_trainer_class", spy)
+    monkeypatch.setattr(sft_trainer, "make_trainer_class", spy)
     args = TrainArguments(data=str(pubmedqa_dir), limit_train=2, max_length=768, dev_size=10, output_dir="unused")
     with pytest.raises(KeyboardInterrupt):
         train_cli.train(BaseModelSettings(base_model=str(tiny_model_dir), quantization="none"), args)
@@ -177,15 +181,15 @@ def _interrupting_trainer_class(original):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, pubmedqa_dir, tmp_path, monkeypatch):
-    original = train_cli._make_trainer_class
+    original = sft_trainer.make_trainer_class
     with_interrupt = _interrupting_trainer_class(original)
     settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
     out = tmp_path / "run"
-    monkeypatch.setattr(train_cli, "_make_trainer_class", with_interrupt)
-    with pytest.raises(train_cli.TrainingInterrupted, match="--resume"):
+    monkeypatch.setattr(sft_trainer, "make_trainer_class", with_interrupt)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
         train_cli.train(settings, _tiny_args(pubmedqa_dir, out, eval_steps=10))  # no scheduled save before step 3
     assert (out / "checkpoint-2").is_dir()
-    monkeypatch.setattr(train_cli, "_make_trainer_class", original)
+    monkeypatch.setattr(sft_trainer, "make_trainer_class", original)
     train_cli.train(settings, _tiny_args(pubmedqa_dir, out, eval_steps=10, resume=True))
     info = json.loads((out / "training_args.json").read_text())
     assert info["train_result"]["global_step"] == 3 and (out / "adapter_model.safetensors").is_file()
@@ -216,7 +220,7 @@ def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, mo
 def test_decision_weight_scales_only_the_first_answer_token(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from training.train import answer_only_loss
+    from training.trainer import answer_only_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 0]])
@@ -235,7 +239,7 @@ def test_decision_weight_scales_only_the_first_answer_token(tiny_model_dir):
 def test_balanced_decision_weights_scale_each_label_by_its_rarity(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from training.train import answer_only_loss
+    from training.trainer import answer_only_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 0]])
@@ -255,7 +259,7 @@ def test_balanced_decision_weights_scale_each_label_by_its_rarity(tiny_model_dir
 def test_balanced_class_weights_follow_label_frequency(pubmedqa_dir):
     from pubmedqa.data import load_records
     from pubmedqa.decisions.options import option_token_ids
-    from training.train import balanced_class_weights
+    from training.sft_data import balanced_class_weights
 
     records = list(load_records(str(pubmedqa_dir)).values())[:200]
     tokenizer = build_tiny_tokenizer()
@@ -372,12 +376,12 @@ def test_ctrl_c_in_the_pqa_a_phase_saves_a_checkpoint_there_and_resume_finishes(
     _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 16)  # 4 steps of 4
     settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
     out = tmp_path / "run"
-    original = train_cli._make_trainer_class
-    monkeypatch.setattr(train_cli, "_make_trainer_class", _interrupting_trainer_class(original))
-    with pytest.raises(train_cli.TrainingInterrupted, match="pqa_a.*--resume"):
+    original = sft_trainer.make_trainer_class
+    monkeypatch.setattr(sft_trainer, "make_trainer_class", _interrupting_trainer_class(original))
+    with pytest.raises(TrainingInterrupted, match="pqa_a.*--resume"):
         train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path)))
     assert (out / "pqa_a" / "checkpoint-2").is_dir() and not (out / "training_args.json").exists()
-    monkeypatch.setattr(train_cli, "_make_trainer_class", original)
+    monkeypatch.setattr(sft_trainer, "make_trainer_class", original)
     train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), resume=True))
     info = json.loads((out / "training_args.json").read_text())
     assert info["pqa_a_phase"]["global_step"] == 4 and info["train_result"]["global_step"] == 3
