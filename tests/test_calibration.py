@@ -47,7 +47,7 @@ def calibrated_adapter(tiny_adapter_dir, tmp_path):
     return adapter
 
 
-def test_registry_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_adapter):
+def test_backend_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_adapter):
     backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
     loaded = backend.load()
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)

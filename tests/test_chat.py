@@ -1,4 +1,4 @@
-"""Chat requests through the service and through the running app (tiny model): validation, history, API."""
+"""Chat requests through the service and through the running app (both in-process engines): validation, history,\nAPI."""
 
 from __future__ import annotations
 
@@ -32,20 +32,20 @@ def _final(backend, question, context="", history=None, variant="base", settings
         ("Is it?", "", "base", {**SETTINGS, "temperature": "hot"}, "must be numbers"),
     ],
 )
-def test_bad_requests_get_a_message_saying_what_to_change(tiny_registry, question, context, variant, settings, message):
+def test_bad_requests_get_a_message_saying_what_to_change(tiny_backend, question, context, variant, settings, message):
     with pytest.raises(UserInputError, match=message):
-        _final(tiny_registry, question, context, variant=variant, settings=settings)
+        _final(tiny_backend, question, context, variant=variant, settings=settings)
 
 
-def test_control_characters_and_markup_are_answered_as_plain_text(tiny_registry):
-    update = _final(tiny_registry, "Is <script>alert(1)</script> \x00\x07 safe? 💊 安全吗?")
+def test_control_characters_and_markup_are_answered_as_plain_text(engine_backend):
+    update = _final(engine_backend, "Is <script>alert(1)</script> \x00\x07 safe? 💊 安全吗?")
     assert isinstance(update.answer, str)
 
 
-def test_too_long_context_is_truncated_and_the_user_is_told(tiny_registry):
+def test_too_long_context_is_truncated_and_the_user_is_told(engine_backend):
     context = "Patients received the drug. " * 70  # under the character limit, over the token budget
-    tiny_registry.settings.max_input_tokens = 200
-    update = _final(tiny_registry, "Did the drug work?", context)
+    engine_backend.settings.max_input_tokens = 200
+    update = _final(engine_backend, "Did the drug work?", context)
     assert any("truncated" in notice for notice in update.notices)
 
 
@@ -62,31 +62,31 @@ def test_gradio_history_with_content_parts_becomes_turns():
         history_to_turns("not a list", LIMITS)
 
 
-def test_history_changes_the_answer_context(tiny_registry):
-    alone = _final(tiny_registry, "Is B good?").answer
+def test_history_changes_the_answer_context(engine_backend):
+    alone = _final(engine_backend, "Is B good?").answer
     history = [{"role": "user", "content": "Is A good?"}, {"role": "assistant", "content": "yes. A is good."}]
-    with_history = _final(tiny_registry, "Is B good?", history=history).answer
+    with_history = _final(engine_backend, "Is B good?", history=history).answer
     assert alone != with_history
 
 
 @pytest.fixture
-def running_app(tiny_registry):
-    with serving(build_app(tiny_registry, LIMITS)) as url:
+def running_app(engine_backend):
+    with serving(build_app(engine_backend, LIMITS)) as url:
         yield url
 
 
-def test_chat_api_answers_streams_and_reports_bad_input(running_app, tiny_registry):
+def test_chat_api_answers_streams_and_reports_bad_input(running_app, engine_backend):
     from gradio_client import Client
 
     client = Client(running_app, verbose=False)
     question = "Does aspirin reduce the risk of myocardial infarction?"
     answer = client.predict(question=question, model="fine-tuned", max_new_tokens=8, api_name="/chat")
-    expected = _final(tiny_registry, question, variant="fine-tuned").answer
+    expected = _final(engine_backend, question, variant="fine-tuned").answer
     assert answer == expected and answer
 
     job = client.submit(question=question, max_new_tokens=8, api_name="/chat")
     outputs = list(job)
-    assert len(outputs) >= 2 and outputs[-1] == _final(tiny_registry, question).answer
+    assert len(outputs) >= 2 and outputs[-1] == _final(engine_backend, question).answer
 
     with pytest.raises(Exception, match="type a question"):
         client.predict(question="  ", api_name="/chat")

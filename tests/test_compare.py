@@ -24,15 +24,15 @@ def _limits(tmp_path) -> ServerSettings:
     return ServerSettings(max_new_tokens_limit=64, votes_path=str(tmp_path / "votes" / "votes.jsonl"))
 
 
-def test_comparison_gives_each_variant_its_own_answer_from_one_batch(tiny_registry, tmp_path):
-    updates = list(stream_comparison(tiny_registry, _limits(tmp_path), QUESTION, "", SETTINGS))
+def test_comparison_gives_each_variant_its_own_answer(engine_backend, tmp_path):
+    updates = list(stream_comparison(engine_backend, _limits(tmp_path), QUESTION, "", SETTINGS))
     final = updates[-1]
-    assert final.done and final.mode == tiny_registry.pair_mode
+    assert final.done and final.mode == engine_backend.pair_mode
     base, tuned = final.sides
     settings = GenerationSettings(max_new_tokens=10)
-    prompt = tiny_registry.prepare(PromptInput(QUESTION), settings)
-    assert base.answer == tiny_registry.generate(prompt, Variant.BASE, settings)
-    assert tuned.answer == tiny_registry.generate(prompt, Variant.TUNED, settings)
+    prompt = engine_backend.prepare(PromptInput(QUESTION), settings)
+    assert base.answer == engine_backend.generate(prompt, Variant.BASE, settings)
+    assert tuned.answer == engine_backend.generate(prompt, Variant.TUNED, settings)
     assert base.answer != tuned.answer
     for side in final.sides:
         assert sum(side.probabilities.values()) == pytest.approx(1.0) and side.decision in side.probabilities
@@ -70,12 +70,12 @@ def test_unwritable_vote_file_gives_a_clear_error(tmp_path):
         VoteLog(blocker / "votes.jsonl").append("tie", {})
 
 
-def test_compare_api_returns_both_answers_and_their_metadata(tiny_registry, tmp_path):
+def test_compare_api_returns_both_answers_and_their_metadata(engine_backend, tmp_path):
     from gradio_client import Client
 
-    with serving(build_app(tiny_registry, _limits(tmp_path))) as url:
+    with serving(build_app(engine_backend, _limits(tmp_path))) as url:
         result = Client(url, verbose=False).predict(question=QUESTION, max_new_tokens=10, api_name="/compare")
-    expected = list(stream_comparison(tiny_registry, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
+    expected = list(stream_comparison(engine_backend, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
     assert result["base"]["answer"] == expected.sides[0].answer
     assert result["fine-tuned"]["answer"] == expected.sides[1].answer
     assert set(result["base"]) >= {"decision", "probabilities", "ttft_s", "tokens_per_s", "n_tokens"}

@@ -49,7 +49,7 @@ def adapter_copy(upper_adapter_dir, tmp_path):
     return shutil.copytree(upper_adapter_dir, tmp_path / "adapter")
 
 
-def _registry(tiny_model_dir, adapter) -> TransformersBackend:
+def _backend(tiny_model_dir, adapter) -> TransformersBackend:
     return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
 
 
@@ -81,7 +81,7 @@ def test_the_probe_learns_a_planted_direction_and_cross_validates_it():
 
 
 def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upper_adapter_dir):
-    loaded = _registry(tiny_model_dir, upper_adapter_dir).load()
+    loaded = _backend(tiny_model_dir, upper_adapter_dir).load()
     model, tokenizer = loaded.model, loaded.tokenizer
     short, long = tokenizer("Does aspirin help?")["input_ids"], tokenizer("Is coffee linked to heart failure in adults?")["input_ids"]
     ids, mask = left_pad(tokenizer, [short, long], torch.device("cpu"))
@@ -96,7 +96,7 @@ def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upp
 
 
 def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_model_dir, adapter_copy):
-    backend = _registry(tiny_model_dir, adapter_copy)
+    backend = _backend(tiny_model_dir, adapter_copy)
     loaded = backend.load()
     prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
     variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
@@ -106,7 +106,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     probe = DecisionProbe(1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {})
     probe.save(adapter_copy)
 
-    reloaded = _registry(tiny_model_dir, adapter_copy)
+    reloaded = _backend(tiny_model_dir, adapter_copy)
     assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in reloaded.status_message()
     after = reloaded.score_decisions(prompts * 2, variants, calibrated=False, batch_size=4)
     expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
@@ -122,7 +122,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
         assert [got[o] for o in ANSWER_OPTIONS] == pytest.approx([want[o] for o in ANSWER_OPTIONS], abs=1e-4)
     bias = torch.tensor([0.0, 0.0, 40.0])  # "maybe" wins whatever the features say
     DecisionProbe(1, probe.weight, bias, {}).save(adapter_copy)
-    texts, decisions = _registry(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
+    texts, decisions = _backend(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
     assert all(t.startswith("maybe") for t in texts[len(prompts):])
     assert all(max(d, key=d.get) == "maybe" for d in decisions[len(prompts):])
 
@@ -137,7 +137,7 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     assert probe.layer == 1 and probe.details["questions"] == 500
     calibration = load_calibration(str(adapter_copy))
     assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
-    backend = _registry(tiny_model_dir, adapter_copy)
+    backend = _backend(tiny_model_dir, adapter_copy)
     assert backend.load().adapter_loaded
     assert "decisions calibrated on train + dev (500 questions" in backend.status_message()
 
@@ -170,7 +170,7 @@ def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serve
     tiny_model_dir, adapter_copy, caplog, write, message
 ):
     write(adapter_copy / PROBE_FILE)
-    backend = _registry(tiny_model_dir, adapter_copy)
+    backend = _backend(tiny_model_dir, adapter_copy)
     loaded = backend.load()
     assert loaded.adapter_loaded and loaded.policy.probe is None
     assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text

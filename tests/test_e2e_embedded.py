@@ -11,12 +11,15 @@ import urllib.request
 import pytest
 
 from app.chat import stream_answer
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.backends.factory import create_backend
+from pubmedqa.backends.llama_cpp_backend import llama_cpp_available
 from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 QUESTION = "Does aspirin reduce the risk of myocardial infarction?"
+# Both in-process engines on the real model; llama.cpp where llama-cpp-python is installed (requirements.txt).
+ENGINES = ["transformers", pytest.param("llama.cpp", marks=pytest.mark.skipif(not llama_cpp_available(), reason="no llama_cpp"))]
 GREEDY = {"max_new_tokens": 48, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 
 
@@ -77,35 +80,36 @@ def test_app_refuses_to_start_with_a_missing_model_folder_and_names_the_setting(
     assert "PUBMEDQA_BASE_MODEL" in result.stderr and "does not exist" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def embedded_registry():
-    return TransformersBackend(ModelSettings(adapter="none"))
+@pytest.fixture(scope="module", params=ENGINES)
+def embedded_backend(request):
+    return create_backend(ModelSettings(adapter="none", engine=request.param))
 
 
-def test_real_model_answers_a_long_abstract_by_truncating_the_context(embedded_registry):
+def test_real_model_answers_a_long_abstract_by_truncating_the_context(embedded_backend):
     limits = ServerSettings()
     context = "Patients were randomised to aspirin or placebo and followed for five years. " * 200
-    updates = list(stream_answer(embedded_registry, limits, QUESTION, context, [], "base", GREEDY))
+    updates = list(stream_answer(embedded_backend, limits, QUESTION, context, [], "base", GREEDY))
     assert any("truncated" in notice for notice in updates[-1].notices)
     assert updates[-1].answer
 
 
-def test_real_model_keeps_a_multi_turn_conversation(embedded_registry):
+def test_real_model_keeps_a_multi_turn_conversation(embedded_backend):
     limits = ServerSettings()
-    first = list(stream_answer(embedded_registry, limits, QUESTION, "", [], "base", GREEDY))[-1].answer
+    first = list(stream_answer(embedded_backend, limits, QUESTION, "", [], "base", GREEDY))[-1].answer
     history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first}]
-    second = list(stream_answer(embedded_registry, limits, "Is it safe for children?", "", history, "base", GREEDY))
+    second = list(stream_answer(embedded_backend, limits, "Is it safe for children?", "", history, "base", GREEDY))
     assert second[-1].answer and "Question:" not in second[-1].answer
 
 
-def test_shipped_adapter_makes_the_model_state_a_decision():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shipped_adapter_makes_the_model_state_a_decision(engine):
     from pubmedqa.backends.base import GenerationSettings, Variant
     from pubmedqa.config import SHIPPED_ADAPTER_DIR
     from pubmedqa.prompts import PromptInput, parse_decision
 
     if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
         pytest.skip("no adapter shipped in assets/adapter yet")
-    backend = TransformersBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    backend = create_backend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine=engine))
     settings = GenerationSettings(max_new_tokens=40)
     prompt = backend.prepare(PromptInput(QUESTION), settings)
     assert backend.load().adapter_loaded

@@ -1,5 +1,5 @@
 """Many users at once, hostile input, and faults: the app answers each request with its own answer or a clear
-message, and keeps serving (tiny model, served on localhost)."""
+message, and keeps serving (served on localhost; both in-process engines)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from app.compare import stream_comparison
 from app.ui.interface import build_app
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, ServerSettings
-from tests.conftest import serving
+from tests.conftest import embedded_llama_backend, serving
 
 LIMITS = ServerSettings(
     max_question_chars=500, max_context_chars=4000, max_new_tokens_limit=64, queue_size=64, max_history_messages=20
@@ -33,8 +33,10 @@ def _alone_compare(backend, question):
     return {side.variant: side.answer for side in last.sides}
 
 
-@pytest.fixture(scope="module")
-def backend(tiny_model_dir, tiny_adapter_dir):
+@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+def backend(request, tiny_model_dir, tiny_adapter_dir):
+    if request.param == "llama.cpp":
+        return embedded_llama_backend()
     return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
 
 
@@ -155,9 +157,9 @@ def test_compare_pressed_many_times_at_once_answers_each(backend, client):
     assert all({"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} == expected for r in results)
 
 
-def test_question_over_the_token_budget_gets_a_message(backend):
-    small = TransformersBackend(ModelSettings(base_model=backend.settings.base_model, adapter="none", quantization="none",
-                                        max_input_tokens=40))
+def test_question_over_the_token_budget_gets_a_message(tiny_model_dir):
+    small = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none",
+                                              max_input_tokens=40))
     with pytest.raises(UserInputError, match="too long"):
         list(stream_answer(small, LIMITS, "Does " + "very " * 80 + "long aspirin help?", "", None, "base", SHORT))
 

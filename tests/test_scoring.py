@@ -24,8 +24,8 @@ def _naive(model, tokenizer, prompt: str, options: list[list[int]]) -> list[floa
 
 
 @pytest.fixture
-def loaded(tiny_registry):
-    return tiny_registry.load()
+def loaded(tiny_backend):
+    return tiny_backend.load()
 
 
 def test_batched_scores_match_one_prompt_at_a_time_full_logits(loaded):

@@ -26,7 +26,7 @@ def _answer(backend: TransformersBackend, question: str, variant: Variant, setti
     return backend.generate(prompt, variant, settings)
 
 
-def test_registry_loads_the_model_once_for_concurrent_callers(tiny_registry, monkeypatch):
+def test_backend_loads_the_model_once_for_concurrent_callers(tiny_backend, monkeypatch):
     calls = []
     original = AutoModelForCausalLM.from_pretrained
 
@@ -36,20 +36,20 @@ def test_registry_loads_the_model_once_for_concurrent_callers(tiny_registry, mon
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
     with ThreadPoolExecutor(4) as pool:
-        loaded = list(pool.map(lambda _: tiny_registry.load(), range(4)))
+        loaded = list(pool.map(lambda _: tiny_backend.load(), range(4)))
     assert len(calls) == 1
     assert all(item is loaded[0] for item in loaded)
-    assert tiny_registry.state is LoadState.READY
+    assert tiny_backend.state is LoadState.READY
 
 
-def test_base_variant_matches_the_plain_base_model_and_tuned_differs(tiny_registry, tiny_model_dir):
-    base_answer = _answer(tiny_registry, QUESTIONS[0], Variant.BASE)
-    tuned_answer = _answer(tiny_registry, QUESTIONS[0], Variant.TUNED)
+def test_base_variant_matches_the_plain_base_model_and_tuned_differs(tiny_backend, tiny_model_dir):
+    base_answer = _answer(tiny_backend, QUESTIONS[0], Variant.BASE)
+    tuned_answer = _answer(tiny_backend, QUESTIONS[0], Variant.TUNED)
 
     # The same prompt through a separately loaded plain model (no PEFT at all).
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompt = tiny_registry.prepare(PromptInput(QUESTIONS[0]), GREEDY)
+    prompt = tiny_backend.prepare(PromptInput(QUESTIONS[0]), GREEDY)
     ids = torch.tensor([encode_prompt(prompt.text, tokenizer)])
     out = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
     plain_answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -59,52 +59,52 @@ def test_base_variant_matches_the_plain_base_model_and_tuned_differs(tiny_regist
     assert tuned_answer != base_answer
 
 
-def test_one_copy_of_the_base_weights_serves_both_variants(tiny_registry):
-    loaded = tiny_registry.load()
+def test_one_copy_of_the_base_weights_serves_both_variants(tiny_backend):
+    loaded = tiny_backend.load()
     base_params = [p for n, p in loaded.model.named_parameters() if "lora_" not in n]
-    tiny_base = AutoModelForCausalLM.from_pretrained(tiny_registry.settings.base_model)
+    tiny_base = AutoModelForCausalLM.from_pretrained(tiny_backend.settings.base_model)
     assert sum(p.numel() for p in base_params) == sum(p.numel() for p in tiny_base.parameters())
 
 
-def test_concurrent_requests_with_different_variants_do_not_cross(tiny_registry):
+def test_concurrent_requests_with_different_variants_do_not_cross(tiny_backend):
     jobs = [(q, Variant.BASE if i % 2 else Variant.TUNED) for i, q in enumerate(QUESTIONS)]
-    alone = [_answer(tiny_registry, q, v) for q, v in jobs]
+    alone = [_answer(tiny_backend, q, v) for q, v in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda job: _answer(tiny_registry, *job), jobs))
+        together = list(pool.map(lambda job: _answer(tiny_backend, *job), jobs))
     assert together == alone
 
 
-def test_stream_grows_and_stop_ends_generation_early(tiny_registry):
+def test_stream_grows_and_stop_ends_generation_early(tiny_backend):
     settings = GenerationSettings(max_new_tokens=200)
-    prompt = tiny_registry.prepare(PromptInput(QUESTIONS[1]), settings)
-    full = tiny_registry.generate(prompt, Variant.BASE, settings)
+    prompt = tiny_backend.prepare(PromptInput(QUESTIONS[1]), settings)
+    full = tiny_backend.generate(prompt, Variant.BASE, settings)
 
     cancel = threading.Event()
     seen = []
-    for text in tiny_registry.stream(prompt, Variant.BASE, settings, cancel):
+    for text in tiny_backend.stream(prompt, Variant.BASE, settings, cancel):
         seen.append(text)
         if len(seen) == 3:
             cancel.set()
     assert len(seen) < 10
     assert len(seen[-1]) < len(full)
     # The model is free again right away: another request completes.
-    assert _answer(tiny_registry, QUESTIONS[2], Variant.TUNED)
+    assert _answer(tiny_backend, QUESTIONS[2], Variant.TUNED)
 
 
-def test_closing_the_stream_releases_the_model(tiny_registry):
+def test_closing_the_stream_releases_the_model(tiny_backend):
     settings = GenerationSettings(max_new_tokens=200)
-    prompt = tiny_registry.prepare(PromptInput(QUESTIONS[1]), settings)
-    stream = tiny_registry.stream(prompt, Variant.BASE, settings)
+    prompt = tiny_backend.prepare(PromptInput(QUESTIONS[1]), settings)
+    stream = tiny_backend.stream(prompt, Variant.BASE, settings)
     next(stream)
     stream.close()  # what Gradio does when the user presses Stop or leaves
-    assert tiny_registry._generate_lock.acquire(timeout=5)
-    tiny_registry._generate_lock.release()
+    assert tiny_backend._generate_lock.acquire(timeout=5)
+    tiny_backend._generate_lock.release()
 
 
-def test_sampling_is_reproducible_with_the_same_seed(tiny_registry):
+def test_sampling_is_reproducible_with_the_same_seed(tiny_backend):
     sampled = GenerationSettings(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7)
-    first = _answer(tiny_registry, QUESTIONS[3], Variant.BASE, sampled)
-    assert _answer(tiny_registry, QUESTIONS[3], Variant.BASE, sampled) == first
+    first = _answer(tiny_backend, QUESTIONS[3], Variant.BASE, sampled)
+    assert _answer(tiny_backend, QUESTIONS[3], Variant.BASE, sampled) == first
 
 
 def test_without_adapter_the_fine_tuned_variant_says_why(tiny_model_dir):
@@ -186,36 +186,36 @@ def test_out_of_range_settings_are_rejected_with_the_reason(settings, problem):
         settings.validated(max_new_tokens_limit=1024)
 
 
-def test_batched_generation_mixes_variants_and_matches_one_at_a_time(tiny_registry):
-    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:4]]
+def test_batched_generation_mixes_variants_and_matches_one_at_a_time(tiny_backend):
+    prompts = [tiny_backend.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:4]]
     variants = [Variant.BASE, Variant.TUNED, Variant.TUNED, Variant.BASE]
-    batched = tiny_registry.generate_batch(prompts, variants, GREEDY)
-    alone = [tiny_registry.generate(p, v, GREEDY) for p, v in zip(prompts, variants)]
+    batched = tiny_backend.generate_batch(prompts, variants, GREEDY)
+    alone = [tiny_backend.generate(p, v, GREEDY) for p, v in zip(prompts, variants)]
     assert batched == alone
 
 
-def test_answers_and_decisions_in_one_pass_equal_the_two_separate_passes(tiny_registry, monkeypatch):
+def test_answers_and_decisions_in_one_pass_equal_the_two_separate_passes(tiny_backend, monkeypatch):
     contexts = ["", "We studied 120 patients.", "", "A randomized trial of heart failure in elderly patients " * 3]
-    prompts = [tiny_registry.prepare(PromptInput(q, c), GREEDY) for q, c in zip(QUESTIONS, contexts)]
+    prompts = [tiny_backend.prepare(PromptInput(q, c), GREEDY) for q, c in zip(QUESTIONS, contexts)]
     assert len({p.n_tokens for p in prompts}) > 1  # left padding is part of what must agree
     variants = [Variant.BASE, Variant.TUNED, Variant.TUNED, Variant.BASE]
-    separate = tiny_registry.score_decisions(prompts, variants), tiny_registry.generate_batch(prompts, variants, GREEDY)
+    separate = tiny_backend.score_decisions(prompts, variants), tiny_backend.generate_batch(prompts, variants, GREEDY)
     # the one-pass path must really be taken: scoring on its own would make it two passes again
-    monkeypatch.setattr(tiny_registry, "score_decisions", lambda *a, **k: pytest.fail("scored in a second pass"))
-    answers, decisions = tiny_registry.generate_with_decisions(prompts, variants, GREEDY)
+    monkeypatch.setattr(tiny_backend, "score_decisions", lambda *a, **k: pytest.fail("scored in a second pass"))
+    answers, decisions = tiny_backend.generate_with_decisions(prompts, variants, GREEDY)
     assert answers == separate[1]
     for got, want in zip(decisions, separate[0]):
         assert got == pytest.approx(want, abs=1e-5)
     assert len({round(d["yes"], 6) for d in decisions}) > 1  # the rows' own scores, not one row copied
 
 
-def test_one_pass_decisions_fall_back_where_generation_changes_the_first_step(tiny_registry):
+def test_one_pass_decisions_fall_back_where_generation_changes_the_first_step(tiny_backend):
     # A repetition penalty changes the option logits that a logits processor sees: score them separately then.
-    model = tiny_registry.load().model
+    model = tiny_backend.load().model
     model.generation_config.repetition_penalty = 1.3
-    prompts = [tiny_registry.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:2]]
-    _, decisions = tiny_registry.generate_with_decisions(prompts, [Variant.BASE] * 2, GREEDY)
-    assert decisions == tiny_registry.score_decisions(prompts, [Variant.BASE] * 2)
+    prompts = [tiny_backend.prepare(PromptInput(q), GREEDY) for q in QUESTIONS[:2]]
+    _, decisions = tiny_backend.generate_with_decisions(prompts, [Variant.BASE] * 2, GREEDY)
+    assert decisions == tiny_backend.score_decisions(prompts, [Variant.BASE] * 2)
 
 
 def test_bf16_loads_bfloat16_weights_without_quantising(tiny_model_dir):

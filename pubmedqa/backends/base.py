@@ -9,6 +9,7 @@ the request types, the load-once state machine, prompt fitting and the single-pr
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from typing import Any, Iterator, Sequence
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import STOP_SEQUENCES, FittedPrompt, PromptInput, fit_prompt, uses_chat_template
+from pubmedqa.prompts import (
+    STOP_SEQUENCES,
+    FittedPrompt,
+    PromptInput,
+    cut_at_stop,
+    fit_prompt,
+    stable_prefix,
+    uses_chat_template,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +106,7 @@ class ModelBackend(ABC):
         self._error: str | None = None
         self._adapter_error: str | None = None
         self._load_lock = threading.Lock()
+        self.notice: str | None = None  # what the status line adds, e.g. why another engine runs than was asked
 
     # ----------------------------------------------------------------------------------------- loading
     @abstractmethod
@@ -115,7 +125,8 @@ class ModelBackend(ABC):
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
             if loaded.policy.status():
                 adapter += f", {loaded.policy.status()}"
-            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}."
+            note = f" Note: {self.notice}." if self.notice else ""
+            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}.{note}"
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"
         if self._state is LoadState.LOADING:
@@ -162,7 +173,11 @@ class ModelBackend(ABC):
     # ------------------------------------------------------------------------------------------ queries
     def adapter_unavailable_reason(self) -> str | None:
         """Why the fine-tuned variant cannot be used, or None when it can (or may, once loading finishes)."""
-        return self._adapter_error
+        if self._adapter_error:
+            return self._adapter_error
+        if not self.settings.adapter_source:
+            return "no adapter configured: train one with `python -m training.train` or set PUBMEDQA_ADAPTER"
+        return None
 
     def prompt_budget(self, max_new_tokens: int) -> int:
         loaded = self.load()
@@ -209,6 +224,38 @@ class ModelBackend(ABC):
     ) -> Iterator[list[str]]:
         """Generate for several prompts at once, each row with base or fine-tuned, and yield every row's answer so
         far as it grows; the last value is final. ``cancel`` (or closing the iterator) stops them all."""
+
+    def token_logprobs(
+        self, text: str, variant: Variant, top: int = 0
+    ) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
+        """Each token of ``text`` with its character offset and log-probability under ``variant`` (None where not
+        scored), and the ``top`` most likely next tokens: what an OpenAI-compatible server returns for ``echo`` and
+        ``logprobs`` (see :mod:`app.openai_server`). Only the in-process engines have them."""
+        raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
+
+    def _drain(
+        self,
+        updates: queue.Queue[list[str] | None],
+        worker: threading.Thread,
+        cancel: threading.Event,
+        failure: list[BaseException],
+        rows: int,
+    ) -> Iterator[list[str]]:
+        """What an in-process engine's ``stream_batch`` yields while its ``worker`` thread generates: every row's text
+        so far (cut at a stop sequence, without a half-written one) after each update the worker queues, until it
+        queues None; then the final texts, or the worker's exception."""
+        stops = self.stop_sequences()
+        texts = [""] * rows
+        try:
+            while (update := updates.get()) is not None:
+                texts = update
+                yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
+        finally:
+            cancel.set()  # also reached when the consumer closes the stream (Stop button, user left)
+            worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
+        if failure:
+            raise failure[0]
+        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
 
     def stream(
         self,

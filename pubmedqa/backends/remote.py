@@ -76,6 +76,9 @@ class RemoteBackend(ModelBackend):
             policy,
         )
 
+    def adapter_unavailable_reason(self) -> str | None:
+        return self._adapter_error  # the server's adapter model name decides, not a local folder
+
     def _served_models(self) -> dict[str, dict[str, Any]]:
         """The server's models by name, or {} when it cannot be asked now (each request then says why)."""
         try:

@@ -32,7 +32,7 @@ from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt, stable_prefix
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +95,6 @@ class TransformersBackend(ModelBackend):
         model.eval()
         logger.info("LoRA adapter loaded from %s", adapter)
         return model, True
-
-    def adapter_unavailable_reason(self) -> str | None:
-        if self._adapter_error:
-            return self._adapter_error
-        if not self.settings.adapter_source:
-            return "no adapter configured: train one with `python -m training.train` or set PUBMEDQA_ADAPTER"
-        return None
 
     def _adapter_names(self, variants: Sequence[Variant]) -> list[str] | None:
         if not self._require_adapter(variants):
@@ -209,17 +202,7 @@ class TransformersBackend(ModelBackend):
             name="generate", daemon=True,
         )
         worker.start()
-        texts = [""] * len(prompts)
-        try:
-            while (update := streamer.queue.get()) is not None:
-                texts = update
-                yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
-        finally:
-            cancel.set()  # also reached when the consumer closes the stream (Stop button, user left)
-            worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
-        if failure:
-            raise failure[0]
-        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
+        yield from self._drain(streamer.queue, worker, cancel, failure, len(prompts))
 
     @staticmethod
     def _first_step_decision(

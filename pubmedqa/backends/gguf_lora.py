@@ -1,0 +1,452 @@
+"""A PEFT LoRA adapter as a GGUF LoRA file, the form llama.cpp's ``llama_adapter_lora_init`` loads.
+
+The PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) stays the one source of truth; the GGUF file is
+derived from it and cached under a hash of those two files, so a retrained adapter is never served with stale weights.
+
+The conversion follows llama.cpp's own ``convert_lora_to_gguf.py`` with ``--outtype f16`` (same tensor names, shapes,
+dtypes and values; checked against it for the shipped adapter), with two differences that let it run wherever the
+llama.cpp engine runs:
+
+* the base model's architecture and tensor shapes come from the base GGUF file's header (read without the tokenizer
+  arrays, which ``gguf.GGUFReader`` would turn into 262k Python objects), so no transformers checkpoint or Hub config
+  of the base is needed;
+* every adapter tensor is checked against the base's tensor shapes here, so a wrong adapter fails with one clear
+  :class:`LoraConversionError` instead of a C++ error from llama.cpp at load time.
+
+For Gemma, Gemma 2 and Gemma 3, llama.cpp stores the linear weights exactly as transformers does (its converter only
+shifts the norm weights by +1 and trims the embedding rows; there is no Q/K permutation as for Llama), so LoRA A/B are
+written unchanged apart from the name. Architectures whose converter reshapes linear weights are refused, since the
+LoRA factors would need the same reshaping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import mmap
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SHIPPED_GGUF = "adapter_model.gguf"  # a GGUF LoRA shipped inside the adapter folder, used when its hash matches
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, SHIPPED_GGUF)
+CACHE_SUBDIR = "gguf-lora"
+SOURCE_HASH_KEY = "pubmedqa.adapter_sha256"
+
+# llama.cpp's converter writes the linear weights of these unchanged (see the module docstring).
+SUPPORTED_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
+
+# PEFT options that change the forward pass in a way a plain llama.cpp LoRA (W + alpha/r * B A) cannot express.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "lora_bias": "LoRA bias terms (lora_bias)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "modules_to_save": "fully trained modules (modules_to_save)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+}
+
+# The reference converter drops the tensors of a multimodal model's non-text towers; the text GGUF has none of them.
+_NON_TEXT_MARKERS = ("vision_tower", "vision_model", "multi_modal_projector", "audio_tower", "embed_vision", "embed_audio")
+
+_LORA_NAME = re.compile(r"^(?P<base>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+class LoraConversionError(ValueError):
+    """The adapter cannot be turned into a GGUF LoRA for this base model; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class BaseGGUF:
+    """What the conversion needs to know about the base model, read from its GGUF file."""
+
+    path: Path
+    architecture: str
+    block_count: int
+    tensor_shapes: dict[str, tuple[int, ...]]  # ggml order (ne): a linear weight is (in_features, out_features)
+
+
+def read_base_gguf(base_gguf: Path) -> BaseGGUF:
+    import gguf
+
+    try:
+        metadata, shapes = _gguf_header(Path(base_gguf))
+    except FileNotFoundError as exc:
+        raise LoraConversionError(f"Base GGUF file {base_gguf} does not exist") from exc
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise LoraConversionError(f"{base_gguf} is not a readable GGUF model file ({type(exc).__name__}: {exc})") from exc
+    general_type = metadata.get(gguf.Keys.General.TYPE, "model")
+    if general_type != "model":
+        raise LoraConversionError(f"{base_gguf} is a GGUF {general_type!r} file, not a base model")
+    architecture = metadata.get(gguf.Keys.General.ARCHITECTURE)
+    block_count = metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture))
+    if not isinstance(architecture, str) or not isinstance(block_count, int):
+        raise LoraConversionError(f"{base_gguf} names no architecture and block count; is it a GGUF model file?")
+    return BaseGGUF(Path(base_gguf), architecture, block_count, shapes)
+
+
+def _gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(scalar and string metadata, tensor name -> ggml shape) from a GGUF file's header.
+
+    gguf.GGUFReader gives the same answer but builds a Python object for each of the 262 144 tokenizer entries, which
+    takes about 10 s of CPU for Gemma 3 on every start; this walks past arrays instead (a test checks that the two
+    agree). Layout and type codes are gguf-py's (GGUF_MAGIC, GGUFValueType); only little-endian files are read,
+    as llama.cpp writes them.
+    """
+    import gguf
+    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
+
+    scalar_formats = {
+        gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+        gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+        gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+        gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+    }
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        offset = 0
+
+        def read(fmt: str) -> Any:
+            nonlocal offset
+            value = struct.unpack_from(fmt, data, offset)[0]
+            offset += struct.calcsize(fmt)
+            return value
+
+        def read_string() -> str:
+            nonlocal offset
+            length = read("<Q")
+            if offset + length > len(data):
+                raise ValueError("string runs past the end of the file")
+            offset += length
+            return bytes(data[offset - length:offset]).decode("utf-8")
+
+        def skip(value_type: int, count: int) -> None:
+            nonlocal offset
+            if value_type == gguf.GGUFValueType.STRING:
+                for _ in range(count):
+                    offset += 8 + struct.unpack_from("<Q", data, offset)[0]
+            elif value_type == gguf.GGUFValueType.ARRAY:
+                for _ in range(count):
+                    skip(read("<I"), read("<Q"))
+            else:
+                offset += count * struct.calcsize(scalar_formats[gguf.GGUFValueType(value_type)])
+
+        if read("<I") != gguf.GGUF_MAGIC:
+            raise ValueError("no GGUF magic number")
+        version = read("<I")
+        if version not in READER_SUPPORTED_VERSIONS:
+            raise ValueError(f"GGUF version {version} (little-endian {READER_SUPPORTED_VERSIONS} expected)")
+        tensor_count, kv_count = read("<Q"), read("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key, value_type = read_string(), read("<I")
+            if value_type == gguf.GGUFValueType.STRING:
+                metadata[key] = read_string()
+            elif value_type == gguf.GGUFValueType.ARRAY:
+                skip(read("<I"), read("<Q"))
+            else:
+                metadata[key] = read(scalar_formats[gguf.GGUFValueType(value_type)])
+        shapes: dict[str, tuple[int, ...]] = {}
+        for _ in range(tensor_count):
+            name, n_dims = read_string(), read("<I")
+            shapes[name] = tuple(read("<Q") for _ in range(n_dims))
+            offset += 4 + 8  # ggml type, data offset
+        if offset > len(data):
+            raise ValueError("header runs past the end of the file")
+    return metadata, shapes
+
+
+def adapter_source_hash(adapter_dir: Path) -> str:
+    """sha256 over the adapter's config and weights: the identity of what a GGUF LoRA was converted from."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = adapter_dir / name
+        try:
+            size = path.stat().st_size
+            # The name and length go in first, so no split of the same bytes across the two files hashes alike.
+            digest.update(f"{name}\0{size}\0".encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise LoraConversionError(f"Cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def resolve_adapter_dir(adapter_source: str) -> Path:
+    """The local folder of an adapter: the folder itself, or a snapshot of a Hub repo (adapter files only)."""
+    local = Path(adapter_source).expanduser()
+    if local.is_dir():
+        adapter_dir = local
+    elif adapter_source.startswith((".", "/", "~")) or local.exists():
+        raise LoraConversionError(f"Adapter {adapter_source} is not a folder")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            adapter_dir = Path(snapshot_download(adapter_source, allow_patterns=list(ADAPTER_FILES)))
+        except Exception as exc:  # Hub/network errors; their text can hold URLs, the class name is enough to act on
+            raise LoraConversionError(
+                f"Adapter {adapter_source!r} is neither a local folder nor a downloadable Hub repo ({type(exc).__name__})"
+            ) from exc
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise LoraConversionError(f"{adapter_source} is not a LoRA adapter folder: it has no {CONFIG_FILE}")
+    return adapter_dir
+
+
+def convert_adapter(adapter_source: str, base_gguf: Path, output: Path) -> Path:
+    """Convert the PEFT LoRA adapter (folder or Hub repo id) into a GGUF LoRA file at ``output`` for ``base_gguf``."""
+    adapter_dir = resolve_adapter_dir(adapter_source)
+    return _convert(adapter_source, adapter_dir, read_base_gguf(base_gguf), Path(output), adapter_source_hash(adapter_dir))
+
+
+def cached_gguf_lora(adapter_source: str, base_gguf: Path, cache_dir: str | Path) -> Path:
+    """The GGUF LoRA of the adapter for ``base_gguf``: the one shipped in the adapter folder when it was converted from
+    these very files, else ``<cache_dir>/gguf-lora/<hash>.gguf``, converted on first use."""
+    adapter_dir = resolve_adapter_dir(adapter_source)
+    source_hash = adapter_source_hash(adapter_dir)
+    base = read_base_gguf(base_gguf)
+    shipped = adapter_dir / SHIPPED_GGUF
+    if shipped.is_file():
+        if _usable(shipped, source_hash, base):
+            logger.info("Using the GGUF LoRA shipped with the adapter: %s", shipped)
+            return shipped
+        logger.info("%s was not converted from this adapter's weights (or not for this base); converting anew", shipped)
+    target = Path(cache_dir) / CACHE_SUBDIR / f"{source_hash[:16]}.gguf"
+    if target.is_file() and _usable(target, source_hash, base):
+        return target
+    logger.info("Converting adapter %s into a GGUF LoRA (once): %s", adapter_source, target)
+    return _convert(adapter_source, adapter_dir, base, target, source_hash)
+
+
+def _usable(path: Path, source_hash: str, base: BaseGGUF) -> bool:
+    """Whether an existing GGUF LoRA was converted from these adapter files and fits this base model."""
+    import gguf
+
+    try:
+        metadata, shapes = _gguf_header(path)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:  # a damaged file is simply converted again
+        logger.warning("Ignoring unreadable GGUF LoRA %s (%s)", path, type(exc).__name__)
+        return False
+    if metadata.get(SOURCE_HASH_KEY) != source_hash:
+        return False
+    if metadata.get(gguf.Keys.General.ARCHITECTURE) != base.architecture:
+        return False
+    for name, a_shape in shapes.items():
+        if not name.endswith(".lora_a"):
+            continue
+        target = name.removesuffix(".lora_a")
+        b_shape = shapes.get(target + ".lora_b")
+        base_shape = base.tensor_shapes.get(target)
+        if b_shape is None or base_shape is None or (a_shape[0], b_shape[1]) != base_shape[:2]:
+            return False
+    return True
+
+
+def _convert(adapter_source: str, adapter_dir: Path, base: BaseGGUF, output: Path, source_hash: str) -> Path:
+    import gguf
+
+    if base.architecture not in SUPPORTED_ARCHITECTURES:
+        raise LoraConversionError(
+            f"Base model architecture {base.architecture!r} is not supported for LoRA conversion "
+            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    config = _read_config(adapter_dir)
+    alpha = _lora_alpha(config)
+    tensors = _read_weights(adapter_dir)
+    pairs = _lora_pairs(tensors, base, config)
+    alpha = _effective_alpha(config, alpha, pairs)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path=None, arch=base.architecture)
+    # Same keys as the reference converter's LoraModel (set_type / set_gguf_parameters), plus the source hash.
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    # The source's own name: a Hub snapshot folder is named after a commit hash.
+    writer.add_name(Path(adapter_source.rstrip("/")).name or adapter_source)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    invocation_tokens = config.get("alora_invocation_tokens")
+    if invocation_tokens:
+        writer.add_key_value(
+            gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, [int(t) for t in invocation_tokens],
+            gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32,
+        )
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(SOURCE_HASH_KEY, source_hash)
+    for name, (lora_a, lora_b) in pairs.items():
+        # --outtype f16: the reference casts every 2-D LoRA tensor to F16 (gguf.quants.quantize(data, F16)).
+        writer.add_tensor(name + ".lora_a", lora_a.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+        writer.add_tensor(name + ".lora_b", lora_b.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+
+    # A half-written file under the final name would pass for a finished conversion on the next start.
+    fd, staging_name = tempfile.mkstemp(prefix=f".{output.name}-", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    staging = Path(staging_name)
+    try:
+        writer.write_header_to_file(path=staging)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(staging, 0o644)  # mkstemp creates it private; the cache and shipped file are ordinary files
+        os.replace(staging, output)
+    finally:
+        staging.unlink(missing_ok=True)
+    logger.info("Wrote GGUF LoRA %s (%d tensors, alpha %g)", output, 2 * len(pairs), alpha)
+    return output
+
+
+def _read_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / CONFIG_FILE
+    if not path.is_file():
+        raise LoraConversionError(f"{adapter_dir} is not a LoRA adapter folder: it has no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraConversionError(f"Cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise LoraConversionError(f"{path} does not hold a PEFT adapter config (a JSON object)")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise LoraConversionError(f"{adapter_dir} is a {peft_type or 'non-PEFT'} adapter; only LoRA converts to GGUF")
+    for key, what in _UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise LoraConversionError(f"{adapter_dir} uses {what}, which llama.cpp LoRA adapters do not support")
+    if config.get("bias", "none") != "none":
+        raise LoraConversionError(f"{adapter_dir} trains biases (bias={config['bias']!r}); llama.cpp LoRA has no biases")
+    if config.get("alora_invocation_tokens") is None and config.get("invocation_string"):
+        raise LoraConversionError(
+            f"{adapter_dir} is an aLoRA with only an invocation_string; set alora_invocation_tokens in {CONFIG_FILE}"
+        )
+    return config
+
+
+def _lora_alpha(config: dict[str, Any]) -> float:
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraConversionError(f"{CONFIG_FILE} has no valid lora_alpha (got {alpha!r})")
+    # llama.cpp has one alpha per adapter (and uses alpha / rank of each tensor, as PEFT does with rank_pattern).
+    if any(float(v) != float(alpha) for v in (config.get("alpha_pattern") or {}).values()):
+        raise LoraConversionError("The adapter sets per-module alphas (alpha_pattern); llama.cpp has one alpha per adapter")
+    return float(alpha)
+
+
+def _effective_alpha(config: dict[str, Any], alpha: float, pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> float:
+    if not config.get("use_rslora"):
+        return alpha
+    # rsLoRA scales by alpha / sqrt(r) where llama.cpp scales by alpha / r; with one rank the alpha can absorb it.
+    ranks = {b.shape[1] for _, b in pairs.values()}
+    if len(ranks) != 1:
+        raise LoraConversionError("The adapter uses rsLoRA with several ranks; llama.cpp cannot express that scaling")
+    return alpha * math.sqrt(ranks.pop())
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, np.ndarray]:
+    path = adapter_dir / WEIGHTS_FILE
+    if not path.is_file():
+        other = " (adapter_model.bin is not read: save the adapter with safetensors)" if (
+            adapter_dir / "adapter_model.bin").is_file() else ""
+        raise LoraConversionError(f"{adapter_dir} has no {WEIGHTS_FILE}{other}")
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            names = list(handle.keys())
+            bf16 = [n for n in names if handle.get_slice(n).get_dtype() == "BF16"]
+            for name in names:
+                if name not in bf16:
+                    tensors[name] = np.asarray(handle.get_tensor(name), dtype=np.float32)
+        if bf16:  # numpy has no bfloat16; torch reads it (and is installed wherever PEFT trained the adapter)
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(path), device="cpu")
+            for name in bf16:
+                tensors[name] = loaded[name].float().numpy()
+    except Exception as exc:  # SafetensorError, OSError, a header that lies about sizes
+        raise LoraConversionError(f"Cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    # The reference iterates the file's tensors in this order; keeping it keeps the two outputs tensor-for-tensor equal.
+    return {name: tensors[name] for name in names}
+
+
+def _hf_name(peft_name: str) -> str:
+    """The base model's transformers tensor name for a PEFT tensor name (as the reference's get_base_tensor_name and
+    TextModel.filter_tensors derive it)."""
+    name = peft_name.replace("base_model.model.", "", 1)
+    return name.replace("language_model.", "")
+
+
+def _lora_pairs(
+    tensors: dict[str, np.ndarray], base: BaseGGUF, config: dict[str, Any]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """GGUF base tensor name -> (lora_a (r, in), lora_b (out, r)), checked against the base's shapes."""
+    import gguf
+
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == base.architecture)
+    name_map = gguf.get_tensor_name_map(arch, base.block_count)
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for peft_name, data in tensors.items():
+        match = _LORA_NAME.match(peft_name)
+        if match is None:
+            if "lora_embedding_" in peft_name or "embed_tokens" in peft_name or "lm_head" in peft_name:
+                raise LoraConversionError(
+                    f"The adapter trains the embeddings ({peft_name}); only LoRA on linear layers is supported"
+                )
+            raise LoraConversionError(f"Unexpected tensor {peft_name!r} in {WEIGHTS_FILE}: not a lora_A or lora_B weight")
+        hf_name = _hf_name(match["base"])
+        if any(marker in hf_name for marker in _NON_TEXT_MARKERS):
+            logger.warning("Skipping %s: the GGUF base model is text only", peft_name)
+            continue
+        gguf_name = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+        if gguf_name is None:
+            modules = ", ".join(config.get("target_modules") or []) if isinstance(config.get("target_modules"), list) else config.get("target_modules")
+            raise LoraConversionError(
+                f"Unknown target module {match['base']!r} for a {base.architecture} base model "
+                f"(target_modules: {modules}); is the adapter for another architecture?"
+            )
+        if gguf_name in ("token_embd.weight", "output.weight"):
+            raise LoraConversionError(f"The adapter trains {hf_name} (embeddings/LM head); only LoRA on linear layers is supported")
+        if data.ndim != 2:
+            raise LoraConversionError(f"{peft_name} has shape {list(data.shape)}; LoRA factors are matrices")
+        halves.setdefault(gguf_name, {})[match["which"]] = data
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for gguf_name, half in halves.items():
+        if set(half) != {"A", "B"}:
+            raise LoraConversionError(f"{WEIGHTS_FILE} has only lora_{''.join(half)} for {gguf_name}")
+        lora_a, lora_b = half["A"], half["B"]
+        base_shape = base.tensor_shapes.get(gguf_name)
+        if base_shape is None:
+            raise LoraConversionError(
+                f"The base model has no tensor {gguf_name} that the adapter trains; is the adapter for another "
+                f"base model (this one: {base.architecture}, {base.block_count} layers)?"
+            )
+        # ggml's ne is (in_features, out_features); the same checks llama_adapter_lora_init makes, said earlier.
+        in_features, out_features = base_shape[0], base_shape[1]
+        if lora_a.shape[0] != lora_b.shape[1] or lora_a.shape[1] != in_features or lora_b.shape[0] != out_features:
+            raise LoraConversionError(
+                f"Adapter shapes do not match the base model at {gguf_name}: lora_A {list(lora_a.shape)}, lora_B "
+                f"{list(lora_b.shape)}, expected [r, {in_features}] and [{out_features}, r]; is the adapter for "
+                "another base model?"
+            )
+        pairs[gguf_name] = (lora_a, lora_b)
+    if not pairs:
+        raise LoraConversionError(f"{WEIGHTS_FILE} holds no LoRA weights for the text model")
+    return pairs

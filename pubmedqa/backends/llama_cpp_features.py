@@ -1,0 +1,204 @@
+"""The decision probe's features from llama.cpp, read during the prompt's own decode.
+
+A fine-tuned model's yes/no/maybe comes from the decision probe (:mod:`pubmedqa.decisions.probe`): a logistic
+regression on the output of decoder layer ``layer - 1`` averaged over the prompt's tokens. The transformers engine
+reads it with a forward hook (:class:`pubmedqa.backends.transformers_passes.ProbeReader`); here llama.cpp hands the
+same tensor (its graph names it ``l_out-{layer - 1}``) to the context's eval callback while it decodes the prompt, so
+the features cost no second pass over the prompt.
+
+Usage::
+
+    llm, reader = open_llama(path, n_ctx=4096, n_threads=None, feature_layer=policy.feature_layer)
+    features = prompt_features(llm, reader, prompt_ids)  # 1 x n_embd float32; the prompt is now in the KV cache
+    for chunk in llm.create_completion(prompt_ids, ...):  # the exact prompt is cached: sampling starts at once
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import llama_cpp
+import llama_cpp._internals as llama_internals
+import numpy as np
+import torch
+from llama_cpp._ctypes_extensions import load_shared_library
+
+GGML_TYPE_F32 = 0
+
+
+class _TensorHeader(ctypes.Structure):
+    """The leading fields of ``struct ggml_tensor`` (ggml.h). Only this prefix is mirrored: it has kept its layout
+    across ggml versions, while the fields after it have not."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
+@functools.cache
+def _ggml_base() -> ctypes.CDLL:
+    """libggml-base as bundled by llama-cpp-python; ``llama_cpp._ggml`` binds none of the tensor accessors."""
+    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
+class HiddenStateReader:
+    """Sums the output of decoder layer ``layer - 1`` (``l_out-{layer - 1}``, n_embd x n_tokens f32) over the tokens
+    decoded while :meth:`armed`; :meth:`mean` is then the probe's feature row.
+
+    Install it into a context's parameters before the context is created (:meth:`install`, or :func:`open_llama`).
+    The callback runs for every graph node of every decode, generation steps included, so unarmed it answers
+    "not needed" without looking at the node. A prompt longer than the micro-batch arrives in several graph computes:
+    the sum and the token count simply run on. Not thread-safe, like the ``Llama`` it serves.
+    """
+
+    def __init__(self, layer: int):
+        if layer < 1:
+            raise ValueError(f"the probe reads the output of decoder layer layer - 1; layer must be >= 1, got {layer}")
+        self.layer = layer
+        self.tensor_name = f"l_out-{layer - 1}"
+        self._armed = False
+        self._sum: np.ndarray | None = None
+        self._count = 0
+        self._error: str | None = None
+        # Kept on the instance: the context holds only the raw function pointer, and a collected trampoline would
+        # crash the next decode.
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._make_callback())
+
+    def _make_callback(self) -> Any:
+        get_name = _ggml_base().ggml_get_name
+        wanted = self.tensor_name.encode()
+        accumulate = self._accumulate
+
+        def on_node(tensor: int, ask: bool, _user_data: Any) -> bool:
+            if ask:
+                return self._armed and get_name(tensor) == wanted
+            accumulate(tensor)
+            # False would make the scheduler stop computing the rest of the graph.
+            return True
+
+        return on_node
+
+    def install(self, params: llama_cpp.llama_context_params) -> None:
+        """Point ``params``' eval callback at this reader (for a context created afterwards)."""
+        params.cb_eval = self._callback
+        params.cb_eval_user_data = None
+
+    def reset(self) -> None:
+        self._sum, self._count, self._error = None, 0, None
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[HiddenStateReader]:
+        """Collect the tokens decoded inside the ``with`` block (the prompt), forgetting any earlier prompt."""
+        self.reset()
+        self._armed = True
+        try:
+            yield self
+        finally:
+            self._armed = False
+
+    @property
+    def n_tokens(self) -> int:
+        return self._count
+
+    def mean(self) -> torch.Tensor:
+        """The captured tokens' mean hidden state, 1 x n_embd float32."""
+        if self._error is not None:
+            raise RuntimeError(f"reading {self.tensor_name} from llama.cpp failed: {self._error}")
+        if self._sum is None or self._count == 0:
+            raise RuntimeError(f"no {self.tensor_name} was computed while the reader was armed")
+        return torch.from_numpy((self._sum / self._count).astype(np.float32)).unsqueeze(0)
+
+    def _accumulate(self, tensor: int) -> None:
+        # An exception must not escape into ctypes (it would be printed and the node reported as unread), so it is
+        # kept for mean() to raise.
+        try:
+            header = _TensorHeader.from_address(tensor)
+            n_embd, n_tokens, ne2, ne3 = header.ne
+            lib = _ggml_base()
+            if header.type != GGML_TYPE_F32 or ne2 != 1 or ne3 != 1 or not lib.ggml_is_contiguous(tensor):
+                raise ValueError(f"expected a contiguous f32 n_embd x n_tokens tensor, got type {header.type} "
+                                 f"ne {tuple(header.ne)}")
+            rows = np.empty((n_tokens, n_embd), dtype=np.float32)
+            if lib.ggml_nbytes(tensor) != rows.nbytes:
+                raise ValueError(f"tensor holds {lib.ggml_nbytes(tensor)} bytes, expected {rows.nbytes}")
+            # Through the backend rather than tensor->data, so a GPU-resident tensor is copied back too.
+            lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
+            total = rows.sum(axis=0, dtype=np.float64)
+            self._sum = total if self._sum is None else self._sum + total
+            self._count += n_tokens
+        except Exception as exc:  # noqa: BLE001
+            self._error = self._error or f"{type(exc).__name__}: {exc}"
+
+
+def open_llama(
+    model_path: str,
+    n_ctx: int,
+    n_threads: int | None,
+    feature_layer: int | None,
+    *,
+    n_batch: int = 512,
+    n_ubatch: int = 512,
+) -> tuple[llama_cpp.Llama, HiddenStateReader | None]:
+    """A ``Llama`` for ``model_path`` and, with ``feature_layer`` (the probe's ``layer``), the reader its context
+    reports to.
+
+    ``Llama`` offers no way to pass ``cb_eval``, and llama.cpp copies the callback into the context only when the
+    context is created, so the context ``Llama.__init__`` made is replaced by one created from the same parameters
+    plus the callback. Without ``feature_layer`` the context has no callback at all, so decodes pay nothing.
+    """
+    llm = llama_cpp.Llama(
+        model_path=model_path,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        logits_all=False,
+        verbose=False,
+    )
+    if feature_layer is None:
+        return llm, None
+    n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
+    # The last layer's output keeps only the rows that need logits (llama.cpp's inp_out_ids), not every token.
+    if not 1 <= feature_layer < n_layer:
+        llm.close()
+        raise ValueError(f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}")
+    reader = HiddenStateReader(feature_layer)
+    reader.install(llm.context_params)
+    replacement = llama_internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+    # The old context stays registered in llm's exit stack; closing it twice is harmless, and the new one is closed
+    # by the model before the model itself is freed (LlamaContext registers itself there).
+    llm._ctx.close()
+    llm._ctx = replacement
+    return llm, reader
+
+
+def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Sequence[int]) -> torch.Tensor:
+    """Decode the whole prompt ``tokens`` from an empty cache with the reader armed; return its mean hidden state.
+
+    The reset matters: ``Llama.generate`` would otherwise reuse a cached prefix and decode only the new suffix, and
+    the mean would cover those tokens alone. A following ``create_completion``/``generate`` with the same tokens finds
+    the exact prompt cached and samples without decoding it again.
+    """
+    llm.reset()
+    with reader.armed():
+        llm.eval(tokens)
+    if reader.n_tokens != len(tokens):
+        raise RuntimeError(f"{reader.tensor_name} covered {reader.n_tokens} of the prompt's {len(tokens)} tokens")
+    return reader.mean()

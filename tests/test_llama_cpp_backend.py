@@ -1,0 +1,149 @@
+"""The llama.cpp engine on the real embedded GGUF: one model, the LoRA switched per request, the decision policy,
+Stop, stop sequences, the engine choice, and bad input. (Chat, Compare and reliability through the app run against
+both engines in their own test files.)"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pubmedqa.backends.base import GenerationSettings, LoadState, Variant
+from pubmedqa.backends.factory import create_backend, resolve_engine
+from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+from pubmedqa.model_loading import ModelLoadError
+from pubmedqa.prompts import PromptInput, parse_decision
+
+llama_cpp = pytest.importorskip("llama_cpp")
+from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+QUESTIONS = [
+    "Do mitochondria play a role in remodelling lace plant leaves during programmed cell death?",
+    "Is aspirin effective in preventing a first myocardial infarction in elderly women?",
+    "Does vitamin D supplementation reduce the risk of falls in older adults?",
+]
+GREEDY = GenerationSettings(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlamaCppBackend:
+    backend = LlamaCppBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
+    backend.load()
+    return backend
+
+
+def _prompt(backend, question: str = QUESTIONS[0], settings: GenerationSettings = GREEDY):
+    return backend.prepare(PromptInput(question), settings)
+
+
+def test_the_adapter_changes_the_answer_and_switching_back_restores_the_base_exactly(backend):
+    prompt = _prompt(backend)
+    base = backend.generate(prompt, Variant.BASE, GREEDY)
+    tuned = backend.generate(prompt, Variant.TUNED, GREEDY)
+    assert base and tuned and base != tuned
+    assert parse_decision(tuned) in ("yes", "no", "maybe")
+    assert backend.generate(prompt, Variant.BASE, GREEDY) == base
+    # Mixed rows in one call give each row its own variant.
+    assert backend.generate_batch([prompt, prompt], [Variant.TUNED, Variant.BASE], GREEDY) == [tuned, base]
+    status = backend.status_message()
+    assert "llama.cpp" in status and "Q4_K_M" in status and "decision probe on layer 10" in status
+
+
+def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision(backend):
+    prompts = [_prompt(backend, q) for q in QUESTIONS]
+    variants = [Variant.BASE, Variant.TUNED, Variant.TUNED]
+    scored = backend.score_decisions(prompts, variants)
+    answers, decided = backend.generate_with_decisions(prompts, variants, GREEDY)
+    for got, want in zip(decided, scored):
+        assert got == pytest.approx(want, abs=1e-5)
+    for answer, decision in zip(answers[1:], decided[1:]):
+        assert parse_decision(answer) == max(decision, key=decision.get)
+    # Without the calibration's offsets the fine-tuned rows differ; the base row never has any.
+    raw = backend.score_decisions(prompts, variants, calibrated=False)
+    assert raw[0] == pytest.approx(scored[0]) and raw[1] != pytest.approx(scored[1])
+
+
+def test_option_scores_rank_the_options_as_the_transformers_engine_does():
+    from pubmedqa.backends.transformers_backend import TransformersBackend
+
+    llama = LlamaCppBackend(ModelSettings(adapter="none", engine="llama.cpp"))
+    # The transformers engine on the GGUF's own dequantised weights: the same model, another runtime.
+    hf = TransformersBackend(ModelSettings(adapter="none", quantization="none", engine="transformers"))
+    for question in QUESTIONS:
+        inp = PromptInput(question)
+        (ours,) = llama.score_decisions([llama.prepare(inp, GREEDY)], [Variant.BASE])
+        (theirs,) = hf.score_decisions([hf.prepare(inp, GREEDY)], [Variant.BASE])
+        assert sorted(ours, key=ours.get) == sorted(theirs, key=theirs.get)
+        assert ours == pytest.approx(theirs, abs=0.05)
+
+
+def test_stop_ends_the_stream_within_one_token(backend):
+    settings = GenerationSettings(max_new_tokens=200)
+    prompt = _prompt(backend, settings=settings)
+    cancel = threading.Event()
+    seen = []
+    for text in backend.stream(prompt, Variant.BASE, settings, cancel):
+        seen.append(text)
+        if len(seen) == 3:
+            cancel.set()
+    assert len(seen) <= 5  # the tokens already decoded when Stop came, and the final value
+    # The context is free again for the next request.
+    assert backend.generate(prompt, Variant.BASE, GREEDY)
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(backend, monkeypatch):
+    prompt = _prompt(backend)
+    full = backend.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
+    word = full.split()[3]
+    monkeypatch.setattr(backend, "stop_sequences", lambda: (" " + word,))
+    cut = backend.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
+    assert cut == full[: full.index(" " + word)].strip()
+
+
+def test_sampling_follows_the_seed(backend):
+    prompt = _prompt(backend)
+    sampled = GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
+    first = backend.generate(prompt, Variant.BASE, sampled)
+    assert backend.generate(prompt, Variant.BASE, sampled) == first
+    others = {backend.generate(prompt, Variant.BASE, GenerationSettings(16, 1.0, 0.95, seed)) for seed in range(4)}
+    assert len(others) > 1
+
+
+def test_token_logprobs_score_the_last_tokens_as_the_openai_server_needs(backend):
+    text = backend.prepare(PromptInput(QUESTIONS[1]), GREEDY).text + " yes"
+    tokens, following = backend.token_logprobs(text, Variant.TUNED, top=5)
+    assert tokens[-1][0].strip() == "yes" and tokens[-1][2] < 0 and tokens[0][2] is None
+    assert "".join(piece for piece, _, _ in tokens[1:]) == text
+    assert len(following) == 5 and all(v <= 0 for v in following.values())
+
+
+def test_auto_engine_is_llama_cpp_for_the_embedded_model_on_a_cpu_and_transformers_for_a_folder(tiny_model_dir, monkeypatch):
+    assert resolve_engine(ModelSettings()) == ("llama.cpp", None)
+    assert resolve_engine(ModelSettings(base_model=str(tiny_model_dir))) == ("transformers", None)
+    with pytest.raises(ValueError, match="runs a GGUF file"):
+        resolve_engine(ModelSettings(base_model=str(tiny_model_dir), engine="llama.cpp"))
+    monkeypatch.setattr("pubmedqa.backends.factory.llama_cpp_available", lambda: False)
+    fallback = create_backend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", engine="auto"))
+    assert type(fallback).__name__ == "TransformersBackend"
+    engine, note = resolve_engine(ModelSettings(engine="llama.cpp"))
+    assert engine == "transformers" and "llama-cpp-python is not installed" in note
+
+
+def test_a_file_that_is_not_a_gguf_model_gets_one_clear_line(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a model at all")
+    backend = LlamaCppBackend(ModelSettings(base_model=str(fake), adapter="none", engine="llama.cpp"))
+    with pytest.raises(ModelLoadError, match="could not be loaded by llama.cpp"):
+        backend.load()
+    assert backend.state is LoadState.FAILED
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        LlamaCppBackend(ModelSettings(base_model=str(tmp_path / "missing.gguf"), engine="llama.cpp")).check_sources()
+
+
+def test_an_adapter_of_another_model_leaves_the_base_serving_and_says_why(tiny_adapter_dir):
+    backend = LlamaCppBackend(ModelSettings(adapter=str(tiny_adapter_dir), engine="llama.cpp"))
+    loaded = backend.load()
+    assert not loaded.adapter_loaded and "could not be loaded on llama.cpp" in backend.adapter_unavailable_reason()
+    assert backend.generate(_prompt(backend), Variant.BASE, GREEDY)
