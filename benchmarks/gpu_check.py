@@ -206,7 +206,8 @@ def step_train(check: Check) -> str:
     import json
 
     from pubmedqa.config import BaseModelSettings
-    from training.train import TrainArguments, train
+    from training.arguments import TrainArguments
+    from training.train import train
 
     check.adapter_dir = check.output_dir / "adapter"
     size: dict[str, int] = (

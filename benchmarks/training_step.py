@@ -20,8 +20,8 @@ from pubmedqa.config import BaseModelSettings
 from pubmedqa.data import load_records, load_test_ids, official_split
 from pubmedqa.model_loading import load_base_model
 from pubmedqa.prompts import encode_prompt
+from training.arguments import TrainArguments
 from training.sft_data import build_examples
-from training.train import TrainArguments
 from training.trainer import answer_only_loss
 
 

@@ -16,9 +16,9 @@ from pubmedqa.prompts import encode_prompt
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training import trainer as sft_trainer
+from training.arguments import TrainArguments
 from training.run_record import ids_hash
 from training.sft_data import build_examples
-from training.train import TrainArguments
 from training.trainer import TrainingInterrupted
 
 

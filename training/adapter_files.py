@@ -15,6 +15,7 @@ from pubmedqa.decisions.calibration import DecisionCalibration
 from pubmedqa.decisions.probe import DecisionProbe
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import BaseModel
+from training.arguments import TrainArguments
 from training.calibrate import fit_calibration
 from training.decision_probe import ProbeFitError, fit_for_model, labelled_prompts
 from training.lora import first_lora_layer
@@ -22,8 +23,6 @@ from training.trainer import dev_probabilities, dev_summary
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-
-    from training.train import TrainArguments
 
 logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
 

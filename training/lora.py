@@ -10,11 +10,10 @@ import torch
 from pubmedqa.backends.transformers_passes import decoder_layers
 from pubmedqa.decisions.probe import probe_layer
 from pubmedqa.model_loading import BaseModel
+from training.arguments import TrainArguments
 
 if TYPE_CHECKING:
     from peft import LoraConfig
-
-    from training.train import TrainArguments
 
 
 def is_qlora(base: BaseModel) -> bool:

@@ -8,14 +8,12 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pubmedqa.data import DataFormatError, Split, load_artificial
+from training.arguments import TrainArguments
 from training.sft_data import build_examples
 from training.trainer import build_trainer, sft_config, train_interruptibly
-
-if TYPE_CHECKING:
-    from training.train import TrainArguments
 
 logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
 

@@ -8,17 +8,15 @@ import json
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from pubmedqa.config import BaseModelSettings
 from pubmedqa.data import PubMedQARecord, Split
 from pubmedqa.model_loading import BaseModel
 from training.adapter_files import Decisions, canonical_base
+from training.arguments import TrainArguments
 from training.lora import is_qlora
 from training.model_card import write_model_card
-
-if TYPE_CHECKING:
-    from training.train import TrainArguments
 
 
 def ids_hash(records: Sequence[PubMedQARecord]) -> str:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from pubmedqa.data import PubMedQARecord, Split
 from pubmedqa.decisions.options import option_token_ids
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
-
-if TYPE_CHECKING:
-    from training.train import TrainArguments
+from training.arguments import TrainArguments
 
 logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
 

@@ -9,17 +9,15 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 from transformers import TrainerCallback
 
 from pubmedqa.backends.transformers_passes import score_options
 from pubmedqa.evaluation.metrics import probability_metrics
+from training.arguments import TrainArguments
 from training.sft_data import PQALExamples, balanced_class_weights, sft_dataset
-
-if TYPE_CHECKING:
-    from training.train import TrainArguments
 
 logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
 

@@ -10,7 +10,6 @@ probe's features read during the prompt's own decode (``llama_cpp_features.py``)
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import logging
 import os
@@ -122,8 +121,6 @@ class LlamaCppBackend(ModelBackend):
         except Exception as exc:
             raise ModelLoadError(f"{path} could not be loaded by llama.cpp ({type(exc).__name__}: {exc})") from exc
         self._llm, self._reader = llm, reader
-        # Freed before the interpreter tears its modules down, which llama-cpp-python's own __del__ trips over.
-        atexit.register(llm.close)
         tokenizer = GgufTokenizer(llm)
         adapter_loaded = bool(adapter) and self._attach_adapter(path, adapter)
         if adapter_loaded:

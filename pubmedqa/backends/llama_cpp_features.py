@@ -16,11 +16,14 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import llama_cpp
 import llama_cpp._internals as llama_internals
@@ -133,8 +136,9 @@ class HiddenStateReader:
             n_embd, n_tokens, ne2, ne3 = header.ne
             lib = _ggml_base()
             if header.type != GGML_TYPE_F32 or ne2 != 1 or ne3 != 1 or not lib.ggml_is_contiguous(tensor):
-                raise ValueError(f"expected a contiguous f32 n_embd x n_tokens tensor, got type {header.type} "
-                                 f"ne {tuple(header.ne)}")
+                raise ValueError(
+                    f"expected a contiguous f32 n_embd x n_tokens tensor, got type {header.type} ne {tuple(header.ne)}"
+                )
             rows = np.empty((n_tokens, n_embd), dtype=np.float32)
             if lib.ggml_nbytes(tensor) != rows.nbytes:
                 raise ValueError(f"tensor holds {lib.ggml_nbytes(tensor)} bytes, expected {rows.nbytes}")
@@ -178,7 +182,9 @@ def open_llama(
     # The last layer's output keeps only the rows that need logits (llama.cpp's inp_out_ids), not every token.
     if not 1 <= feature_layer < n_layer:
         llm.close()
-        raise ValueError(f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}")
+        raise ValueError(
+            f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
+        )
     reader = HiddenStateReader(feature_layer)
     reader.install(llm.context_params)
     replacement = llama_internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
@@ -186,7 +192,16 @@ def open_llama(
     # by the model before the model itself is freed (LlamaContext registers itself there).
     llm._ctx.close()
     llm._ctx = replacement
+    # Freed while the bindings still exist: a Llama left to interpreter teardown can outlive llama_cpp._internals'
+    # globals (depending on module teardown order) and fail in __del__.
+    atexit.register(_close_if_alive, weakref.ref(llm))
     return llm, reader
+
+
+def _close_if_alive(ref: weakref.ref[llama_cpp.Llama]) -> None:
+    llm = ref()
+    if llm is not None:
+        llm.close()
 
 
 def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Sequence[int]) -> torch.Tensor:
