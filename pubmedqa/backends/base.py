@@ -233,6 +233,15 @@ class ModelBackend(ABC):
         ``logprobs`` (see :mod:`app.openai_server`). Only the in-process engines have them."""
         raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
 
+    @staticmethod
+    def _wait_for(lock: threading.Lock, cancel: threading.Event) -> bool:
+        """Take ``lock`` (the model: one generation at a time), giving up as soon as the request is cancelled (Stop
+        while queued); whether it was taken."""
+        while not lock.acquire(timeout=0.1):
+            if cancel.is_set():
+                return False
+        return True
+
     def _drain(
         self,
         updates: queue.Queue[list[str] | None],

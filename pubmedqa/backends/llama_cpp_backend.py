@@ -191,13 +191,6 @@ class LlamaCppBackend(ModelBackend):
         pointer = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
 
-    def _acquire(self, cancel: threading.Event | None) -> bool:
-        """Wait for the context, giving up as soon as the request is cancelled (Stop while queued)."""
-        while not self._lock.acquire(timeout=0.1):
-            if cancel is not None and cancel.is_set():
-                return False
-        return True
-
     # ---------------------------------------------------------------------------------------- decisions
     def score_decisions(
         self,
@@ -215,14 +208,11 @@ class LlamaCppBackend(ModelBackend):
         tuned = [v is Variant.TUNED for v in variants]
         needs_features = loaded.policy.feature_layer is not None
         scores, features = [], []
-        self._acquire(None)
-        try:
+        with self._lock:
             for prompt, variant, is_tuned in zip(prompts, variants, tuned):
                 pooled = self._read_prompt(prompt, variant, needs_features and is_tuned)
                 scores.append(torch.from_numpy(self._last_logits()[columns].copy()))
                 features.append(pooled)
-        finally:
-            self._lock.release()
         stacked = _stack_features(features)
         return loaded.policy.decide(torch.stack(scores), tuned, stacked, calibrated)
 
@@ -253,16 +243,13 @@ class LlamaCppBackend(ModelBackend):
         tokenizer = loaded.tokenizer
         ids = tokenizer(text)["input_ids"]
         keep = min(tail, len(ids) - 1) + 1  # the rows predicting the last ``keep - 1`` tokens, and the next one
-        self._acquire(None)
-        try:
+        with self._lock:
             self._select(variant)
             self._llm.eval(ids[: len(ids) - keep + 1])
             rows = [self._last_logits().copy()]
             for token in ids[len(ids) - keep + 1 :]:  # one token at a time: llama.cpp keeps the last row's logits
                 self._llm.eval([token])
                 rows.append(self._last_logits().copy())
-        finally:
-            self._lock.release()
         logprobs = torch.log_softmax(torch.from_numpy(np.stack(rows)), dim=-1)
         first_scored = len(ids) - keep + 1  # logits row r predicts token first_scored + r
         pieces, offset = [], 0
@@ -306,7 +293,7 @@ class LlamaCppBackend(ModelBackend):
 
         def run() -> None:
             try:
-                if not self._acquire(cancel):
+                if not self._wait_for(self._lock, cancel):
                     return
                 try:
                     for row, (prompt, variant) in enumerate(zip(prompts, variants)):
@@ -391,8 +378,11 @@ def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def _file_type(llm: Any) -> str:
-    """The GGUF's quantisation as its metadata names it, e.g. 'Q4_K_M'."""
-    name = str(llm.metadata.get("general.file_type", ""))
-    known = {"15": "Q4_K_M", "7": "Q8_0", "1": "F16", "0": "F32", "17": "Q5_K_M", "18": "Q6_K"}
-    return known.get(name, f"file type {name}" if name else "quantised")
+    """The GGUF's quantisation as gguf-py names its ``general.file_type``, e.g. 'Q4_K_M'."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(int(llm.metadata["general.file_type"])).name.removeprefix("MOSTLY_")
+    except (KeyError, ValueError):
+        return "quantised"
 

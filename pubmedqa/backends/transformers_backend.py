@@ -224,10 +224,8 @@ class TransformersBackend(ModelBackend):
     ) -> None:
         """The generation thread: waits for the model, generates, and always ends the stream."""
         try:
-            # Wait for our turn, but give up as soon as the request is cancelled (Stop while queued).
-            while not self._generate_lock.acquire(timeout=0.1):
-                if cancel.is_set():
-                    return
+            if not self._wait_for(self._generate_lock, cancel):
+                return
             try:
                 if not cancel.is_set():
                     torch.manual_seed(seed)
