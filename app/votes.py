@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
-from collections import Counter
+import time
+from collections import Counter, defaultdict, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,14 +49,16 @@ class VoteLog:
             raise VoteError(f"Unknown vote {vote!r}: choose one of {', '.join(VOTE_CHOICES)}.")
         line = json.dumps({"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vote": vote, **record},
                           ensure_ascii=False)
-        try:
-            with self._lock:
+        with self._lock:
+            try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as handle:
-                    handle.write(line + "\n")
-        except OSError as exc:
-            logger.error("Could not record a vote in %s: %s", self.path, exc)
-            raise VoteError(f"The vote could not be saved ({exc.strerror or type(exc).__name__}); please tell the owner.") from None
+                _append_whole(self.path, (line + "\n").encode("utf-8"))
+            except OSError as exc:
+                logger.error("Could not record a vote in %s: %s", self.path, exc)
+                raise VoteError(
+                    f"The vote could not be saved ({exc.strerror or type(exc).__name__}); earlier votes are safe. "
+                    "Please tell the owner."
+                ) from None
 
     def summary(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -68,3 +72,45 @@ class VoteLog:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a damaged line costs itself, not the summary
         return {choice: counts.get(choice, 0) for choice in VOTE_CHOICES}
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` completely or not at all: a full disk can leave half a line, which would swallow
+    the next vote, so a failed write is cut off again."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+class VoteLimiter:
+    """At most ``per_minute`` votes per browser session in any 60 seconds."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        self.per_minute = per_minute
+        self._clock = clock
+        self._times: defaultdict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def allow(self, session: str) -> bool:
+        """Whether ``session`` may vote now; an allowed vote counts against it."""
+        now = self._clock()
+        with self._lock:
+            recent = self._times[session]
+            while recent and now - recent[0] >= 60:
+                recent.popleft()
+            if len(recent) >= self.per_minute:
+                return False
+            recent.append(now)
+            if len(self._times) > 10_000:  # forget idle sessions so the table stays small
+                for key in [k for k, v in self._times.items() if not v or now - v[-1] >= 60]:
+                    del self._times[key]
+            return True

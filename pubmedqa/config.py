@@ -143,6 +143,22 @@ class ServerSettings:
     preload: bool = _setting(True, "Start loading the model in the background at start-up.")
     votes_path: str = _setting("outputs/votes/votes.jsonl", "Where Compare-tab votes are appended (JSON lines).")
     votes_repo: str = _setting("", "Hub dataset repo to sync votes to with CommitScheduler (off when empty).")
+    max_comment_chars: int = _setting(500, "Longest vote comment kept (longer ones are refused).")
+    votes_per_minute: int = _setting(6, "Votes one browser session may cast per minute.")
+    eval_dir: str = _setting("outputs/eval", "Where evaluations started in the app are written, one folder each.")
+    max_eval_runs: int = _setting(10, "Evaluation runs of its own the app keeps; the oldest beyond are removed.")
+    owner: str = _setting(
+        "",
+        "Hugging Face user or organisation allowed to start evaluations on a public app (signed in with Hugging Face). "
+        "Default on a Space: the Space's owner. The other way in is an admin key in PUBMEDQA_ADMIN_KEY.",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.owner:
+            self.owner = os.environ.get("SPACE_AUTHOR_NAME", "")
+        for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 _FIELD_TYPES = {"str": str, "int": int, "bool": bool, "float": float}

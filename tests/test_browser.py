@@ -43,10 +43,16 @@ def _require_browser():
         pytest.skip(message)
 
 
+def _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir) -> TransformersBackend:
+    settings = ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
+    backend = TransformersBackend(settings)
+    backend.load()
+    return backend
+
+
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
-    backend.load()
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
     limits = ServerSettings(max_new_tokens_limit=256, votes_path=str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
     with serving(build_app(backend, limits)) as url:
         yield url
@@ -168,3 +174,65 @@ def test_the_medical_disclaimer_is_visible_on_every_tab(page):
     for tab in ("Chat", "Compare", "Evaluation"):
         page.get_by_role("tab", name=tab).click()
         assert page.get_by_text("not medical advice").first.is_visible(), tab
+
+
+def _open_page(browser, url: str):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.get_by_text("Model status: Ready").wait_for()
+    return context, page
+
+
+def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the_reason(
+    browser, tiny_model_dir, tiny_adapter_dir, tmp_path
+):
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    public = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(backend, public)) as url:
+        context, page = _open_page(browser, url)
+        page.get_by_role("tab", name="Evaluation").click()
+        page.get_by_text("Run a new evaluation").click()
+        button = page.get_by_role("button", name="Run evaluation")
+        button.wait_for()
+        assert button.is_disabled()
+        assert page.get_by_text("reserved for the owner of this public app").is_visible()
+        assert page.get_by_label("Evaluation run").input_value() == "test-500 · shipped"  # a name, not a path
+        page.screenshot(path=str(ARTIFACTS / "evaluation-public.png"), full_page=True)
+        context.close()
+
+
+def test_chat_answers_while_an_evaluation_started_in_the_page_runs(
+    browser, tiny_model_dir, tiny_adapter_dir, tmp_path, pubmedqa_dir
+):
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    scored, batch_s = [], 1.0
+    original = backend.score_decisions
+
+    def slow_batch(*args, **kwargs):  # a CPU-sized evaluation batch holds the model for a while
+        with backend._model_lock:
+            time.sleep(batch_s)
+        scored.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    backend.score_decisions = slow_batch
+    local = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(backend, local)) as url:
+        context, page = _open_page(browser, url)
+        page.get_by_role("tab", name="Evaluation").click()
+        page.get_by_text("Run a new evaluation").click()
+        page.get_by_label("Long answers + text metrics").uncheck()
+        page.get_by_role("button", name="Run evaluation").click()  # 50 questions: 14 batches of about 1 s
+        while not scored:
+            time.sleep(0.05)
+        page.get_by_role("tab", name="Chat").click()
+        _ask(page, "Does the chat answer during an evaluation?")
+        answer = _wait_answer(page)
+        batches_when_answered = len(scored)
+        assert answer and batches_when_answered < 14, "the chat waited for the whole evaluation"
+        page.screenshot(path=str(ARTIFACTS / "chat-during-evaluation.png"), full_page=True)
+        deadline = time.monotonic() + 120
+        while len(scored) < 14 and time.monotonic() < deadline:  # let it finish before the app closes
+            time.sleep(0.2)
+        context.close()

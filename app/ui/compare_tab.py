@@ -23,7 +23,7 @@ from app.ui.common import (
     run_guarded,
     session_id,
 )
-from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
+from app.votes import VOTE_CHOICES, VoteError, VoteLimiter, VoteLog, context_hash
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 
@@ -106,7 +106,7 @@ def _layout(limits: ServerSettings, examples: list[dict[str, str]], vote_summary
     with gr.Group():
         with gr.Row():
             vote_buttons = [gr.Button(choice, size="sm") for choice in VOTE_CHOICES]
-        comment = gr.Textbox(label="Comment (optional)", max_length=1000, max_lines=3)
+        comment = gr.Textbox(label="Comment (optional)", max_length=limits.max_comment_chars, max_lines=3)
     summary = gr.Markdown(vote_summary)
     return CompareComponents(
         question=question, context=context, example=example, settings=settings, compare=compare, stop=stop,
@@ -130,6 +130,7 @@ class CompareHandlers:
         self.limits = limits
         self.examples = examples
         self.votes = votes
+        self.vote_limiter = VoteLimiter(limits.votes_per_minute)
         self.cancels = SessionCancels()
 
     def pick_example(self, index: int | None) -> tuple[Any, Any, str]:
@@ -164,11 +165,16 @@ class CompareHandlers:
             "answers": {side.variant: side.answer for side in sides},
         }
 
-    def vote(self, choice: str, note: str, record: dict[str, Any] | None) -> tuple[str, str]:
+    def vote(self, choice: str, note: str, record: dict[str, Any] | None, request: gr.Request) -> tuple[str, str]:
         if not record:
             raise gr.Error("Compare the two models on a question first, then vote.")
+        note = (note or "").strip()
+        if len(note) > self.limits.max_comment_chars:
+            raise gr.Error(f"The comment is too long: at most {self.limits.max_comment_chars} characters.")
+        if not self.vote_limiter.allow(session_id(request)):
+            raise gr.Error(f"Too many votes: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
         try:
-            self.votes.append(choice, {**record, "comment": (note or "").strip()[:1000]})
+            self.votes.append(choice, {**record, "comment": note})
         except VoteError as exc:
             gr.Warning(str(exc))
             return gr.skip(), vote_summary_markdown(self.votes.summary())
@@ -190,8 +196,15 @@ def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: i
     )
     ui.stop.click(handlers.stop_comparison, None, None, cancels=[event], queue=False, api_visibility="private")
     for button, choice in zip(ui.vote_buttons, VOTE_CHOICES):
-        button.click(lambda note, record, c=choice: handlers.vote(c, note, record), [ui.comment, ui.last_result],
+        button.click(_vote_for(handlers, choice), [ui.comment, ui.last_result],
                      [ui.comment, ui.summary], api_visibility="private")
+
+
+def _vote_for(handlers: CompareHandlers, choice: str):
+    def vote(note: str, record: dict[str, Any] | None, request: gr.Request) -> tuple[str, str]:
+        return handlers.vote(choice, note, record, request)
+
+    return vote
 
 
 def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:

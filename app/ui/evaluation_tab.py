@@ -4,6 +4,7 @@ and CSV download, and a control to run a new evaluation."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,18 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import variants
-from app.ui.common import MODEL_EVENTS
+from app.access import OwnerAccess
+from app.eval_runs import RunCatalogue, UnknownRunError
 from pubmedqa.backends.base import ModelBackend, Variant
-from pubmedqa.config import PROJECT_ROOT
+from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
+from pubmedqa.model_loading import looks_like_path
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_RUNS = PROJECT_ROOT / "assets" / "eval"  # runs shipped with the app, one folder each
-RUNS_ROOT = Path("outputs") / "eval"  # where `python -m training.evaluate` writes new runs
+EVALUATION_EVENTS = "evaluation"  # its own concurrency group: Chat and Compare keep answering while one runs
+JUDGE_HOWTO = "`python -m training.evaluate --judge_base_url URL --judge_model NAME`"
 COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
 LABELS = {"base": variants.choice(Variant.BASE), "tuned": variants.choice(Variant.TUNED)}  # results keys -> UI
 FILTERS = {
@@ -35,13 +38,6 @@ FILTERS = {
     "gold = no": lambda b, t, g: g == "no",
     "gold = maybe": lambda b, t, g: g == "maybe",
 }
-
-
-def available_runs() -> list[str]:
-    """Shipped runs first, then the user's own runs, newest first."""
-    shipped = sorted(str(p.parent) for p in SHIPPED_RUNS.glob("*/results.json"))
-    own = sorted((str(p.parent) for p in RUNS_ROOT.glob("*/results.json")), reverse=True)
-    return shipped + own
 
 
 def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str, scale: float = 1.0) -> go.Figure:
@@ -81,6 +77,14 @@ def text_figure(run: RunResults) -> go.Figure:
 
 
 def judge_figure(run: RunResults) -> go.Figure:
+    if not any(_get("judge", "enabled")(run.results["models"][key]) for key in run.model_keys):
+        figure = go.Figure()
+        figure.add_annotation(
+            text=f"LLM judge: not run for this evaluation.<br>To add it, run {JUDGE_HOWTO.strip('`')}<br>"
+            "against any OpenAI-compatible endpoint.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+        )
+        figure.update_layout(title="LLM-as-a-judge", height=380, xaxis_visible=False, yaxis_visible=False)
+        return figure
     figure = _bars(run, [("LLM judge (1-5)", _get("judge", "mean"))], "LLM-as-a-judge", "mean grade")
     figure.update_yaxes(range=[0, 5.5])
     return figure
@@ -115,12 +119,19 @@ def examples_frame(run: RunResults, filter_name: str = "all questions") -> pd.Da
     return pd.DataFrame(rows)
 
 
-def run_summary(run: RunResults) -> str:
+def _shown_source(source: str | None) -> str:
+    """A model or adapter source as the page may show it: a folder by its name only, never its server path."""
+    if not source:
+        return "none"
+    return Path(source).name if looks_like_path(source) else source
+
+
+def run_summary(run: RunResults, label: str) -> str:
     info = run.results["run"]
     lines = [
-        f"**Run** `{run.path}` — {info.get('created', '?')}",
-        f"**Base** {info.get('base_description', info.get('base_model'))} ({info.get('quantization')}); "
-        f"**adapter** {info.get('adapter') or 'none'}",
+        f"**Run** {label} — {info.get('created', '?')}",
+        f"**Base** {info.get('base_description', _shown_source(info.get('base_model')))} ({info.get('quantization')}); "
+        f"**adapter** {_shown_source(info.get('adapter'))}",
         f"**Data** {info.get('dataset')}, {info.get('split')}, **N = {info.get('n')}**; decisions by "
         f"{info.get('decision_method', 'option likelihood')}",
         f"**BERTScore model** {info.get('bertscore_model')} (scores compare only within one model); **judge** {info.get('judge')}",
@@ -139,22 +150,22 @@ class EvaluationTab:
     filter_choice: gr.Dropdown
     n_questions: gr.Slider
     long_answers: gr.Checkbox
+    admin_key: gr.Textbox
     run_button: gr.Button
     shown: list[Any]  # what :func:`show_run` fills, in its order
 
 
-def build_evaluation_tab(backend: ModelBackend) -> None:
-    _wire(_layout(), backend)
+def build_evaluation_tab(backend: ModelBackend, server: ServerSettings) -> None:
+    catalogue = RunCatalogue(server.eval_dir, server.max_eval_runs)
+    access = OwnerAccess.from_settings(server)
+    _wire(_layout(catalogue, access), backend, catalogue, access)
 
 
-def _layout() -> EvaluationTab:
-    runs = available_runs()
+def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
+    runs = catalogue.choices()
     with gr.Row():
-        run_choice = gr.Dropdown(
-            choices=runs, value=runs[0] if runs else None, allow_custom_value=True, scale=4,
-            label="Evaluation run (a folder with results.json)",
-        )
-        reload = gr.Button("Load", scale=1)
+        run_choice = gr.Dropdown(choices=runs, value=runs[0][1] if runs else None, scale=4, label="Evaluation run")
+        reload = gr.Button("Reload", scale=1)
     message = gr.Markdown()
     with gr.Row():
         decision_plot = gr.Plot(label="Decision metrics")
@@ -171,55 +182,78 @@ def _layout() -> EvaluationTab:
         gr.Markdown(
             "Evaluates base and fine-tuned (the loaded adapter) on a label-stratified sample of the official test "
             "set, through the app's model. On a CPU, count about 1 s per question per model for the decisions and "
-            "a few seconds for each long answer; the chat waits while it runs."
+            "a few seconds for each long answer. Chat and Compare keep answering meanwhile: their requests go first, "
+            "between the evaluation's batches."
         )
+        gr.Markdown(access.how_to(), visible=access.public)
+        if access.sign_in:
+            gr.LoginButton()
+        admin_key = gr.Textbox(label="Admin key", type="password", visible=access.needs_key, max_length=200)
         with gr.Row():
             n_questions = gr.Slider(10, 500, value=50, step=10, label="Questions")
             long_answers = gr.Checkbox(value=True, label="Long answers + text metrics")
-            run_button = gr.Button("Run evaluation", variant="primary")
+            run_button = gr.Button(
+                "Run evaluation", variant="primary", interactive=not access.public or access.needs_key,
+            )
     shown = [message, decision_plot, text_plot, judge_plot, confusion_base, confusion_tuned, table, download]
-    return EvaluationTab(run_choice, reload, filter_choice, n_questions, long_answers, run_button, shown)
+    return EvaluationTab(run_choice, reload, filter_choice, n_questions, long_answers, admin_key, run_button, shown)
 
 
-def show_run(run_dir: str | None, filter_name: str) -> tuple[Any, ...]:
-    """Everything the tab shows of one run folder, or a one-line message where it cannot."""
+def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tuple[Any, ...]:
+    """Everything the tab shows of one run, or a one-line message where it cannot."""
     empty = (None,) * 5 + (pd.DataFrame(), gr.update(value=None))
-    if not run_dir:
+    if not key:
         return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
     try:
-        run = load_results(run_dir)
-    except ResultsError as exc:
+        entry = catalogue.resolve(key)
+        run = load_results(entry.path)
+    except (UnknownRunError, ResultsError) as exc:
         return (f"⚠️ Cannot show this run: {exc}",) + empty
     frame = examples_frame(run, filter_name)
-    csv = Path(tempfile.mkdtemp()) / f"pubmedqa-eval-{run.path.name}.csv"
+    csv = Path(tempfile.mkdtemp()) / f"pubmedqa-eval-{entry.path.name}.csv"
     frame.to_csv(csv, index=False)
     has_tuned = "tuned" in run.model_keys
     return (
-        run_summary(run), decision_figure(run), text_figure(run), judge_figure(run), confusion_figure(run, "base"),
-        confusion_figure(run, "tuned") if has_tuned else None, frame, gr.update(value=str(csv)),
+        run_summary(run, entry.label), decision_figure(run), text_figure(run), judge_figure(run),
+        confusion_figure(run, "base"), confusion_figure(run, "tuned") if has_tuned else None, frame,
+        gr.update(value=str(csv)),
     )
 
 
-def run_evaluation(backend: ModelBackend, n: float, with_answers: bool, progress: gr.Progress) -> Any:
+def run_evaluation(backend: ModelBackend, catalogue: RunCatalogue, n: float, with_answers: bool,
+                   progress: gr.Progress) -> Any:
     """A new run through the app's own backend (no second copy of the model); the selector then shows it."""
-    args = EvalArguments(limit=int(n), long_answers=bool(with_answers))
+    args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()))
     try:
         run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
-    except Exception as exc:  # missing data folder, adapter gone, ...: say so, keep the app serving
+    except Exception as exc:  # missing data folder, adapter gone, full disk...: say so, keep the app serving
         logger.exception("Evaluation failed")
+        shutil.rmtree(args.output_dir, ignore_errors=True)  # a run without results.json would only take disk
         raise gr.Error(f"Evaluation failed: {exc}") from None
-    return gr.update(choices=available_runs(), value=str(run_dir))
+    catalogue.prune()
+    return gr.update(choices=catalogue.choices(), value=catalogue.own_key(run_dir))
 
 
-def _wire(tab: EvaluationTab, backend: ModelBackend) -> None:
-    def start(n: float, with_answers: bool, progress: gr.Progress = gr.Progress()) -> Any:
-        return run_evaluation(backend, n, with_answers, progress)
+def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, access: OwnerAccess) -> None:
+    def show(key: str | None, filter_name: str) -> tuple[Any, ...]:
+        return show_run(catalogue, key, filter_name)
+
+    def start(n: float, with_answers: bool, key: str, profile: gr.OAuthProfile | None,
+              progress: gr.Progress = gr.Progress()) -> Any:
+        if refusal := access.refusal(profile, key):  # checked here too: a disabled button is no protection
+            raise gr.Error(refusal)
+        return run_evaluation(backend, catalogue, n, with_answers, progress)
+
+    def allowed(profile: gr.OAuthProfile | None) -> Any:
+        return gr.update(interactive=access.needs_key or access.refusal(profile) is None)
 
     inputs = [tab.run_choice, tab.filter_choice]
     # No triggers: on page load and whenever the run or the filter changes.
-    gr.on(None, show_run, inputs, tab.shown, api_visibility="private")
-    tab.reload.click(show_run, inputs, tab.shown, api_visibility="private")
+    gr.on(None, show, inputs, tab.shown, api_visibility="private")
+    tab.reload.click(show, inputs, tab.shown, api_visibility="private")
+    if access.sign_in:  # the owner signed in: the button comes alive on page load
+        gr.on(None, allowed, None, tab.run_button, api_visibility="private")
     tab.run_button.click(
-        start, [tab.n_questions, tab.long_answers], tab.run_choice, concurrency_id=MODEL_EVENTS,
-        api_visibility="private",
+        start, [tab.n_questions, tab.long_answers, tab.admin_key], tab.run_choice,
+        concurrency_id=EVALUATION_EVENTS, concurrency_limit=1, api_visibility="private",
     )

@@ -51,7 +51,7 @@ def _tabs(backend: ModelBackend, limits: ServerSettings) -> ChatTab:
         with gr.Tab("Compare"):
             build_compare_tab(backend, limits, load_examples(key="dev_examples"))
         with gr.Tab("Evaluation"):
-            build_evaluation_tab(backend)
+            build_evaluation_tab(backend, limits)
     return chat
 
 

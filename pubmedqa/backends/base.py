@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator, Sequence
 
+from pubmedqa.backends.model_lock import ModelLock
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
@@ -106,6 +107,7 @@ class ModelBackend(ABC):
         self._error: str | None = None
         self._adapter_error: str | None = None
         self._load_lock = threading.Lock()
+        self._model_lock = ModelLock()  # an in-process engine generates for one request at a time
         self.notice: str | None = None  # what the status line adds, e.g. why another engine runs than was asked
 
     # ----------------------------------------------------------------------------------------- loading
@@ -233,14 +235,10 @@ class ModelBackend(ABC):
         ``logprobs`` (see :mod:`app.openai_server`). Only the in-process engines have them."""
         raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
 
-    @staticmethod
-    def _wait_for(lock: threading.Lock, cancel: threading.Event) -> bool:
-        """Take ``lock`` (the model: one generation at a time), giving up as soon as the request is cancelled (Stop
-        while queued); whether it was taken."""
-        while not lock.acquire(timeout=0.1):
-            if cancel.is_set():
-                return False
-        return True
+    def give_way(self, cancel: threading.Event | None = None) -> None:
+        """Wait while other requests hold or wait for the model: what background work (an evaluation in the app) calls
+        between its batches, so that visitors' requests go first."""
+        self._model_lock.wait_until_idle(cancel)
 
     def _drain(
         self,

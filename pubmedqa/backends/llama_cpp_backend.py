@@ -97,7 +97,6 @@ class LlamaCppBackend(ModelBackend):
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
-        self._lock = threading.Lock()  # one context: one decode at a time
         self._llm: Any = None
         self._reader: Any = None
         self._lora: Any = None
@@ -208,7 +207,7 @@ class LlamaCppBackend(ModelBackend):
         tuned = [v is Variant.TUNED for v in variants]
         needs_features = loaded.policy.feature_layer is not None
         scores, features = [], []
-        with self._lock:
+        with self._model_lock:
             for prompt, variant, is_tuned in zip(prompts, variants, tuned):
                 pooled = self._read_prompt(prompt, variant, needs_features and is_tuned)
                 scores.append(torch.from_numpy(self._last_logits()[columns].copy()))
@@ -243,7 +242,7 @@ class LlamaCppBackend(ModelBackend):
         tokenizer = loaded.tokenizer
         ids = tokenizer(text)["input_ids"]
         keep = min(tail, len(ids) - 1) + 1  # the rows predicting the last ``keep - 1`` tokens, and the next one
-        with self._lock:
+        with self._model_lock:
             self._select(variant)
             self._llm.eval(ids[: len(ids) - keep + 1])
             rows = [self._last_logits().copy()]
@@ -293,7 +292,7 @@ class LlamaCppBackend(ModelBackend):
 
         def run() -> None:
             try:
-                if not self._wait_for(self._lock, cancel):
+                if not self._model_lock.acquire(cancel):
                     return
                 try:
                     for row, (prompt, variant) in enumerate(zip(prompts, variants)):
@@ -303,7 +302,7 @@ class LlamaCppBackend(ModelBackend):
                         if decisions is not None and decision is not None:
                             decisions.append(decision.decisions(calibrated)[0])
                 finally:
-                    self._lock.release()
+                    self._model_lock.release()
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
             finally:

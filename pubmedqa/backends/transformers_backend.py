@@ -28,7 +28,6 @@ from pubmedqa.backends.transformers_passes import (
     option_scores,
     text_logprobs,
 )
-from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
@@ -41,15 +40,12 @@ BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
 class TransformersBackend(ModelBackend):
-    """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads."""
+    """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads.
+
+    PEFT's per-call adapter selection works through forward hooks registered on the shared LoRA layers, and sampling
+    seeds the global RNG: one generation at a time (the model lock) keeps requests from crossing."""
 
     pair_mode = "one batched generation with per-row adapters (PEFT adapter_names)"
-
-    def __init__(self, settings: ModelSettings):
-        super().__init__(settings)
-        # PEFT's per-call adapter selection works through forward hooks registered on the shared LoRA layers,
-        # and sampling seeds the global RNG: one generation at a time keeps requests from crossing.
-        self._generate_lock = threading.Lock()
 
     def check_sources(self) -> None:
         check_base_source(self.settings)
@@ -113,7 +109,7 @@ class TransformersBackend(ModelBackend):
         names = self._adapter_names(list(variants))
         tuned = [v is Variant.TUNED for v in variants]
         layer = loaded.policy.feature_layer if any(tuned) else None
-        with self._generate_lock:
+        with self._model_lock:
             scores, features = option_scores(
                 loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names, layer
             )
@@ -125,7 +121,7 @@ class TransformersBackend(ModelBackend):
         ``logprobs`` (see :mod:`app.openai_server`)."""
         loaded = self.load()
         names = self._adapter_names([variant])
-        with self._generate_lock:
+        with self._model_lock:
             return text_logprobs(loaded.model, loaded.tokenizer, text, names, top)
 
     def stream_batch(
@@ -224,7 +220,7 @@ class TransformersBackend(ModelBackend):
     ) -> None:
         """The generation thread: waits for the model, generates, and always ends the stream."""
         try:
-            if not self._wait_for(self._generate_lock, cancel):
+            if not self._model_lock.acquire(cancel):
                 return
             try:
                 if not cancel.is_set():
@@ -232,7 +228,7 @@ class TransformersBackend(ModelBackend):
                     with torch.inference_mode(), reader or contextlib.nullcontext():
                         loaded.model.generate(**kwargs)
             finally:
-                self._generate_lock.release()
+                self._model_lock.release()
         except BaseException as exc:  # re-raised in the consumer's thread
             failure.append(exc)
         finally:

@@ -75,18 +75,20 @@ def load_results(run_dir: str | Path) -> RunResults:
     """Read and check a run folder; ResultsError says what is wrong in one line."""
     run_dir = Path(run_dir)
     path = run_dir / RESULTS_FILE
+    # Files are named relative to the run folder: the app shows these messages on a public page.
+    name, examples_name = f"{run_dir.name}/{RESULTS_FILE}", f"{run_dir.name}/{EXAMPLES_FILE}"
     if not path.is_file():
-        raise ResultsError(f"no {RESULTS_FILE} in {run_dir}")
+        raise ResultsError(f"no {RESULTS_FILE} in {run_dir.name}")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ResultsError(f"{path} is not valid JSON ({exc})") from None
+        raise ResultsError(f"{name} is not valid JSON ({exc})") from None
     if not isinstance(results, dict) or results.get("schema_version") != SCHEMA_VERSION:
         found = results.get("schema_version") if isinstance(results, dict) else None
-        raise ResultsError(f"{path} has schema version {found!r}; this app reads version {SCHEMA_VERSION}")
+        raise ResultsError(f"{name} has schema version {found!r}; this app reads version {SCHEMA_VERSION}")
     models = results.get("models")
     if not isinstance(models, dict) or not models or any(not isinstance(m, dict) or "accuracy" not in m for m in models.values()):
-        raise ResultsError(f"{path} has no per-model metrics")
+        raise ResultsError(f"{name} has no per-model metrics")
     examples: list[dict[str, Any]] = []
     examples_path = run_dir / EXAMPLES_FILE
     if examples_path.is_file():
@@ -95,5 +97,5 @@ def load_results(run_dir: str | Path) -> RunResults:
                 try:
                     examples.append(json.loads(line))
                 except json.JSONDecodeError:
-                    raise ResultsError(f"{examples_path}, line {number}, is not valid JSON") from None
+                    raise ResultsError(f"{examples_name}, line {number}, is not valid JSON") from None
     return RunResults(run_dir, results, examples)

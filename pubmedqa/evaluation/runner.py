@@ -192,6 +192,7 @@ def _decide_and_answer(
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
 
     def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
+        backend.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
         if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
             answers, scores = backend.generate_with_decisions(batch, [variant] * len(batch), settings, calibrated=False)
             return list(zip(answers, scores))

@@ -1,0 +1,214 @@
+"""A public deployment stays usable: evaluations are the owner's, visitors never name server paths, Chat keeps
+answering while an evaluation runs, and votes cannot fill the disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+
+import gradio as gr
+import pytest
+
+from app.access import OwnerAccess
+from app.eval_runs import RunCatalogue, UnknownRunError
+from app.ui.evaluation_tab import show_run
+from app.ui.interface import build_app
+from app.votes import VoteError, VoteLimiter, VoteLog
+from pubmedqa.backends.model_lock import ModelLock
+from pubmedqa.config import ServerSettings
+from pubmedqa.evaluation.runner import EvalArguments, evaluate
+from tests.conftest import REPO_ROOT, serving
+
+SHIPPED = REPO_ROOT / "assets" / "eval"
+
+
+# ------------------------------------------------------------------------------------------- who may evaluate
+def _access(server_name: str = "0.0.0.0", owner: str = "", **environ: str) -> OwnerAccess:
+    return OwnerAccess.from_settings(ServerSettings(server_name=server_name, owner=owner), environ)
+
+
+def test_a_local_app_lets_anyone_evaluate_and_a_public_one_without_configuration_nobody():
+    assert _access("127.0.0.1").refusal(None) is None
+    closed = _access("0.0.0.0")
+    assert closed.public and closed.closed_reason()
+    assert "hf_oauth" in closed.refusal(None) and "PUBMEDQA_ADMIN_KEY" in closed.refusal(None, "guess")
+    # On a Space the app is public whatever interface it listens on.
+    assert _access("127.0.0.1", SPACE_ID="someone/pubmedqa").public
+
+
+def test_the_admin_key_and_the_owners_sign_in_open_it_and_nothing_else_does():
+    keyed = _access(PUBMEDQA_ADMIN_KEY="s3cret-key")
+    assert keyed.refusal(None, "s3cret-key") is None
+    assert "Wrong admin key" in keyed.refusal(None, "s3cret-kez")
+    assert keyed.refusal(None, "") and "s3cret" not in repr(keyed)  # the key never shows in logs or reprs
+
+    space = _access(owner="lab-org", SPACE_ID="lab-org/pubmedqa", OAUTH_CLIENT_ID="abc")
+    member = {"preferred_username": "alice", "orgs": [{"preferred_username": "lab-org"}]}
+    assert space.refusal(member) is None
+    assert space.refusal({"preferred_username": "lab-org"}) is None
+    assert "sign in with Hugging Face as **lab-org**" in space.refusal({"preferred_username": "mallory", "orgs": []})
+    assert space.refusal(None)
+
+
+def _evaluation_handler(demo: gr.Blocks):
+    [start] = [f for f in demo.fns.values() if getattr(f, "name", "") == "start"]
+    return start
+
+
+def test_a_visitor_of_a_public_app_sees_the_control_disabled_and_the_route_refuses(tiny_backend, tmp_path):
+    server = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path))
+    demo = build_app(tiny_backend, server)
+    [button] = [b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Run evaluation"]
+    assert button.interactive is False
+    start = _evaluation_handler(demo)
+    assert start.concurrency_id != "model"  # not in the model's queue: Chat and Compare keep their turns
+    with pytest.raises(gr.Error, match="reserved for the owner"):
+        start.fn(10, False, "", None)
+    assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written
+
+
+def test_with_an_admin_key_only_its_holder_can_start_one(tiny_backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("PUBMEDQA_ADMIN_KEY", "owner-key")
+    server = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path))
+    start = _evaluation_handler(build_app(tiny_backend, server))
+    with pytest.raises(gr.Error, match="Wrong admin key"):
+        start.fn(10, False, "not-the-key", None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- run selector
+def _write_run(folder, n: int = 3) -> None:
+    source = SHIPPED / "test-500"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text((source / "results.json").read_text())
+
+
+def test_the_run_selector_offers_runs_by_name_and_refuses_anything_else(tmp_path):
+    own, outside = tmp_path / "own", tmp_path / "outside"
+    _write_run(own / "20261127-120000")
+    _write_run(outside / "secret")
+    (own / "escape").symlink_to(outside / "secret")
+    catalogue = RunCatalogue(own, keep=10)
+    keys = [key for _, key in catalogue.choices()]
+    assert keys == ["shipped/test-500", "shipped/test-500-llama-cpp", "run here/20261127-120000"]
+    labels = " ".join(label for label, _ in catalogue.choices())
+    assert str(REPO_ROOT) not in labels and "/" not in labels
+
+    for crafted in (str(outside / "secret"), "run here/../../outside/secret", "run here/escape", "../assets/eval",
+                    "/etc", "shipped/test-500/../../.."):
+        with pytest.raises(UnknownRunError):
+            catalogue.resolve(crafted)
+        message = show_run(catalogue, crafted, "all questions")[0]
+        assert message.startswith("⚠️") and str(tmp_path) not in message and "/etc" not in message
+
+    summary = show_run(catalogue, "shipped/test-500", "all questions")[0]
+    assert "test-500 · shipped" in summary and str(REPO_ROOT) not in summary
+
+
+def test_the_app_keeps_at_most_n_runs_of_its_own(tmp_path):
+    own = tmp_path / "own"
+    for name in ("20261101-000000", "20261102-000000", "20261103-000000", "20261104-000000"):
+        _write_run(own / name)
+    removed = RunCatalogue(own, keep=2).prune()
+    assert removed == ["20261101-000000", "20261102-000000"]
+    assert sorted(p.name for p in own.iterdir()) == ["20261103-000000", "20261104-000000"]
+
+
+# ----------------------------------------------------------------------------------- chat during an evaluation
+def test_background_work_lets_waiting_requests_go_first():
+    lock, order = ModelLock(), []
+    lock.acquire()  # a request holds the model; another waits for it
+    waiter = threading.Thread(target=lambda: (lock.acquire(), order.append("visitor"), lock.release()))
+    waiter.start()
+    while not lock.busy or lock._waiting == 0:
+        time.sleep(0.01)
+    background = threading.Thread(target=lambda: (lock.wait_until_idle(), order.append("evaluation batch")))
+    background.start()
+    time.sleep(0.2)
+    assert order == []  # the evaluation waits for both, not just the holder
+    lock.release()
+    waiter.join(5), background.join(5)
+    assert order == ["visitor", "evaluation batch"]
+    cancelled = threading.Event()
+    cancelled.set()
+    lock.acquire()
+    assert lock.acquire(cancelled) is False  # Stop while queued gives up at once
+    lock.release()
+
+
+def test_a_chat_answers_while_an_evaluation_runs(tiny_backend, pubmedqa_dir, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    batch_s = 0.3
+    original = tiny_backend.generate_with_decisions
+
+    def slow_batch(*args, **kwargs):  # a CPU-sized batch: it holds the model for a while
+        with tiny_backend._model_lock:
+            time.sleep(batch_s)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_backend, "generate_with_decisions", slow_batch)
+    server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(tiny_backend, server)) as url:
+        client = Client(url, verbose=False)
+        args = EvalArguments(data=str(pubmedqa_dir), limit=40, batch_size=2, max_new_tokens=4, bertscore_model="none",
+                             output_dir=str(tmp_path / "eval" / "run"))
+        evaluation = threading.Thread(target=evaluate, args=(tiny_backend.settings, args), kwargs={"backend": tiny_backend})
+        evaluation.start()
+        time.sleep(1.0)
+        waits = []
+        for _ in range(3):
+            started = time.perf_counter()
+            answer = client.predict(question="Does aspirin reduce fever?", max_new_tokens=4, api_name="/chat")
+            waits.append(time.perf_counter() - started)
+            assert answer
+        assert evaluation.is_alive(), "the chat answers had to wait for the whole evaluation"
+        evaluation.join(120)
+    assert (tmp_path / "eval" / "run" / "results.json").is_file()
+    assert max(waits) < 10 * batch_s  # at most about one batch of waiting, not the evaluation's 20+ batches
+
+
+# ---------------------------------------------------------------------------------------------------- votes
+def test_votes_per_session_per_minute_are_limited():
+    now = [0.0]
+    limiter = VoteLimiter(per_minute=3, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # another browser session has its own budget
+    now[0] = 61.0
+    assert limiter.allow("a")
+
+
+def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkeypatch):
+    log = VoteLog(tmp_path / "votes.jsonl")
+    log.append("tie", {"question": "first"})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(VoteError, match="earlier votes are safe"):
+        log.append("base better", {"question": "second"})
+    monkeypatch.setattr(os, "write", real_write)
+    log.append("both bad", {"question": "third"})
+    lines = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
+    assert [line["question"] for line in lines] == ["first", "third"]
+
+
+def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_backend, tmp_path):
+    from app.ui.compare_tab import CompareHandlers
+
+    server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), max_comment_chars=20, votes_per_minute=2)
+    handlers = CompareHandlers(tiny_backend, server, [], VoteLog(server.votes_path))
+    request = type("Request", (), {"session_hash": "visitor-1"})()
+    with pytest.raises(gr.Error, match="at most 20 characters"):
+        handlers.vote("tie", "x" * 21, {"question": "q"}, request)
+    handlers.vote("tie", "fine", {"question": "q"}, request)
+    handlers.vote("tie", "", {"question": "q"}, request)
+    with pytest.raises(gr.Error, match="Too many votes"):
+        handlers.vote("tie", "", {"question": "q"}, request)
+    assert len((tmp_path / "votes.jsonl").read_text().splitlines()) == 2
