@@ -236,3 +236,14 @@ def test_chat_answers_while_an_evaluation_started_in_the_page_runs(
         while len(scored) < 14 and time.monotonic() < deadline:  # let it finish before the app closes
             time.sleep(0.2)
         context.close()
+
+
+def test_the_status_line_is_plain_and_the_details_open_on_request(page):
+    status = page.locator("#model-status").inner_text()
+    assert "Ready · " in status and "fine-tuned adapter loaded" in status and "/" not in status
+    assert not page.get_by_text("LoRA adapter loaded").is_visible()
+    page.get_by_text("Model details").click()
+    page.get_by_text("LoRA adapter loaded").wait_for()
+    placeholder = page.locator("#chat-conversation").inner_text()
+    assert "on the right" not in placeholder and "Abstract / context box" in placeholder
+    page.screenshot(path=str(ARTIFACTS / "status-details.png"), full_page=True)

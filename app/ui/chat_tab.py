@@ -100,7 +100,7 @@ def _conversation() -> gr.Chatbot:
         buttons=["copy", "copy_all"],
         feedback_options=None,
         placeholder="Ask a yes/no/maybe question about biomedical research. "
-        "Paste an abstract on the right to ground the answer.",
+        "To ground the answer, paste the abstract into the Abstract / context box.",
     )
 
 

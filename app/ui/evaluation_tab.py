@@ -18,10 +18,10 @@ from app import variants
 from app.access import OwnerAccess
 from app.eval_runs import RunCatalogue, UnknownRunError
 from pubmedqa.backends.base import ModelBackend, Variant
+from pubmedqa.backends.status import shown_source
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
-from pubmedqa.model_loading import looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -119,19 +119,12 @@ def examples_frame(run: RunResults, filter_name: str = "all questions") -> pd.Da
     return pd.DataFrame(rows)
 
 
-def _shown_source(source: str | None) -> str:
-    """A model or adapter source as the page may show it: a folder by its name only, never its server path."""
-    if not source:
-        return "none"
-    return Path(source).name if looks_like_path(source) else source
-
-
 def run_summary(run: RunResults, label: str) -> str:
     info = run.results["run"]
     lines = [
         f"**Run** {label} — {info.get('created', '?')}",
-        f"**Base** {info.get('base_description', _shown_source(info.get('base_model')))} ({info.get('quantization')}); "
-        f"**adapter** {_shown_source(info.get('adapter'))}",
+        f"**Base** {info.get('base_description', shown_source(info.get('base_model')))} ({info.get('quantization')}); "
+        f"**adapter** {shown_source(info.get('adapter'))}",
         f"**Data** {info.get('dataset')}, {info.get('split')}, **N = {info.get('n')}**; decisions by "
         f"{info.get('decision_method', 'option likelihood')}",
         f"**BERTScore model** {info.get('bertscore_model')} (scores compare only within one model); **judge** {info.get('judge')}",

@@ -21,16 +21,16 @@ DISCLAIMER = (
 
 
 def _status_markdown(backend: ModelBackend) -> str:
-    return f"**Model status:** {backend.status_message()}"
+    return f"**Model status:** {backend.status_summary()}"
 
 
 def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
-        status = _header(backend)
+        status, details = _header(backend)
         chat = _tabs(backend, limits)
         register_chat_api(backend, limits)
         register_compare_api(backend, limits)
-        _poll_model_status(demo, backend, status, chat)
+        _poll_model_status(demo, backend, status, details, chat)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
     # try again" instead of unbounded waiting.
@@ -38,10 +38,13 @@ def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
     return demo
 
 
-def _header(backend: ModelBackend) -> gr.Markdown:
+def _header(backend: ModelBackend) -> tuple[gr.Markdown, gr.Markdown]:
     gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
     gr.Markdown(DISCLAIMER)
-    return gr.Markdown(_status_markdown(backend))
+    status = gr.Markdown(_status_markdown(backend), elem_id="model-status")
+    with gr.Accordion("Model details", open=False):
+        details = gr.Markdown(backend.status_message(), elem_id="model-details")
+    return status, details
 
 
 def _tabs(backend: ModelBackend, limits: ServerSettings) -> ChatTab:
@@ -55,14 +58,16 @@ def _tabs(backend: ModelBackend, limits: ServerSettings) -> ChatTab:
     return chat
 
 
-def _poll_model_status(demo: gr.Blocks, backend: ModelBackend, status: gr.Markdown, chat: ChatTab) -> None:
+def _poll_model_status(
+    demo: gr.Blocks, backend: ModelBackend, status: gr.Markdown, details: gr.Markdown, chat: ChatTab
+) -> None:
     # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
     timer = gr.Timer(2.0)
 
-    def refresh() -> tuple[str, Any, Any]:
+    def refresh() -> tuple[str, str, Any, Any]:
         settled = backend.state in (LoadState.READY, LoadState.FAILED)
-        return _status_markdown(backend), variant_update(backend), gr.Timer(active=not settled)
+        return _status_markdown(backend), backend.status_message(), variant_update(backend), gr.Timer(active=not settled)
 
-    outputs = [status, chat.variant, timer]
+    outputs = [status, details, chat.variant, timer]
     timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")
     demo.load(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any, Iterator, Sequence
 
 from pubmedqa.backends.model_lock import ModelLock
+from pubmedqa.backends.status import plain_precision, precision_mismatch, short_name, shown_source
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
@@ -99,6 +100,8 @@ class ModelBackend(ABC):
 
     #: How Compare produces its pair, shown in the tab's info line.
     pair_mode: str = ""
+    #: What runs the model in this process ('' for a remote server, whose weights this app cannot see).
+    engine: str = ""
 
     def __init__(self, settings: ModelSettings):
         self.settings = settings
@@ -109,6 +112,7 @@ class ModelBackend(ABC):
         self._load_lock = threading.Lock()
         self._model_lock = ModelLock()  # an in-process engine generates for one request at a time
         self.notice: str | None = None  # what the status line adds, e.g. why another engine runs than was asked
+        self.precision_note: str | None = None  # set at load when the adapter is served on other weights than trained
 
     # ----------------------------------------------------------------------------------------- loading
     @abstractmethod
@@ -121,14 +125,27 @@ class ModelBackend(ABC):
     def state(self) -> LoadState:
         return self._state
 
+    def status_summary(self) -> str:
+        """The model's state in plain words, for the page's status line (the details are in :meth:`status_message`)."""
+        if self._state is not LoadState.READY or self._loaded is None:
+            return self.status_message()
+        loaded = self._loaded
+        if loaded.adapter_loaded:
+            adapter = "fine-tuned adapter loaded"
+        else:
+            adapter = "base model only" if not self.settings.adapter_source else "fine-tuned adapter not loaded"
+        more = " · see details" if self.notice or self.precision_note or not loaded.adapter_loaded else ""
+        return f"Ready · {short_name(loaded.description)}, {plain_precision(loaded.quantization)} · {adapter}{more}"
+
     def status_message(self) -> str:
+        """The model's state with its technical details."""
         if self._state is LoadState.READY and self._loaded is not None:
             loaded = self._loaded
             adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
             if loaded.policy.status():
                 adapter += f", {loaded.policy.status()}"
-            note = f" Note: {self.notice}." if self.notice else ""
-            return f"Ready: {loaded.description}, {loaded.quantization}; {adapter}.{note}"
+            notes = "".join(f" Note: {note}." for note in (self.notice, self.precision_note) if note)
+            return f"Ready: {shown_source(loaded.description)}, {loaded.quantization}; {adapter}.{notes}"
         if self._state is LoadState.FAILED:
             return f"Model failed to load: {self._error}"
         if self._state is LoadState.LOADING:
@@ -164,6 +181,10 @@ class ModelBackend(ABC):
             except Exception as exc:  # any library error becomes one readable message
                 self._fail(f"{type(exc).__name__}: {exc}")
                 raise ModelLoadError(self._error) from exc
+            if self._loaded.adapter_loaded and self.engine:
+                self.precision_note = precision_mismatch(self.settings, self._loaded.quantization, self.engine)
+                if self.precision_note:
+                    logger.warning("Note: %s", self.precision_note)
             self._state = LoadState.READY
             return self._loaded
 

@@ -94,6 +94,7 @@ class LlamaCppBackend(ModelBackend):
     """Loads the GGUF once; generates for base or fine-tuned per row, one request at a time."""
 
     pair_mode = "one llama.cpp context, the two answers in turn (LoRA switched per row)"
+    engine = "llama.cpp"
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)

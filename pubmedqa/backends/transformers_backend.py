@@ -46,6 +46,7 @@ class TransformersBackend(ModelBackend):
     seeds the global RNG: one generation at a time (the model lock) keeps requests from crossing."""
 
     pair_mode = "one batched generation with per-row adapters (PEFT adapter_names)"
+    engine = "transformers"
 
     def check_sources(self) -> None:
         check_base_source(self.settings)

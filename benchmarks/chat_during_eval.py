@@ -1,0 +1,91 @@
+"""Benchmark: a short Chat answer while an evaluation runs in the app, on the default engine (llama.cpp, embedded model,
+shipped adapter). Prints, measured in one run:
+
+- a short answer alone (10 requests: median and p95);
+- the evaluation's batches (decisions + 64-token answers, ``--batch_size`` questions each): mean and longest;
+- the same answer during the evaluation (10 requests, ``--gap_s`` apart): median and p95, and its bound: one
+  evaluation batch (the longest) plus the answer's own p95 alone.
+
+The evaluation runs as the app runs it: in its own thread, giving the model way between batches.
+
+    python -m benchmarks.chat_during_eval [--requests 10] [--batch_size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.factory import create_backend
+from pubmedqa.config import ModelSettings
+from pubmedqa.evaluation.runner import EvalArguments, evaluate
+from pubmedqa.prompts import PromptInput
+
+QUESTION = "Does regular aspirin use reduce the risk of colorectal cancer?"
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="Length of the chat answer.")
+    parser.add_argument("--gap_s", type=float, default=0.5, help="Pause between chat requests during the evaluation.")
+    args = parser.parse_args()
+
+    backend = create_backend(ModelSettings())
+    backend.load()
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    prompt = backend.prepare(PromptInput(QUESTION), settings)
+
+    def ask() -> float:
+        started = time.perf_counter()
+        backend.generate(prompt, Variant.TUNED, settings)
+        return time.perf_counter() - started
+
+    ask()  # warm-up
+    alone = [ask() for _ in range(args.requests)]
+
+    batch_starts: list[float] = []
+    give_way = backend.give_way
+
+    def timed_give_way(*a, **k):
+        give_way(*a, **k)
+        batch_starts.append(time.perf_counter())
+
+    backend.give_way = timed_give_way
+    eval_args = EvalArguments(limit=200, batch_size=args.batch_size, max_new_tokens=64, bertscore_model="none",
+                              output_dir="outputs/benchmarks/chat-during-eval")
+    threading.Thread(target=evaluate, args=(backend.settings, eval_args), kwargs={"backend": backend}, daemon=True).start()
+    while len(batch_starts) < 2:
+        time.sleep(0.1)
+    during = []
+    for _ in range(args.requests):
+        during.append(ask())
+        time.sleep(args.gap_s)
+    first = len(batch_starts)  # batches timed from here on have no chat answer in between
+    while len(batch_starts) < first + 4:
+        time.sleep(0.1)
+    marks = batch_starts[first:first + 4]
+    batch_alone = [b - a for a, b in zip(marks, marks[1:])]
+    longest = max(batch_alone)
+    bound = longest + p95(alone)
+    print(f"engine: {backend.load().quantization}; chat answer: {args.max_new_tokens} tokens, fine-tuned")
+    print(f"alone:   median {statistics.median(alone):.2f} s, p95 {p95(alone):.2f} s ({args.requests} requests)")
+    print(f"evaluation batches ({args.batch_size} questions, 64-token answers): mean {statistics.mean(batch_alone):.2f} s, "
+          f"longest {longest:.2f} s")
+    print(f"during the evaluation: median {statistics.median(during):.2f} s, p95 {p95(during):.2f} s "
+          f"({args.requests} requests, {args.gap_s:g} s apart)")
+    print(f"bound (longest batch + p95 alone): {bound:.2f} s -> p95 during / bound = {p95(during) / bound:.2f} "
+          f"({'within' if p95(during) <= bound else 'OVER'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""How a loaded model is described to people: one plain line for the page, and whether the adapter is served on the
+base precision it was trained on (an adapter trained on full-precision weights and served on NF4 4-bit answers
+differently: it loops far more)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from pubmedqa.adapter_metadata import ADAPTER_METADATA_FILE, AdapterMetadata, AdapterMetadataError
+from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
+from pubmedqa.model_loading import looks_like_path
+
+logger = logging.getLogger(__name__)
+
+_PLAIN_PRECISION = {"4bit": "4-bit", "8bit": "8-bit", "bf16": "bf16", "none": "full precision"}
+
+
+def plain_precision(quantization: str) -> str:
+    """'4bit' -> '4-bit', 'Q4_K_M GGUF, llama.cpp' -> '4-bit GGUF', 'none (float32)' -> 'full precision'."""
+    if "GGUF" in quantization:
+        bits = re.match(r"[QqIiFf][Qq]?(\d+)", quantization)
+        return f"{bits.group(1)}-bit GGUF" if bits else "GGUF"
+    return _PLAIN_PRECISION.get(quantization.split(" ")[0], quantization)
+
+
+def shown_source(source: str | None) -> str:
+    """A model or adapter source as a public page may show it: a folder by its name only, never its server path."""
+    if not source:
+        return "none"
+    return Path(source).name if looks_like_path(source) else source
+
+
+def short_name(description: str) -> str:
+    """A model's name without the parenthesised details (a folder by its name only)."""
+    return shown_source(description.split(" (")[0])
+
+
+def training_precision(adapter_source: str) -> str | None:
+    """The base precision the adapter was trained on, as its folder records it (None when it does not say)."""
+    try:
+        if looks_like_path(adapter_source):
+            return AdapterMetadata.load(adapter_source).base_quantization
+        from huggingface_hub import hf_hub_download
+
+        return AdapterMetadata.load(Path(hf_hub_download(adapter_source, ADAPTER_METADATA_FILE)).parent).base_quantization
+    except (AdapterMetadataError, OSError, ValueError) as exc:
+        logger.info("The adapter does not record its training precision (%s)", type(exc).__name__)
+        return None
+    except Exception as exc:  # noqa: BLE001 - Hub errors (offline, missing file): the note is optional
+        logger.info("Could not read the adapter's training precision (%s)", type(exc).__name__)
+        return None
+
+
+def precision_mismatch(settings: ModelSettings, served: str, engine: str) -> str | None:
+    """A note when the adapter is served on other base weights than it was trained on, else None.
+
+    On llama.cpp the GGUF's weights are used as they are; training on the embedded model uses the same GGUF
+    dequantised ('none'), so that pair matches. The transformers engine matches when it loads the same precision."""
+    adapter = settings.adapter_source
+    trained = training_precision(adapter) if adapter else None
+    if trained is None:
+        return None
+    if engine == "llama.cpp":
+        matches = trained == "none" and settings.base_model == EMBEDDED_MODEL
+        remedy = "--engine transformers --quantization " + trained
+    else:
+        matches = trained == settings.quantization
+        remedy = "--quantization " + trained + (
+            " (or --engine llama.cpp)" if trained == "none" and settings.base_model == EMBEDDED_MODEL else ""
+        )
+    if matches:
+        return None
+    return (
+        f"the adapter was trained on {plain_precision(trained)} base weights and is served here on "
+        f"{plain_precision(served)}: its answers can differ from training (more loops); {remedy} serves it on its "
+        "training weights"
+    )

