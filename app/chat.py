@@ -62,6 +62,7 @@ def parse_generation_settings(values: dict[str, Any], limits: ServerSettings) ->
             temperature=float(values.get("temperature", defaults.temperature)),
             top_p=float(values.get("top_p", defaults.top_p)),
             seed=int(values.get("seed", defaults.seed)),
+            repetition_penalty=float(values.get("repetition_penalty", defaults.repetition_penalty)),
         )
     except (TypeError, ValueError, OverflowError):
         raise UserInputError("Generation settings must be numbers.") from None

@@ -144,7 +144,9 @@ def test_evaluation_run_writes_official_predictions_and_a_readable_schema(tiny_r
     assert sorted(gold).count("yes") == 5  # stratified: 9 x 55.2 % yes, not the file's first 9 (all "yes")
     for key in run.model_keys:
         metrics = run.results["models"][key]
-        assert {"accuracy", "macro_f1", "token_f1", "bleu", "rouge1", "rougeL", "bertscore", "judge"} <= metrics.keys()
+        assert {"accuracy", "macro_f1", "token_f1", "bleu", "rouge1", "rougeL", "bertscore", "judge", "looping",
+                "ended_by_itself"} <= metrics.keys()
+        assert all({"looping", "ended"} <= e[key]["scores"].keys() for e in run.examples)
         assert metrics["judge"]["failures"] == 9 and metrics["judge"]["mean"] is None  # endpoint down: no fake scores
         recomputed = decision_metrics(gold, [e[key]["decision"] for e in run.examples])
         assert metrics["accuracy"] == recomputed["accuracy"]

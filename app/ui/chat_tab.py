@@ -151,6 +151,7 @@ class ChatHandlers:
         temperature: float,
         top_p: float,
         seed: float,
+        repetition_penalty: float,
         request: gr.Request,
     ) -> ChatUpdates:
         if not isinstance(message, str) or not message.strip():
@@ -162,7 +163,7 @@ class ChatHandlers:
         cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
             self.backend, self.limits, message, context_text, original, variant,
-            generation_settings(max_new_tokens, temperature, top_p, seed), cancel,
+            generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty), cancel,
         )
         try:
             for update in run_guarded(updates):
@@ -219,10 +220,11 @@ def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
         temperature: float = GenerationSettings.temperature,
         top_p: float = GenerationSettings.top_p,
         seed: int = GenerationSettings.seed,
+        repetition_penalty: float = GenerationSettings.repetition_penalty,
     ) -> Iterator[str]:
         """Answer a biomedical question. `history` is a list of {"role": "user"|"assistant", "content": str}
         messages; `model` is "base" or "fine-tuned". Streams the growing answer; the last value is the answer."""
-        settings = generation_settings(max_new_tokens, temperature, top_p, seed)
+        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty)
         updates = stream_answer(backend, limits, question, context, history, model, settings)
         for update in run_guarded(updates):
             yield update.answer

@@ -48,8 +48,11 @@ def notices_markdown(notices: list[str]) -> str:
     return "\n".join(f"ℹ️ {notice}" for notice in notices)
 
 
-def generation_settings(max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any) -> dict[str, Any]:
-    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+def generation_settings(
+    max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, repetition_penalty: Any
+) -> dict[str, Any]:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+            "repetition_penalty": repetition_penalty}
 
 
 def run_guarded(updates: Iterator[T]) -> Iterator[T]:
@@ -70,10 +73,11 @@ class SettingsControls:
     temperature: gr.Slider
     top_p: gr.Slider
     seed: gr.Number
+    repetition_penalty: gr.Slider
 
     @property
     def inputs(self) -> list[gr.components.Component]:
-        return [self.max_new_tokens, self.temperature, self.top_p, self.seed]
+        return [self.max_new_tokens, self.temperature, self.top_p, self.seed, self.repetition_penalty]
 
 
 def build_settings_controls(limits: ServerSettings) -> SettingsControls:
@@ -85,4 +89,9 @@ def build_settings_controls(limits: ServerSettings) -> SettingsControls:
         temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
         top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
         seed = gr.Number(value=defaults.seed, precision=0, minimum=0, label="Seed")
-    return SettingsControls(max_new_tokens, temperature, top_p, seed)
+        repetition_penalty = gr.Slider(
+            1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty (1 = off)",
+            info="Keeps answers from repeating themselves; it counts the answer's own words only, so the "
+            "yes/no/maybe decision stays the model's own.",
+        )
+    return SettingsControls(max_new_tokens, temperature, top_p, seed, repetition_penalty)

@@ -76,6 +76,13 @@ def text_figure(run: RunResults) -> go.Figure:
     return _bars(run, metrics, "Long answer vs the abstract's conclusion", "score (0-100)")
 
 
+def readable_figure(run: RunResults) -> go.Figure:
+    metrics = [("looping (lower is better)", _get("looping")), ("ended by itself", _get("ended_by_itself"))]
+    figure = _bars(run, metrics, "Readable answers: loops and endings", "% of answers")
+    figure.update_yaxes(range=[0, 110])
+    return figure
+
+
 def judge_figure(run: RunResults) -> go.Figure:
     if not any(_get("judge", "enabled")(run.results["models"][key]) for key in run.model_keys):
         figure = go.Figure()
@@ -163,7 +170,9 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
     with gr.Row():
         decision_plot = gr.Plot(label="Decision metrics")
         judge_plot = gr.Plot(label="LLM judge")
-    text_plot = gr.Plot(label="Long-answer metrics")
+    with gr.Row():
+        text_plot = gr.Plot(label="Long-answer metrics", scale=2)
+        readable_plot = gr.Plot(label="Readable answers", scale=1)
     with gr.Row():
         confusion_base = gr.Plot(label="Confusion matrix (base)")
         confusion_tuned = gr.Plot(label="Confusion matrix (fine-tuned)")
@@ -188,13 +197,13 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
             run_button = gr.Button(
                 "Run evaluation", variant="primary", interactive=not access.public or access.needs_key,
             )
-    shown = [message, decision_plot, text_plot, judge_plot, confusion_base, confusion_tuned, table, download]
+    shown = [message, decision_plot, text_plot, readable_plot, judge_plot, confusion_base, confusion_tuned, table, download]
     return EvaluationTab(run_choice, reload, filter_choice, n_questions, long_answers, admin_key, run_button, shown)
 
 
 def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tuple[Any, ...]:
     """Everything the tab shows of one run, or a one-line message where it cannot."""
-    empty = (None,) * 5 + (pd.DataFrame(), gr.update(value=None))
+    empty = (None,) * 6 + (pd.DataFrame(), gr.update(value=None))
     if not key:
         return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
     try:
@@ -207,7 +216,7 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tupl
     frame.to_csv(csv, index=False)
     has_tuned = "tuned" in run.model_keys
     return (
-        run_summary(run, entry.label), decision_figure(run), text_figure(run), judge_figure(run),
+        run_summary(run, entry.label), decision_figure(run), text_figure(run), readable_figure(run), judge_figure(run),
         confusion_figure(run, "base"), confusion_figure(run, "tuned") if has_tuned else None, frame,
         gr.update(value=str(csv)),
     )

@@ -39,6 +39,10 @@ class Variant(str, Enum):
     TUNED = "fine-tuned"
 
 
+#: Chosen on the dev questions (see README, "Readable answers"); 1 = off.
+DEFAULT_REPETITION_PENALTY = 1.0
+
+
 class AdapterUnavailableError(RuntimeError):
     """The fine-tuned variant was asked for but no adapter is loaded; the message says why."""
 
@@ -60,12 +64,17 @@ class LoadState(str, Enum):
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Sampling settings of one request. ``temperature == 0`` means greedy decoding."""
+    """Sampling settings of one request. ``temperature == 0`` means greedy decoding.
+
+    ``repetition_penalty`` (CTRL's: a token the answer already contains has its positive logit divided by it, its
+    negative one multiplied; 1 = off) counts the answer's own tokens only, never the prompt's, so the first token,
+    from which a decision is read, stays the model's own on every engine."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 0.95
     seed: int = 0
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
 
     def validated(self, max_new_tokens_limit: int) -> GenerationSettings:
         """These settings, or a ValueError saying which one is out of range."""
@@ -78,6 +87,8 @@ class GenerationSettings:
             problems.append("top-p must be greater than 0 and at most 1")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             problems.append("seed must be an integer between 0 and 4294967295")
+        if not 1.0 <= float(self.repetition_penalty) <= 2.0:
+            problems.append("repetition penalty must be between 1 (off) and 2")
         if problems:
             raise ValueError("Invalid generation settings: " + "; ".join(problems) + ".")
         return self

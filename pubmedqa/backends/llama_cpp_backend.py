@@ -335,6 +335,8 @@ class LlamaCppBackend(ModelBackend):
             if step == 0 and decision is not None:
                 logits = self._last_logits()
                 logits[:] = decision(None, torch.from_numpy(logits.copy()).unsqueeze(0))[0].numpy()
+            if tokens and settings.repetition_penalty != 1.0:
+                penalise_repeats(self._last_logits(), tokens, settings.repetition_penalty)
             token = sampler.sample(self._llm._ctx, -1)
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
@@ -352,6 +354,14 @@ class LlamaCppBackend(ModelBackend):
         if options is None:
             return None
         return loaded.policy.first_step([o[0] for o in options], [tuned], (lambda: features) if features is not None else None)
+
+
+def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> None:
+    """CTRL's repetition penalty on the answer's own ``tokens``, in place, as transformers'
+    ``RepetitionPenaltyLogitsProcessor`` applies it (llama.cpp's penalties sampler would also count the prompt)."""
+    seen = np.unique(np.asarray(tokens))
+    values = logits[seen]
+    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
 def _sampler(settings: GenerationSettings) -> Any:

@@ -176,6 +176,8 @@ class RemoteBackend(ModelBackend):
             }
             if settings.temperature > 0:
                 request["top_p"] = float(settings.top_p)
+            if settings.repetition_penalty != 1.0:  # vLLM's and TGI's extension of the OpenAI API
+                request["extra_body"] = {"repetition_penalty": float(settings.repetition_penalty)}
             if stops:
                 request["stop"] = list(stops)
             try:

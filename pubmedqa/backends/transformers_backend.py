@@ -171,7 +171,12 @@ class TransformersBackend(ModelBackend):
         on_decision: Callable[[FirstStepDecision], None] | None = None,
     ) -> Iterator[list[str]]:
         """:meth:`stream_batch`; ``on_decision`` receives the generation's first-step decision processor."""
-        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
 
         loaded = self.load()
         tokenizer = loaded.tokenizer
@@ -189,10 +194,15 @@ class TransformersBackend(ModelBackend):
         kwargs.update(attention_mask=mask, streamer=streamer, stopping_criteria=StoppingCriteriaList([_RowDone()]))
         tuned = [v is Variant.TUNED for v in variants] * (len(prompts) if len(variants) == 1 else 1)
         decision, reader = self._first_step_decision(loaded, tuned)
-        if decision is not None:
-            kwargs["logits_processor"] = LogitsProcessorList([decision])
+        processors = LogitsProcessorList()
+        if decision is not None:  # first: it reads the model's own first-step logits
+            processors.append(decision)
             if on_decision is not None:
                 on_decision(decision)
+        if settings.repetition_penalty != 1.0:  # the answer's own tokens only: the prompt is ignored
+            processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty, prompt_ignore_length=ids.shape[1]))
+        if processors:
+            kwargs["logits_processor"] = processors
         failure: list[BaseException] = []
         worker = threading.Thread(
             target=self._run_generate, args=(loaded, kwargs, settings.seed, reader, cancel, streamer, failure),

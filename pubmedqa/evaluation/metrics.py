@@ -5,6 +5,7 @@ metrics (Token-F1, BLEU, ROUGE-1/L)."""
 from __future__ import annotations
 
 import math
+import re
 import string
 from collections import Counter
 from typing import Any, Sequence
@@ -103,5 +104,27 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
         "bleu": sacrebleu.corpus_bleu(list(predictions), [list(references)]).score,
         "rouge1": sum(e["rouge1"] for e in per_example) / n,
         "rougeL": sum(e["rougeL"] for e in per_example) / n,
+        "per_example": per_example,
+    }
+
+
+LOOP_NGRAM, LOOP_REPEATS = 3, 3  # "looping": some 3-word sequence said 3 or more times
+
+
+def is_looping(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
+    """Whether some ``n``-word sequence (case and punctuation ignored) occurs ``repeats`` or more times in ``text``."""
+    words = re.findall(r"\w+", text.lower())
+    counts = Counter(zip(*(words[i:] for i in range(n))))
+    return bool(counts) and max(counts.values()) >= repeats
+
+
+def readability_metrics(answers: Sequence[str], ended: Sequence[bool]) -> dict[str, Any]:
+    """The share of answers that loop and of answers that ended by themselves (EOS or a stop sequence before the
+    token limit), in %, plus the per-example flags."""
+    per_example = [{"looping": is_looping(a), "ended": bool(e)} for a, e in zip(answers, ended)]
+    n = max(1, len(per_example))
+    return {
+        "looping": 100 * sum(e["looping"] for e in per_example) / n,
+        "ended_by_itself": 100 * sum(e["ended"] for e in per_example) / n,
         "per_example": per_example,
     }

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.backends.base import DEFAULT_REPETITION_PENALTY, GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import PROJECT_ROOT, ModelSettings
 from pubmedqa.data import PubMedQARecord
@@ -30,6 +30,7 @@ from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.evaluation.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from pubmedqa.evaluation.judge import Judge, summarize_grades
+from pubmedqa.evaluation.metrics import readability_metrics
 from pubmedqa.evaluation.results import (
     RESULTS_FILE,
     SCHEMA_VERSION,
@@ -61,6 +62,10 @@ class EvalArguments:
     output_dir: str = field(default="", metadata={"help": "Run folder (default: outputs/eval/<UTC time>)."})
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass / generate call."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest generated long answer."})
+    repetition_penalty: float = field(
+        default=DEFAULT_REPETITION_PENALTY,
+        metadata={"help": "Repetition penalty of the long answers (1 = off; the decisions are not affected)."},
+    )
     long_answers: bool = field(
         default=True, metadata={"help": "Generate long answers and score them (--no_long_answers: decisions only)."}
     )
@@ -109,6 +114,7 @@ class VariantRun:
     key: str
     probabilities: list[dict[str, float]]  # as the backend's decision policy decides them
     answers: list[str] | None  # None: decisions only
+    ended: list[bool] | None = None  # per answer: ended by itself (EOS or a stop sequence) before the token limit
     metrics: dict[str, Any] = field(default_factory=dict)
     scores: list[dict[str, Any]] | None = None  # per-example answer scores
 
@@ -189,7 +195,7 @@ def _decide_and_answer(
 ) -> VariantRun:
     """The variant's uncalibrated decisions (the policy's offsets are added by :func:`_decision_metrics`, which also
     records the metrics without them) and, with ``args.long_answers``, its answers from the same pass."""
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
 
     def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
         backend.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
@@ -205,7 +211,10 @@ def _decide_and_answer(
     rows = in_batches(prompts, args.batch_size, run, message, lambda fraction: progress(fraction, message))
     timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
     answers = [a for a, _ in rows] if args.long_answers else None
-    return VariantRun(key, [p for _, p in rows], answers)
+    # An answer that used its whole token budget hit the limit; the budget less one allows for the whitespace the
+    # answer is stripped of, so an answer ending in its very last tokens counts as cut off (never the reverse).
+    ended = [backend.count_tokens(a) < args.max_new_tokens - 1 for a in answers] if answers is not None else None
+    return VariantRun(key, [p for _, p in rows], answers, ended)
 
 
 def _decision_metrics(
@@ -239,7 +248,9 @@ def _score_answers(
     answers = run.answers or []
     text = task.answer_metrics(answers, references)
     run.metrics.update({k: text[k] for k in ("token_f1", "bleu", "rouge1", "rougeL")})
-    run.scores = text["per_example"]
+    readable = readability_metrics(answers, run.ended or [False] * len(answers))
+    run.metrics.update({k: readable[k] for k in ("looping", "ended_by_itself")})
+    run.scores = [scores | flags for scores, flags in zip(text["per_example"], readable["per_example"])]
     if args.bertscore_model.lower() != "none":
         t0 = time.perf_counter()
         try:
