@@ -1,17 +1,53 @@
-"""Command-line entry point: parse settings, create the model backend, build and launch the app."""
+"""Command-line entry point: parse settings, create the model backend, then serve the page at ``/`` and the
+OpenAI-compatible API at ``/v1`` from one process on one port (``python app.py``, also on a Space)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
+
+from app.openai_api import API_KEY_ENV, create_app
 from app.ui.interface import build_app
+from pubmedqa.backends.base import ModelBackend
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import ModelSettings, ServerSettings, parse_settings
 from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+# Seconds uvicorn waits for open connections (the page keeps an event stream open) when the app is stopped.
+SHUTDOWN_GRACE_S = 3
+
+
+def build_server(backend: ModelBackend, server: ServerSettings) -> FastAPI:
+    """The one ASGI app ``python app.py`` serves: the OpenAI-compatible API at ``/v1`` (:mod:`app.openai_api`) and
+    the Gradio page mounted at ``/`` (Gradio's documented ``gr.mount_gradio_app``; its queue starts with the app).
+    Both use ``backend`` and the limits in ``server``."""
+    demo = build_app(backend, server)
+    app = create_app(backend, server, page=demo)
+    return gr.mount_gradio_app(
+        app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
+        root_path=os.environ.get("GRADIO_ROOT_PATH") or None,
+        show_error=False,  # as demo.launch() does: unexpected errors are logged, not shown with their details
+    )
+
+
+class AppServer(uvicorn.Server):
+    """uvicorn, ending the page's open event streams (Gradio's session heartbeats) when it stops, as
+    ``demo.close()`` does for a launched app: otherwise every open page holds the shutdown for the grace period."""
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        for route in getattr(self.config.app, "routes", []):
+            stop = getattr(getattr(route, "app", None), "stop_event", None)  # the mounted gradio.routes.App
+            if stop is not None:
+                stop.set()
+        await super().shutdown(sockets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,8 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if server.preload:
         backend.load_in_background()
-    demo = build_app(backend, server)
-    demo.launch(server_name=server.server_name, server_port=server.server_port)
+    app = build_server(backend, server)
+    url = f"http://{server.server_name}:{server.server_port}"
+    key = f"key required: {API_KEY_ENV} is set" if os.environ.get(API_KEY_ENV) else f"open: set {API_KEY_ENV} for a key"
+    logger.info("Serving the page at %s/ and the OpenAI-compatible API at %s/v1 (%s)", url, url, key)
+    config = uvicorn.Config(
+        app, host=server.server_name, port=server.server_port, log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    AppServer(config).run()
     return 0
 
 

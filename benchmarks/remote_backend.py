@@ -1,6 +1,6 @@
 """Benchmark: the remote (OpenAI-compatible server) backend vs the in-process one, on the same model, in one run.
 
-The server is :mod:`app.openai_server` wrapping the very backend the in-process side uses (on localhost), so the
+The server is :mod:`app.openai_api` wrapping the very backend the in-process side uses (on localhost), so the
 ratios show what the protocol and the request pattern cost; against vLLM or TGI on a GPU, continuous batching
 changes the picture (see the README's "Scaling out").
 
@@ -13,7 +13,7 @@ import argparse
 import time
 
 from app.compare import stream_comparison
-from app.openai_server import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
+from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.backends.remote import RemoteBackend
 from pubmedqa.backends.transformers_backend import TransformersBackend

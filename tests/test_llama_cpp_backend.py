@@ -111,7 +111,7 @@ def test_sampling_follows_the_seed(backend):
     assert len(others) > 1
 
 
-def test_token_logprobs_score_the_last_tokens_as_the_openai_server_needs(backend):
+def test_token_logprobs_score_the_last_tokens_as_the_openai_api_needs(backend):
     text = backend.prepare(PromptInput(QUESTIONS[1]), GREEDY).text + " yes"
     tokens, following = backend.token_logprobs(text, Variant.TUNED, top=5)
     assert tokens[-1][0].strip() == "yes" and tokens[-1][2] < 0 and tokens[0][2] is None

@@ -13,7 +13,7 @@ import pytest
 
 from app.chat import stream_answer
 from app.compare import stream_comparison
-from app.openai_server import create_app, serve_in_thread
+from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
 from pubmedqa.backends.base import BackendError, GenerationSettings, LoadState, Variant
 from pubmedqa.backends.remote import RemoteBackend
 from pubmedqa.config import ModelSettings, ServerSettings
@@ -31,7 +31,7 @@ LIMITS = ServerSettings(max_new_tokens_limit=64)
 
 @contextlib.contextmanager
 def api_server(backend, **options) -> Iterator[str]:
-    """The OpenAI-compatible server for ``backend`` on a free localhost port; yields its /v1 URL."""
+    """The app's OpenAI-compatible API for ``backend`` on a free localhost port; yields its /v1 URL."""
     url, server = serve_in_thread(create_app(backend, **options))
     try:
         yield url
@@ -41,7 +41,8 @@ def api_server(backend, **options) -> Iterator[str]:
 
 def remote(tiny_model_dir, base_url, **overrides) -> RemoteBackend:
     values = {"base_model": str(tiny_model_dir), "adapter": "none", "backend": "openai", "base_url": base_url,
-              "remote_model": "base", "adapter_model": "tuned", "request_timeout": 20.0, **overrides}
+              "remote_model": BASE_MODEL_NAME, "adapter_model": ADAPTER_MODEL_NAME, "request_timeout": 20.0,
+              **overrides}
     return RemoteBackend(ModelSettings(**values))
 
 
@@ -118,7 +119,8 @@ def test_without_echo_the_decision_comes_from_top_logprobs(local, tiny_model_dir
 def test_an_adapter_name_the_server_does_not_serve_turns_fine_tuned_off_with_the_reason(server_url, tiny_model_dir):
     backend = remote(tiny_model_dir, server_url, adapter_model="other")
     assert not backend.load().adapter_loaded
-    assert "does not serve 'other'" in backend.adapter_unavailable_reason() and "tuned" in backend.adapter_unavailable_reason()
+    assert "does not serve 'other'" in backend.adapter_unavailable_reason()
+    assert ADAPTER_MODEL_NAME in backend.adapter_unavailable_reason()
     assert _answer(backend, QUESTIONS[0], Variant.BASE)[-1]  # the base model still answers
 
 

@@ -264,7 +264,7 @@ class ModelBackend(ABC):
     ) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None where not
         scored), and the ``top`` most likely next tokens: what an OpenAI-compatible server returns for ``echo`` and
-        ``logprobs`` (see :mod:`app.openai_server`). Only the in-process engines have them."""
+        ``logprobs`` (see :mod:`app.openai_api`). Only the in-process engines have them."""
         raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
 
     def give_way(self, cancel: threading.Event | None = None) -> None:

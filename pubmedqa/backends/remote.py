@@ -1,4 +1,4 @@
-"""The remote backend: an OpenAI-compatible server (vLLM, Text Generation Inference, or :mod:`app.openai_server`)
+"""The remote backend: an OpenAI-compatible server (vLLM, Text Generation Inference, or :mod:`app.openai_api`)
 serves the base model and the LoRA adapter under two model names, and this process only fits prompts.
 
 vLLM: ``vllm serve BASE --enable-lora --lora-modules tuned=ADAPTER_DIR`` serves ``BASE`` and ``tuned``; TGI:

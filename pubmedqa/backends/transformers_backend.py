@@ -119,7 +119,7 @@ class TransformersBackend(ModelBackend):
     def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None for the
         first), and the ``top`` most likely next tokens: what an OpenAI-compatible server returns for ``echo`` and
-        ``logprobs`` (see :mod:`app.openai_server`)."""
+        ``logprobs`` (see :mod:`app.openai_api`)."""
         loaded = self.load()
         names = self._adapter_names([variant])
         with self._model_lock:
