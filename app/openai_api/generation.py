@@ -1,0 +1,74 @@
+"""The blocking work of one request on the model, run on its producer thread
+(:class:`app.openai_api.streaming.Producer`). Each work yields ``("ready", what the prompt costs)`` once the request
+is known to fit, then ``("text", the answer so far)`` while streaming, then ``("done", the result)`` unless the
+request was stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from app.chat import prepare_prompt
+from app.openai_api.errors import ApiError
+from app.openai_api.logprobs import chat_logprobs, completion_logprobs
+from app.openai_api.parsing import ChatRequest, CompletionRequest
+from app.openai_api.streaming import Producer
+from pubmedqa.backends.base import GenerationSettings, ModelBackend
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, stable_prefix
+
+
+def chat_work(backend: ModelBackend, req: ChatRequest, job: Producer) -> Iterator[tuple[str, Any]]:
+    """Ready with the fitted prompt (:class:`FittedPrompt`); done with the answer, its finish reason, token count
+    and log-probabilities."""
+    prompt = prepare_prompt(backend, req.prompt_input, req.generation)
+    yield "ready", prompt
+    answer = ""
+    for answer in backend.stream(prompt, req.variant, req.generation, job.cancel_event()):
+        yield "text", _visible(answer, req.stops, final=False)
+    if job.stopped:
+        return
+    answer = _visible(answer, req.stops, final=True)
+    reason, n_tokens = _finish_reason(backend, answer, req.generation)
+    logprobs = chat_logprobs(backend, prompt.text, answer, req.variant, req.top_logprobs) if req.logprobs else None
+    yield "done", {"text": answer, "finish_reason": reason, "completion_tokens": n_tokens, "logprobs": logprobs}
+
+
+def completion_work(backend: ModelBackend, req: CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
+    """Ready with the prompts' token counts (400 if one does not fit); done with one choice per prompt."""
+    budget = backend.prompt_budget(req.generation.max_new_tokens)
+    counts = [backend.count_tokens(p) for p in req.prompts]
+    for n in counts:
+        if n > budget:
+            raise ApiError(400, f"The prompt has {n:,} tokens; with max_tokens={req.generation.max_new_tokens} "
+                           f"this server takes at most {budget:,}.", param="prompt", code="context_length_exceeded")
+    yield "ready", counts
+    prompts = [FittedPrompt(text=p, n_tokens=n) for p, n in zip(req.prompts, counts)]
+    texts = [""] * len(prompts)
+    variants = [req.variant] * len(prompts)
+    for texts in backend.stream_batch(prompts, variants, req.generation, job.cancel_event()):
+        if req.stream:
+            yield "text", _visible(texts[0], req.stops, final=False)
+    if job.stopped:
+        return
+    choices = []
+    for index, (prompt, text) in enumerate(zip(req.prompts, texts)):
+        text = _visible(text, req.stops, final=True)
+        reason, n_tokens = _finish_reason(backend, text, req.generation)
+        choices.append({"index": index, "text": (prompt + text) if req.echo and not req.stream else text,
+                        "logprobs": completion_logprobs(backend, req, prompt, text), "finish_reason": reason,
+                        "completion_tokens": n_tokens})
+    yield "done", choices
+
+
+def _visible(text: str, stops: Sequence[str], final: bool) -> str:
+    """``text`` cut at the request's own stop sequences; while streaming, without a half-written one."""
+    if not stops:
+        return text
+    cut = cut_at_stop(text, stops)[0]
+    return cut if final else stable_prefix(cut, stops)
+
+
+def _finish_reason(backend: ModelBackend, text: str, generation: GenerationSettings) -> tuple[str, int]:
+    """``length`` if the answer used its whole token budget, else ``stop``; and its token count."""
+    n_tokens = backend.count_tokens(text)
+    return ("length" if n_tokens >= generation.max_new_tokens else "stop"), n_tokens
