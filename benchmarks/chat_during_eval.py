@@ -8,7 +8,7 @@ shipped adapter). Prints, measured in one run:
 
 The evaluation runs as the app runs it: in its own thread, giving the model way between batches.
 
-    python -m benchmarks.chat_during_eval [--requests 10] [--batch_size 8]
+    python -m benchmarks.chat_during_eval [--requests 10] [--batch_size N]
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ def p95(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=0, help="Evaluation batch (default: the app's choice).")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="Length of the chat answer.")
     parser.add_argument("--gap_s", type=float, default=0.5, help="Pause between chat requests during the evaluation.")
     args = parser.parse_args()
 
     backend = create_backend(ModelSettings())
     backend.load()
+    batch_size = args.batch_size or (8 if backend.batches_rows else 1)  # as app/ui/evaluation_tab.py chooses
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     prompt = backend.prepare(PromptInput(QUESTION), settings)
 
@@ -61,7 +62,7 @@ def main() -> None:
         batch_starts.append(time.perf_counter())
 
     backend.give_way = timed_give_way
-    eval_args = EvalArguments(limit=200, batch_size=args.batch_size, max_new_tokens=64, bertscore_model="none",
+    eval_args = EvalArguments(limit=200, batch_size=batch_size, max_new_tokens=64, bertscore_model="none",
                               output_dir="outputs/benchmarks/chat-during-eval")
     threading.Thread(target=evaluate, args=(backend.settings, eval_args), kwargs={"backend": backend}, daemon=True).start()
     while len(batch_starts) < 2:
@@ -71,15 +72,15 @@ def main() -> None:
         during.append(ask())
         time.sleep(args.gap_s)
     first = len(batch_starts)  # batches timed from here on have no chat answer in between
-    while len(batch_starts) < first + 4:
+    while len(batch_starts) < first + 6:
         time.sleep(0.1)
-    marks = batch_starts[first:first + 4]
+    marks = batch_starts[first:first + 6]
     batch_alone = [b - a for a, b in zip(marks, marks[1:])]
     longest = max(batch_alone)
     bound = longest + p95(alone)
     print(f"engine: {backend.load().quantization}; chat answer: {args.max_new_tokens} tokens, fine-tuned")
     print(f"alone:   median {statistics.median(alone):.2f} s, p95 {p95(alone):.2f} s ({args.requests} requests)")
-    print(f"evaluation batches ({args.batch_size} questions, 64-token answers): mean {statistics.mean(batch_alone):.2f} s, "
+    print(f"evaluation batches ({batch_size} question(s), 64-token answers): mean {statistics.mean(batch_alone):.2f} s, "
           f"longest {longest:.2f} s")
     print(f"during the evaluation: median {statistics.median(during):.2f} s, p95 {p95(during):.2f} s "
           f"({args.requests} requests, {args.gap_s:g} s apart)")

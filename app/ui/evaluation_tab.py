@@ -225,7 +225,10 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tupl
 def run_evaluation(backend: ModelBackend, catalogue: RunCatalogue, n: float, with_answers: bool,
                    progress: gr.Progress) -> Any:
     """A new run through the app's own backend (no second copy of the model); the selector then shows it."""
-    args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()))
+    # Visitors wait at most for one evaluation batch: one question where batching gains nothing (llama.cpp).
+    batch_size = EvalArguments.batch_size if backend.batches_rows else 1
+    args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()),
+                         batch_size=batch_size)
     try:
         run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
     except Exception as exc:  # missing data folder, adapter gone, full disk...: say so, keep the app serving

@@ -113,6 +113,9 @@ class ModelBackend(ABC):
     pair_mode: str = ""
     #: What runs the model in this process ('' for a remote server, whose weights this app cannot see).
     engine: str = ""
+    #: Whether the rows of one call are computed together (a batch); if not, they run one after another and a larger
+    #: call gains nothing, so background work can hand the model back after every row.
+    batches_rows: bool = True
 
     def __init__(self, settings: ModelSettings):
         self.settings = settings

@@ -95,6 +95,7 @@ class LlamaCppBackend(ModelBackend):
 
     pair_mode = "one llama.cpp context, the two answers in turn (LoRA switched per row)"
     engine = "llama.cpp"
+    batches_rows = False
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
