@@ -41,10 +41,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def base_gguf_path(base_model: str) -> Path:
+def base_gguf_path(base_model: str, cache_dir: str | Path | None = None) -> Path:
+    """The base model's GGUF file: the embedded one (assembled once into ``cache_dir``), or the .gguf file named."""
     if base_model == EMBEDDED_MODEL:
         # The app's cache folder (PUBMEDQA_CACHE_DIR honoured as the app does), so both share one assembled file.
-        return embedded_gguf(os.environ.get(env_var(ModelSettings, "cache_dir")) or ModelSettings().cache_dir)
+        cache_dir = cache_dir or os.environ.get(env_var(ModelSettings, "cache_dir")) or ModelSettings().cache_dir
+        return embedded_gguf(cache_dir)
     path = Path(base_model).expanduser()
     if path.suffix.lower() != ".gguf" or not path.is_file():
         raise LoraConversionError(f"--base_model must be '{EMBEDDED_MODEL}' or an existing .gguf file, got {base_model!r}")

@@ -218,6 +218,15 @@ def convert_adapter(adapter_source: str, base_gguf: Path, output: Path) -> Path:
     return _convert(adapter_source, adapter_dir, read_base_gguf(base_gguf), Path(output), adapter_source_hash(adapter_dir))
 
 
+def adapter_target_tensors(adapter_source: str, base_gguf: Path) -> list[str]:
+    """The GGUF names of the base model's tensors that the adapter changes (``blk.10.attn_q.weight``, ...), checked
+    against the base's shapes as a conversion checks them; raises :class:`LoraConversionError` where a conversion
+    would."""
+    adapter_dir = resolve_adapter_dir(adapter_source)
+    config = _read_config(adapter_dir)
+    return sorted(_lora_pairs(_read_weights(adapter_dir), read_base_gguf(base_gguf), config))
+
+
 def cached_gguf_lora(adapter_source: str, base_gguf: Path, cache_dir: str | Path) -> Path:
     """The GGUF LoRA of the adapter for ``base_gguf``: the one shipped in the adapter folder when it was converted from
     these very files, else ``<cache_dir>/gguf-lora/<hash>.gguf``, converted on first use."""
