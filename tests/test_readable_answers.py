@@ -25,6 +25,10 @@ def test_looping_is_some_three_word_sequence_said_three_times():
     assert figures["per_example"][0] == {"looping": True, "ended": False}
 
 
+def test_the_default_penalty_is_the_one_chosen_on_dev():
+    assert GenerationSettings().repetition_penalty == 1.2  # README, "Readable answers": the dev figures behind it
+
+
 def test_the_repetition_penalty_is_validated_where_requests_come_in():
     with pytest.raises(ValueError, match="repetition penalty must be between 1"):
         GenerationSettings(repetition_penalty=0.5).validated(256)
@@ -41,7 +45,7 @@ def _most_repeated(backend, text: str) -> int:
 def test_the_penalty_curbs_repeats_and_leaves_the_decision_and_first_token_alone(engine_backend):
     backend = engine_backend
     question = PromptInput("Is laparoscopic surgery safe for elderly patients with colorectal cancer?")
-    plain = GenerationSettings(max_new_tokens=48)
+    plain = GenerationSettings(max_new_tokens=48, repetition_penalty=1.0)
     penalised = GenerationSettings(max_new_tokens=48, repetition_penalty=1.5)
     prompt = backend.prepare(question, plain)
     for variant in (Variant.BASE, Variant.TUNED):
@@ -51,7 +55,8 @@ def test_the_penalty_curbs_repeats_and_leaves_the_decision_and_first_token_alone
         if backend.engine == "llama.cpp":  # a real model: the penalty never makes it repeat more
             assert _most_repeated(backend, curbed) <= _most_repeated(backend, free)
     # The prompt's tokens are not penalised: the first token is the model's own even under a strong penalty.
-    one, strong = GenerationSettings(max_new_tokens=1), GenerationSettings(max_new_tokens=1, repetition_penalty=2.0)
+    one = GenerationSettings(max_new_tokens=1, repetition_penalty=1.0)
+    strong = GenerationSettings(max_new_tokens=1, repetition_penalty=2.0)
     assert backend.generate(prompt, Variant.BASE, one) == backend.generate(prompt, Variant.BASE, strong)
     # The tiny random model repeats itself constantly: there the penalty must visibly bite.
     if backend.engine == "transformers":

@@ -40,7 +40,7 @@ class Variant(str, Enum):
 
 
 #: Chosen on the dev questions (see README, "Readable answers"); 1 = off.
-DEFAULT_REPETITION_PENALTY = 1.0
+DEFAULT_REPETITION_PENALTY = 1.2
 
 
 class AdapterUnavailableError(RuntimeError):
