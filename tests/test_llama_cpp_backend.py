@@ -24,7 +24,7 @@ QUESTIONS = [
     "Is aspirin effective in preventing a first myocardial infarction in elderly women?",
     "Does vitamin D supplementation reduce the risk of falls in older adults?",
 ]
-GREEDY = GenerationSettings(max_new_tokens=24)
+GREEDY = GenerationSettings(max_new_tokens=24, repetition_penalty=1.0)  # plain greedy, as bare llama.cpp decodes
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pubmedqa.config import ModelSettings
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import PromptInput, encode_prompt
 
-GREEDY = GenerationSettings(max_new_tokens=12)
+GREEDY = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0)  # plain greedy, as model.generate decodes
 QUESTIONS = [f"Does treatment {i} reduce mortality in patients with diabetes?" for i in range(6)]
 
 
@@ -97,8 +97,10 @@ def test_closing_the_stream_releases_the_model(tiny_backend):
     stream = tiny_backend.stream(prompt, Variant.BASE, settings)
     next(stream)
     stream.close()  # what Gradio does when the user presses Stop or leaves
-    assert tiny_backend._generate_lock.acquire(timeout=5)
-    tiny_backend._generate_lock.release()
+    given_up = threading.Event()
+    threading.Timer(5, given_up.set).start()
+    assert tiny_backend._model_lock.acquire(given_up)
+    tiny_backend._model_lock.release()
 
 
 def test_sampling_is_reproducible_with_the_same_seed(tiny_backend):
