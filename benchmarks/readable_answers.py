@@ -18,6 +18,7 @@ from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.evaluation.metrics import readability_metrics, text_metrics
+from pubmedqa.evaluation.runner import ended_by_itself
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
                 started = time.perf_counter()
                 answers = backend.generate_batch(prompts, [variant] * len(prompts), generation)
                 seconds = time.perf_counter() - started
-                ended = [backend.count_tokens(a) < budget - 1 for a in answers]
+                ended = ended_by_itself(backend, answers, budget)
                 readable, text = readability_metrics(answers, ended), text_metrics(answers, references)
                 words = sum(len(a.split()) for a in answers) / len(answers)
                 row = {"budget": budget, "penalty": penalty, "variant": variant.value, "looping": readable["looping"],

@@ -49,12 +49,6 @@ class ModelLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    @property
-    def busy(self) -> bool:
-        """Whether a request holds the model or waits for it."""
-        with self._changed:
-            return self._held or self._waiting > 0
-
     def wait_until_idle(self, cancel: threading.Event | None = None) -> None:
         """Return once nobody holds or waits for the lock (or ``cancel`` is set)."""
         with self._changed:

@@ -8,7 +8,7 @@ import logging
 import re
 from pathlib import Path
 
-from pubmedqa.adapter_metadata import ADAPTER_METADATA_FILE, AdapterMetadata, AdapterMetadataError
+from pubmedqa.adapter_metadata import ADAPTER_METADATA_FILE, AdapterMetadata
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.model_loading import looks_like_path
 
@@ -45,11 +45,8 @@ def training_precision(adapter_source: str) -> str | None:
         from huggingface_hub import hf_hub_download
 
         return AdapterMetadata.load(Path(hf_hub_download(adapter_source, ADAPTER_METADATA_FILE)).parent).base_quantization
-    except (AdapterMetadataError, OSError, ValueError) as exc:
-        logger.info("The adapter does not record its training precision (%s)", type(exc).__name__)
-        return None
-    except Exception as exc:  # noqa: BLE001 - Hub errors (offline, missing file): the note is optional
-        logger.info("Could not read the adapter's training precision (%s)", type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - no metadata file, offline Hub, ...: the note is optional
+        logger.info("The adapter's training precision is unknown (%s)", type(exc).__name__)
         return None
 
 

@@ -211,10 +211,15 @@ def _decide_and_answer(
     rows = in_batches(prompts, args.batch_size, run, message, lambda fraction: progress(fraction, message))
     timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
     answers = [a for a, _ in rows] if args.long_answers else None
-    # An answer that used its whole token budget hit the limit; the budget less one allows for the whitespace the
-    # answer is stripped of, so an answer ending in its very last tokens counts as cut off (never the reverse).
-    ended = [backend.count_tokens(a) < args.max_new_tokens - 1 for a in answers] if answers is not None else None
+    ended = ended_by_itself(backend, answers, args.max_new_tokens) if answers is not None else None
     return VariantRun(key, [p for _, p in rows], answers, ended)
+
+
+def ended_by_itself(backend: ModelBackend, answers: Sequence[str], max_new_tokens: int) -> list[bool]:
+    """Per answer, whether it ended before the token limit (EOS or a stop sequence). An answer that used its whole
+    budget hit the limit; the budget less one allows for the whitespace answers are stripped of, so an answer ending in
+    its very last token counts as cut off (never the reverse)."""
+    return [backend.count_tokens(a) < max_new_tokens - 1 for a in answers]
 
 
 def _decision_metrics(
