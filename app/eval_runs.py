@@ -7,6 +7,7 @@ nothing and is refused before any file is read, and no server path ever reaches 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ class RunCatalogue:
         self.shipped_dir = shipped_dir
 
     def runs(self) -> list[EvalRun]:
-        """Shipped runs first, then the app's own, newest first."""
-        return _runs_in(self.shipped_dir, SHIPPED) + _runs_in(self.own_dir, OWN)[::-1]
+        """Shipped runs first, then the app's own, each newest first: the first is the latest shipped run (that of
+        the shipped adapter), which the dashboard opens on."""
+        shipped = sorted(_runs_in(self.shipped_dir, SHIPPED), key=_created, reverse=True)
+        return shipped + _runs_in(self.own_dir, OWN)[::-1]
 
     def choices(self) -> list[tuple[str, str]]:
         """(label, key) pairs for a dropdown."""
@@ -75,6 +78,14 @@ class RunCatalogue:
         if removed:
             logger.info("Removed %d old evaluation run(s), keeping %d: %s", len(removed), self.keep, ", ".join(removed))
         return removed
+
+
+def _created(run: EvalRun) -> str:
+    """When the run was made (ISO 8601, so it sorts as text), as its results say; '' when they do not."""
+    try:
+        return str(json.loads((run.path / RESULTS_FILE).read_text())["run"]["created"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _runs_in(root: Path, kind: str) -> list[EvalRun]:

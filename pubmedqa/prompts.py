@@ -53,6 +53,31 @@ def format_answer(decision: str, explanation: str) -> str:
     return f"{decision}. {explanation}" if explanation else f"{decision}."
 
 
+#: What a fine-tuned answer explains its decision with: the abstract's whole conclusion, or its first sentence.
+ANSWER_TARGETS: tuple[str, ...] = ("first_sentence", "conclusion")
+
+# A sentence ends at ., ! or ? before a capital, a digit or a bracket, unless it ends in one of these abbreviations.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+_ABBREVIATIONS = ("e.g.", "i.e.", "vs.", "et al.", "approx.", "fig.", "no.", "dr.", "ca.", "cf.")
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (all of it when it has one)."""
+    text = " ".join(text.split())
+    for match in _SENTENCE_END.finditer(text):
+        head = text[: match.start()]
+        if not head.lower().endswith(_ABBREVIATIONS):
+            return head
+    return text
+
+
+def training_answer(decision: str, conclusion: str, target: str) -> str:
+    """The answer a model is tuned to give for ``target`` (one of :data:`ANSWER_TARGETS`)."""
+    if target not in ANSWER_TARGETS:
+        raise ValueError(f"answer target must be one of {ANSWER_TARGETS}, got {target!r}")
+    return format_answer(decision, first_sentence(conclusion) if target == "first_sentence" else conclusion)
+
+
 def answer_prefix(tokenizer: Any) -> str:
     """Text between the end of a raw prompt ("Answer:") and the answer itself."""
     return "" if uses_chat_template(tokenizer) else " "

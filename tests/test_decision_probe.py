@@ -176,3 +176,55 @@ def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serve
     assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text
     prompt = fit_prompt(PromptInput(QUESTIONS[0]), loaded.tokenizer, 256)
     assert isinstance(backend.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)
+
+
+def _small_pqa_l(pubmedqa_dir, folder, n):
+    """The first ``n`` non-test PQA-L questions plus the official test list (whose questions are absent): a data
+    folder the split reads as it reads the real one."""
+    import json
+
+    raw = json.loads((pubmedqa_dir / "ori_pqal.json").read_text())
+    test_ids = json.loads((pubmedqa_dir / "test_ground_truth.json").read_text())
+    kept = dict([item for item in raw.items() if item[0] not in test_ids][:n])
+    folder.mkdir()
+    (folder / "ori_pqal.json").write_text(json.dumps(kept))
+    (folder / "test_ground_truth.json").write_text(json.dumps({}))
+    return folder
+
+
+@pytest.mark.e2e
+def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_prefers(pubmedqa_dir, tmp_path, caplog):
+    pytest.importorskip("llama_cpp")
+    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.config import SHIPPED_ADAPTER_DIR
+    from pubmedqa.decisions.policy import DecisionPolicy
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(SHIPPED_ADAPTER_DIR, adapter)
+    for name in ("decision_probe.llama-cpp.safetensors", "decision_calibration.llama-cpp.json"):
+        (adapter / name).unlink(missing_ok=True)
+    shared = (adapter / PROBE_FILE).read_bytes()
+    data = _small_pqa_l(pubmedqa_dir, tmp_path / "data", 40)
+
+    code = decision_probe.main(["--adapter", str(adapter), "--data", str(data), "--dev_size", "10", "--engine", "llama.cpp"])
+    assert code == 0, caplog.text
+    own = load_probe(str(adapter), "llama.cpp")
+    assert own is not None and own.layer == 10 and own.details["questions"] == 40
+    assert own.details["fitted_on"] == "train + dev (40 questions, Q4_K_M GGUF, llama.cpp)"
+    assert (adapter / PROBE_FILE).read_bytes() == shared  # the training engine's pair is left as it was
+
+    # llama.cpp serves with its own pair; the transformers engine keeps the shared one.
+    backend = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
+    policy = backend.load().policy
+    assert torch.equal(policy.probe.weight, own.weight)
+    assert policy.calibration == load_calibration(str(adapter), "llama.cpp")
+    assert "(40 questions, Q4_K_M GGUF, llama.cpp)" in policy.calibration.fitted_on
+    assert torch.equal(DecisionPolicy.from_adapter(str(adapter), "transformers").probe.weight, load_probe(str(adapter)).weight)
+
+    # It is what decides the engine's fine-tuned rows: a planted llama.cpp probe that always says "maybe" does.
+    DecisionProbe(10, torch.zeros(3, own.weight.shape[1]), torch.tensor([0.0, 0.0, 30.0])).save(adapter, "llama.cpp")
+    (adapter / "decision_calibration.llama-cpp.json").unlink()
+    planted = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
+    prompt = planted.prepare(PromptInput(QUESTIONS[2]), GenerationSettings(max_new_tokens=4))
+    decided = planted.score_decisions([prompt], [Variant.TUNED])[0]
+    assert max(decided, key=decided.get) == "maybe" and planted.load().policy.calibration is None

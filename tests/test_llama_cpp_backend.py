@@ -65,6 +65,26 @@ def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision
     assert raw[0] == pytest.approx(scored[0]) and raw[1] != pytest.approx(scored[1])
 
 
+def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(backend):
+    from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS
+
+    # More rows than are decoded together (two groups), of different lengths, with the default repetition penalty.
+    settings = GenerationSettings(max_new_tokens=24)
+    prompts = [_prompt(backend, q, settings) for q in QUESTIONS * 3]
+    assert len(prompts) > PARALLEL_ROWS
+    for variant in (Variant.BASE, Variant.TUNED):
+        answers, decisions = backend.generate_with_decisions(prompts, [variant] * len(prompts), settings)
+        assert backend.generate_with_decisions(prompts, [variant] * len(prompts), settings) == (answers, decisions)
+        for prompt, answer, decision in zip(prompts, answers, decisions):
+            [alone], [alone_decision] = backend.generate_with_decisions([prompt], [variant], settings)
+            # The same greedy loop: a row decoded alone through the batched path gives the one-row answer exactly;
+            # with other rows, llama.cpp's multi-row kernels round differently, so answers may part after a near-tie,
+            # but the decision (the first step, read off each prompt's own decode) is the same.
+            assert backend._answer_together([prompt], variant, settings, True)[0] == [alone]
+            assert decision == pytest.approx(alone_decision, abs=1e-4)
+            assert answer.split()[0] == alone.split()[0]
+
+
 def test_option_scores_rank_the_options_as_the_transformers_engine_does():
     from pubmedqa.backends.transformers_backend import TransformersBackend
 

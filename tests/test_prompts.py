@@ -11,12 +11,14 @@ from pubmedqa.prompts import (
     Turn,
     cut_at_stop,
     encode_prompt,
+    first_sentence,
     fit_prompt,
     format_answer,
     format_completion,
     parse_decision,
     render_prompt,
     stable_prefix,
+    training_answer,
 )
 from tests.conftest import build_tiny_tokenizer
 
@@ -62,6 +64,17 @@ def test_format_answer_and_parse_decision_agree():
     assert parse_decision("The answer is unclear.") is None
     with pytest.raises(ValueError):
         format_answer("perhaps", "x")
+
+
+def test_the_short_training_target_is_the_conclusions_first_sentence():
+    conclusion = "Aspirin lowered the risk (e.g. in trial no. 3, vs. placebo) at 5.2 mg. Larger trials are needed.\n"
+    assert first_sentence(conclusion) == "Aspirin lowered the risk (e.g. in trial no. 3, vs. placebo) at 5.2 mg."
+    assert first_sentence("One sentence only, ending in P < .05.") == "One sentence only, ending in P < .05."
+    assert first_sentence("Is it safe? 12 of 40 patients said no.") == "Is it safe?"
+    assert training_answer("Yes", conclusion, "first_sentence") == "yes. " + first_sentence(conclusion)
+    assert training_answer("no", conclusion, "conclusion") == "no. " + " ".join(conclusion.split())
+    with pytest.raises(ValueError, match="answer target"):
+        training_answer("yes", conclusion, "summary")
 
 
 def test_chat_template_models_get_the_same_content_through_their_template(chat_tokenizer):

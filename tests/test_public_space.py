@@ -93,7 +93,9 @@ def test_the_run_selector_offers_runs_by_name_and_refuses_anything_else(tmp_path
     (own / "escape").symlink_to(outside / "secret")
     catalogue = RunCatalogue(own, keep=10)
     keys = [key for _, key in catalogue.choices()]
-    shipped = [f"shipped/{path.parent.name}" for path in sorted(SHIPPED.glob("*/results.json"))]
+    # Shipped runs newest first (the dashboard opens on the first), then the app's own.
+    created = {path.parent.name: json.loads(path.read_text())["run"]["created"] for path in SHIPPED.glob("*/results.json")}
+    shipped = [f"shipped/{name}" for name in sorted(created, key=created.get, reverse=True)]
     assert "shipped/test-500" in shipped and keys == shipped + ["run here/20261127-120000"]
     labels = " ".join(label for label, _ in catalogue.choices())
     assert str(REPO_ROOT) not in labels and "/" not in labels

@@ -12,7 +12,7 @@ from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import BaseModelSettings, ModelSettings
 from pubmedqa.data import load_local, load_test_ids, official_split
 from pubmedqa.decisions.calibration import load_calibration
-from pubmedqa.prompts import encode_prompt
+from pubmedqa.prompts import encode_prompt, first_sentence, format_answer
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training import trainer as sft_trainer
@@ -48,12 +48,17 @@ def test_test_ids_never_reach_training(pubmedqa_dir, trained_adapter):
 
 def test_training_examples_keep_question_and_answer_and_shorten_the_context(pubmedqa_dir):
     tokenizer = build_tiny_tokenizer()
-    record = max(load_local(pubmedqa_dir).values(), key=lambda r: len(r.context))
-    (example,) = build_examples([record], tokenizer, 768)
+    several_sentences = [r for r in load_local(pubmedqa_dir).values() if first_sentence(r.long_answer) != r.long_answer]
+    record = max(several_sentences, key=lambda r: len(r.context))
+    (example,) = build_examples([record], tokenizer, 768, "conclusion")
     assert example["completion"] == " " + record.reference_answer
     assert f"Question: {record.question}\nAnswer:" in example["prompt"] and "[...]" in example["prompt"]
     n_completion = len(tokenizer(example["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
     assert len(encode_prompt(example["prompt"], tokenizer)) + n_completion <= 768
+    # The default target: the decision and the conclusion's first sentence; the shorter answer leaves more context.
+    (short,) = build_examples([record], tokenizer, 768)
+    assert short["completion"] == " " + format_answer(record.final_decision, first_sentence(record.long_answer))
+    assert len(short["completion"]) < len(example["completion"]) and len(short["prompt"]) > len(example["prompt"])
 
 
 def test_trainer_masks_the_prompt_and_trains_on_the_answer_only(tiny_model_dir, pubmedqa_dir, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pubmedqa.data import SplitSettings
+from pubmedqa.prompts import ANSWER_TARGETS
 
 
 @dataclass
@@ -22,6 +23,14 @@ class TrainArguments(SplitSettings):
     )
     pqa_a_limit: int = field(default=0, metadata={"help": "Use only this many PQA-A questions, chosen at random (0 = all)."})
     pqa_a_epochs: float = field(default=1.0, metadata={"help": "Epochs over the PQA-A questions."})
+    answer_target: str = field(
+        default="first_sentence",
+        metadata={
+            "help": "What the answer after the decision is tuned to be: 'first_sentence' of the abstract's conclusion "
+            "(short answers that end; chosen on dev, see README 'Readable answers') or the whole 'conclusion'.",
+            "choices": list(ANSWER_TARGETS),
+        },
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})

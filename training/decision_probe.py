@@ -1,9 +1,13 @@
 """Fit the decision probe of an adapter (see ``pubmedqa/decisions/probe.py``) and the decision calibration that goes with it.
 
-    python -m training.decision_probe --adapter outputs/adapter     # (re)fit; writes decision_probe.safetensors
+    python -m training.decision_probe --adapter outputs/adapter                        # the app's engine
+    python -m training.decision_probe --adapter outputs/adapter --engine transformers  # decision_probe.safetensors
 
-``python -m training.train`` does this at the end of training; this command refits an existing adapter, e.g. in the
-precision the app serves it in (4-bit moves the hidden states a little).
+``python -m training.train`` does this at the end of training, on the training engine (transformers); this command
+refits an existing adapter on the features of the engine and precision that serve it, since each engine's weights
+move the hidden states a little. On llama.cpp (the default on a CPU for the embedded GGUF) the pair is written as
+``decision_probe.llama-cpp.safetensors`` and ``decision_calibration.llama-cpp.json``, which that engine prefers to
+the shared files (``pubmedqa/decisions/policy_files.py``).
 
 The probe is a multinomial logistic regression (scikit-learn, L2 on standardised features) on the mean hidden state
 of each prompt at the probe's layer: the first layer the adapter trains, so the features are the base model's and
@@ -17,6 +21,7 @@ fitted on all of them.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +31,21 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
 
 from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
+from pubmedqa.backends.factory import resolve_engine
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.backends.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
 from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration
 from pubmedqa.decisions.options import option_probabilities, single_token_options
+from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.decisions.probe import DecisionProbe
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import ANSWER_OPTIONS, fit_prompt
+from pubmedqa.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
 from training.calibrate import fit_calibration, load_adapter_to_fit, local_adapter_dir
 
 logger = logging.getLogger("training.decision_probe")
@@ -162,28 +170,61 @@ class ProbeArguments(SplitSettings):
     )
 
 
+def collect_llama_features(
+    model_settings: ModelSettings, records: Sequence[PubMedQARecord], layer: int, budget: int
+) -> tuple[np.ndarray, list[str], str]:
+    """The probe's features of each question as the llama.cpp engine reads them during the prompt's decode (the base
+    model's: the adapter trains no layer below the probe), their gold decisions, and the weights' description."""
+    import llama_cpp  # noqa: F401 - a clear ImportError before anything loads
+
+    from pubmedqa.backends.llama_cpp_backend import GgufTokenizer, base_gguf, file_type
+    from pubmedqa.backends.llama_cpp_features import open_llama, prompt_features
+
+    llm, reader = open_llama(str(base_gguf(model_settings)), budget + 16, os.cpu_count(), layer)
+    try:
+        tokenizer = GgufTokenizer(llm)
+        if single_token_options(tokenizer) is None:
+            raise ProbeFitError("a decision probe needs answer options of one token each in this tokenizer")
+        prompts, gold = labelled_prompts(records, tokenizer, budget)
+        rows = [
+            prompt_features(llm, reader, encode_prompt(prompt, tokenizer)).numpy()[0]
+            for prompt in tqdm(prompts, desc="decision probe: llama.cpp features", unit="question")
+        ]
+        return np.stack(rows).astype(np.float64), gold, f"{file_type(llm)} GGUF, llama.cpp"
+    finally:
+        llm.close()
+
+
 def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -> DecisionProbe:
-    """The CLI: load base + adapter as the app does (same quantization), fit on train + dev, save next to the adapter."""
-    metadata = AdapterMetadata.load(local_adapter_dir(model_settings, "decision probe"))
+    """The CLI: fit on train + dev, on the features of the engine the app serves the adapter with (same weights), and
+    save next to the adapter, under that engine's names when it is not the training engine (``policy_files.py``)."""
+    adapter_dir = local_adapter_dir(model_settings, "decision probe")
+    metadata = AdapterMetadata.load(adapter_dir)
     if metadata.probe_layer is None:
         raise ProbeFitError(
             "the adapter trains every decoder layer, so no layer keeps the base model's hidden states for a probe: "
             "train it with `python -m training.train --probe_depth 0.55` (the default)"
         )
     split = args.load_split()
-    backend, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersBackend)
     records = [*split.train, *split.dev]
-    questions = labelled_prompts(records, loaded.tokenizer, metadata.prompt_budget)
-    fitted_on = f"train + dev ({len(records)} questions, {loaded.quantization})"
-    probe, calibration = fit_for_model(
-        loaded.model, loaded.tokenizer, questions, metadata.probe_layer, fitted_on, args.calibrate, args.batch_size
-    )
-    adapter_dir = Path(model_settings.adapter_source).expanduser()
-    probe.save(adapter_dir)
-    if calibration is not None:
-        calibration.save(adapter_dir)
+    engine, note = resolve_engine(model_settings)
+    if note:
+        logger.warning("%s", note)
+    if engine == "llama.cpp":
+        features, gold, weights = collect_llama_features(model_settings, records, metadata.probe_layer, metadata.prompt_budget)
     else:
-        (adapter_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # it was fitted for other scores
+        _, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersBackend)
+        prompts, gold = labelled_prompts(records, loaded.tokenizer, metadata.prompt_budget)
+        features = collect_features(loaded.model, loaded.tokenizer, prompts, metadata.probe_layer, args.batch_size)
+        weights = loaded.quantization
+    fitted_on = f"train + dev ({len(records)} questions, {weights})"
+    probe, calibration = fit_probe(features, gold, metadata.probe_layer, fitted_on, args.calibrate)
+    path = probe.save(adapter_dir, engine)
+    if calibration is not None:
+        calibration.save(adapter_dir, engine)
+    else:
+        (adapter_dir / engine_file(CALIBRATION_FILE, engine)).unlink(missing_ok=True)  # it was fitted for other scores
+    logger.info("Wrote %s", path)
     return probe
 
 

@@ -37,7 +37,7 @@ project's Gradio app).
   questions (train ids sha256/16 `{{ train_hash }}`, test ids sha256/16 `{{ test_hash }}`).
 {% if pqa_a %}- First phase: {{ pqa_a.questions }} PQA-A (artificial, yes/no) questions from {{ pqa_a.source }},
   {{ pqa_a.epochs }} epoch(s); PQA-L dev and test ids excluded ({{ pqa_a.dropped_pqa_l_ids }} found and dropped).
-{% endif %}- Target: `"<decision>. <the abstract's conclusion>"` after the project's shared prompt format; the loss is on the
+{% endif %}- Target: `"<decision>. <{{ target }}>"` after the project's shared prompt format; the loss is on the
   answer only; long abstracts are shortened, never the question or the answer.
 
 ## Recipe
@@ -63,6 +63,12 @@ by out-of-fold pairwise AUC {{ probe.details.cv_auc_by_l2 }} over {{ probe.detai
 questions; the row above is out of fold, offsets included). The adapter trains only the layers above it, so the
 probe reads the base model's own hidden states. The project's app and evaluation apply it; PEFT alone (or vLLM/TGI)
 ignores the file, and the adapter's own option logits decide there.
+{% endif %}{% if engine_probe %}
+**On llama.cpp** (the project's CPU engine, on the GGUF's own quantised weights) a probe and offsets fitted on that
+engine's features decide instead: `decision_probe.llama-cpp.safetensors` and `decision_calibration.llama-cpp.json`,
+fitted on {{ engine_probe.details.fitted_on }} (out of fold: accuracy
+{{ "%.3f"|format(engine_probe.details.cross_validated.accuracy) }}, macro-F1
+{{ "%.3f"|format(engine_probe.details.cross_validated.macro_f1) }}).
 {% endif %}
 {% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
 `python -m training.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):
@@ -136,6 +142,11 @@ def write_model_card(
         after=after,
         calibration=calibration,
         probe=probe,
+        engine_probe=load_probe(str(output_dir), "llama.cpp"),
+        target=(
+            "the first sentence of the abstract's conclusion" if args.get("answer_target") == "first_sentence"
+            else "the abstract's conclusion"
+        ),
         pqa_a=run.get("pqa_a_phase"),
         test=_test_summary(test_results) if test_results else None,
     )

@@ -50,7 +50,7 @@ def _train_on_artificial(
     if args.pqa_a_limit > 0 and len(kept) > args.pqa_a_limit:
         kept = sorted(random.Random(args.seed).sample(kept, args.pqa_a_limit), key=lambda r: r.pubid)
     logger.info("PQA-A phase: %d questions (%d dropped as PQA-L dev/test ids)", len(kept), dropped)
-    examples = build_examples(kept, tokenizer, args.max_length)
+    examples = build_examples(kept, tokenizer, args.max_length, args.answer_target)
     if not examples:
         raise DataFormatError(f"no usable PQA-A questions in {args.pqa_a}")
     config = sft_config(

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from pubmedqa.data import PubMedQARecord, Split
 from pubmedqa.decisions.options import option_token_ids
-from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion
+from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion, training_answer
 from training.arguments import TrainArguments
 
 logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
@@ -34,13 +34,16 @@ def load_pqa_l(args: TrainArguments) -> tuple[Split, Sequence[PubMedQARecord]]:
     return split, train_records
 
 
-def build_examples(records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int) -> list[dict[str, str]]:
-    """Prompt/completion pairs in the shared format. The completion is the decision followed by the conclusion;
-    when a pair is too long, the context is shortened (never the question or the answer)."""
+def build_examples(
+    records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int, target: str = "first_sentence"
+) -> list[dict[str, str]]:
+    """Prompt/completion pairs in the shared format. The completion is the decision followed by the conclusion, or
+    its first sentence (``target``, see ``pubmedqa.prompts.ANSWER_TARGETS``); when a pair is too long, the context
+    is shortened (never the question or the answer)."""
     examples = []
     eos = tokenizer.eos_token or ""
     for record in records:
-        completion = format_completion(record.reference_answer, tokenizer)
+        completion = format_completion(training_answer(record.final_decision, record.long_answer, target), tokenizer)
         completion_tokens = len(tokenizer(completion + eos, add_special_tokens=False)["input_ids"])
         try:
             fitted = fit_prompt(record.prompt_input(), tokenizer, max_length - completion_tokens)
@@ -52,10 +55,10 @@ def build_examples(records: Sequence[PubMedQARecord], tokenizer: Any, max_length
 
 
 def pqa_l_examples(
-    split: Split, train_records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int
+    split: Split, train_records: Sequence[PubMedQARecord], tokenizer: Any, max_length: int, target: str
 ) -> PQALExamples:
-    train = build_examples(train_records, tokenizer, max_length)
-    dev = build_examples(split.dev, tokenizer, max_length)
+    train = build_examples(train_records, tokenizer, max_length, target)
+    dev = build_examples(split.dev, tokenizer, max_length, target)
     dev_decisions = {r.pubid: r.final_decision for r in split.dev}
     return PQALExamples(train_records, train, dev, [dev_decisions[e["pubid"]] for e in dev])
 

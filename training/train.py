@@ -42,7 +42,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     split, train_records = load_pqa_l(args)
     base = load_base_model(model_settings)
     model = trainable_base(base)
-    examples = pqa_l_examples(split, train_records, base.tokenizer, args.max_length)
+    examples = pqa_l_examples(split, train_records, base.tokenizer, args.max_length, args.answer_target)
     lora = lora_config(args, model)
     has_checkpoint = args.resume and any(output_dir.glob("checkpoint-*"))
     model, peft_config, pqa_a = pqa_a_phase(model, base.tokenizer, lora, args, split, output_dir, has_checkpoint)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, first_step_logits
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
@@ -33,6 +34,8 @@ from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
 
 logger = logging.getLogger(__name__)
+
+N_BATCH = 512  # tokens per llama_decode call (and micro-batch)
 
 
 def llama_cpp_available() -> bool:
@@ -68,7 +71,7 @@ class GgufTokenizer:
         self.bos_token = self._piece(self.bos_token_id)
         pad = int(metadata.get("tokenizer.ggml.padding_token_id", self.eos_token_id))
         self.pad_token_id = pad
-        self.model_max_length = llm.n_ctx()
+        self.model_max_length = context_window(llm)
 
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
@@ -103,6 +106,7 @@ class LlamaCppBackend(ModelBackend):
         self._reader: Any = None
         self._lora: Any = None
         self._lora_on: bool | None = None
+        self._rows: BatchDecoder | None = None
 
     def check_sources(self) -> None:
         if self.settings.base_model != EMBEDDED_MODEL:
@@ -116,12 +120,16 @@ class LlamaCppBackend(ModelBackend):
         started = time.perf_counter()
         path = base_gguf(self.settings)
         adapter = self.settings.adapter_source
-        policy = DecisionPolicy.from_adapter(adapter)
+        policy = DecisionPolicy.from_adapter(adapter, self.engine)
         try:
-            llm, reader = open_llama(str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), policy.feature_layer)
+            llm, reader = open_llama(
+                str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), policy.feature_layer,
+                n_batch=N_BATCH, n_seq_max=PARALLEL_ROWS,
+            )
         except Exception as exc:
             raise ModelLoadError(f"{path} could not be loaded by llama.cpp ({type(exc).__name__}: {exc})") from exc
         self._llm, self._reader = llm, reader
+        self._rows = BatchDecoder(llm, N_BATCH)
         tokenizer = GgufTokenizer(llm)
         adapter_loaded = bool(adapter) and self._attach_adapter(path, adapter)
         if adapter_loaded:
@@ -133,7 +141,7 @@ class LlamaCppBackend(ModelBackend):
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, llama.cpp, adapter: %s)", seconds, description, adapter_loaded)
         return LoadedModel(
-            None, tokenizer, description, f"{_file_type(llm)} GGUF, llama.cpp", llm.n_ctx(), adapter_loaded, seconds,
+            None, tokenizer, description, f"{file_type(llm)} GGUF, llama.cpp", context_window(llm), adapter_loaded, seconds,
             policy,
         )
 
@@ -224,13 +232,45 @@ class LlamaCppBackend(ModelBackend):
         settings: GenerationSettings,
         calibrated: bool = True,
     ) -> tuple[list[str], list[dict[str, float]]]:
-        """Answers and decisions in one pass over each prompt: the decision is read off the first step's logits."""
+        """Answers and decisions in one pass over each prompt: the decision is read off the first step's logits.
+        Rows of one variant (the evaluation's batches) are decoded together (``llama_cpp_batch.py``)."""
         if settings.temperature > 0 or single_token_options(self.load().tokenizer) is None:
             return super().generate_with_decisions(prompts, variants, settings, calibrated)
+        if len(prompts) > 1 and len(set(variants)) == 1:
+            return self._answer_together(prompts, variants[0], settings, calibrated)
         decisions: list[dict[str, float]] = []
         texts: list[str] = []
         for texts in self._stream(prompts, variants, settings, None, decisions, calibrated):
             pass
+        return texts, decisions
+
+    def _answer_together(
+        self, prompts: Sequence[FittedPrompt], variant: Variant, settings: GenerationSettings, calibrated: bool
+    ) -> tuple[list[str], list[dict[str, float]]]:
+        """Greedy answers and decisions of rows of one variant, up to :data:`PARALLEL_ROWS` at a time."""
+        loaded = self.load()
+        self._require_adapter([variant])
+        tokenizer, tuned = loaded.tokenizer, variant is Variant.TUNED
+        read_features = tuned and loaded.policy.feature_layer is not None
+        stops = self.stop_sequences()
+        columns = [ids[0] for ids in single_token_options(tokenizer) or ()]
+        texts: list[str] = []
+        decisions: list[dict[str, float]] = []
+        with self._model_lock:
+            for start in range(0, len(prompts), PARALLEL_ROWS):
+                group = [encode_prompt(p.text, tokenizer) for p in prompts[start : start + PARALLEL_ROWS]]
+                self._select(variant)
+                logits, features = first_step_logits(self._rows, group, self._reader, read_features)
+                decision = loaded.policy.first_step(
+                    columns, [tuned] * len(group), (lambda f=features: f) if features is not None else None
+                )
+                first = decision(None, torch.from_numpy(logits)).numpy()
+                decisions += decision.decisions(calibrated)
+                answers = self._rows.answers(
+                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
+                    penalise_repeats,
+                )
+                texts += [cut_at_stop(t, stops)[0].strip() for t in answers]
         return texts, decisions
 
     def token_logprobs(
@@ -388,7 +428,14 @@ def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.cat([f.reshape(1, width) if f is not None else torch.zeros(1, width) for f in features])
 
 
-def _file_type(llm: Any) -> str:
+def context_window(llm: Any) -> int:
+    """Tokens one request may use: one sequence's share of a context that holds several."""
+    import llama_cpp
+
+    return int(llama_cpp.llama_n_ctx_seq(llm.ctx))
+
+
+def file_type(llm: Any) -> str:
     """The GGUF's quantisation as gguf-py names its ``general.file_type``, e.g. 'Q4_K_M'."""
     from gguf import LlamaFileType
 

@@ -159,13 +159,15 @@ def open_llama(
     *,
     n_batch: int = 512,
     n_ubatch: int = 512,
+    n_seq_max: int = 1,
 ) -> tuple[llama_cpp.Llama, HiddenStateReader | None]:
     """A ``Llama`` for ``model_path`` and, with ``feature_layer`` (the probe's ``layer``), the reader its context
-    reports to.
+    reports to. With ``n_seq_max`` > 1 the context holds that many sequences of ``n_ctx`` tokens each, in separate
+    cell streams (``llama_cpp_batch.py`` decodes them together).
 
-    ``Llama`` offers no way to pass ``cb_eval``, and llama.cpp copies the callback into the context only when the
+    ``Llama`` offers no way to pass ``cb_eval`` or a stream per sequence, and llama.cpp reads both only when the
     context is created, so the context ``Llama.__init__`` made is replaced by one created from the same parameters
-    plus the callback. Without ``feature_layer`` the context has no callback at all, so decodes pay nothing.
+    plus these. Without ``feature_layer`` the context has no callback at all, so decodes pay nothing.
     """
     llm = llama_cpp.Llama(
         model_path=model_path,
@@ -176,18 +178,25 @@ def open_llama(
         logits_all=False,
         verbose=False,
     )
-    if feature_layer is None:
+    if feature_layer is None and n_seq_max == 1:
         return llm, None
-    n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
-    # The last layer's output keeps only the rows that need logits (llama.cpp's inp_out_ids), not every token.
-    if not 1 <= feature_layer < n_layer:
-        llm.close()
-        raise ValueError(
-            f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
-        )
-    reader = HiddenStateReader(feature_layer)
-    reader.install(llm.context_params)
-    replacement = llama_internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+    reader = None
+    if feature_layer is not None:
+        n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
+        # The last layer's output keeps only the rows that need logits (llama.cpp's inp_out_ids), not every token.
+        if not 1 <= feature_layer < n_layer:
+            llm.close()
+            raise ValueError(
+                f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
+            )
+        reader = HiddenStateReader(feature_layer)
+        reader.install(llm.context_params)
+    params = llm.context_params
+    params.n_seq_max, params.kv_unified, params.n_ctx = n_seq_max, False, n_ctx * n_seq_max
+    # Sliding-window layers keep only their window per sequence (llama-cpp-python asks for full-size ones, for
+    # prefix reuse, which every request here starts without): with 8 sequences that saves about 370 MB.
+    params.swa_full = False
+    replacement = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
     # The old context stays registered in llm's exit stack; closing it twice is harmless, and the new one is closed
     # by the model before the model itself is freed (LlamaContext registers itself there).
     llm._ctx.close()

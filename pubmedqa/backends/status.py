@@ -37,14 +37,23 @@ def short_name(description: str) -> str:
     return shown_source(description.split(" (")[0])
 
 
+def precision_setting(loaded: str) -> str:
+    """The --quantization value that loads this precision again: what training records is what it really loaded,
+    'none (float32)' -> 'none', 'none (bf16 fallback)' -> 'bf16', '4bit' -> '4bit'."""
+    if loaded.startswith("none (bf16"):
+        return "bf16"
+    return loaded.split(" (")[0]
+
+
 def training_precision(adapter_source: str) -> str | None:
-    """The base precision the adapter was trained on, as its folder records it (None when it does not say)."""
+    """The base precision the adapter was trained on, as a --quantization value (None when its folder does not say)."""
     try:
         if looks_like_path(adapter_source):
-            return AdapterMetadata.load(adapter_source).base_quantization
+            return precision_setting(AdapterMetadata.load(adapter_source).base_quantization)
         from huggingface_hub import hf_hub_download
 
-        return AdapterMetadata.load(Path(hf_hub_download(adapter_source, ADAPTER_METADATA_FILE)).parent).base_quantization
+        folder = Path(hf_hub_download(adapter_source, ADAPTER_METADATA_FILE)).parent
+        return precision_setting(AdapterMetadata.load(folder).base_quantization)
     except Exception as exc:  # noqa: BLE001 - no metadata file, offline Hub, ...: the note is optional
         logger.info("The adapter's training precision is unknown (%s)", type(exc).__name__)
         return None

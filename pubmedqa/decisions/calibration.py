@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pubmedqa.decisions.policy_files import adapter_file, engine_file
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class DecisionCalibration:
         """The offsets in the order of ``ANSWER_OPTIONS`` (0 for an option without one)."""
         return [self.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / CALIBRATION_FILE
+    def save(self, directory: str | Path, engine: str | None = None) -> Path:
+        path = Path(directory) / engine_file(CALIBRATION_FILE, engine)
         path.write_text(json.dumps(asdict(self), indent=2))
         return path
 
@@ -68,22 +69,13 @@ class DecisionCalibration:
         return cls(offsets, str(data.get("fitted_on", "")), dict(data.get("details") or {}))
 
 
-def load_calibration(adapter_source: str) -> DecisionCalibration | None:
-    """The calibration shipped with an adapter (a folder or a Hub repo), or None when it has none or it is
-    unusable — decisions then come from the raw option likelihoods, which is logged."""
-    local = Path(adapter_source).expanduser()
+def load_calibration(adapter_source: str, engine: str | None = None) -> DecisionCalibration | None:
+    """The calibration shipped with an adapter (a folder or a Hub repo) for ``engine`` (None: the shared one; see
+    ``policy_files.py``), or None when it has none or it is unusable — decisions then come from the raw option
+    likelihoods, which is logged."""
     try:
-        if local.is_dir():
-            path = local / CALIBRATION_FILE
-            return DecisionCalibration.from_json(path.read_text(), str(path)) if path.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            path = Path(hf_hub_download(adapter_source, CALIBRATION_FILE))
-        except EntryNotFoundError:
-            return None
-        return DecisionCalibration.from_json(path.read_text(), f"{adapter_source}/{CALIBRATION_FILE}")
+        path = adapter_file(adapter_source, engine_file(CALIBRATION_FILE, engine))
+        return DecisionCalibration.from_json(path.read_text(), path.name) if path is not None else None
     except Exception as exc:  # noqa: BLE001 - a missing or broken calibration must never stop the adapter
         logger.warning("Ignoring the adapter's decision calibration: %s", exc)
         return None

@@ -22,7 +22,8 @@ import torch
 
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.options import option_probabilities
-from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe
+from pubmedqa.decisions.policy_files import engine_file
+from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeError, load_probe
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,19 @@ class DecisionPolicy:
     calibration: DecisionCalibration | None = None
 
     @classmethod
-    def from_adapter(cls, source: str | None, reads_hidden_states: bool = True) -> DecisionPolicy:
-        """The policy an adapter (a folder or a Hub repo) ships; an empty one for no adapter. A missing or broken file
-        is logged and left out: the adapter keeps serving on its own option scores. An engine that cannot read hidden
-        states (``reads_hidden_states=False``) gets neither the probe nor the offsets fitted for its scores."""
+    def from_adapter(
+        cls, source: str | None, engine: str | None = None, reads_hidden_states: bool = True
+    ) -> DecisionPolicy:
+        """The policy an adapter (a folder or a Hub repo) ships for ``engine``: the probe fitted on that engine's
+        features and its offsets when the adapter has them, else the shared pair (``policy_files.py``); an empty
+        policy for no adapter. A missing or broken file is logged and left out: the adapter keeps serving on its own
+        option scores. An engine that cannot read hidden states (``reads_hidden_states=False``) gets neither the
+        probe nor the offsets fitted for its scores."""
         if not source:
             return cls()
+        own_probe = load_probe(source, engine) if engine_file(PROBE_FILE, engine) != PROBE_FILE else None
+        if own_probe is not None:
+            return cls(own_probe, load_calibration(source, engine))
         policy = cls(load_probe(source), load_calibration(source))
         if policy.probe is not None and not reads_hidden_states:
             return policy.without_probe(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pubmedqa.decisions.policy_files import adapter_file, engine_file
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ class DecisionProbe:
         """Option logits (rows x options, float32) of mean-pooled hidden states (rows x hidden size)."""
         return pooled.float() @ self.weight.T.to(pooled.device) + self.bias.to(pooled.device)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, engine: str | None = None) -> Path:
         from safetensors.torch import save_file
 
-        path = Path(directory) / PROBE_FILE
+        path = Path(directory) / engine_file(PROBE_FILE, engine)
         metadata = {"layer": str(self.layer), "options": json.dumps(ANSWER_OPTIONS), "details": json.dumps(self.details)}
         save_file({"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous()}, str(path), metadata)
         return path
@@ -89,21 +90,13 @@ class DecisionProbe:
             )
 
 
-def load_probe(adapter_source: str) -> DecisionProbe | None:
-    """The probe shipped with an adapter (a folder or a Hub repo), or None when it has none or it is unusable —
-    decisions then come from the adapter's own option logits, which is logged."""
-    local = Path(adapter_source).expanduser()
+def load_probe(adapter_source: str, engine: str | None = None) -> DecisionProbe | None:
+    """The probe shipped with an adapter (a folder or a Hub repo) for ``engine`` (None: the shared one; see
+    ``policy_files.py``), or None when it has none or it is unusable — decisions then come from the adapter's own
+    option logits, which is logged."""
     try:
-        if local.is_dir():
-            path = local / PROBE_FILE
-            return DecisionProbe.load(path) if path.is_file() else None
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            return DecisionProbe.load(hf_hub_download(adapter_source, PROBE_FILE))
-        except EntryNotFoundError:
-            return None
+        path = adapter_file(adapter_source, engine_file(PROBE_FILE, engine))
+        return DecisionProbe.load(path) if path is not None else None
     except Exception as exc:  # noqa: BLE001 - a missing or broken probe must never stop the adapter
         logger.warning("Ignoring the adapter's decision probe: %s", exc)
         return None
