@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, first_step_logits
+from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, first_step_logits, penalise_repeats
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
@@ -267,8 +267,7 @@ class LlamaCppBackend(ModelBackend):
                 first = decision(None, torch.from_numpy(logits)).numpy()
                 decisions += decision.decisions(calibrated)
                 answers = self._rows.answers(
-                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
-                    penalise_repeats,
+                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops
                 )
                 texts += [cut_at_stop(t, stops)[0].strip() for t in answers]
         return texts, decisions
@@ -395,14 +394,6 @@ class LlamaCppBackend(ModelBackend):
         if options is None:
             return None
         return loaded.policy.first_step([o[0] for o in options], [tuned], (lambda: features) if features is not None else None)
-
-
-def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> None:
-    """CTRL's repetition penalty on the answer's own ``tokens``, in place, as transformers'
-    ``RepetitionPenaltyLogitsProcessor`` applies it (llama.cpp's penalties sampler would also count the prompt)."""
-    seen = np.unique(np.asarray(tokens))
-    values = logits[seen]
-    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
 def _sampler(settings: GenerationSettings) -> Any:

@@ -26,6 +26,14 @@ from pubmedqa.prompts import cut_at_stop
 PARALLEL_ROWS = 8
 
 
+def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> None:
+    """CTRL's repetition penalty on the answer's own ``tokens``, in place, as transformers'
+    ``RepetitionPenaltyLogitsProcessor`` applies it (llama.cpp's penalties sampler would also count the prompt)."""
+    seen = np.unique(np.asarray(tokens))
+    values = logits[seen]
+    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+
+
 class BatchDecoder:
     """Decodes prompts into their own sequences and then their answers step by step, all rows in one call per step.
 
@@ -76,7 +84,6 @@ class BatchDecoder:
         repetition_penalty: float,
         decode: Callable[[list[int]], str],
         stops: Sequence[str],
-        penalise: Callable[[np.ndarray, Sequence[int], float], None],
     ) -> list[str]:
         """Greedy answers of the rows whose prompts are in sequences 0..n-1, starting from each row's first-step
         logits (rows x vocab, the decision processor already applied); the raw decoded text of each."""
@@ -91,7 +98,7 @@ class BatchDecoder:
             following: list[tuple[int, int]] = []
             for row, logits in current.items():
                 if tokens[row] and repetition_penalty != 1.0:
-                    penalise(logits, tokens[row], repetition_penalty)
+                    penalise_repeats(logits, tokens[row], repetition_penalty)
                 token = int(np.argmax(logits))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     continue
