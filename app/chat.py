@@ -63,6 +63,7 @@ def parse_generation_settings(values: dict[str, Any], limits: ServerSettings) ->
             top_p=float(values.get("top_p", defaults.top_p)),
             seed=int(values.get("seed", defaults.seed)),
             repetition_penalty=float(values.get("repetition_penalty", defaults.repetition_penalty)),
+            min_new_tokens=int(values.get("min_new_tokens", defaults.min_new_tokens)),
         )
     except (TypeError, ValueError, OverflowError):
         raise UserInputError("Generation settings must be numbers.") from None

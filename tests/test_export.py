@@ -160,7 +160,7 @@ def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engin
 
     llm = llama_cpp.Llama(model_path=str(base_gguf_path("embedded")), n_ctx=1024, verbose=False,
                           lora_path=str(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf"))
-    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0)  # plain greedy, as below
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0, min_new_tokens=0)  # plain greedy, as below
     for question in QUESTIONS:
         prompt = tuned_engine.prepare(PromptInput(question), settings)
         engine_answer = tuned_engine.generate(prompt, Variant.TUNED, settings)

@@ -24,7 +24,7 @@ QUESTIONS = [
     "Is aspirin effective in preventing a first myocardial infarction in elderly women?",
     "Does vitamin D supplementation reduce the risk of falls in older adults?",
 ]
-GREEDY = GenerationSettings(max_new_tokens=24, repetition_penalty=1.0)  # plain greedy, as bare llama.cpp decodes
+GREEDY = GenerationSettings(max_new_tokens=24, repetition_penalty=1.0, min_new_tokens=0)  # plain greedy, as bare llama.cpp decodes
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,22 @@ def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_an
             assert backend._answer_together([prompt], variant, settings, True)[0] == [alone]
             assert decision == pytest.approx(alone_decision, abs=1e-4)
             assert answer.split()[0] == alone.split()[0]
+
+
+def test_an_answer_goes_on_past_its_decision_word(backend, pubmedqa_dir):
+    from pubmedqa.data import SplitSettings
+
+    # A dev question the shipped adapter, left free, answers with its decision alone.
+    record = SplitSettings(data=str(pubmedqa_dir)).load_split().dev[0]
+    free = GenerationSettings(max_new_tokens=24, min_new_tokens=0)
+    prompt = backend.prepare(record.prompt_input(), free)
+    assert len(backend.generate(prompt, Variant.TUNED, free).split()) == 1
+    default = GenerationSettings(max_new_tokens=24)
+    explained = backend.generate(prompt, Variant.TUNED, default)
+    assert parse_decision(explained) and len(explained.split()) > 3
+    # The same in the evaluation's rows-together path.
+    answers, _ = backend.generate_with_decisions([prompt, prompt], [Variant.TUNED] * 2, default)
+    assert all(parse_decision(a) and len(a.split()) > 3 for a in answers)
 
 
 def test_option_scores_rank_the_options_as_the_transformers_engine_does():

@@ -139,7 +139,7 @@ def test_repetition_penalty_is_passed_on_as_vllm_takes_it(backend, client):
 def test_completion_takes_a_raw_prompt(backend, client):
     prompt = backend.prepare(PromptInput(QUESTION, CONTEXT), GenerationSettings(max_new_tokens=10)).text
     response = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt, max_tokens=10, **GREEDY)
-    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=10, repetition_penalty=1.0))
+    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=10, repetition_penalty=1.0, min_new_tokens=0))
     assert response.choices[0].text == expected and expected
     echoed = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt, max_tokens=10, echo=True, **GREEDY)
     assert echoed.choices[0].text == prompt + expected
@@ -164,7 +164,7 @@ def test_streamed_completion_and_the_raw_sse(backend, root, client):
     prompt = backend.prepare(PromptInput(QUESTION), GenerationSettings(max_new_tokens=16)).text
     texts = [c.choices[0].text for c in client.completions.create(
         model=BASE_MODEL_NAME, prompt=prompt, max_tokens=16, stream=True, **GREEDY)]
-    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=16, repetition_penalty=1.0))
+    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=16, repetition_penalty=1.0, min_new_tokens=0))
     assert "".join(texts) == expected
     with httpx.stream("POST", f"{root}/v1/chat/completions", timeout=60, json={
         "model": BASE_MODEL_NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "stream": True,

@@ -17,7 +17,7 @@ from pubmedqa.config import ModelSettings
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import PromptInput, encode_prompt
 
-GREEDY = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0)  # plain greedy, as model.generate decodes
+GREEDY = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0, min_new_tokens=0)  # plain greedy, as model.generate decodes
 QUESTIONS = [f"Does treatment {i} reduce mortality in patients with diabetes?" for i in range(6)]
 
 

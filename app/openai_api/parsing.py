@@ -19,10 +19,10 @@ MAX_TOP_LOGPROBS = 20
 # A raw prompt may hold the instruction and earlier turns beside the question and the context.
 PROMPT_OVERHEAD_CHARS = 4000
 _ROLES = {"system", "developer", "user", "assistant"}
-# The page's defaults for chat; for raw completions a missing repetition_penalty means off, as on vLLM (the remote
-# backend sends it only when it is not 1).
+# The page's defaults for chat; for raw completions a missing repetition_penalty or min_tokens means off, as on vLLM
+# (the remote backend sends them only when they are on).
 CHAT_DEFAULTS = GenerationSettings()
-COMPLETION_DEFAULTS = replace(GenerationSettings(), repetition_penalty=1.0)
+COMPLETION_DEFAULTS = replace(GenerationSettings(), repetition_penalty=1.0, min_new_tokens=0)
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,7 @@ def _generation(
         "seed": _field(body, "seed", (int,), "an integer", defaults.seed),
         # vLLM's and TGI's extension of the OpenAI API, which the remote backend sends
         "repetition_penalty": _field(body, "repetition_penalty", (int, float), "a number", defaults.repetition_penalty),
+        "min_new_tokens": _field(body, "min_tokens", (int,), "an integer", defaults.min_new_tokens),  # vLLM's
     }
     return parse_generation_settings(values, limits)
 

@@ -41,6 +41,9 @@ class Variant(str, Enum):
 
 #: Chosen on the dev questions (see README, "Readable answers"); 1 = off.
 DEFAULT_REPETITION_PENALTY = 1.2
+#: No end of sequence before this many answer tokens, so an answer explains its decision instead of stopping at
+#: "yes." (its decision word and period are two tokens); chosen on the dev questions (README, "Readable answers").
+DEFAULT_MIN_NEW_TOKENS = 3
 
 
 class AdapterUnavailableError(RuntimeError):
@@ -68,13 +71,15 @@ class GenerationSettings:
 
     ``repetition_penalty`` (CTRL's: a token the answer already contains has its positive logit divided by it, its
     negative one multiplied; 1 = off) counts the answer's own tokens only, never the prompt's, so the first token,
-    from which a decision is read, stays the model's own on every engine."""
+    from which a decision is read, stays the model's own on every engine. ``min_new_tokens`` forbids the end of
+    sequence before that many answer tokens (stop sequences still end an answer)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 0.95
     seed: int = 0
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    min_new_tokens: int = DEFAULT_MIN_NEW_TOKENS
 
     def validated(self, max_new_tokens_limit: int) -> GenerationSettings:
         """These settings, or a ValueError saying which one is out of range."""
@@ -89,6 +94,8 @@ class GenerationSettings:
             problems.append("seed must be an integer between 0 and 4294967295")
         if not 1.0 <= float(self.repetition_penalty) <= 2.0:
             problems.append("repetition penalty must be between 1 (off) and 2")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= max_new_tokens_limit:
+            problems.append(f"min new tokens must be between 0 and {max_new_tokens_limit}")
         if problems:
             raise ValueError("Invalid generation settings: " + "; ".join(problems) + ".")
         return self

@@ -267,7 +267,8 @@ class LlamaCppBackend(ModelBackend):
                 first = decision(None, torch.from_numpy(logits)).numpy()
                 decisions += decision.decisions(calibrated)
                 answers = self._rows.answers(
-                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops
+                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
+                    settings.min_new_tokens,
                 )
                 texts += [cut_at_stop(t, stops)[0].strip() for t in answers]
         return texts, decisions
@@ -377,6 +378,8 @@ class LlamaCppBackend(ModelBackend):
                 logits[:] = decision(None, torch.from_numpy(logits.copy()).unsqueeze(0))[0].numpy()
             if tokens and settings.repetition_penalty != 1.0:
                 penalise_repeats(self._last_logits(), tokens, settings.repetition_penalty)
+            if step < settings.min_new_tokens:
+                self._last_logits()[self._rows.end_tokens] = -np.inf
             token = sampler.sample(self._llm._ctx, -1)
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break

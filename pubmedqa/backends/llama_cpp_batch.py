@@ -34,6 +34,14 @@ def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) 
     logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
+def end_of_generation_tokens(llm: Any) -> np.ndarray:
+    """Every token llama.cpp ends a generation on (end of sequence, end of turn, ...), for a minimum answer length."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
+
+
 class BatchDecoder:
     """Decodes prompts into their own sequences and then their answers step by step, all rows in one call per step.
 
@@ -47,6 +55,7 @@ class BatchDecoder:
         self._n_batch = n_batch
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._owner = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)  # frees the batch with itself
+        self.end_tokens = end_of_generation_tokens(llm)
 
     def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
@@ -84,6 +93,7 @@ class BatchDecoder:
         repetition_penalty: float,
         decode: Callable[[list[int]], str],
         stops: Sequence[str],
+        min_new_tokens: int = 0,
     ) -> list[str]:
         """Greedy answers of the rows whose prompts are in sequences 0..n-1, starting from each row's first-step
         logits (rows x vocab, the decision processor already applied); the raw decoded text of each."""
@@ -99,6 +109,8 @@ class BatchDecoder:
             for row, logits in current.items():
                 if tokens[row] and repetition_penalty != 1.0:
                     penalise_repeats(logits, tokens[row], repetition_penalty)
+                if len(tokens[row]) < min_new_tokens:
+                    logits[self.end_tokens] = -np.inf
                 token = int(np.argmax(logits))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     continue

@@ -176,8 +176,13 @@ class RemoteBackend(ModelBackend):
             }
             if settings.temperature > 0:
                 request["top_p"] = float(settings.top_p)
-            if settings.repetition_penalty != 1.0:  # vLLM's and TGI's extension of the OpenAI API
-                request["extra_body"] = {"repetition_penalty": float(settings.repetition_penalty)}
+            extra = {}  # vLLM's (and, for the penalty, TGI's) extensions of the OpenAI API
+            if settings.repetition_penalty != 1.0:
+                extra["repetition_penalty"] = float(settings.repetition_penalty)
+            if settings.min_new_tokens:
+                extra["min_tokens"] = min(settings.min_new_tokens, settings.max_new_tokens)
+            if extra:
+                request["extra_body"] = extra
             if stops:
                 request["stop"] = list(stops)
             try:

@@ -257,6 +257,7 @@ class TransformersBackend(ModelBackend):
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "max_new_tokens": settings.max_new_tokens,
+            "min_new_tokens": min(settings.min_new_tokens, settings.max_new_tokens),
             "pad_token_id": tokenizer.pad_token_id,
         }
         if settings.temperature > 0:

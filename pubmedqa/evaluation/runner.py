@@ -22,7 +22,14 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from pubmedqa.backends.base import DEFAULT_REPETITION_PENALTY, GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.backends.base import (
+    DEFAULT_MIN_NEW_TOKENS,
+    DEFAULT_REPETITION_PENALTY,
+    GenerationSettings,
+    LoadedModel,
+    ModelBackend,
+    Variant,
+)
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import PROJECT_ROOT, ModelSettings
 from pubmedqa.data import PubMedQARecord
@@ -65,6 +72,10 @@ class EvalArguments:
     repetition_penalty: float = field(
         default=DEFAULT_REPETITION_PENALTY,
         metadata={"help": "Repetition penalty of the long answers (1 = off; the decisions are not affected)."},
+    )
+    min_new_tokens: int = field(
+        default=DEFAULT_MIN_NEW_TOKENS,
+        metadata={"help": "No end of sequence before this many answer tokens, so an answer explains its decision (0 = off)."},
     )
     long_answers: bool = field(
         default=True, metadata={"help": "Generate long answers and score them (--no_long_answers: decisions only)."}
@@ -195,7 +206,9 @@ def _decide_and_answer(
 ) -> VariantRun:
     """The variant's uncalibrated decisions (the policy's offsets are added by :func:`_decision_metrics`, which also
     records the metrics without them) and, with ``args.long_answers``, its answers from the same pass."""
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens
+    )
 
     def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
         backend.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
