@@ -166,6 +166,24 @@ def serving(demo) -> Iterator[str]:
         demo.close()
 
 
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[tuple[str, str, dict]]:
+    """``huggingface_hub.HfApi`` replaced by a recorder: each ``create_repo`` / ``upload_folder`` call, as
+    (method, repo id, keyword arguments), in order. Nothing reaches the Hub."""
+    calls: list[tuple[str, str, dict]] = []
+
+    class RecordingHubApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", RecordingHubApi)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def pubmedqa_dir() -> Path:
     if not (DATA_DIR / "ori_pqal.json").is_file():

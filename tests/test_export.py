@@ -312,7 +312,7 @@ def test_an_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, capl
     assert (previous / "README.md").read_text() == "an earlier export"
 
 
-def test_push_needs_a_token_and_never_shows_it(tmp_path, caplog, capsys, monkeypatch):
+def test_push_needs_a_token_and_never_shows_it(tmp_path, caplog, capsys, monkeypatch, hub_calls):
     import huggingface_hub
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -323,23 +323,13 @@ def test_push_needs_a_token_and_never_shows_it(tmp_path, caplog, capsys, monkeyp
     assert "needs a Hugging Face token" in error and "HF_TOKEN" in error
     assert not out.exists()  # checked before any work
 
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            calls.append(("create_repo", repo_id, kwargs))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-
+    assert hub_calls == []
     secret = "hf_SECRETsecretSECRET"
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: secret)
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     caplog.clear()
     assert _export("--format", "gguf-lora", "--output_dir", str(out), "--push_to_hub", "user/pubmedqa-gguf",
                    "--private") == 0
-    (create, upload) = calls
+    (create, upload) = hub_calls
     assert create[2]["private"] is True and create[2]["exist_ok"] is True
     assert upload[2]["folder_path"] == str(out)
     assert sorted(upload[2]["allow_patterns"]) == _finished_looking(out)

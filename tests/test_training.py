@@ -200,23 +200,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, p
     assert info["train_result"]["global_step"] == 3 and (out / "adapter_model.safetensors").is_file()
 
 
-def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, monkeypatch):
+def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, hub_calls):
     from training import push
 
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            calls.append(("create_repo", repo_id, kwargs))
-            return f"https://huggingface.co/{repo_id}"
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
-
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     url = push.push_adapter(trained_adapter, "someone/pubmedqa-lora", private=True)
     assert url.endswith("someone/pubmedqa-lora")
-    (_, repo, create_kwargs), (_, upload) = calls
+    (_, repo, create_kwargs), (_, _, upload) = hub_calls
     assert create_kwargs["private"] is True and create_kwargs["repo_type"] == "model"
     assert upload["folder_path"] == str(trained_adapter) and upload["repo_id"] == "someone/pubmedqa-lora"
     assert "checkpoint-*" in upload["ignore_patterns"]

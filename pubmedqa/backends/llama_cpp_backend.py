@@ -195,10 +195,7 @@ class LlamaCppBackend(ModelBackend):
 
     def _last_logits(self) -> np.ndarray:
         """The last position's logits, a writable view of llama.cpp's own buffer (what its sampler reads)."""
-        import llama_cpp
-
-        pointer = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
-        return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
+        return self._rows.logits(-1)
 
     # ---------------------------------------------------------------------------------------- decisions
     def score_decisions(

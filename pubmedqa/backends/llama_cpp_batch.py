@@ -70,8 +70,9 @@ class BatchDecoder:
         if code != 0:
             raise RuntimeError(f"llama_decode failed ({code}) for {len(entries)} tokens")
 
-    def _logits(self, index: int) -> np.ndarray:
-        """The logits of the ``index``-th output of the last decode: a writable view of llama.cpp's buffer."""
+    def logits(self, index: int) -> np.ndarray:
+        """The logits of the ``index``-th output of the last decode (-1: the last): a writable view of llama.cpp's
+        own buffer, which its sampler reads."""
         import llama_cpp
 
         pointer = llama_cpp.llama_get_logits_ith(self._llm.ctx, index)
@@ -83,7 +84,7 @@ class BatchDecoder:
             piece = ids[start : start + self._n_batch]
             last = start + len(piece) == len(ids)
             self._decode([(t, start + i, sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)])
-        return self._logits(-1).copy()
+        return self.logits(-1).copy()
 
     def answers(
         self,
@@ -124,7 +125,7 @@ class BatchDecoder:
             current = {}
             for index, (row, _) in enumerate(following):
                 positions[row] += 1
-                current[row] = self._logits(index)
+                current[row] = self.logits(index)
         return texts
 
 
@@ -141,7 +142,5 @@ def first_step_logits(
         with reader.armed() if read_features else contextlib.nullcontext():
             logits.append(decoder.prompt(sequence, ids))
         if read_features:
-            if reader.n_tokens != len(ids):
-                raise RuntimeError(f"{reader.tensor_name} covered {reader.n_tokens} of the prompt's {len(ids)} tokens")
-            features.append(reader.mean())
+            features.append(reader.mean(expected_tokens=len(ids)))
     return np.stack(logits), torch.cat(features) if features else None

@@ -120,12 +120,15 @@ class HiddenStateReader:
     def n_tokens(self) -> int:
         return self._count
 
-    def mean(self) -> torch.Tensor:
-        """The captured tokens' mean hidden state, 1 x n_embd float32."""
+    def mean(self, expected_tokens: int | None = None) -> torch.Tensor:
+        """The captured tokens' mean hidden state, 1 x n_embd float32; with ``expected_tokens`` (the prompt's
+        length), refused unless it covers exactly that many tokens."""
         if self._error is not None:
             raise RuntimeError(f"reading {self.tensor_name} from llama.cpp failed: {self._error}")
         if self._sum is None or self._count == 0:
             raise RuntimeError(f"no {self.tensor_name} was computed while the reader was armed")
+        if expected_tokens is not None and self._count != expected_tokens:
+            raise RuntimeError(f"{self.tensor_name} covered {self._count} of the prompt's {expected_tokens} tokens")
         return torch.from_numpy((self._sum / self._count).astype(np.float32)).unsqueeze(0)
 
     def _accumulate(self, tensor: int) -> None:
@@ -223,6 +226,4 @@ def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Seq
     llm.reset()
     with reader.armed():
         llm.eval(tokens)
-    if reader.n_tokens != len(tokens):
-        raise RuntimeError(f"{reader.tensor_name} covered {reader.n_tokens} of the prompt's {len(tokens)} tokens")
-    return reader.mean()
+    return reader.mean(expected_tokens=len(tokens))
