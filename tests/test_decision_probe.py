@@ -17,7 +17,7 @@ from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.backends.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
-from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, load_probe, probe_layer
+from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeError, load_probe, probe_layer
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
 from training.decision_probe import ProbeFitError
@@ -80,7 +80,45 @@ def test_the_probe_learns_a_planted_direction_and_cross_validates_it():
         decision_probe.fit_probe(features, ["yes"] * 300, layer=1, fitted_on="synthetic")
 
 
-def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upper_adapter_dir):
+def test_a_mean_probe_reads_the_first_half_of_the_features_and_a_mean_and_last_probe_all_of_them(tmp_path):
+    """Engines hand over [mean | last]; the signal planted in the last-token half is lost to a "mean" probe only."""
+    rng = np.random.default_rng(2)
+    mean, last = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    gold = [ANSWER_OPTIONS[i] for i in np.argmax(last[:, :3], axis=1)]
+    features = np.concatenate([mean, last], axis=1)
+    both, _ = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean+last")
+    mean_only, _ = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean")
+    assert both.weight.shape == (3, 16) and mean_only.weight.shape == (3, 8)
+    assert both.details["cross_validated"]["accuracy"] > 0.85 > 0.5 > mean_only.details["cross_validated"]["accuracy"]
+    assert both.details["pooling"] == "mean+last"
+
+    both.save(tmp_path)  # the pooling travels with the file, and decides which features the loaded probe reads
+    loaded = DecisionProbe.load(tmp_path / PROBE_FILE)
+    assert loaded.pooling == "mean+last"
+    torch.testing.assert_close(loaded.logits(torch.from_numpy(features)), both.logits(torch.from_numpy(features)))
+    loaded.check(num_layers=2, hidden_size=8)
+    with pytest.raises(ProbeError, match="this model has 2 layers of 16"):
+        loaded.check(num_layers=2, hidden_size=16)  # a mean probe's width on a model twice as wide
+    with pytest.raises(ProbeFitError, match="unknown pooling"):
+        decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="max")
+
+
+def test_a_probe_file_without_a_pooling_reads_the_mean_and_an_unknown_pooling_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"weight": torch.ones(3, 4), "bias": torch.zeros(3)}
+    options = '["yes", "no", "maybe"]'
+    save_file(tensors, str(tmp_path / "old.safetensors"), {"layer": "1", "options": options})
+    old = DecisionProbe.load(tmp_path / "old.safetensors")
+    assert old.pooling == "mean"
+    torch.testing.assert_close(old.logits(torch.cat([torch.ones(1, 4), torch.full((1, 4), 100.0)], dim=1)),
+                               torch.full((1, 3), 4.0))  # the last-token half is not read
+    save_file(tensors, str(tmp_path / "odd.safetensors"), {"layer": "1", "options": options, "pooling": "max"})
+    with pytest.raises(ProbeError, match="unknown pooling 'max'"):
+        DecisionProbe.load(tmp_path / "odd.safetensors")
+
+
+def test_the_reader_averages_the_layer_over_real_tokens_only_and_keeps_the_last_one(tiny_model_dir, upper_adapter_dir):
     loaded = _backend(tiny_model_dir, upper_adapter_dir).load()
     model, tokenizer = loaded.model, loaded.tokenizer
     short, long = tokenizer("Does aspirin help?")["input_ids"], tokenizer("Is coffee linked to heart failure in adults?")["input_ids"]
@@ -89,10 +127,18 @@ def test_the_reader_averages_the_layer_over_real_tokens_only(tiny_model_dir, upp
         model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         model(input_ids=torch.tensor([short]), attention_mask=torch.ones(1, len(short), dtype=torch.long), logits_to_keep=1)
     with torch.inference_mode():
-        alone = model(input_ids=torch.tensor([short]), output_hidden_states=True).hidden_states[1][0].mean(dim=0)
+        hidden = model(input_ids=torch.tensor([short]), output_hidden_states=True).hidden_states[1][0].float()
     batched, single = reader.pooled
     torch.testing.assert_close(batched[0], single[0], atol=1e-5, rtol=1e-4)  # the left padding is not averaged in
-    torch.testing.assert_close(single[0], alone.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(single[0], torch.cat([hidden.mean(dim=0), hidden[-1]]), atol=1e-5, rtol=1e-4)
+
+    # Padded on the right, the last real token is still the one kept.
+    ids, mask = left_pad(tokenizer, [short, long], torch.device("cpu"))
+    right_ids = torch.stack([torch.roll(ids[0], -int((mask[0] == 0).sum())), ids[1]])
+    right_mask = torch.stack([torch.roll(mask[0], -int((mask[0] == 0).sum())), mask[1]])
+    with torch.inference_mode(), ProbeReader(model, 1) as reader:
+        model(input_ids=right_ids, attention_mask=right_mask, logits_to_keep=1)
+    torch.testing.assert_close(reader.pooled[0][0], single[0], atol=1e-4, rtol=1e-3)
 
 
 def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_model_dir, adapter_copy):
@@ -103,7 +149,9 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     before = backend.score_decisions(prompts * 2, variants, calibrated=False)
     features = decision_probe.collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
     rng = np.random.default_rng(1)
-    probe = DecisionProbe(1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {})
+    probe = DecisionProbe(
+        1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {}, "mean+last"
+    )
     probe.save(adapter_copy)
 
     reloaded = _backend(tiny_model_dir, adapter_copy)
@@ -121,7 +169,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     for got, want in zip(decisions, after):
         assert [got[o] for o in ANSWER_OPTIONS] == pytest.approx([want[o] for o in ANSWER_OPTIONS], abs=1e-4)
     bias = torch.tensor([0.0, 0.0, 40.0])  # "maybe" wins whatever the features say
-    DecisionProbe(1, probe.weight, bias, {}).save(adapter_copy)
+    DecisionProbe(1, probe.weight, bias, {}, "mean+last").save(adapter_copy)
     texts, decisions = _backend(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
     assert all(t.startswith("maybe") for t in texts[len(prompts):])
     assert all(max(d, key=d.get) == "maybe" for d in decisions[len(prompts):])
@@ -222,7 +270,9 @@ def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_pref
     assert torch.equal(DecisionPolicy.from_adapter(str(adapter), "transformers").probe.weight, load_probe(str(adapter)).weight)
 
     # It is what decides the engine's fine-tuned rows: a planted llama.cpp probe that always says "maybe" does.
-    DecisionProbe(10, torch.zeros(3, own.weight.shape[1]), torch.tensor([0.0, 0.0, 30.0])).save(adapter, "llama.cpp")
+    assert own.pooling == "mean+last" and own.weight.shape == (3, 2 * 640)
+    planted_probe = DecisionProbe(10, torch.zeros(3, 2 * 640), torch.tensor([0.0, 0.0, 30.0]), pooling="mean+last")
+    planted_probe.save(adapter, "llama.cpp")
     (adapter / "decision_calibration.llama-cpp.json").unlink()
     planted = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
     prompt = planted.prepare(PromptInput(QUESTIONS[2]), GenerationSettings(max_new_tokens=4))

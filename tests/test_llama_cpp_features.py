@@ -66,24 +66,25 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a, b).item()
 
 
-def test_reader_mean_matches_the_transformers_hidden_state_mean(
+def test_reader_features_match_the_transformers_hidden_state_mean_and_last_token(
     llama: tuple[object, HiddenStateReader], hf_model_and_tokenizer: tuple[object, object], prompt_ids: list[int]
 ) -> None:
     llm, reader = llama
     model, _ = hf_model_and_tokenizer
     with torch.inference_mode():
         hidden = model(torch.tensor([prompt_ids]), output_hidden_states=True).hidden_states
-    expected = hidden[LAYER][0].mean(dim=0, keepdim=True)  # hidden_states[LAYER]: the output of block LAYER - 1
+    layer_output = hidden[LAYER][0]  # hidden_states[LAYER]: the output of block LAYER - 1
+    expected = torch.cat([layer_output.mean(dim=0), layer_output[-1]]).unsqueeze(0)
 
     got = prompt_features(llm, reader, prompt_ids)
 
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert reader.n_tokens == len(prompt_ids)  # l_out-9 lies below the last layer, which alone drops rows
     # Q4_K_M weights against their de-quantised float32 copy: close, not equal.
-    assert cosine(got, expected) > 0.99
+    assert cosine(got[:, :640], expected[:, :640]) > 0.99 and cosine(got[:, 640:], expected[:, 640:]) > 0.99
 
 
-def test_prompt_split_over_several_micro_batches_gives_the_one_batch_mean(
+def test_prompt_split_over_several_micro_batches_gives_the_one_batch_features(
     llama: tuple[object, HiddenStateReader], gguf_path: Path, prompt_ids: list[int]
 ) -> None:
     llm, reader = llama
@@ -101,7 +102,7 @@ def test_prompt_split_over_several_micro_batches_gives_the_one_batch_mean(
     assert torch.allclose(split, one_batch, rtol=1e-2, atol=1e-2 * one_batch.abs().max().item())
 
 
-def test_generation_steps_after_the_prompt_leave_the_mean_alone(
+def test_generation_steps_after_the_prompt_leave_the_features_alone(
     llama: tuple[object, HiddenStateReader], prompt_ids: list[int]
 ) -> None:
     llm, reader = llama
@@ -110,11 +111,11 @@ def test_generation_steps_after_the_prompt_leave_the_mean_alone(
     generated = list(itertools.islice(llm.generate(prompt_ids, temp=0.0), 4))
     assert len(generated) == 4
     assert reader.n_tokens == len(prompt_ids)
-    assert torch.equal(reader.mean(), features)
+    assert torch.equal(reader.features(), features)
 
 
-def test_reader_refuses_a_mean_it_never_captured_and_open_llama_a_layer_out_of_range(gguf_path: Path) -> None:
+def test_reader_refuses_features_it_never_captured_and_open_llama_a_layer_out_of_range(gguf_path: Path) -> None:
     with pytest.raises(RuntimeError, match="l_out-9"):
-        HiddenStateReader(LAYER).mean()
+        HiddenStateReader(LAYER).features()
     with pytest.raises(ValueError, match="feature_layer"):
         open_llama(str(gguf_path), n_ctx=128, n_threads=1, feature_layer=18)  # Gemma 3 270M has 18 layers

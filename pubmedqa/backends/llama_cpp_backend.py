@@ -191,7 +191,7 @@ class LlamaCppBackend(ModelBackend):
         armed = features and self._reader is not None
         with self._reader.armed() if armed else nullcontext():
             self._llm.eval(ids)
-        return self._reader.mean() if armed else None
+        return self._reader.features() if armed else None
 
     def _last_logits(self) -> np.ndarray:
         """The last position's logits, a writable view of llama.cpp's own buffer (what its sampler reads)."""

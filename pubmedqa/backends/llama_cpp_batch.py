@@ -136,11 +136,11 @@ def first_step_logits(
     read_features: bool,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Each prompt decoded into its own sequence: the last positions' logits (rows x vocab) and, with
-    ``read_features``, the probe's features (rows x n_embd) read during those decodes."""
+    ``read_features``, the probe's features (rows x 2 n_embd) read during those decodes."""
     logits, features = [], []
     for sequence, ids in enumerate(prompt_ids):
         with reader.armed() if read_features else contextlib.nullcontext():
             logits.append(decoder.prompt(sequence, ids))
         if read_features:
-            features.append(reader.mean(expected_tokens=len(ids)))
+            features.append(reader.features(expected_tokens=len(ids)))
     return np.stack(logits), torch.cat(features) if features else None

@@ -1,15 +1,15 @@
 """The decision probe's features from llama.cpp, read during the prompt's own decode.
 
 A fine-tuned model's yes/no/maybe comes from the decision probe (:mod:`pubmedqa.decisions.probe`): a logistic
-regression on the output of decoder layer ``layer - 1`` averaged over the prompt's tokens. The transformers engine
-reads it with a forward hook (:class:`pubmedqa.backends.transformers_passes.ProbeReader`); here llama.cpp hands the
-same tensor (its graph names it ``l_out-{layer - 1}``) to the context's eval callback while it decodes the prompt, so
-the features cost no second pass over the prompt.
+regression on the output of decoder layer ``layer - 1`` over the prompt (its mean, and its last token's). The
+transformers engine reads it with a forward hook (:class:`pubmedqa.backends.transformers_passes.ProbeReader`); here
+llama.cpp hands the same tensor (its graph names it ``l_out-{layer - 1}``) to the context's eval callback while it
+decodes the prompt, so the features cost no second pass over the prompt.
 
 Usage::
 
     llm, reader = open_llama(path, n_ctx=4096, n_threads=None, feature_layer=policy.feature_layer)
-    features = prompt_features(llm, reader, prompt_ids)  # 1 x n_embd float32; the prompt is now in the KV cache
+    features = prompt_features(llm, reader, prompt_ids)  # 1 x 2 n_embd, [mean | last]; the prompt is now cached
     for chunk in llm.create_completion(prompt_ids, ...):  # the exact prompt is cached: sampling starts at once
         ...
 """
@@ -30,6 +30,8 @@ import llama_cpp._internals as llama_internals
 import numpy as np
 import torch
 from llama_cpp._ctypes_extensions import load_shared_library
+
+from pubmedqa.decisions.probe import pooled_features
 
 GGML_TYPE_F32 = 0
 
@@ -63,7 +65,7 @@ def _ggml_base() -> ctypes.CDLL:
 
 class HiddenStateReader:
     """Sums the output of decoder layer ``layer - 1`` (``l_out-{layer - 1}``, n_embd x n_tokens f32) over the tokens
-    decoded while :meth:`armed`; :meth:`mean` is then the probe's feature row.
+    decoded while :meth:`armed` and keeps the last token's; :meth:`features` is then the probe's feature row.
 
     Install it into a context's parameters before the context is created (:meth:`install`, or :func:`open_llama`).
     The callback runs for every graph node of every decode, generation steps included, so unarmed it answers
@@ -78,6 +80,7 @@ class HiddenStateReader:
         self.tensor_name = f"l_out-{layer - 1}"
         self._armed = False
         self._sum: np.ndarray | None = None
+        self._last: np.ndarray | None = None
         self._count = 0
         self._error: str | None = None
         # Kept on the instance: the context holds only the raw function pointer, and a collected trampoline would
@@ -104,7 +107,7 @@ class HiddenStateReader:
         params.cb_eval_user_data = None
 
     def reset(self) -> None:
-        self._sum, self._count, self._error = None, 0, None
+        self._sum, self._last, self._count, self._error = None, None, 0, None
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[HiddenStateReader]:
@@ -120,20 +123,21 @@ class HiddenStateReader:
     def n_tokens(self) -> int:
         return self._count
 
-    def mean(self, expected_tokens: int | None = None) -> torch.Tensor:
-        """The captured tokens' mean hidden state, 1 x n_embd float32; with ``expected_tokens`` (the prompt's
-        length), refused unless it covers exactly that many tokens."""
+    def features(self, expected_tokens: int | None = None) -> torch.Tensor:
+        """The captured tokens' mean hidden state and the last one's, 1 x 2 n_embd float32 (``pooled_features``);
+        with ``expected_tokens`` (the prompt's length), refused unless it covers exactly that many tokens."""
         if self._error is not None:
             raise RuntimeError(f"reading {self.tensor_name} from llama.cpp failed: {self._error}")
         if self._sum is None or self._count == 0:
             raise RuntimeError(f"no {self.tensor_name} was computed while the reader was armed")
         if expected_tokens is not None and self._count != expected_tokens:
             raise RuntimeError(f"{self.tensor_name} covered {self._count} of the prompt's {expected_tokens} tokens")
-        return torch.from_numpy((self._sum / self._count).astype(np.float32)).unsqueeze(0)
+        mean = torch.from_numpy((self._sum / self._count).astype(np.float32)).unsqueeze(0)
+        return pooled_features(mean, torch.from_numpy(self._last).unsqueeze(0))
 
     def _accumulate(self, tensor: int) -> None:
         # An exception must not escape into ctypes (it would be printed and the node reported as unread), so it is
-        # kept for mean() to raise.
+        # kept for features() to raise.
         try:
             header = _TensorHeader.from_address(tensor)
             n_embd, n_tokens, ne2, ne3 = header.ne
@@ -149,6 +153,7 @@ class HiddenStateReader:
             lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
             total = rows.sum(axis=0, dtype=np.float64)
             self._sum = total if self._sum is None else self._sum + total
+            self._last = rows[-1].copy()  # a prompt in several pieces ends in its last piece
             self._count += n_tokens
         except Exception as exc:  # noqa: BLE001
             self._error = self._error or f"{type(exc).__name__}: {exc}"
@@ -217,13 +222,13 @@ def _close_if_alive(ref: weakref.ref[llama_cpp.Llama]) -> None:
 
 
 def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Sequence[int]) -> torch.Tensor:
-    """Decode the whole prompt ``tokens`` from an empty cache with the reader armed; return its mean hidden state.
+    """Decode the whole prompt ``tokens`` from an empty cache with the reader armed; return its probe features.
 
     The reset matters: ``Llama.generate`` would otherwise reuse a cached prefix and decode only the new suffix, and
-    the mean would cover those tokens alone. A following ``create_completion``/``generate`` with the same tokens finds
-    the exact prompt cached and samples without decoding it again.
+    the features would cover those tokens alone. A following ``create_completion``/``generate`` with the same tokens
+    finds the exact prompt cached and samples without decoding it again.
     """
     llm.reset()
     with reader.armed():
         llm.eval(tokens)
-    return reader.mean(expected_tokens=len(tokens))
+    return reader.features(expected_tokens=len(tokens))

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pubmedqa.decisions.options import option_probabilities, option_token_ids
-from pubmedqa.decisions.probe import ProbeError
+from pubmedqa.decisions.probe import ProbeError, pooled_features
 from pubmedqa.prompts import encode_prompt
 
 
@@ -26,7 +26,7 @@ def option_scores(
     desc: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The answer options' scores after each rendered prompt (rows x options), and, with ``feature_layer``, the
-    decision probe's features read in the same passes (rows x hidden size; see :class:`ProbeReader`).
+    decision probe's features read in the same passes (rows x 2 hidden size; see :class:`ProbeReader`).
 
     Options are scored by their full log-likelihood. When every option is one token (Gemma, Llama), one forward
     pass per batch with ``logits_to_keep=1`` is enough, and the scores are the next-token logits (the same softmax
@@ -143,7 +143,8 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
 
 class ProbeReader:
     """While active (``with``), keeps a probe's features of every forward pass of ``model``: the output of decoder
-    layer ``layer - 1``, averaged over each row's real tokens (the attention mask, so left padding is left out).
+    layer ``layer - 1``, averaged over each row's real tokens (the attention mask, so left padding is left out), then
+    its last real token's (``pooled_features``).
     ``pooled[0]`` is a generation's pass over the prompts."""
 
     def __init__(self, model: Any, layer: int):
@@ -171,7 +172,9 @@ class ProbeReader:
     def _pool(self, module: Any, inputs: Any, output: Any) -> None:
         hidden = (output[0] if isinstance(output, tuple) else output).float()
         if self._mask is None:
-            self.pooled.append(hidden.mean(dim=1))
+            self.pooled.append(pooled_features(hidden.mean(dim=1), hidden[:, -1]))
             return
-        mask = self._mask[:, -hidden.shape[1] :].to(hidden.dtype).unsqueeze(-1)  # the new positions' mask
-        self.pooled.append((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))
+        mask = self._mask[:, -hidden.shape[1] :].to(hidden.dtype)  # the new positions' mask
+        mean = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        last = hidden.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # each row's last real token, whatever the padding side
+        self.pooled.append(pooled_features(mean, hidden[torch.arange(hidden.shape[0]), last]))

@@ -28,6 +28,21 @@ logger = logging.getLogger(__name__)
 
 PROBE_FILE = "decision_probe.safetensors"
 
+#: What a probe reads of its layer's output over the prompt: the mean over the tokens, or that mean followed by the
+#: prompt's last token (chosen by nested cross-validation on the non-test questions; see ``training/decision_probe.py``).
+#: Every engine hands over both, as one row of ``[mean | last]`` (:func:`pooled_features`); the probe takes its part.
+POOLINGS = ("mean", "mean+last")
+
+
+def pooled_features(mean: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """An engine's probe features (rows x 2 * hidden size): each row's mean hidden state, then its last token's."""
+    return torch.cat([mean.float(), last.float()], dim=-1)
+
+
+def pooled_part(features: Any, pooling: str) -> Any:
+    """The columns of engine features (``[mean | last]``, a tensor or an array) that a ``pooling`` probe reads."""
+    return features if pooling == "mean+last" else features[:, : features.shape[1] // 2]
+
 
 class ProbeError(ValueError):
     """A probe file that cannot be used with this model."""
@@ -45,20 +60,26 @@ def probe_layer(num_layers: int, depth: float) -> int | None:
 
 @dataclass
 class DecisionProbe:
-    layer: int  # the probe reads the output of decoder layer ``layer - 1``, averaged over the prompt's tokens
-    weight: torch.Tensor  # options x hidden size
+    layer: int  # the probe reads the output of decoder layer ``layer - 1`` over the prompt's tokens (``pooling``)
+    weight: torch.Tensor  # options x features (the hidden size, twice for mean+last)
     bias: torch.Tensor  # options
     details: dict[str, Any] = field(default_factory=dict)  # how it was fitted (L2, cross-validated metrics)
+    pooling: str = "mean"  # one of POOLINGS
 
-    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Option logits (rows x options, float32) of mean-pooled hidden states (rows x hidden size)."""
-        return pooled.float() @ self.weight.T.to(pooled.device) + self.bias.to(pooled.device)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Option logits (rows x options, float32) of an engine's features (rows x 2 * hidden size, see
+        :func:`pooled_features`)."""
+        used = pooled_part(features, self.pooling)
+        return used.float() @ self.weight.T.to(used.device) + self.bias.to(used.device)
 
     def save(self, directory: str | Path, engine: str | None = None) -> Path:
         from safetensors.torch import save_file
 
         path = Path(directory) / engine_file(PROBE_FILE, engine)
-        metadata = {"layer": str(self.layer), "options": json.dumps(ANSWER_OPTIONS), "details": json.dumps(self.details)}
+        metadata = {
+            "layer": str(self.layer), "pooling": self.pooling, "options": json.dumps(ANSWER_OPTIONS),
+            "details": json.dumps(self.details),
+        }
         save_file({"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous()}, str(path), metadata)
         return path
 
@@ -73,20 +94,24 @@ class DecisionProbe:
             layer = int(metadata["layer"])
             options = json.loads(metadata.get("options", "null"))
             details = json.loads(metadata.get("details", "{}"))
+            pooling = metadata.get("pooling", "mean")  # probes saved before there was a choice
         except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise ProbeError(f"{path} is not a decision probe ({type(exc).__name__}: {exc})") from exc
         if options != list(ANSWER_OPTIONS) or weight.ndim != 2 or weight.shape[0] != len(ANSWER_OPTIONS) or bias.shape != (len(ANSWER_OPTIONS),):
             raise ProbeError(f"{path}: expected a {len(ANSWER_OPTIONS)}-option probe for {', '.join(ANSWER_OPTIONS)}")
         if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
             raise ProbeError(f"{path}: the probe's weights are not finite")
-        return cls(layer, weight.float(), bias.float(), details)
+        if pooling not in POOLINGS:
+            raise ProbeError(f"{path}: unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        return cls(layer, weight.float(), bias.float(), details, pooling)
 
     def check(self, num_layers: int, hidden_size: int) -> None:
         """Refuse a probe fitted for another model shape (layer count or hidden size)."""
-        if not 1 <= self.layer < num_layers or self.weight.shape[1] != hidden_size:
+        parts = len(self.pooling.split("+"))
+        if not 1 <= self.layer < num_layers or self.weight.shape[1] != parts * hidden_size:
             raise ProbeError(
-                f"the probe reads layer {self.layer} with {self.weight.shape[1]} features; this model has "
-                f"{num_layers} layers of {hidden_size}"
+                f"the probe reads layer {self.layer} with {self.weight.shape[1]} features ({self.pooling}); this model "
+                f"has {num_layers} layers of {hidden_size}"
             )
 
 
