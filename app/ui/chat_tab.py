@@ -152,6 +152,7 @@ class ChatHandlers:
         top_p: float,
         seed: float,
         repetition_penalty: float,
+        min_new_tokens: float,
         request: gr.Request,
     ) -> ChatUpdates:
         if not isinstance(message, str) or not message.strip():
@@ -163,7 +164,7 @@ class ChatHandlers:
         cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
             self.backend, self.limits, message, context_text, original, variant,
-            generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty), cancel,
+            generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens), cancel,
         )
         try:
             for update in run_guarded(updates):
@@ -221,10 +222,11 @@ def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
         top_p: float = GenerationSettings.top_p,
         seed: int = GenerationSettings.seed,
         repetition_penalty: float = GenerationSettings.repetition_penalty,
+        min_new_tokens: int = GenerationSettings.min_new_tokens,
     ) -> Iterator[str]:
         """Answer a biomedical question. `history` is a list of {"role": "user"|"assistant", "content": str}
         messages; `model` is "base" or "fine-tuned". Streams the growing answer; the last value is the answer."""
-        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty)
+        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         updates = stream_answer(backend, limits, question, context, history, model, settings)
         for update in run_guarded(updates):
             yield update.answer

@@ -49,10 +49,10 @@ def notices_markdown(notices: list[str]) -> str:
 
 
 def generation_settings(
-    max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, repetition_penalty: Any
+    max_new_tokens: Any, temperature: Any, top_p: Any, seed: Any, repetition_penalty: Any, min_new_tokens: Any
 ) -> dict[str, Any]:
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "repetition_penalty": repetition_penalty}
+            "repetition_penalty": repetition_penalty, "min_new_tokens": min_new_tokens}
 
 
 def run_guarded(updates: Iterator[T]) -> Iterator[T]:
@@ -74,10 +74,11 @@ class SettingsControls:
     top_p: gr.Slider
     seed: gr.Number
     repetition_penalty: gr.Slider
+    min_new_tokens: gr.Slider
 
     @property
     def inputs(self) -> list[gr.components.Component]:
-        return [self.max_new_tokens, self.temperature, self.top_p, self.seed, self.repetition_penalty]
+        return [self.max_new_tokens, self.temperature, self.top_p, self.seed, self.repetition_penalty, self.min_new_tokens]
 
 
 def build_settings_controls(limits: ServerSettings) -> SettingsControls:
@@ -94,4 +95,8 @@ def build_settings_controls(limits: ServerSettings) -> SettingsControls:
             info="Keeps answers from repeating themselves; it counts the answer's own words only, so the "
             "yes/no/maybe decision stays the model's own.",
         )
-    return SettingsControls(max_new_tokens, temperature, top_p, seed, repetition_penalty)
+        min_new_tokens = gr.Slider(
+            0, 16, value=defaults.min_new_tokens, step=1, label="Minimum answer tokens (0 = off)",
+            info="No end before this many tokens, so an answer explains its decision instead of stopping at 'yes.'.",
+        )
+    return SettingsControls(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)

@@ -142,9 +142,9 @@ class CompareHandlers:
         )
 
     def run(self, question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
-            seed: float, repetition_penalty: float, request: gr.Request) -> CompareUpdates:
+            seed: float, repetition_penalty: float, min_new_tokens: float, request: gr.Request) -> CompareUpdates:
         cancel = self.cancels.start(session_id(request))
-        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty)
+        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         update: ComparisonUpdate | None = None
         updates = stream_comparison(self.backend, self.limits, question_text, context_text, settings, cancel)
         for update in run_guarded(updates):
@@ -219,10 +219,11 @@ def register_compare_api(backend: ModelBackend, limits: ServerSettings) -> None:
     def compare_api(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
                     temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
                     seed: int = GenerationSettings.seed,
-                    repetition_penalty: float = GenerationSettings.repetition_penalty) -> dict:
+                    repetition_penalty: float = GenerationSettings.repetition_penalty,
+                    min_new_tokens: int = GenerationSettings.min_new_tokens) -> dict:
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
         decision, option probabilities, time to first token, tokens/s and token count."""
-        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty)
+        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings))
         return {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
 
