@@ -11,8 +11,8 @@ the shared files (``pubmedqa/decisions/policy_files.py``).
 
 The probe is a multinomial logistic regression (scikit-learn, L2 on standardised features) on the hidden states of
 each prompt at the probe's layer — their mean over the prompt, then the prompt's last token's (``--pooling``) — the
-first layer the adapter trains, so the features are the base model's and no training label has shaped them. That makes cross-validation honest on all 500 non-test questions (train and dev;
-the test questions are never read): the L2 strength is chosen by the out-of-fold pairwise AUC, and the decision
+first layer the adapter trains, so the features are the base model's and no training label has shaped them. That
+makes cross-validation honest on all 500 non-test questions (train and dev; the test questions are never read): the L2 strength is chosen by the out-of-fold pairwise AUC, and the decision
 offsets are fitted on the out-of-fold scores with the same objective as checkpoint selection, (accuracy +
 macro-F1) / 2 — 500 questions rather than the 50 dev ones, whose offsets over-corrected. The final probe is then
 fitted on all of them.
@@ -52,9 +52,9 @@ logger = logging.getLogger("training.decision_probe")
 
 L2_GRID = (0.1, 0.3, 1.0, 3.0)  # per mean cross-entropy, on standardised features
 FOLDS = 5
-#: Chosen by nested cross-validation on the 500 non-test questions (llama.cpp features of the shipped adapter's layer
-#: 10, 10 repeats of 5 outer folds, L2 and offsets chosen inside each): "mean+last" reached accuracy 55.5 % and macro-F1
-#: 39.4 where "mean" alone reached 54.4 % and 37.9, and the last token alone 53.1 % and 36.3.
+#: Chosen by nested cross-validation on the 500 non-test questions (``python -m benchmarks.probe_pooling``: llama.cpp
+#: features of the shipped adapter's layer 10, 10 repeats of 5 outer folds, L2 and offsets chosen inside each):
+#: "mean+last" reached accuracy 55.5 % and macro-F1 39.4, "mean" alone 54.4 % and 37.9.
 DEFAULT_POOLING = "mean+last"
 
 
