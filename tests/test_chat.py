@@ -89,9 +89,9 @@ def test_chat_api_answers_streams_and_reports_bad_input(running_app, engine_back
     assert len(outputs) >= 2 and outputs[-1] == _final(engine_backend, question).answer
 
     # The minimum answer length of the page's Generation settings reaches the model through the API too.
-    unlimited = {**SETTINGS, "min_new_tokens": 8}
+    no_early_end = {**SETTINGS, "min_new_tokens": 8}
     assert client.predict(question=question, max_new_tokens=8, min_new_tokens=8, api_name="/chat") == _final(
-        engine_backend, question, settings=unlimited).answer
+        engine_backend, question, settings=no_early_end).answer
     with pytest.raises(Exception, match="min new tokens must be between 0 and 64"):
         client.predict(question=question, min_new_tokens=65, api_name="/chat")
 
