@@ -58,7 +58,7 @@ fitted on {{ calibration.fitted_on }} (never on test questions), which the proje
 picking the decision. The offsets are chosen on the rows they are scored on (in-sample); the test set says how they hold.
 {% endif %}{% if probe %}
 **Decision probe.** The fine-tuned variant's yes/no/maybe comes from `decision_probe.safetensors`: a logistic
-regression on the prompt's {{ "mean hidden state and its last token's" if probe.pooling == "mean+last" else "mean hidden state" }} after decoder layer {{ probe.layer - 1 }} (L2 {{ probe.details.l2 }}, chosen
+regression on the prompt's {{ read[probe.pooling] }} after decoder layer {{ probe.layer - 1 }} (L2 {{ probe.details.l2 }}, chosen
 by out-of-fold pairwise AUC {{ probe.details.cv_auc_by_l2 }} over {{ probe.details.questions }} train + dev
 questions; the row above is out of fold, offsets included). The adapter trains only the layers above it, so the
 probe reads the base model's own hidden states. The project's app and evaluation apply it; PEFT alone (or vLLM/TGI)
@@ -66,7 +66,7 @@ ignores the file, and the adapter's own option logits decide there.
 {% endif %}{% if engine_probe %}
 **On llama.cpp** (the project's CPU engine, on the GGUF's own quantised weights) a probe and offsets fitted on that
 engine's features decide instead: `decision_probe.llama-cpp.safetensors` and `decision_calibration.llama-cpp.json`,
-fitted on {{ engine_probe.details.fitted_on }}, reading the prompt's {{ "mean hidden state and its last token's" if engine_probe.pooling == "mean+last" else "mean hidden state" }} (out of fold: accuracy
+fitted on {{ engine_probe.details.fitted_on }}, reading the prompt's {{ read[engine_probe.pooling] }} (out of fold: accuracy
 {{ "%.3f"|format(engine_probe.details.cross_validated.accuracy) }}, macro-F1
 {{ "%.3f"|format(engine_probe.details.cross_validated.macro_f1) }}).
 {% endif %}
@@ -143,6 +143,7 @@ def write_model_card(
         calibration=calibration,
         probe=probe,
         engine_probe=load_probe(str(output_dir), "llama.cpp"),
+        read={"mean": "mean hidden state", "mean+last": "mean hidden state and its last token's"},  # by pooling
         target=(
             "the first sentence of the abstract's conclusion" if args.get("answer_target") == "first_sentence"
             else "the abstract's conclusion"
