@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from pubmedqa.backends.base import Variant
@@ -37,6 +38,24 @@ def test_fit_changes_nothing_when_the_raw_scores_are_already_best():
     probabilities = [{"yes": 0.8, "no": 0.1, "maybe": 0.1}, {"yes": 0.1, "no": 0.8, "maybe": 0.1},
                      {"yes": 0.1, "no": 0.1, "maybe": 0.8}]
     assert fit_calibration(probabilities, gold, "test").log_offsets == {"yes": 0.0, "no": 0.0, "maybe": 0.0}
+
+
+def test_shares_objective_keeps_the_predicted_decisions_near_the_gold_counts():
+    # A weak reader: its "no" scores barely differ between the classes. Here the score objective drifts to calling
+    # almost everything "yes"; the shares objective predicts about as many "no" as there are.
+    rng = np.random.default_rng(0)
+    gold = ["yes"] * 140 + ["no"] * 60
+    no_score = np.concatenate([rng.normal(0.0, 1.0, 140), rng.normal(0.6, 1.0, 60)])
+    probabilities = [
+        {"yes": 1 / (1 + np.exp(s - 1)), "no": 1 - 1 / (1 + np.exp(s - 1)) - 1e-6, "maybe": 1e-6} for s in no_score
+    ]
+    by_score = fit_calibration(probabilities, gold, "test")
+    by_shares = fit_calibration(probabilities, gold, "test", objective="shares")
+    assert by_shares.details["objective"] == "shares" and by_score.details["objective"] == "score"
+    assert abs(by_shares.details["after"]["predicted_counts"]["no"] - 60) <= 6
+    assert by_score.details["after"]["predicted_counts"]["no"] < 30
+    with pytest.raises(ValueError, match="unknown offset objective"):
+        fit_calibration(probabilities, gold, "test", objective="accuracy")
 
 
 @pytest.fixture

@@ -48,28 +48,42 @@ def _selection_scores(log_probs: np.ndarray, gold: np.ndarray, offsets: np.ndarr
     return (accuracy + np.mean(f1s, axis=0)) / 2
 
 
+#: How the offsets are chosen. "score": the best (accuracy + macro-F1) / 2 on the fitting examples. "shares": the
+#: offsets whose predicted decisions come closest to the gold decisions' counts, then the best score among those —
+#: with a weak reader, the score alone can buy macro-F1 by predicting far too many of a minority decision.
+OFFSET_OBJECTIVES = ("score", "shares")
+
+
 def fit_calibration(
-    probabilities: Sequence[dict[str, float]], gold: Sequence[str], fitted_on: str
+    probabilities: Sequence[dict[str, float]], gold: Sequence[str], fitted_on: str, objective: str = "score"
 ) -> DecisionCalibration:
-    """The offsets (yes fixed at 0) that maximise (accuracy + macro-F1) / 2 on these examples — the same score that
-    picks the best checkpoint. Among equally good offsets the smallest wins, so a calibration that cannot help
-    changes nothing."""
+    """The offsets (yes fixed at 0) chosen by ``objective`` (:data:`OFFSET_OBJECTIVES`) on these examples; the
+    score is the one that picks the best checkpoint. Among equally good offsets the smallest wins, so a calibration
+    that cannot help changes nothing."""
+    if objective not in OFFSET_OBJECTIVES:
+        raise ValueError(f"unknown offset objective {objective!r}; expected one of {', '.join(OFFSET_OBJECTIVES)}")
     log_probs = np.log(np.clip([[p[o] for o in ANSWER_OPTIONS] for p in probabilities], 1e-30, None))
     gold_ids = np.array([ANSWER_OPTIONS.index(g) for g in gold])
     candidates = np.array([(0.0, a, b) for a, b in itertools.product(OFFSET_GRID, OFFSET_GRID)])
     scores = _selection_scores(log_probs, gold_ids, candidates)
     size = np.abs(candidates).sum(axis=1)
-    best = candidates[np.lexsort((size, -scores))[0]]
+    keys = [size, -scores]  # np.lexsort: the last key is the primary one
+    if objective == "shares":
+        predicted = np.argmax(log_probs[None, :, :] + candidates[:, None, :], axis=2)
+        counts = np.stack([(predicted == k).sum(axis=1) for k in range(len(ANSWER_OPTIONS))], axis=1)
+        keys.append(np.abs(counts - np.bincount(gold_ids, minlength=len(ANSWER_OPTIONS))).sum(axis=1))
+    best = candidates[np.lexsort(keys)[0]]
     calibration = DecisionCalibration(dict(zip(ANSWER_OPTIONS, best.tolist())), fitted_on)
     before = decision_metrics(list(gold), [predicted_decision(p) for p in probabilities])
     after = decision_metrics(list(gold), [predicted_decision(calibration.apply(p)) for p in probabilities])
-    summary = {
+    summary: dict = {
         name: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "predicted_counts": m["predicted_counts"]}
         for name, m in (("before", before), ("after", after))
     }
+    summary["objective"] = objective
     logger.info(
-        "Calibration on %s: offsets %s; accuracy %.3f -> %.3f, macro-F1 %.3f -> %.3f, predicted %s -> %s",
-        fitted_on, calibration.log_offsets, before["accuracy"], after["accuracy"], before["macro_f1"],
+        "Calibration on %s (%s): offsets %s; accuracy %.3f -> %.3f, macro-F1 %.3f -> %.3f, predicted %s -> %s",
+        fitted_on, objective, calibration.log_offsets, before["accuracy"], after["accuracy"], before["macro_f1"],
         after["macro_f1"], before["predicted_counts"], after["predicted_counts"],
     )
     return DecisionCalibration(calibration.log_offsets, fitted_on, summary)

@@ -12,10 +12,11 @@ the shared files (``pubmedqa/decisions/policy_files.py``).
 The probe is a multinomial logistic regression (scikit-learn, L2 on standardised features) on the hidden states of
 each prompt at the probe's layer — their mean over the prompt, then the prompt's last token's (``--pooling``) — the
 first layer the adapter trains, so the features are the base model's and no training label has shaped them. That
-makes cross-validation honest on all 500 non-test questions (train and dev; the test questions are never read): the L2 strength is chosen by the out-of-fold pairwise AUC, and the decision
-offsets are fitted on the out-of-fold scores with the same objective as checkpoint selection, (accuracy +
-macro-F1) / 2 — 500 questions rather than the 50 dev ones, whose offsets over-corrected. The final probe is then
-fitted on all of them.
+makes cross-validation honest on all 500 non-test questions (train and dev; the test questions are never read): the
+L2 strength is chosen by the out-of-fold pairwise AUC, and the decision offsets are fitted on the out-of-fold scores
+— 500 questions rather than the 50 dev ones, whose offsets over-corrected — so that each decision is predicted about
+as often as it is the gold one, the best (accuracy + macro-F1) / 2 breaking ties (``--offsets shares``; ``score``
+takes the best objective alone). The final probe is then fitted on all of them.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ from pubmedqa.decisions.probe import POOLINGS, DecisionProbe, pooled_part
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from training.calibrate import fit_calibration, load_adapter_to_fit, local_adapter_dir
+from training.calibrate import OFFSET_OBJECTIVES, fit_calibration, load_adapter_to_fit, local_adapter_dir
 
 logger = logging.getLogger("training.decision_probe")
 
 L2_GRID = (0.1, 0.3, 1.0, 3.0)  # per mean cross-entropy, on standardised features
 FOLDS = 5
-#: Chosen by nested cross-validation on the 500 non-test questions (``python -m benchmarks.probe_pooling``: llama.cpp
-#: features of the shipped adapter's layer 10, 10 repeats of 5 outer folds, L2 and offsets chosen inside each):
-#: "mean+last" reached accuracy 55.5 % and macro-F1 39.4, "mean" alone 54.4 % and 37.9.
+#: Chosen by nested cross-validation on the 500 non-test questions (``python -m benchmarks.probe_recipe``: llama.cpp
+#: features of the shipped adapter's layer 10, 10 repeats of 5 outer folds, L2 and offsets chosen inside each), on
+#: the checkpoint-selection objective (accuracy + macro-F1) / 2: "mean+last" with "shares" offsets reached accuracy
+#: 53.8 % and macro-F1 42.7 (48.3), with "score" offsets 55.5 % and 39.4 (47.5); "mean" with them 51.5 / 40.9 and
+#: 54.4 / 37.9. The "shares" offsets also predicted each decision about as often as it is the gold one (285 / 163 /
+#: 52 against 276 / 169 / 55, summed over held-out folds), where the "score" ones drift between fits.
 DEFAULT_POOLING = "mean+last"
+DEFAULT_OFFSETS = "shares"
 
 
 class ProbeFitError(ValueError):
@@ -128,15 +133,16 @@ def cross_validate(features: np.ndarray, gold: Sequence[str], grid: Sequence[flo
 
 def fit_probe(
     features: np.ndarray, gold: Sequence[str], layer: int, fitted_on: str, calibrate: bool = True,
-    pooling: str = DEFAULT_POOLING,
+    pooling: str = DEFAULT_POOLING, offsets: str = DEFAULT_OFFSETS,
 ) -> tuple[DecisionProbe, DecisionCalibration | None]:
-    """Choose the L2 and the decision offsets by cross-validation, then fit the probe on every question. ``features``
-    are an engine's (``[mean | last]``); a ``pooling`` probe is fitted on its part of them."""
+    """Choose the L2 and the decision offsets (by ``offsets``, one of ``OFFSET_OBJECTIVES``) by cross-validation,
+    then fit the probe on every question. ``features`` are an engine's (``[mean | last]``); a ``pooling`` probe is
+    fitted on its part of them."""
     if pooling not in POOLINGS:
         raise ProbeFitError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     features = pooled_part(features, pooling)
     cv = cross_validate(features, gold)
-    calibration = fit_calibration(cv.probabilities, gold, f"{fitted_on}, out of fold") if calibrate else None
+    calibration = fit_calibration(cv.probabilities, gold, f"{fitted_on}, out of fold", offsets) if calibrate else None
     scored = [calibration.apply(p) for p in cv.probabilities] if calibration else cv.probabilities
     cross_validated = {k: v for k, v in probability_metrics(scored, list(gold)).items() if k != "confusion_matrix"}
     weight, bias = _fit(features, np.array([ANSWER_OPTIONS.index(g) for g in gold]), cv.l2)
@@ -184,6 +190,14 @@ class ProbeArguments(SplitSettings):
     pooling: str = field(
         default=DEFAULT_POOLING,
         metadata={"help": "What the probe reads of its layer over the prompt.", "choices": list(POOLINGS)},
+    )
+    offsets: str = field(
+        default=DEFAULT_OFFSETS,
+        metadata={
+            "help": "How the decision offsets are chosen: 'score' = best (accuracy + macro-F1) / 2 out of fold; "
+            "'shares' = predicted decisions closest to the gold decisions' counts, then the best score.",
+            "choices": list(OFFSET_OBJECTIVES),
+        },
     )
 
 
@@ -256,7 +270,9 @@ def fit_probe_for_adapter(model_settings: ModelSettings, args: ProbeArguments) -
     that engine's names when it is not the training engine (``policy_files.py``)."""
     read = engine_features(model_settings, args)
     adapter_dir, engine = read.adapter_dir, read.engine
-    probe, calibration = fit_probe(read.features, read.gold, read.layer, read.fitted_on, args.calibrate, args.pooling)
+    probe, calibration = fit_probe(
+        read.features, read.gold, read.layer, read.fitted_on, args.calibrate, args.pooling, args.offsets
+    )
     path = probe.save(adapter_dir, engine)
     if calibration is not None:
         calibration.save(adapter_dir, engine)

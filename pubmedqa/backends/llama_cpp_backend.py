@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, first_step_logits, penalise_repeats
+from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, penalise_repeats
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
@@ -244,31 +244,32 @@ class LlamaCppBackend(ModelBackend):
     def _answer_together(
         self, prompts: Sequence[FittedPrompt], variant: Variant, settings: GenerationSettings, calibrated: bool
     ) -> tuple[list[str], list[dict[str, float]]]:
-        """Greedy answers and decisions of rows of one variant, up to :data:`PARALLEL_ROWS` at a time."""
+        """Greedy answers and decisions of rows of one variant, up to :data:`PARALLEL_ROWS` decoded together."""
         loaded = self.load()
         self._require_adapter([variant])
         tokenizer, tuned = loaded.tokenizer, variant is Variant.TUNED
         read_features = tuned and loaded.policy.feature_layer is not None
         stops = self.stop_sequences()
         columns = [ids[0] for ids in single_token_options(tokenizer) or ()]
-        texts: list[str] = []
-        decisions: list[dict[str, float]] = []
+        decisions: list[dict[str, float]] = [{} for _ in prompts]
+
+        def start(row: int, sequence: int) -> tuple[int, np.ndarray]:
+            ids = encode_prompt(prompts[row].text, tokenizer)
+            with self._reader.armed() if read_features else nullcontext():
+                logits = self._rows.prompt(sequence, ids)
+            features = self._reader.features(expected_tokens=len(ids)) if read_features else None
+            decision = loaded.policy.first_step(columns, [tuned], (lambda: features) if features is not None else None)
+            first = decision(None, torch.from_numpy(logits[None]))[0].numpy()
+            decisions[row] = decision.decisions(calibrated)[0]
+            return len(ids), first
+
         with self._model_lock:
-            for start in range(0, len(prompts), PARALLEL_ROWS):
-                group = [encode_prompt(p.text, tokenizer) for p in prompts[start : start + PARALLEL_ROWS]]
-                self._select(variant)
-                logits, features = first_step_logits(self._rows, group, self._reader, read_features)
-                decision = loaded.policy.first_step(
-                    columns, [tuned] * len(group), (lambda f=features: f) if features is not None else None
-                )
-                first = decision(None, torch.from_numpy(logits)).numpy()
-                decisions += decision.decisions(calibrated)
-                answers = self._rows.answers(
-                    group, first, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
-                    settings.min_new_tokens,
-                )
-                texts += [cut_at_stop(t, stops)[0].strip() for t in answers]
-        return texts, decisions
+            self._select(variant)
+            answers = self._rows.answers(
+                len(prompts), start, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
+                settings.min_new_tokens,
+            )
+        return [cut_at_stop(t, stops)[0].strip() for t in answers], decisions
 
     def token_logprobs(
         self, text: str, variant: Variant, top: int = 0, tail: int = 16

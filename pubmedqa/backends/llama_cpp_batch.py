@@ -4,8 +4,9 @@ One answer at a time, each decoding step reads all the weights (262k-row output 
 a CPU decodes at its memory bandwidth (about 65 tokens/s for Gemma 3 270M on 2 cores). Here the rows of a batch keep
 their own sequence in the KV cache (the context has one cell stream per sequence, ``n_seq_max``) and every step
 decodes one token of each unfinished row in a single ``llama_decode``, so the weights are read once per step for all
-of them. The prompts are still decoded one by one, each from an empty stream, which keeps the decision probe's
-features per prompt (``llama_cpp_features.py``) and costs nothing: a long prompt is compute-bound already.
+of them; a sequence whose answer ends takes the next row's prompt at once, so the steps stay full. The prompts are
+still decoded one by one, each from an emptied stream, which keeps the decision probe's features per prompt
+(``llama_cpp_features.py``) and costs nothing: a long prompt is compute-bound already.
 
 Greedy decoding, the first step's decision processor and the answer-only repetition penalty behave exactly as in
 the one-row path (``LlamaCppBackend._generate_row``).
@@ -13,12 +14,10 @@ the one-row path (``LlamaCppBackend._generate_row``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from pubmedqa.prompts import cut_at_stop
 
@@ -86,61 +85,70 @@ class BatchDecoder:
             self._decode([(t, start + i, sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)])
         return self.logits(-1).copy()
 
+    def clear(self, sequence: int) -> None:
+        """Empty ``sequence``'s cells, for the next prompt."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), sequence, -1, -1)
+
     def answers(
         self,
-        prompt_ids: Sequence[Sequence[int]],
-        first_logits: np.ndarray,
+        rows: int,
+        start: Callable[[int, int], tuple[int, np.ndarray]],
         max_new_tokens: int,
         repetition_penalty: float,
         decode: Callable[[list[int]], str],
         stops: Sequence[str],
         min_new_tokens: int = 0,
+        sequences: int = PARALLEL_ROWS,
     ) -> list[str]:
-        """Greedy answers of the rows whose prompts are in sequences 0..n-1, starting from each row's first-step
-        logits (rows x vocab, the decision processor already applied); the raw decoded text of each."""
+        """Greedy answers of ``rows`` rows, up to ``sequences`` at once; the raw decoded text of each.
+
+        ``start(row, sequence)`` decodes the row's prompt into the (empty) ``sequence`` and returns the prompt's length
+        and the first step's logits (the decision processor already applied). A sequence whose answer has ended takes
+        the next row at once (continuous batching): otherwise every step of a group waits for its longest answer with
+        fewer and fewer rows, while a step costs little more for 8 rows than for 1."""
         import llama_cpp
 
-        rows = len(prompt_ids)
         tokens: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
-        positions = [len(ids) for ids in prompt_ids]
-        current: dict[int, np.ndarray] = {row: first_logits[row] for row in range(rows)}
-        for _ in range(max_new_tokens):
+        row_of: dict[int, int] = {}
+        positions: dict[int, int] = {}
+        current: dict[int, np.ndarray] = {}
+        waiting = iter(range(rows))
+
+        def take_next(sequence: int) -> None:
+            row = next(waiting, None)
+            if row is not None:
+                self.clear(sequence)
+                row_of[sequence] = row
+                positions[sequence], current[sequence] = start(row, sequence)
+
+        for sequence in range(min(sequences, rows)):
+            take_next(sequence)
+        while current:
             following: list[tuple[int, int]] = []
-            for row, logits in current.items():
+            ended: list[int] = []
+            for sequence, logits in current.items():
+                row = row_of[sequence]
                 if tokens[row] and repetition_penalty != 1.0:
                     penalise_repeats(logits, tokens[row], repetition_penalty)
                 if len(tokens[row]) < min_new_tokens:
                     logits[self.end_tokens] = -np.inf
                 token = int(np.argmax(logits))
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    continue
-                tokens[row].append(token)
-                texts[row] = decode(tokens[row])
-                if not cut_at_stop(texts[row], stops)[1] and len(tokens[row]) < max_new_tokens:
-                    following.append((row, token))
-            if not following:
-                break
-            self._decode([(token, positions[row], row, True) for row, token in following])
+                if not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    tokens[row].append(token)
+                    texts[row] = decode(tokens[row])
+                    if not cut_at_stop(texts[row], stops)[1] and len(tokens[row]) < max_new_tokens:
+                        following.append((sequence, token))
+                        continue
+                ended.append(sequence)
             current = {}
-            for index, (row, _) in enumerate(following):
-                positions[row] += 1
-                current[row] = self.logits(index)
+            for sequence in ended:  # after every row has read its logits: a prompt's decode overwrites them
+                take_next(sequence)
+            if following:
+                self._decode([(token, positions[sequence], sequence, True) for sequence, token in following])
+                for index, (sequence, _) in enumerate(following):
+                    positions[sequence] += 1
+                    current[sequence] = self.logits(index)
         return texts
-
-
-def first_step_logits(
-    decoder: BatchDecoder,
-    prompt_ids: Sequence[Sequence[int]],
-    reader: Any,
-    read_features: bool,
-) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Each prompt decoded into its own sequence: the last positions' logits (rows x vocab) and, with
-    ``read_features``, the probe's features (rows x 2 n_embd) read during those decodes."""
-    logits, features = [], []
-    for sequence, ids in enumerate(prompt_ids):
-        with reader.armed() if read_features else contextlib.nullcontext():
-            logits.append(decoder.prompt(sequence, ids))
-        if read_features:
-            features.append(reader.features(expected_tokens=len(ids)))
-    return np.stack(logits), torch.cat(features) if features else None
