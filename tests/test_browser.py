@@ -199,7 +199,7 @@ def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the
         assert button.is_disabled()
         assert page.get_by_text("reserved for the owner of this public app").is_visible()
         # The latest shipped run, by its name, not a path.
-        assert page.get_by_label("Evaluation run").input_value() == "test-500-mean-last · shipped"
+        assert page.get_by_label("Evaluation run").input_value() == "test-500-shares · shipped"
         page.screenshot(path=str(ARTIFACTS / "evaluation-public.png"), full_page=True)
         context.close()
 

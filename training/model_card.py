@@ -66,8 +66,9 @@ ignores the file, and the adapter's own option logits decide there.
 {% endif %}{% if engine_probe %}
 **On llama.cpp** (the project's CPU engine, on the GGUF's own quantised weights) a probe and offsets fitted on that
 engine's features decide instead: `decision_probe.llama-cpp.safetensors` and `decision_calibration.llama-cpp.json`,
-fitted on {{ engine_probe.details.fitted_on }}, reading the prompt's {{ read[engine_probe.pooling] }} (out of fold: accuracy
-{{ "%.3f"|format(engine_probe.details.cross_validated.accuracy) }}, macro-F1
+fitted on {{ engine_probe.details.fitted_on }}, reading the prompt's {{ read[engine_probe.pooling] }}{% if engine_calibration %},
+with offsets {{ engine_calibration.log_offsets }} chosen out of fold {{ chosen[engine_calibration.details.objective or "score"] }}{% endif %}
+(out of fold: accuracy {{ "%.3f"|format(engine_probe.details.cross_validated.accuracy) }}, macro-F1
 {{ "%.3f"|format(engine_probe.details.cross_validated.macro_f1) }}).
 {% endif %}
 {% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
@@ -143,6 +144,11 @@ def write_model_card(
         calibration=calibration,
         probe=probe,
         engine_probe=load_probe(str(output_dir), "llama.cpp"),
+        engine_calibration=load_calibration(str(output_dir), "llama.cpp"),
+        chosen={  # by the offsets' objective (training/calibrate.py)
+            "score": "for the best (accuracy + macro-F1) / 2",
+            "shares": "so that each decision is predicted about as often as it is the gold one",
+        },
         read={"mean": "mean hidden state", "mean+last": "mean hidden state and its last token's"},  # by pooling
         target=(
             "the first sentence of the abstract's conclusion" if args.get("answer_target") == "first_sentence"
