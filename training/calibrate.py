@@ -50,7 +50,7 @@ def _selection_scores(log_probs: np.ndarray, gold: np.ndarray, offsets: np.ndarr
 
 #: How the offsets are chosen. "score": the best (accuracy + macro-F1) / 2 on the fitting examples. "shares": the
 #: offsets whose predicted decisions come closest to the gold decisions' counts, then the best score among those —
-#: with a weak reader, the score alone can buy macro-F1 by predicting far too many of a minority decision.
+#: with a weak reader, the score alone lets the predicted shares drift far from the gold ones, either way.
 OFFSET_OBJECTIVES = ("score", "shares")
 
 
