@@ -35,12 +35,11 @@ logger = logging.getLogger("training.calibrate")
 OFFSET_GRID = np.round(np.arange(-4.0, 4.0 + 1e-9, 0.25), 2)
 
 
-def _selection_scores(log_probs: np.ndarray, gold: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(accuracy + macro-F1) / 2 for each row of ``offsets`` (candidates x options), computed at once."""
-    predicted = np.argmax(log_probs[None, :, :] + offsets[:, None, :], axis=2)  # candidates x examples
+def _selection_scores(predicted: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """(accuracy + macro-F1) / 2 of each candidate's predictions (candidates x examples), computed at once."""
     accuracy = (predicted == gold[None, :]).mean(axis=1)
     f1s = []
-    for k in range(log_probs.shape[1]):
+    for k in range(len(ANSWER_OPTIONS)):
         tp = ((predicted == k) & (gold[None, :] == k)).sum(axis=1)
         fp = ((predicted == k) & (gold[None, :] != k)).sum(axis=1)
         fn = ((predicted != k) & (gold[None, :] == k)).sum(axis=1)
@@ -65,11 +64,10 @@ def fit_calibration(
     log_probs = np.log(np.clip([[p[o] for o in ANSWER_OPTIONS] for p in probabilities], 1e-30, None))
     gold_ids = np.array([ANSWER_OPTIONS.index(g) for g in gold])
     candidates = np.array([(0.0, a, b) for a, b in itertools.product(OFFSET_GRID, OFFSET_GRID)])
-    scores = _selection_scores(log_probs, gold_ids, candidates)
+    predicted = np.argmax(log_probs[None, :, :] + candidates[:, None, :], axis=2)  # candidates x examples
     size = np.abs(candidates).sum(axis=1)
-    keys = [size, -scores]  # np.lexsort: the last key is the primary one
+    keys = [size, -_selection_scores(predicted, gold_ids)]  # np.lexsort: the last key is the primary one
     if objective == "shares":
-        predicted = np.argmax(log_probs[None, :, :] + candidates[:, None, :], axis=2)
         counts = np.stack([(predicted == k).sum(axis=1) for k in range(len(ANSWER_OPTIONS))], axis=1)
         keys.append(np.abs(counts - np.bincount(gold_ids, minlength=len(ANSWER_OPTIONS))).sum(axis=1))
     best = candidates[np.lexsort(keys)[0]]

@@ -250,7 +250,6 @@ class LlamaCppBackend(ModelBackend):
         tokenizer, tuned = loaded.tokenizer, variant is Variant.TUNED
         read_features = tuned and loaded.policy.feature_layer is not None
         stops = self.stop_sequences()
-        columns = [ids[0] for ids in single_token_options(tokenizer) or ()]
         decisions: list[dict[str, float]] = [{} for _ in prompts]
 
         def start(row: int, sequence: int) -> tuple[int, np.ndarray]:
@@ -258,7 +257,7 @@ class LlamaCppBackend(ModelBackend):
             with self._reader.armed() if read_features else nullcontext():
                 logits = self._rows.prompt(sequence, ids)
             features = self._reader.features(expected_tokens=len(ids)) if read_features else None
-            decision = loaded.policy.first_step(columns, [tuned], (lambda: features) if features is not None else None)
+            decision = self._first_step(loaded, tuned, features)  # not None: the caller checked the options
             first = decision(None, torch.from_numpy(logits[None]))[0].numpy()
             decisions[row] = decision.decisions(calibrated)[0]
             return len(ids), first
