@@ -38,7 +38,7 @@ from training.decision_probe import DEFAULT_OFFSETS, DEFAULT_POOLING, FOLDS, Pro
 
 
 @dataclass
-class PoolingArguments(ProbeArguments):
+class RecipeArguments(ProbeArguments):
     repeats: int = field(default=10, metadata={"help": "Outer cross-validations, each with its own split."})
 
 
@@ -66,7 +66,7 @@ def nested_scores(
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    model_settings, args = parse_settings([ModelSettings, PoolingArguments], argv)
+    model_settings, args = parse_settings([ModelSettings, RecipeArguments], argv)
     read = engine_features(model_settings, args)
     print(f"{len(read.gold)} non-test questions, layer {read.layer} features, {read.fitted_on}; "
           f"{args.repeats} x {FOLDS}-fold nested cross-validation")
