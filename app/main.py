@@ -63,9 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         logger.error("%s", exc)
         return 2
-    if server.preload:
+    try:
+        app = build_server(backend, server)
+    except Exception:  # e.g. sign-in configured (hf_oauth) without its libraries: say so, traceback included
+        logger.exception("The app could not start")
+        return 1
+    if server.preload:  # after the page is built, so that a start-up error is never interleaved with model loading
         backend.load_in_background()
-    app = build_server(backend, server)
     url = f"http://{server.server_name}:{server.server_port}"
     key = f"key required: {API_KEY_ENV} is set" if os.environ.get(API_KEY_ENV) else f"open: set {API_KEY_ENV} for a key"
     logger.info("Serving the page at %s/ and the OpenAI-compatible API at %s/v1 (%s)", url, url, key)

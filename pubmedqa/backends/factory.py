@@ -8,6 +8,7 @@ import torch
 
 from pubmedqa.backends.base import ModelBackend
 from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend, llama_cpp_available
+from pubmedqa.backends.llama_cpp_logging import route_llama_logs
 from pubmedqa.backends.remote import RemoteBackend
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
@@ -35,6 +36,8 @@ def create_backend(settings: ModelSettings) -> ModelBackend:
     if settings.backend == "openai":
         return RemoteBackend(settings)
     engine, note = resolve_engine(settings)
+    if engine == "llama.cpp":
+        route_llama_logs()
     backend: ModelBackend = LlamaCppBackend(settings) if engine == "llama.cpp" else TransformersBackend(settings)
     if note:
         logger.warning("%s", note)
