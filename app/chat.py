@@ -36,6 +36,10 @@ def clean_text(value: Any, name: str, max_chars: int) -> str:
     if not isinstance(value, str):
         raise UserInputError(f"The {name} must be text.")
     text = value.translate(_CONTROL_CHARS).strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"), which JSON can carry but no text contains
+        raise UserInputError(f"The {name} contains an invalid character (a lone UTF-16 surrogate); retype it.") from None
     if len(text) > max_chars:
         raise UserInputError(f"The {name} is {len(text):,} characters long; the limit is {max_chars:,}.")
     return text
@@ -73,14 +77,14 @@ def parse_generation_settings(values: dict[str, Any], limits: ServerSettings) ->
         raise UserInputError(str(exc)) from None
 
 
-def _message_text(content: Any) -> str:
+def message_text(content: Any) -> str:
     """Text of a chat message's content: a string, or Gradio's list of content parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
         return str(content.get("text", ""))
     if isinstance(content, (list, tuple)):
-        return " ".join(_message_text(part) for part in content)
+        return " ".join(message_text(part) for part in content)
     return ""
 
 
@@ -101,7 +105,7 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
     for message in history:
         if not isinstance(message, dict):
             raise UserInputError("Each history message must be an object with 'role' and 'content'.")
-        text = clean_text(_message_text(message.get("content")), "history message", limits.max_context_chars)
+        text = clean_text(message_text(message.get("content")), "history message", limits.max_context_chars)
         if message.get("role") == "user":
             pending_question = text
         elif message.get("role") == "assistant" and pending_question is not None and text:

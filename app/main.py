@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from app.openai_api import API_KEY_ENV, create_app
 from app.ui.interface import build_app
@@ -31,11 +33,26 @@ def build_server(backend: ModelBackend, server: ServerSettings) -> FastAPI:
     Both use ``backend`` and the limits in ``server``."""
     demo = build_app(backend, server)
     app = create_app(backend, server, page=demo)
+    app.add_middleware(RefuseUploads)
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
         root_path=os.environ.get("GRADIO_ROOT_PATH") or None,
         show_error=False,  # as demo.launch() does: unexpected errors are logged, not shown with their details
     )
+
+
+class RefuseUploads:
+    """Refuses Gradio's upload route before a byte is read: the page has no file input, and every upload would be
+    kept on the server's disk and served back to anyone holding its link."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
+            await JSONResponse({"detail": "This app accepts no file uploads."}, status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class AppServer(uvicorn.Server):

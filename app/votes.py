@@ -8,8 +8,7 @@ import json
 import logging
 import os
 import threading
-import time
-from collections import Counter, defaultdict, deque
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,13 @@ def context_hash(context: str) -> str:
 
 
 class VoteLog:
-    def __init__(self, path: str | Path, hub_repo: str = ""):
+    """The votes file, append-only and bounded: past ``max_bytes`` further votes are refused with a message (a public
+    page's visitors must not be able to fill the disk), and the owner is told once in the log."""
+
+    def __init__(self, path: str | Path, hub_repo: str = "", max_bytes: int = 20 << 20):
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._full_logged = False
         self._lock = threading.Lock()
         self._scheduler = None
         if hub_repo:
@@ -49,16 +53,36 @@ class VoteLog:
             raise VoteError(f"Unknown vote {vote!r}: choose one of {', '.join(VOTE_CHOICES)}.")
         line = json.dumps({"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vote": vote, **record},
                           ensure_ascii=False)
+        data = (line + "\n").encode("utf-8")
         with self._lock:
+            if self._size() + len(data) > self.max_bytes:
+                raise self._full()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                _append_whole(self.path, (line + "\n").encode("utf-8"))
+                _append_whole(self.path, data)
             except OSError as exc:
                 logger.error("Could not record a vote in %s: %s", self.path, exc)
                 raise VoteError(
                     f"The vote could not be saved ({exc.strerror or type(exc).__name__}); earlier votes are safe. "
                     "Please tell the owner."
                 ) from None
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def _full(self) -> VoteError:
+        if not self._full_logged:
+            self._full_logged = True
+            logger.warning("The votes file %s reached its limit of %.3g MB; new votes are refused (raise "
+                           "--max_votes_mb or move the file away)", self.path, self.max_bytes / 2**20)
+        return VoteError("Voting is closed for now: the vote box is full. Thank you — the owner has been told.")
+
+    @property
+    def full(self) -> bool:
+        return self._size() >= self.max_bytes
 
     def summary(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -89,28 +113,3 @@ def _append_whole(path: Path, data: bytes) -> None:
             raise
     finally:
         os.close(fd)
-
-
-class VoteLimiter:
-    """At most ``per_minute`` votes per browser session in any 60 seconds."""
-
-    def __init__(self, per_minute: int, clock=time.monotonic):
-        self.per_minute = per_minute
-        self._clock = clock
-        self._times: defaultdict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
-
-    def allow(self, session: str) -> bool:
-        """Whether ``session`` may vote now; an allowed vote counts against it."""
-        now = self._clock()
-        with self._lock:
-            recent = self._times[session]
-            while recent and now - recent[0] >= 60:
-                recent.popleft()
-            if len(recent) >= self.per_minute:
-                return False
-            recent.append(now)
-            if len(self._times) > 10_000:  # forget idle sessions so the table stays small
-                for key in [k for k, v in self._times.items() if not v or now - v[-1] >= 60]:
-                    del self._times[key]
-            return True

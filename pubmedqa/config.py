@@ -144,7 +144,14 @@ class ServerSettings:
     votes_path: str = _setting("outputs/votes/votes.jsonl", "Where Compare-tab votes are appended (JSON lines).")
     votes_repo: str = _setting("", "Hub dataset repo to sync votes to with CommitScheduler (off when empty).")
     max_comment_chars: int = _setting(500, "Longest vote comment kept (longer ones are refused).")
-    votes_per_minute: int = _setting(6, "Votes one browser session may cast per minute.")
+    votes_per_minute: int = _setting(6, "Votes one visitor may cast per minute.")
+    max_votes_mb: int = _setting(20, "Size limit of the votes file in MB; once reached, new votes are refused.")
+    heavy_per_minute: int = _setting(
+        2,
+        "Heavy requests (Compare, or a context over heavy_context_chars) one visitor may start per minute on the page "
+        "and the /chat and /compare APIs; more are refused at once instead of holding the queue.",
+    )
+    heavy_context_chars: int = _setting(4000, "A context longer than this makes a Chat request heavy.")
     eval_dir: str = _setting("outputs/eval", "Where evaluations started in the app are written, one folder each.")
     max_eval_runs: int = _setting(10, "Evaluation runs of its own the app keeps; the oldest beyond are removed.")
     owner: str = _setting(
@@ -156,7 +163,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.owner:
             self.owner = os.environ.get("SPACE_AUTHOR_NAME", "")
-        for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs"):
+        for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs", "max_votes_mb", "heavy_per_minute"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -155,7 +155,8 @@ def test_compare_shows_two_answers_side_by_side(page):
     page.get_by_role("button", name="Compare", exact=True).click()
     for side in ("#compare-base-answer", "#compare-tuned-answer"):
         page.wait_for_function(f"() => document.querySelector('{side}').innerText.trim().length > 0")
-    page.get_by_text("Decision:").first.wait_for()
+    page.get_by_text("Model's yes/no/maybe probabilities").first.wait_for()  # labelled as scores, not as the text
+    page.get_by_text("The text ").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
     base = page.locator("#compare-base-answer").inner_text()
     tuned = page.locator("#compare-tuned-answer").inner_text()
@@ -248,3 +249,89 @@ def test_the_status_line_is_plain_and_the_details_open_on_request(page):
     placeholder = page.locator("#chat-conversation").inner_text()
     assert "on the right" not in placeholder and "Abstract / context box" in placeholder
     page.screenshot(path=str(ARTIFACTS / "status-details.png"), full_page=True)
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def _top(page, selector: str) -> float:
+    return page.locator(selector).first.bounding_box()["y"]
+
+
+def test_on_a_phone_the_model_choice_and_the_abstract_come_before_the_buttons(browser, app_url):
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.get_by_text("Model status: Ready").wait_for()
+    send = _top(page, "#chat-send")
+    assert _top(page, "#chat-model") < send and _top(page, "#chat-context") < send
+    assert page.locator("#chat-question textarea").bounding_box()["width"] > 150  # the question box stays usable
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"] + 1, f"the page scrolls sideways on a phone ({width} px)"
+    page.screenshot(path=str(ARTIFACTS / "phone-chat.png"), full_page=True)
+    context.close()
+
+
+@pytest.fixture
+def slow_app_url(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """The app on a backend that takes 0.3 s per token, so that Stop lands in the middle of an answer."""
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    original = backend.stream_batch
+
+    def slow_stream_batch(*args, **kwargs):
+        for texts in original(*args, **kwargs):
+            time.sleep(0.3)
+            yield texts
+
+    backend.stream_batch = slow_stream_batch
+    limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(backend, limits)) as url:
+        yield url
+
+
+def test_stop_marks_the_answer_as_stopped_in_chat_and_compare(browser, slow_app_url):
+    context, page = _open_page(browser, slow_app_url)
+    _ask(page, "Does a stopped answer say that it was stopped?")
+    bot = _bot_messages(page).first
+    page.wait_for_function("() => { const b = document.querySelector('#chat-conversation .bot-row');"
+                           " return b && b.innerText.trim().length > 1 && b.innerText.trim() !== '…'; }")
+    page.locator("#chat-stop").click()
+    page.get_by_text("(stopped)").first.wait_for()
+    time.sleep(1.0)  # nothing generated after Stop overwrites the mark
+    assert "(stopped)" in bot.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "chat-stopped.png"), full_page=True)
+
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-question textarea").fill("Is a stopped comparison marked?")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#compare-base-answer').innerText.trim().length > 1")
+    page.locator("#compare-stop").click()
+    page.get_by_text("Stopped.").first.wait_for()
+    assert "(stopped)" in page.locator("#compare-base-answer").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "compare-stopped.png"), full_page=True)
+    context.close()
+
+
+def test_toasts_are_plain_text(browser, tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
+    # A toast renders no Markdown: "**lab-org**" used to appear with its asterisks.
+    monkeypatch.setenv("PUBMEDQA_ADMIN_KEY", "owner-key")
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    public = ServerSettings(server_name="0.0.0.0", owner="lab-org", votes_path=str(tmp_path / "votes.jsonl"),
+                            eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(backend, public)) as url:
+        context, page = _open_page(browser, url)
+        page.get_by_role("tab", name="Compare").click()
+        page.get_by_role("button", name="tie").click()  # a vote before any comparison
+        toast = page.locator(".toast-body").first
+        toast.wait_for()
+        assert "Compare the two models" in toast.inner_text() and "*" not in toast.inner_text()
+        page.get_by_role("tab", name="Evaluation").click()
+        page.get_by_text("Run a new evaluation").click()
+        page.get_by_label("Admin key").fill("wrong-key")
+        page.get_by_role("button", name="Run evaluation").click()
+        page.get_by_text("Wrong admin key").first.wait_for()
+        texts = page.locator(".toast-body").all_inner_texts()
+        assert texts and not any("*" in t or "`" in t for t in texts)
+        page.screenshot(path=str(ARTIFACTS / "toast-plain.png"), full_page=False)
+        context.close()

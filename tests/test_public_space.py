@@ -16,7 +16,8 @@ from app.access import OwnerAccess
 from app.eval_runs import RunCatalogue, UnknownRunError
 from app.ui.evaluation_tab import show_run
 from app.ui.interface import build_app
-from app.votes import VoteError, VoteLimiter, VoteLog
+from app.rate_limits import PerMinuteLimiter, visitor_key
+from app.votes import VoteError, VoteLog
 from pubmedqa.backends.model_lock import ModelLock
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
@@ -49,7 +50,8 @@ def test_the_admin_key_and_the_owners_sign_in_open_it_and_nothing_else_does():
     member = {"preferred_username": "alice", "orgs": [{"preferred_username": "lab-org"}]}
     assert space.refusal(member) is None
     assert space.refusal({"preferred_username": "lab-org"}) is None
-    assert "sign in with Hugging Face as **lab-org**" in space.refusal({"preferred_username": "mallory", "orgs": []})
+    # Plain text: the refusal is shown in a toast, which renders no Markdown.
+    assert "sign in with Hugging Face as lab-org." in space.refusal({"preferred_username": "mallory", "orgs": []})
     assert space.refusal(None)
 
 
@@ -175,13 +177,56 @@ def test_a_chat_answers_while_an_evaluation_runs(tiny_backend, pubmedqa_dir, tmp
 
 
 # ---------------------------------------------------------------------------------------------------- votes
-def test_votes_per_session_per_minute_are_limited():
+def test_votes_per_visitor_per_minute_are_limited():
     now = [0.0]
-    limiter = VoteLimiter(per_minute=3, clock=lambda: now[0])
+    limiter = PerMinuteLimiter(per_minute=3, clock=lambda: now[0])
     assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
-    assert limiter.allow("b")  # another browser session has its own budget
+    assert limiter.wait_s("a") == 60.0
+    assert limiter.allow("b")  # another visitor has its own budget
     now[0] = 61.0
     assert limiter.allow("a")
+
+
+def test_a_visitor_is_named_by_address_so_new_sessions_share_one_budget():
+    def request(session, host, forwarded=""):
+        headers = {"x-forwarded-for": forwarded} if forwarded else {}
+        return type("Request", (), {"session_hash": session, "client": type("C", (), {"host": host})(),
+                                    "headers": headers})()
+
+    assert visitor_key(request("s1", "10.0.0.5")) == visitor_key(request("s2", "10.0.0.5"))
+    assert visitor_key(request("s1", "10.0.0.1", "203.0.113.7, 10.0.0.1")) == "ip:203.0.113.7"  # behind a proxy
+    assert visitor_key(None) == "session:anonymous"
+
+
+def test_the_votes_file_is_bounded_and_a_full_box_refuses_with_a_message(tmp_path, caplog):
+    log = VoteLog(tmp_path / "votes.jsonl", max_bytes=600)
+    accepted = 0
+    with pytest.raises(VoteError, match="vote box is full"):
+        for _ in range(100):
+            log.append("tie", {"question": "q" * 100})
+            accepted += 1
+    assert 1 <= accepted < 6 and (tmp_path / "votes.jsonl").stat().st_size <= 600
+    assert log.summary()["tie"] == accepted  # the votes kept are whole and counted
+    with pytest.raises(VoteError):
+        log.append("tie", {"question": "q" * 100})
+    assert caplog.text.count("reached its limit") == 1  # the owner is told once, not per refused vote
+
+
+def test_wrong_admin_keys_are_logged_on_one_line_and_slow_the_next_try(caplog):
+    keyed = _access(PUBMEDQA_ADMIN_KEY="s3cret-key")
+    now = [100.0]
+    keyed._failures._clock = lambda: now[0]
+    assert "Wrong admin key" in keyed.refusal(None, "guess-1")
+    assert "try again in 1 s" in keyed.refusal(None, "s3cret-key")  # not even compared during the wait
+    now[0] += 1
+    assert "Wrong admin key" in keyed.refusal(None, "guess-2")
+    now[0] += 1
+    assert "try again in 1 s" in keyed.refusal(None, "guess-3")  # the wait doubles: 2 s after the second
+    now[0] += 1
+    assert keyed.refusal(None, "s3cret-key") is None  # the owner gets in, and the count starts again
+    assert "Wrong admin key" in keyed.refusal(None, "guess-4")
+    lines = [r for r in caplog.records if "wrong admin key" in r.getMessage()]
+    assert len(lines) == 3 and all(r.exc_info is None for r in lines) and "guess" not in caplog.text
 
 
 def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkeypatch):
@@ -203,10 +248,11 @@ def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkey
 
 
 def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_backend, tmp_path):
+    from app.ui.common import VisitorGuard
     from app.ui.compare_tab import CompareHandlers
 
     server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), max_comment_chars=20, votes_per_minute=2)
-    handlers = CompareHandlers(tiny_backend, server, [], VoteLog(server.votes_path))
+    handlers = CompareHandlers(tiny_backend, server, [], VoteLog(server.votes_path), VisitorGuard(server, public=False))
     request = type("Request", (), {"session_hash": "visitor-1"})()
     with pytest.raises(gr.Error, match="at most 20 characters"):
         handlers.vote("tie", "x" * 21, {"question": "q"}, request)

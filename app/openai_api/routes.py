@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.access import API_KEY_ENV, bearer_key_matches
 from app.openai_api.admission import AdmissionQueue, Ticket, page_queue_length
 from app.openai_api.errors import ApiError, as_api_error
 from app.openai_api.generation import chat_work, completion_work
@@ -25,7 +25,6 @@ from app.openai_api.streaming import ClientGone, EventStream, Producer, last_ite
 from pubmedqa.backends.base import ModelBackend
 from pubmedqa.config import ServerSettings
 
-API_KEY_ENV = "PUBMEDQA_API_KEY"  # read from the environment only, never a flag, never logged
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the limits allow
 
 
@@ -37,7 +36,7 @@ class OpenAiApi:
         models: ServedModels, allow_echo: bool,
     ):
         self.backend, self.limits, self.queue, self.models, self.allow_echo = backend, limits, queue, models, allow_echo
-        self._key = api_key.encode() if api_key else None
+        self._key = api_key or None
 
     async def list_models(self, request: Request, model: str | None = None) -> Response:
         """The served models' cards, or the card of ``model``."""
@@ -83,8 +82,7 @@ class OpenAiApi:
     def authorise(self, request: Request) -> None:
         if self._key is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), self._key)):
+        if not bearer_key_matches(request.headers, self._key):
             raise ApiError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -105,6 +103,11 @@ class OpenAiApi:
             raise ApiError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # JSON's "\ud800" escape decodes to a lone surrogate, which no text contains
+            raise ApiError(400, "The request contains an invalid character (a lone UTF-16 surrogate).",
+                           code="invalid_text") from None
         return body
 
     def _work(self, req: ChatRequest | CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:

@@ -12,21 +12,25 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from app import variants
-from app.chat import stream_answer
+from app.chat import message_text, stream_answer
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
     SettingsControls,
+    VisitorGuard,
     build_settings_controls,
     generation_settings,
+    mark_stopped,
     notices_markdown,
     run_guarded,
     session_id,
+    user_error,
 )
 from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 
 ChatUpdates = Iterator[tuple[Any, Any, Any]]  # (conversation, question box, notice) as the answer grows
+WAITING, LOADING = "…", "⏳ Loading the model…"  # the answer's placeholder until its first token
 
 
 def variant_update(backend: ModelBackend) -> dict[str, Any]:
@@ -65,20 +69,22 @@ class ChatComponents:
 
 
 def _layout(limits: ServerSettings, examples: list[dict[str, str]]) -> ChatComponents:
+    # One column in reading order (model, conversation, context, question and its buttons), so that on a phone,
+    # where columns stack, nothing a question needs comes after the buttons.
     with gr.Row():
         with gr.Column(scale=3):
+            variant = _variant_radio()
             chatbot = _conversation()
+            context = _context_box(limits)
             with gr.Row():
                 question = _question_box(limits)
-                send = gr.Button("Send", variant="primary", scale=1)
+                send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
+                stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop")
             with gr.Row():
-                stop = gr.Button("Stop", variant="stop")
                 clear = gr.Button("Clear", elem_id="chat-clear")
             notice = gr.Markdown()
-        with gr.Column(scale=2):
-            variant = _variant_radio()
+        with gr.Column(scale=2, min_width=280):
             settings = build_settings_controls(limits)
-            context = _context_box(limits)
     if examples:
         gr.Examples(
             examples=[[ex["question"], ex["context"]] for ex in examples],
@@ -119,7 +125,8 @@ def _question_box(limits: ServerSettings) -> gr.Textbox:
 def _variant_radio() -> gr.Radio:
     # Starts disabled: the page's status poll enables it once the backend can say which variants it serves.
     return gr.Radio(
-        choices=list(variants.CHOICES), value=variants.choice(variants.DEFAULT), label="Model", interactive=False
+        choices=list(variants.CHOICES), value=variants.choice(variants.DEFAULT), label="Model", interactive=False,
+        elem_id="chat-model",
     )
 
 
@@ -127,8 +134,9 @@ def _context_box(limits: ServerSettings) -> gr.Textbox:
     return gr.Textbox(
         label="Abstract / context (optional)",
         placeholder="Paste the abstract the question is about; it is put into the prompt.",
-        lines=8,
+        lines=3,
         max_lines=16,
+        elem_id="chat-context",
         max_length=limits.max_context_chars,
     )
 
@@ -136,9 +144,10 @@ def _context_box(limits: ServerSettings) -> gr.Textbox:
 class ChatHandlers:
     """The Chat tab's event handlers; one cancel flag per browser session, so Stop and Clear reach only it."""
 
-    def __init__(self, backend: ModelBackend, limits: ServerSettings) -> None:
+    def __init__(self, backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
         self.backend = backend
         self.limits = limits
+        self.guard = guard
         self.cancels = SessionCancels()
 
     def respond(
@@ -156,9 +165,10 @@ class ChatHandlers:
         request: gr.Request,
     ) -> ChatUpdates:
         if not isinstance(message, str) or not message.strip():
-            raise gr.Error("Please type a question.")
+            raise user_error("Please type a question.")
+        self.guard.check_heavy(request, compare=False, context=context_text)
         original = list(history or [])
-        waiting = "⏳ Loading the model…" if self.backend.state is not LoadState.READY else "…"
+        waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
         yield pending, "", ""
         cancel = self.cancels.start(session_id(request))
@@ -173,11 +183,24 @@ class ChatHandlers:
         except gr.Error:
             yield original, message, ""  # give the question back: nothing the user typed is lost
             raise
-        if not pending[-1]["content"] or pending[-1]["content"] == waiting:
-            pending[-1] = {"role": "assistant", "content": "_(stopped before any text was generated)_"}
+        self.cancels.finish(session_id(request), cancel)
+        if cancel.is_set():  # stopped while the backend was finishing its last token: say so
+            pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
             yield pending, gr.skip(), gr.skip()
 
-    def stop_generation(self, request: gr.Request) -> None:
+    def stop_generation(self, history: list[dict[str, Any]] | None, request: gr.Request) -> Any:
+        """Stop this session's answer, and mark it as stopped where it stands (the cancelled event sends nothing
+        more)."""
+        if not self.cancels.cancel(session_id(request)) or not history:
+            return gr.skip()
+        last = dict(history[-1])
+        if last.get("role") != "assistant":
+            return gr.skip()
+        text = message_text(last.get("content"))
+        last["content"] = mark_stopped("" if text in (WAITING, LOADING) else text)
+        return [*history[:-1], last]
+
+    def end_session(self, request: gr.Request) -> None:
         self.cancels.cancel(session_id(request))
 
     def clear_chat(self, request: gr.Request) -> tuple[list, str, str]:
@@ -195,22 +218,25 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
         concurrency_id=MODEL_EVENTS,
         concurrency_limit=concurrency_limit,
     )
-    ui.stop.click(handlers.stop_generation, None, None, cancels=[chat_event], queue=False, api_visibility="private")
+    ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=[chat_event], queue=False,
+                  api_visibility="private")
     ui.clear.click(
         handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=[chat_event], queue=False,
         api_visibility="private",
     )
 
 
-def build_chat_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> ChatTab:
+def build_chat_tab(
+    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard
+) -> ChatTab:
     ui = _layout(limits, examples)
-    handlers = ChatHandlers(backend, limits)
+    handlers = ChatHandlers(backend, limits, guard)
     _wire(ui, handlers, limits.concurrency_limit)
-    return ChatTab(variant=ui.variant, end_session=handlers.stop_generation)
+    return ChatTab(variant=ui.variant, end_session=handlers.end_session)
 
 
-def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
-    """The ``/chat`` endpoint for scripts (gradio_client): same validation and model as the Chat tab."""
+def register_chat_api(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
+    """The ``/chat`` endpoint for scripts (gradio_client): same validation, limits and model as the Chat tab."""
 
     def chat(
         question: str,
@@ -223,9 +249,12 @@ def register_chat_api(backend: ModelBackend, limits: ServerSettings) -> None:
         seed: int = GenerationSettings.seed,
         repetition_penalty: float = GenerationSettings.repetition_penalty,
         min_new_tokens: int = GenerationSettings.min_new_tokens,
+        request: gr.Request = None,
     ) -> Iterator[str]:
         """Answer a biomedical question. `history` is a list of {"role": "user"|"assistant", "content": str}
         messages; `model` is "base" or "fine-tuned". Streams the growing answer; the last value is the answer."""
+        guard.check_api_caller(request)
+        guard.check_heavy(request, compare=False, context=context)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         updates = stream_answer(backend, limits, question, context, history, model, settings)
         for update in run_guarded(updates):

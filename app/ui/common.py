@@ -9,7 +9,9 @@ from typing import Any, Iterator, TypeVar
 
 import gradio as gr
 
+from app.access import bearer_key_matches
 from app.chat import UserInputError
+from app.rate_limits import PerMinuteLimiter, visitor_key
 from pubmedqa.backends.base import AdapterUnavailableError, BackendError, GenerationSettings
 from pubmedqa.config import ServerSettings
 from pubmedqa.model_loading import ModelLoadError
@@ -33,11 +35,34 @@ class SessionCancels:
             event = self._events[session] = threading.Event()
         return event
 
-    def cancel(self, session: str) -> None:
+    def cancel(self, session: str) -> bool:
+        """Stop the session's running request; whether one was running."""
         with self._lock:
             event = self._events.pop(session, None)
         if event is not None:
             event.set()
+        return event is not None
+
+    def finish(self, session: str, event: threading.Event) -> None:
+        """The request holding ``event`` has ended by itself: a later Stop has nothing to stop."""
+        with self._lock:
+            if self._events.get(session) is event:
+                del self._events[session]
+
+
+STOPPED = "_(stopped)_"
+
+
+def mark_stopped(text: Any) -> str:
+    """A partial answer as the user stopped it: what was generated, then a visible mark."""
+    text = text if isinstance(text, str) else ""
+    return text if text.endswith(STOPPED) else f"{text} {STOPPED}".strip()
+
+
+def user_error(message: str) -> gr.Error:
+    """The error a user sees in a toast, for something they can act on: logged by nobody (Gradio would print a
+    traceback for each, and a burst of bad requests would flood the log)."""
+    return gr.Error(message, print_exception=False)
 
 
 def session_id(request: gr.Request | None) -> str:
@@ -61,10 +86,42 @@ def run_guarded(updates: Iterator[T]) -> Iterator[T]:
     try:
         yield from updates
     except (UserInputError, AdapterUnavailableError, BackendError, ModelLoadError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise user_error(str(exc)) from None
     except Exception as exc:
         logger.exception("Generation failed")
-        raise gr.Error(f"Generation failed ({type(exc).__name__}). Please try again.") from None
+        raise user_error(f"Generation failed ({type(exc).__name__}). Please try again.") from None  # logged above
+
+
+class VisitorGuard:
+    """What the page's events and the /chat and /compare APIs check before running the model.
+
+    - On a public app, heavy requests (a Compare, a Chat with a long context) are limited per visitor per minute,
+      so that one visitor cannot hold the one model for minutes; a refused one ends at once instead of waiting.
+    - With ``api_key`` (``PUBMEDQA_API_KEY``), the /chat and /compare APIs need it as ``/v1`` does; the page's own
+      events stay open to every visitor (they are not callable as APIs: ``api_visibility="private"``).
+    """
+
+    def __init__(self, limits: ServerSettings, public: bool, api_key: str | None = None):
+        self.limits = limits
+        self._heavy = PerMinuteLimiter(limits.heavy_per_minute) if public else None
+        self._api_key = api_key or None
+
+    def check_api_caller(self, request: gr.Request | None) -> None:
+        if self._api_key and not bearer_key_matches(getattr(request, "headers", None) or {}, self._api_key):
+            raise user_error("This API needs a key: send the header 'Authorization: Bearer <key>' (with "
+                             "gradio_client: Client(url, headers={'Authorization': 'Bearer <key>'})).")
+
+    def check_heavy(self, request: gr.Request | None, compare: bool, context: Any = "") -> None:
+        long_context = isinstance(context, str) and len(context) > self.limits.heavy_context_chars
+        if self._heavy is None or not (compare or long_context):
+            return
+        visitor = visitor_key(request)
+        if not self._heavy.allow(visitor):
+            what = "A comparison" if compare else "A question with a long context"
+            raise user_error(
+                f"{what} runs the model for a long time: at most {self.limits.heavy_per_minute} such requests a "
+                f"minute per visitor on this public app. Please try again in {self._heavy.wait_s(visitor):.0f} s."
+            )
 
 
 @dataclass

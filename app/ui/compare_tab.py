@@ -17,18 +17,23 @@ from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
     SettingsControls,
+    VisitorGuard,
     build_settings_controls,
     generation_settings,
+    mark_stopped,
     notices_markdown,
     run_guarded,
     session_id,
+    user_error,
 )
-from app.votes import VOTE_CHOICES, VoteError, VoteLimiter, VoteLog, context_hash
+from app.rate_limits import PerMinuteLimiter, visitor_key
+from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 
 # (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to)
 CompareUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any]]
+PENDING, NO_ADAPTER = "…", "—"  # a panel before its first token; the fine-tuned panel without an adapter
 
 
 def side_stats(side: SideResult | None, done: bool) -> str:
@@ -38,8 +43,12 @@ def side_stats(side: SideResult | None, done: bool) -> str:
         return "_generating…_"
     parts = []
     if side.decision:
-        probs = " · ".join(f"{k} {v:.0%}" for k, v in side.probabilities.items())
-        parts.append(f"**Decision: {side.decision}** ({probs})")
+        # The option scores, labelled as such: they need not match what the generated text says.
+        probs = " · ".join(f"**{k} {v:.0%}**" if k == side.decision else f"{k} {v:.0%}"
+                           for k, v in side.probabilities.items())
+        parts.append(f"Model's yes/no/maybe probabilities: {probs}")
+        parts.append(f"The text answers: **{side.stated_decision}**" if side.stated_decision
+                     else "The text states no yes/no/maybe.")
     timing = [f"{side.n_tokens} tokens"]
     if side.ttft_s is not None:
         timing.append(f"first token {side.ttft_s:.2f} s")
@@ -49,11 +58,11 @@ def side_stats(side: SideResult | None, done: bool) -> str:
     return "  \n".join(parts)
 
 
-def vote_summary_markdown(counts: dict[str, int]) -> str:
+def vote_summary_markdown(votes: VoteLog) -> str:
+    counts = votes.summary()
     total = sum(counts.values())
-    if not total:
-        return "No votes yet."
-    return f"**{total} votes** — " + " · ".join(f"{choice}: {n}" for choice, n in counts.items())
+    text = f"**{total} votes** — " + " · ".join(f"{choice}: {n}" for choice, n in counts.items()) if total else "No votes yet."
+    return text + (" Voting is closed: the vote box is full." if votes.full else "")
 
 
 @dataclass
@@ -96,7 +105,7 @@ def _layout(limits: ServerSettings, examples: list[dict[str, str]], vote_summary
             settings = build_settings_controls(limits)
             with gr.Row():
                 compare = gr.Button("Compare", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+                stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
     reference = gr.Markdown()
     info = gr.Markdown()
     with gr.Row(equal_height=True):
@@ -125,12 +134,13 @@ class CompareHandlers:
     """The Compare tab's event handlers; one cancel flag per browser session, so Stop reaches only it."""
 
     def __init__(self, backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]],
-                 votes: VoteLog) -> None:
+                 votes: VoteLog, guard: VisitorGuard) -> None:
         self.backend = backend
         self.limits = limits
+        self.guard = guard
         self.examples = examples
         self.votes = votes
-        self.vote_limiter = VoteLimiter(limits.votes_per_minute)
+        self.vote_limiter = PerMinuteLimiter(limits.votes_per_minute)
         self.cancels = SessionCancels()
 
     def pick_example(self, index: int | None) -> tuple[Any, Any, str]:
@@ -143,6 +153,7 @@ class CompareHandlers:
 
     def run(self, question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
             seed: float, repetition_penalty: float, min_new_tokens: float, request: gr.Request) -> CompareUpdates:
+        self.guard.check_heavy(request, compare=True)
         cancel = self.cancels.start(session_id(request))
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         update: ComparisonUpdate | None = None
@@ -151,8 +162,9 @@ class CompareHandlers:
             base = update.sides[0]
             tuned = update.sides[1] if len(update.sides) > 1 else None
             note = notices_markdown(update.notices + [f"Mode: {update.mode}."])
-            yield (base.answer or "…", (tuned.answer or "…") if tuned else "—", side_stats(base, update.done),
-                   side_stats(tuned, update.done), note, gr.skip())
+            yield (base.answer or PENDING, (tuned.answer or PENDING) if tuned else NO_ADAPTER,
+                   side_stats(base, update.done), side_stats(tuned, update.done), note, gr.skip())
+        self.cancels.finish(session_id(request), cancel)
         if update is not None and update.done:
             record = self._vote_record(question_text, context_text, settings, update.sides)
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), record
@@ -167,22 +179,28 @@ class CompareHandlers:
 
     def vote(self, choice: str, note: str, record: dict[str, Any] | None, request: gr.Request) -> tuple[str, str]:
         if not record:
-            raise gr.Error("Compare the two models on a question first, then vote.")
+            raise user_error("Compare the two models on a question first, then vote.")
         note = (note or "").strip()
         if len(note) > self.limits.max_comment_chars:
-            raise gr.Error(f"The comment is too long: at most {self.limits.max_comment_chars} characters.")
-        if not self.vote_limiter.allow(session_id(request)):
-            raise gr.Error(f"Too many votes: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
+            raise user_error(f"The comment is too long: at most {self.limits.max_comment_chars} characters.")
+        if not self.vote_limiter.allow(visitor_key(request)):
+            raise user_error(f"Too many votes: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
         try:
             self.votes.append(choice, {**record, "comment": note})
         except VoteError as exc:
             gr.Warning(str(exc))
-            return gr.skip(), vote_summary_markdown(self.votes.summary())
+            return gr.skip(), vote_summary_markdown(self.votes)
         gr.Info(f"Vote recorded: {choice}.")
-        return "", vote_summary_markdown(self.votes.summary())
+        return "", vote_summary_markdown(self.votes)
 
-    def stop_comparison(self, request: gr.Request) -> None:
-        self.cancels.cancel(session_id(request))
+    def stop_comparison(self, base: str, tuned: str, request: gr.Request) -> tuple[Any, Any, Any, Any]:
+        """Stop this session's comparison and mark both answers as stopped where they stand."""
+        if not self.cancels.cancel(session_id(request)):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        def stopped(text: str) -> str:
+            return text if text == NO_ADAPTER else mark_stopped("" if text == PENDING else text)
+
+        return stopped(base), stopped(tuned), "Stopped.", "Stopped." if tuned != NO_ADAPTER else gr.skip()
 
 
 def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: int) -> None:
@@ -194,7 +212,9 @@ def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: i
         api_visibility="private", concurrency_id=MODEL_EVENTS, concurrency_limit=concurrency_limit,
         trigger_mode="once",  # a second click while running is ignored, not queued
     )
-    ui.stop.click(handlers.stop_comparison, None, None, cancels=[event], queue=False, api_visibility="private")
+    ui.stop.click(handlers.stop_comparison, [ui.base.answer, ui.tuned.answer],
+                  [ui.base.answer, ui.tuned.answer, ui.base.stats, ui.tuned.stats], cancels=[event], queue=False,
+                  api_visibility="private")
     for button, choice in zip(ui.vote_buttons, VOTE_CHOICES):
         button.click(_vote_for(handlers, choice), [ui.comment, ui.last_result],
                      [ui.comment, ui.summary], api_visibility="private")
@@ -207,22 +227,26 @@ def _vote_for(handlers: CompareHandlers, choice: str):
     return vote
 
 
-def build_compare_tab(backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]]) -> None:
-    votes = VoteLog(limits.votes_path, limits.votes_repo)
-    ui = _layout(limits, examples, vote_summary_markdown(votes.summary()))
-    _wire(ui, CompareHandlers(backend, limits, examples, votes), limits.concurrency_limit)
+def build_compare_tab(
+    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard
+) -> None:
+    votes = VoteLog(limits.votes_path, limits.votes_repo, limits.max_votes_mb << 20)
+    ui = _layout(limits, examples, vote_summary_markdown(votes))
+    _wire(ui, CompareHandlers(backend, limits, examples, votes, guard), limits.concurrency_limit)
 
 
-def register_compare_api(backend: ModelBackend, limits: ServerSettings) -> None:
-    """The ``/compare`` endpoint for scripts (gradio_client): same validation and model as the Compare tab."""
+def register_compare_api(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
+    """The ``/compare`` endpoint for scripts (gradio_client): same validation, limits and model as the Compare tab."""
 
     def compare_api(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
                     temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
                     seed: int = GenerationSettings.seed,
                     repetition_penalty: float = GenerationSettings.repetition_penalty,
-                    min_new_tokens: int = GenerationSettings.min_new_tokens) -> dict:
+                    min_new_tokens: int = GenerationSettings.min_new_tokens, request: gr.Request = None) -> dict:
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
         decision, option probabilities, time to first token, tokens/s and token count."""
+        guard.check_api_caller(request)
+        guard.check_heavy(request, compare=True)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings))
         return {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import gradio as gr
 
+from app.access import API_KEY_ENV, OwnerAccess
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
 from app.ui.compare_tab import build_compare_tab, register_compare_api
+from app.ui.common import VisitorGuard
 from app.ui.evaluation_tab import build_evaluation_tab
 from pubmedqa.backends.base import LoadState, ModelBackend
 from pubmedqa.config import ServerSettings
@@ -25,11 +28,12 @@ def _status_markdown(backend: ModelBackend) -> str:
 
 
 def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
+    guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
     with gr.Blocks(title=TITLE) as demo:
         status, details = _header(backend)
-        chat = _tabs(backend, limits)
-        register_chat_api(backend, limits)
-        register_compare_api(backend, limits)
+        chat = _tabs(backend, limits, guard)
+        register_chat_api(backend, limits, guard)
+        register_compare_api(backend, limits, guard)
         _poll_model_status(demo, backend, status, details, chat)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
@@ -47,12 +51,12 @@ def _header(backend: ModelBackend) -> tuple[gr.Markdown, gr.Markdown]:
     return status, details
 
 
-def _tabs(backend: ModelBackend, limits: ServerSettings) -> ChatTab:
+def _tabs(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> ChatTab:
     with gr.Tabs():
         with gr.Tab("Chat"):
-            chat = build_chat_tab(backend, limits, load_examples())
+            chat = build_chat_tab(backend, limits, load_examples(), guard)
         with gr.Tab("Compare"):
-            build_compare_tab(backend, limits, load_examples(key="dev_examples"))
+            build_compare_tab(backend, limits, load_examples(key="dev_examples"), guard)
         with gr.Tab("Evaluation"):
             build_evaluation_tab(backend, limits)
     return chat

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any, Iterator, Sequence
 
 from pubmedqa.backends.model_lock import ModelLock
-from pubmedqa.backends.status import plain_precision, precision_mismatch, short_name, shown_source
+from pubmedqa.backends.status import precision_in_words, precision_mismatch, short_name, shown_source
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
@@ -156,7 +156,7 @@ class ModelBackend(ABC):
         else:
             adapter = "base model only" if not self.settings.adapter_source else "fine-tuned adapter not loaded"
         more = " · see details" if self.notice or self.precision_note or not loaded.adapter_loaded else ""
-        return f"Ready · {short_name(loaded.description)}, {plain_precision(loaded.quantization)} · {adapter}{more}"
+        return f"Ready · {short_name(loaded.description)}, {precision_in_words(loaded.quantization)} · {adapter}{more}"
 
     def status_message(self) -> str:
         """The model's state with its technical details."""

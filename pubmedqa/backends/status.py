@@ -25,6 +25,15 @@ def plain_precision(quantization: str) -> str:
     return _PLAIN_PRECISION.get(quantization.split(" ")[0], quantization)
 
 
+def precision_in_words(quantization: str) -> str:
+    """The precision for a newcomer: '4-bit GGUF' -> 'weights compressed to 4 bits'."""
+    plain = plain_precision(quantization)
+    bits = re.match(r"(\d+)-bit", plain)
+    if bits:
+        return f"weights compressed to {bits.group(1)} bits"
+    return {"bf16": "16-bit weights", "full precision": "full-precision weights"}.get(plain, plain)
+
+
 def shown_source(source: str | None) -> str:
     """A model or adapter source as a public page may show it: a folder by its name only, never its server path."""
     if not source:

@@ -123,7 +123,8 @@ class DecisionPolicy:
             cv = self.probe.details.get("cross_validated") or {}
             auc = cv.get("pairwise_auc")
             quality = f", cross-validated pairwise AUC {auc:.3f}" if isinstance(auc, float) and math.isfinite(auc) else ""
-            parts.append(f"decision probe on layer {self.probe.layer}{quality}")
+            parts.append("the fine-tuned yes/no/maybe is chosen by a small classifier reading the model's internal "
+                         f"state (decision probe on layer {self.probe.layer}{quality})")
         if self.calibration is not None:
             parts.append(f"decisions calibrated on {self.calibration.fitted_on or 'dev'}")
         return ", ".join(parts)
