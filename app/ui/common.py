@@ -1,4 +1,5 @@
-"""UI pieces shared by the tabs: generation settings controls, per-session cancellation, error reporting."""
+"""UI pieces shared by the tabs: generation settings controls, per-session cancellation (Stop), per-visitor limits
+of a public page, and error reporting."""
 
 from __future__ import annotations
 
