@@ -1,7 +1,9 @@
 """Compare requests: the same question answered by the base model and the fine-tuned one, side by side.
 
-Both answers come from ONE batched ``generate`` call in which each row selects its adapter (PEFT
-``adapter_names``), so the pair costs about one generation and uses one copy of the base weights.
+Both answers are generated at the same time on one copy of the base weights, each with its own adapter setting, so
+both start within about a second and each side's timings are its own: the transformers engine decodes them as one
+batch whose rows select their adapter (PEFT ``adapter_names``), the llama.cpp engine on two contexts stepped in turn,
+a remote server as two concurrent requests (``ModelBackend.pair_mode`` says which).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def stream_comparison(
 
 
 def _record_progress(sides: list[SideResult], texts: Sequence[str], elapsed_s: float) -> None:
-    # Timings count from the batch's start, and only when a side's text changed, so an idle row keeps its own.
+    # Both sides start with the request; a side's clock stops at its last new text, so a side that ended keeps its
+    # own time while the other goes on.
     for side, text in zip(sides, texts):
         if text != side.answer:
             side.answer, side.seconds = text, elapsed_s

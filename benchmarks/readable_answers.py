@@ -3,7 +3,7 @@ repetition penalty and token budget, base and fine-tuned answer the dev question
 and the script prints, per variant: looping (some 3-word sequence 3+ times), ended by itself (EOS or a stop sequence
 before the limit), bare decisions (the answer is the decision word alone), mean words, Token-F1 and ROUGE-L
 against the abstract's conclusion — the figures the defaults
-were chosen from (README, "Readable answers").
+were chosen from (docs/results.md, "Readable answers").
 
     python -m benchmarks.readable_answers [--penalties 1.0 1.1 1.2 1.3] [--budgets 64] [--min_new_tokens 0 3] [--adapter DIR]
         [--limit 50]

@@ -2,7 +2,7 @@
 
 The server is :mod:`app.openai_api` wrapping the very backend the in-process side uses (on localhost), so the
 ratios show what the protocol and the request pattern cost; against vLLM or TGI on a GPU, continuous batching
-changes the picture (see the README's "Scaling out").
+changes the picture (see docs/export.md, "Scaling out").
 
     python -m benchmarks.remote_backend [--n 32] [--max_new_tokens 32] [--batch_size 16]
 """

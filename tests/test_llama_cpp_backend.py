@@ -1,5 +1,5 @@
-"""The llama.cpp engine on the real embedded GGUF: one model, the LoRA switched per request, the decision policy,
-Stop, stop sequences, the engine choice, and bad input. (Chat, Compare and reliability through the app run against
+"""The llama.cpp engine on the real embedded GGUF: one model, the LoRA switched per request, a Compare pair side by
+side, the decision policy, Stop, stop sequences, the engine choice, and bad input. (Chat, Compare and reliability through the app run against
 both engines in their own test files.)"""
 
 from __future__ import annotations
@@ -49,6 +49,36 @@ def test_the_adapter_changes_the_answer_and_switching_back_restores_the_base_exa
     assert backend.generate_batch([prompt, prompt], [Variant.TUNED, Variant.BASE], GREEDY) == [tuned, base]
     status = backend.status_message()
     assert "llama.cpp" in status and "Q4_K_M" in status and "decision probe on layer 10" in status
+
+
+def test_a_compare_pair_streams_both_answers_side_by_side_as_each_would_be_alone(backend):
+    settings = GenerationSettings(max_new_tokens=32)
+    prompt = _prompt(backend, QUESTIONS[1], settings)
+    alone = [backend.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
+    updates = list(backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
+    assert updates[-1] == alone
+    # The fine-tuned answer starts while the base one is still growing (not after it, as in turn).
+    both_started = next(i for i, (base, tuned) in enumerate(updates) if base and tuned)
+    assert updates[both_started][0] != alone[0] and len(updates[both_started][0].split()) <= 2
+    # The pair's one-pass decisions are those of scoring each row.
+    answers, decided = backend.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
+    assert answers == alone
+    for got, want in zip(decided, backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_stop_ends_both_answers_of_a_pair(backend):
+    settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
+    prompt = _prompt(backend, QUESTIONS[2], settings)
+    cancel = threading.Event()
+    seen = []
+    for texts in backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings, cancel):
+        seen.append(texts)
+        if all(len(t.split()) >= 3 for t in texts):
+            cancel.set()
+    assert all(0 < len(t.split()) < 60 for t in seen[-1])
+    # The model is free again: a chat answer follows at once.
+    assert backend.generate(prompt, Variant.BASE, GREEDY)
 
 
 def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision(backend):

@@ -26,7 +26,7 @@ def test_looping_is_some_three_word_sequence_said_three_times():
 
 
 def test_the_default_penalty_is_the_one_chosen_on_dev():
-    assert GenerationSettings().repetition_penalty == 1.2  # README, "Readable answers": the dev figures behind it
+    assert GenerationSettings().repetition_penalty == 1.2  # docs/results.md, "Readable answers": the dev figures behind it
 
 
 def test_the_repetition_penalty_is_validated_where_requests_come_in():

@@ -27,7 +27,7 @@ class TrainArguments(SplitSettings):
         default="first_sentence",
         metadata={
             "help": "What the answer after the decision is tuned to be: 'first_sentence' of the abstract's conclusion "
-            "(short answers that end; chosen on dev, see README 'Readable answers') or the whole 'conclusion'.",
+            "(short answers that end; chosen on dev, see docs/results.md, 'Readable answers') or the whole 'conclusion'.",
             "choices": list(ANSWER_TARGETS),
         },
     )

@@ -24,7 +24,7 @@ from training.hub import HubError, hub_errors
 logger = logging.getLogger("training.deploy")
 
 # What a Space needs to run: the entry point, the packages, the shipped assets and the pinned requirements.
-ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "app/**", "pubmedqa/**", "training/**", "assets/**"]
+ALLOW = ["app.py", "README.md", "requirements.txt", "LICENSE", "docs/**", "app/**", "pubmedqa/**", "training/**", "assets/**"]
 # Never uploaded, even inside the allowed folders.
 IGNORE = [
     "**/__pycache__/**", "*.pyc", "**/.*", ".*", "*.env", "*.pem", "*.key", "**/*secret*", "**/*token*",

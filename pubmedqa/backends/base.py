@@ -39,10 +39,10 @@ class Variant(str, Enum):
     TUNED = "fine-tuned"
 
 
-#: Chosen on the dev questions (see README, "Readable answers"); 1 = off.
+#: Chosen on the dev questions (see docs/results.md, "Readable answers"); 1 = off.
 DEFAULT_REPETITION_PENALTY = 1.2
 #: No end of sequence before this many answer tokens, so an answer explains its decision instead of stopping at
-#: "yes." (its decision word and period are two tokens); chosen on the dev questions (README, "Readable answers").
+#: "yes." (its decision word and period are two tokens); chosen on the dev questions (docs/results.md, "Readable answers").
 DEFAULT_MIN_NEW_TOKENS = 3
 
 

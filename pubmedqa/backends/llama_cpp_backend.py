@@ -3,7 +3,9 @@ engine on a CPU (about five times the transformers 4-bit engine on 2 cores, see 
 
 One model is loaded once and one context serves one request at a time. The LoRA adapter is loaded beside it (a
 GGUF LoRA derived from the PEFT adapter folder, ``gguf_lora.py``) and switched per row: on for fine-tuned, off for
-base, with the KV cache cleared in between, since a prompt cached under the other variant would be wrong. The
+base, with the KV cache cleared in between, since a prompt cached under the other variant would be wrong. A Compare
+pair is the exception: its fine-tuned answer decodes on a second context over the same weights, whose LoRA stays on,
+so both answers stream side by side (one token of each in turn). The
 fine-tuned rows' yes/no/maybe is decided by the adapter's decision policy, from the last position's logits and the
 probe's features read during the prompt's own decode (``llama_cpp_features.py``).
 """
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, penalise_repeats
+from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, StreamedAnswer
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
@@ -96,7 +98,7 @@ class GgufTokenizer:
 class LlamaCppBackend(ModelBackend):
     """Loads the GGUF once; generates for base or fine-tuned per row, one request at a time."""
 
-    pair_mode = "one llama.cpp context, the two answers in turn (LoRA switched per row)"
+    pair_mode = "two llama.cpp contexts on the one model (LoRA off / on), the two answers decoded side by side"
     engine = "llama.cpp"
     batches_rows = False
 
@@ -107,6 +109,7 @@ class LlamaCppBackend(ModelBackend):
         self._lora: Any = None
         self._lora_on: bool | None = None
         self._rows: BatchDecoder | None = None
+        self._pair: tuple[BatchDecoder, Any] | None = None
 
     def check_sources(self) -> None:
         if self.settings.base_model != EMBEDDED_MODEL:
@@ -308,8 +311,9 @@ class LlamaCppBackend(ModelBackend):
         settings: GenerationSettings,
         cancel: threading.Event | None = None,
     ) -> Iterator[list[str]]:
-        """The rows one after the other on the one context, each with its own variant; every row's answer so far
-        is yielded after each token. ``cancel`` (or closing the iterator) ends them all within one token."""
+        """The rows one after the other, each with its own variant (a base and a fine-tuned row side by side); every
+        row's answer so far is yielded after each token. ``cancel`` (or closing the iterator) ends them all within one
+        token."""
         yield from self._stream(prompts, variants, settings, cancel)
 
     def _stream(
@@ -328,18 +332,22 @@ class LlamaCppBackend(ModelBackend):
         updates: queue.Queue[list[str] | None] = queue.Queue()
         failure: list[BaseException] = []
         texts = [""] * len(prompts)
+        # A base and a fine-tuned answer (Compare) are decoded side by side, each on its own context; other rows in turn.
+        side_by_side = len(prompts) == 2 and set(variants) == {Variant.BASE, Variant.TUNED} and self._lora is not None
+        groups = [[0, 1]] if side_by_side else [[row] for row in range(len(prompts))]
 
         def run() -> None:
             try:
                 if not self._model_lock.acquire(cancel):
                     return
                 try:
-                    for row, (prompt, variant) in enumerate(zip(prompts, variants)):
+                    for group in groups:
                         if cancel.is_set():
                             break
-                        decision = self._generate_row(row, texts, prompt, variant, settings, cancel, stops, updates)
-                        if decisions is not None and decision is not None:
-                            decisions.append(decision.decisions(calibrated)[0])
+                        jobs = [(row, prompts[row], variants[row]) for row in group]
+                        for decision in self._answer(jobs, settings, cancel, stops, texts, updates):
+                            if decisions is not None and decision is not None:
+                                decisions.append(decision.decisions(calibrated)[0])
                 finally:
                     self._model_lock.release()
             except BaseException as exc:  # re-raised in the consumer's thread
@@ -351,42 +359,74 @@ class LlamaCppBackend(ModelBackend):
         worker.start()
         yield from self._drain(updates, worker, cancel, failure, len(prompts))
 
-    def _generate_row(
-        self, row: int, texts: list[str], prompt: FittedPrompt, variant: Variant, settings: GenerationSettings,
-        cancel: threading.Event, stops: Sequence[str], updates: queue.Queue,
-    ) -> FirstStepDecision | None:
-        """One answer, token by token, into ``texts[row]``, queueing every row's text after each token; returns the
-        first step's decision processor."""
-        import llama_cpp
+    def _answer(
+        self,
+        jobs: Sequence[tuple[int, FittedPrompt, Variant]],
+        settings: GenerationSettings,
+        cancel: threading.Event,
+        stops: Sequence[str],
+        texts: list[str],
+        updates: queue.Queue,
+    ) -> list[FirstStepDecision | None]:
+        """The answers of ``jobs`` (row, prompt, variant; at most one per variant) into ``texts[row]``, one token of
+        each in turn, queueing every row's text after each token; the first step's decision processor of each.
 
+        The base variant decodes on the main context with the LoRA off, the fine-tuned one on the main context with
+        the LoRA on when it answers alone, or on the second context (LoRA always on) beside a base answer. Each
+        answer's first token is queued before the next prompt is read, so a Compare shows both within about one
+        prompt's decode of each other."""
         loaded = self.load()
         tokenizer = loaded.tokenizer
-        tuned = variant is Variant.TUNED
-        features = self._read_prompt(prompt, variant, tuned and loaded.policy.feature_layer is not None)
-        decision = self._first_step(loaded, tuned, features)
-        sampler = _sampler(settings)
-        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        tokens: list[int] = []
-        for step in range(settings.max_new_tokens):
-            if cancel.is_set():
-                break
-            if step == 0 and decision is not None:
-                logits = self._last_logits()
-                logits[:] = decision(None, torch.from_numpy(logits.copy()).unsqueeze(0))[0].numpy()
-            if tokens and settings.repetition_penalty != 1.0:
-                penalise_repeats(self._last_logits(), tokens, settings.repetition_penalty)
-            if step < settings.min_new_tokens:
-                self._last_logits()[self._rows.end_tokens] = -np.inf
-            token = sampler.sample(self._llm._ctx, -1)
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                break
-            tokens.append(token)
-            texts[row] = text = tokenizer.decode(tokens)
+        answers: list[tuple[int, StreamedAnswer]] = []
+        first_steps: list[FirstStepDecision | None] = []
+        for row, prompt, variant in jobs:
+            tuned = variant is Variant.TUNED
+            if tuned and len(jobs) > 1:
+                rows, reader = self._second_context()
+            else:
+                self._select(variant)
+                rows, reader = self._rows, self._reader
+            answer = StreamedAnswer(rows, _sampler(settings), settings, tokenizer.decode, stops)
+            ids = encode_prompt(prompt.text, tokenizer)
+            read_features = tuned and reader is not None
+            with reader.armed() if read_features else nullcontext():
+                answer.read_prompt(ids)
+            decision = self._first_step(
+                loaded, tuned, reader.features(expected_tokens=len(ids)) if read_features else None
+            )
+            if decision is not None:
+                answer.logits[:] = decision(None, torch.from_numpy(answer.logits.copy()).unsqueeze(0))[0].numpy()
+            first_steps.append(decision)
+            answers.append((row, answer))
+            self._advance(row, answer, texts, updates, cancel)
+        while not cancel.is_set() and any(not answer.ended for _, answer in answers):
+            for row, answer in answers:
+                self._advance(row, answer, texts, updates, cancel)
+        return first_steps
+
+    @staticmethod
+    def _advance(
+        row: int, answer: StreamedAnswer, texts: list[str], updates: queue.Queue, cancel: threading.Event
+    ) -> None:
+        if not answer.ended and not cancel.is_set() and answer.step():
+            texts[row] = answer.text
             updates.put(list(texts))
-            if cut_at_stop(text, stops)[1] or step + 1 == settings.max_new_tokens:
-                break
-            self._llm.eval([token])
-        return decision
+
+    def _second_context(self) -> tuple[BatchDecoder, Any]:
+        """The context the fine-tuned side of a Compare pair decodes on, created at the first pair: one more sequence's
+        cache and compute buffers on the same weights, its LoRA set once and left on."""
+        import llama_cpp
+
+        from pubmedqa.backends.llama_cpp_features import open_second_context
+
+        if self._pair is None:
+            policy = self.load().policy
+            context, reader = open_second_context(self._llm, context_window(self._llm), policy.feature_layer)
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
+            llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            self._pair = (BatchDecoder(self._llm, N_BATCH, context), reader)
+            logger.info("Second llama.cpp context ready for side-by-side Compare (LoRA on)")
+        return self._pair
 
     @staticmethod
     def _first_step(loaded: LoadedModel, tuned: bool, features: torch.Tensor | None) -> FirstStepDecision | None:

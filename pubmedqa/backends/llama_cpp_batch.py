@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pubmedqa.backends.base import GenerationSettings
 from pubmedqa.prompts import cut_at_stop
 
 #: Rows decoded together: beyond this, a step is compute-bound and grows with the rows (measured on 2 cores).
@@ -33,6 +34,17 @@ def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) 
     logits[seen] = np.where(values > 0, values / penalty, values * penalty)
 
 
+def constrain_step(
+    logits: np.ndarray, tokens: Sequence[int], repetition_penalty: float, min_new_tokens: int, end_tokens: np.ndarray
+) -> None:
+    """The rules every answer's next step obeys, in place on its logits before a token is chosen: the answer-only
+    repetition penalty, and no end of generation before ``min_new_tokens``."""
+    if tokens and repetition_penalty != 1.0:
+        penalise_repeats(logits, tokens, repetition_penalty)
+    if len(tokens) < min_new_tokens:
+        logits[end_tokens] = -np.inf
+
+
 def end_of_generation_tokens(llm: Any) -> np.ndarray:
     """Every token llama.cpp ends a generation on (end of sequence, end of turn, ...), for a minimum answer length."""
     import llama_cpp
@@ -44,17 +56,24 @@ def end_of_generation_tokens(llm: Any) -> np.ndarray:
 class BatchDecoder:
     """Decodes prompts into their own sequences and then their answers step by step, all rows in one call per step.
 
-    ``llm`` is a ``llama_cpp.Llama`` whose context was created with ``n_seq_max >= rows`` (``open_llama``)."""
+    ``llm`` is a ``llama_cpp.Llama`` whose context was created with ``n_seq_max >= rows`` (``open_llama``);
+    ``context``, another context on the same model, is decoded instead of ``llm``'s own (``open_second_context``)."""
 
-    def __init__(self, llm: Any, n_batch: int):
+    def __init__(self, llm: Any, n_batch: int, context: Any = None):
         import llama_cpp
         from llama_cpp._internals import LlamaBatch
 
         self._llm = llm
+        self._context = context
         self._n_batch = n_batch
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._owner = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)  # frees the batch with itself
         self.end_tokens = end_of_generation_tokens(llm)
+
+    @property
+    def context(self) -> Any:
+        """The ``llama_cpp._internals.LlamaContext`` decoded into (what a llama.cpp sampler reads from)."""
+        return self._context or self._llm._ctx
 
     def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
@@ -65,7 +84,7 @@ class BatchDecoder:
         for i, (token, position, sequence, logits) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
             batch.seq_id[i][0] = sequence
-        code = llama_cpp.llama_decode(self._llm.ctx, batch)
+        code = llama_cpp.llama_decode(self.context.ctx, batch)
         if code != 0:
             raise RuntimeError(f"llama_decode failed ({code}) for {len(entries)} tokens")
 
@@ -74,7 +93,7 @@ class BatchDecoder:
         own buffer, which its sampler reads."""
         import llama_cpp
 
-        pointer = llama_cpp.llama_get_logits_ith(self._llm.ctx, index)
+        pointer = llama_cpp.llama_get_logits_ith(self.context.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
 
     def prompt(self, sequence: int, ids: Sequence[int]) -> np.ndarray:
@@ -85,11 +104,22 @@ class BatchDecoder:
             self._decode([(t, start + i, sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)])
         return self.logits(-1).copy()
 
+    def is_end(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (end of sequence, end of turn, ...)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def step(self, sequence: int, token: int, position: int) -> np.ndarray:
+        """Decode one ``token`` of ``sequence`` at ``position``; its logits (a writable view, as :meth:`logits`)."""
+        self._decode([(token, position, sequence, True)])
+        return self.logits(-1)
+
     def clear(self, sequence: int) -> None:
         """Empty ``sequence``'s cells, for the next prompt."""
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), sequence, -1, -1)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.context.ctx), sequence, -1, -1)
 
     def answers(
         self,
@@ -108,8 +138,6 @@ class BatchDecoder:
         and the first step's logits (the decision processor already applied). A sequence whose answer has ended takes
         the next row at once (continuous batching): otherwise every step of a group waits for its longest answer with
         fewer and fewer rows, while a step costs little more for 8 rows than for 1."""
-        import llama_cpp
-
         tokens: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
         row_of: dict[int, int] = {}
@@ -131,12 +159,9 @@ class BatchDecoder:
             ended: list[int] = []
             for sequence, logits in current.items():
                 row = row_of[sequence]
-                if tokens[row] and repetition_penalty != 1.0:
-                    penalise_repeats(logits, tokens[row], repetition_penalty)
-                if len(tokens[row]) < min_new_tokens:
-                    logits[self.end_tokens] = -np.inf
+                constrain_step(logits, tokens[row], repetition_penalty, min_new_tokens, self.end_tokens)
                 token = int(np.argmax(logits))
-                if not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                if not self.is_end(token):
                     tokens[row].append(token)
                     texts[row] = decode(tokens[row])
                     if not cut_at_stop(texts[row], stops)[1] and len(tokens[row]) < max_new_tokens:
@@ -152,3 +177,52 @@ class BatchDecoder:
                     positions[sequence] += 1
                     current[sequence] = self.logits(index)
         return texts
+
+
+class StreamedAnswer:
+    """One answer decoded token by token into one sequence of a :class:`BatchDecoder`'s context and chosen by
+    llama.cpp's ``sampler`` (greedy, or top-p and temperature): a Chat answer, or one side of a Compare pair, whose
+    two answers step in turn on two contexts."""
+
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        sampler: Any,
+        settings: GenerationSettings,
+        decode: Callable[[list[int]], str],
+        stops: Sequence[str],
+        sequence: int = 0,
+    ):
+        self._decoder, self._sampler, self._settings = decoder, sampler, settings
+        self._decode, self._stops, self._sequence = decode, stops, sequence
+        self._position = 0
+        self.tokens: list[int] = []
+        self.text = ""
+        self.ended = False
+        self.logits = np.empty(0, dtype=np.float32)
+
+    def read_prompt(self, ids: Sequence[int]) -> None:
+        """Decode the prompt into the emptied sequence; :attr:`logits` is then the first step's (writable, so the
+        first step's decision processor can be applied to it before :meth:`step`)."""
+        self._decoder.clear(self._sequence)
+        self._decoder.prompt(self._sequence, ids)
+        self.logits, self._position = self._decoder.logits(-1), len(ids)
+
+    def step(self) -> bool:
+        """Decode the previous token (if any) and choose the next; whether a token was added. :attr:`ended` says
+        whether another step may follow (end of generation, a stop sequence or the token limit)."""
+        if self.tokens:
+            self.logits = self._decoder.step(self._sequence, self.tokens[-1], self._position)
+            self._position += 1
+        settings = self._settings
+        constrain_step(
+            self.logits, self.tokens, settings.repetition_penalty, settings.min_new_tokens, self._decoder.end_tokens
+        )
+        token = self._sampler.sample(self._decoder.context, -1)
+        if self._decoder.is_end(token):
+            self.ended = True
+            return False
+        self.tokens.append(token)
+        self.text = self._decode(self.tokens)
+        self.ended = cut_at_stop(self.text, self._stops)[1] or len(self.tokens) >= settings.max_new_tokens
+        return True

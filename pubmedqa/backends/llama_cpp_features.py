@@ -215,6 +215,23 @@ def open_llama(
     return llm, reader
 
 
+def open_second_context(
+    llm: llama_cpp.Llama, n_ctx: int, feature_layer: int | None
+) -> tuple[llama_internals.LlamaContext, HiddenStateReader | None]:
+    """Another context on ``llm``'s model (its weights are shared, not copied), holding one sequence of ``n_ctx``
+    tokens, with its own reader for ``feature_layer``: a LoRA is set per context in llama.cpp, so two answers with
+    different adapter settings decode side by side only in two contexts (switching one context's LoRA makes
+    llama.cpp re-plan its compute graph, too slow to do at every token)."""
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max, params.n_ctx = 1, n_ctx
+    params.cb_eval, params.cb_eval_user_data = llama_cpp.ggml_backend_sched_eval_callback(), None  # NULL: none
+    reader = HiddenStateReader(feature_layer) if feature_layer is not None else None
+    if reader is not None:
+        reader.install(params)
+    # The caller keeps ``reader`` as long as the context: the context holds only its callback's raw pointer.
+    return llama_internals.LlamaContext(model=llm._model, params=params, verbose=False), reader
+
+
 def _close_if_alive(ref: weakref.ref[llama_cpp.Llama]) -> None:
     llm = ref()
     if llm is not None:
