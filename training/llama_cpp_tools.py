@@ -27,9 +27,10 @@ import sys
 import tarfile
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pubmedqa.gguf_header import GgufHeader, read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -170,102 +171,11 @@ def run_converter(converter: Path, checkpoint: Path, output: Path, outtype: str 
 
 
 # ------------------------------------------------------------------------------------------- GGUF header splice
-@dataclass
-class _Header:
-    """Byte spans of a GGUF file's header parts (little-endian GGUF v2/v3, as llama.cpp writes them)."""
-
-    version: int
-    kv: list[tuple[str, int, int]] = field(default_factory=list)  # key, start, end (the whole entry)
-    values: dict[str, Any] = field(default_factory=dict)  # scalar values, and the length of arrays
-    tensor_count: int = 0
-    tensors_start: int = 0
-    tensors_end: int = 0
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-
-    @property
-    def alignment(self) -> int:
-        import gguf
-
-        return int(self.values.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
-
-    @property
-    def data_start(self) -> int:
-        return -(-self.tensors_end // self.alignment) * self.alignment
-
-
-def _read_header(path: Path) -> _Header:
-    import gguf
-
-    sizes = {
-        gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-        gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-        gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-        gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
-    }
-    with path.open("rb") as handle:
-        reader = _Reader(handle)
-        if reader.unpack("<I") != gguf.GGUF_MAGIC:
-            raise ExportError(f"{path} is not a GGUF file")
-        header = _Header(version=reader.unpack("<I"))
-        if header.version not in (2, 3):
-            raise ExportError(f"{path}: GGUF version {header.version} is not supported here")
-        header.tensor_count, kv_count = reader.unpack("<Q"), reader.unpack("<Q")
-
-        def skip(value_type: int, count: int) -> None:
-            if value_type == gguf.GGUFValueType.STRING:
-                for _ in range(count):
-                    reader.skip(reader.unpack("<Q"))
-            elif value_type == gguf.GGUFValueType.ARRAY:
-                for _ in range(count):
-                    skip(reader.unpack("<I"), reader.unpack("<Q"))
-            else:
-                reader.skip(count * struct.calcsize(sizes[gguf.GGUFValueType(value_type)]))
-
-        for _ in range(kv_count):
-            start = reader.offset
-            key = reader.string()
-            value_type = reader.unpack("<I")
-            if value_type == gguf.GGUFValueType.STRING:
-                header.values[key] = reader.string()
-            elif value_type == gguf.GGUFValueType.ARRAY:
-                item_type, count = reader.unpack("<I"), reader.unpack("<Q")
-                header.values[key] = count
-                skip(item_type, count)
-            else:
-                header.values[key] = reader.unpack(sizes[gguf.GGUFValueType(value_type)])
-            header.kv.append((key, start, reader.offset))
-        header.tensors_start = reader.offset
-        for _ in range(header.tensor_count):
-            name = reader.string()
-            n_dims = reader.unpack("<I")
-            header.shapes[name] = tuple(reader.unpack("<Q") for _ in range(n_dims))
-            reader.skip(4 + 8)  # ggml type, offset into the data section (relative, so it survives the splice)
-        header.tensors_end = reader.offset
-    return header
-
-
-class _Reader:
-    """Sequential reads from a file handle (headers are a few MB; the tokenizer arrays are skipped, not decoded)."""
-
-    def __init__(self, handle: Any):
-        self.handle, self.offset = handle, 0
-
-    def read(self, size: int) -> bytes:
-        data = self.handle.read(size)
-        if len(data) != size:
-            raise ExportError(f"{self.handle.name}: the GGUF header runs past the end of the file")
-        self.offset += size
-        return data
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8")
-
-    def skip(self, size: int) -> None:
-        self.handle.seek(size, os.SEEK_CUR)
-        self.offset += size
+def _read_header(path: Path) -> GgufHeader:
+    try:
+        return read_gguf_header(path)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not a GGUF file this can read ({exc})") from exc
 
 
 def adopt_tokenizer(converted: Path, base_gguf: Path, output: Path) -> Path:

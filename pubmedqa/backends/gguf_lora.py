@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import math
-import mmap
 import os
 import re
 import struct
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pubmedqa.gguf_header import read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -89,89 +90,19 @@ def read_base_gguf(base_gguf: Path) -> BaseGGUF:
     import gguf
 
     try:
-        metadata, shapes = _gguf_header(Path(base_gguf))
+        header = read_gguf_header(Path(base_gguf))
     except FileNotFoundError as exc:
         raise LoraConversionError(f"Base GGUF file {base_gguf} does not exist") from exc
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise LoraConversionError(f"{base_gguf} is not a readable GGUF model file ({type(exc).__name__}: {exc})") from exc
-    general_type = metadata.get(gguf.Keys.General.TYPE, "model")
+    general_type = header.values.get(gguf.Keys.General.TYPE, "model")
     if general_type != "model":
         raise LoraConversionError(f"{base_gguf} is a GGUF {general_type!r} file, not a base model")
-    architecture = metadata.get(gguf.Keys.General.ARCHITECTURE)
-    block_count = metadata.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture))
+    architecture = header.values.get(gguf.Keys.General.ARCHITECTURE)
+    block_count = header.values.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture))
     if not isinstance(architecture, str) or not isinstance(block_count, int):
         raise LoraConversionError(f"{base_gguf} names no architecture and block count; is it a GGUF model file?")
-    return BaseGGUF(Path(base_gguf), architecture, block_count, shapes)
-
-
-def _gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """(scalar and string metadata, tensor name -> ggml shape) from a GGUF file's header.
-
-    gguf.GGUFReader gives the same answer but builds a Python object for each of the 262 144 tokenizer entries, which
-    takes about 10 s of CPU for Gemma 3 on every start; this walks past arrays instead (a test checks that the two
-    agree). Layout and type codes are gguf-py's (GGUF_MAGIC, GGUFValueType); only little-endian files are read,
-    as llama.cpp writes them.
-    """
-    import gguf
-    from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
-
-    scalar_formats = {
-        gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
-        gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-        gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
-        gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
-    }
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        offset = 0
-
-        def read(fmt: str) -> Any:
-            nonlocal offset
-            value = struct.unpack_from(fmt, data, offset)[0]
-            offset += struct.calcsize(fmt)
-            return value
-
-        def read_string() -> str:
-            nonlocal offset
-            length = read("<Q")
-            if offset + length > len(data):
-                raise ValueError("string runs past the end of the file")
-            offset += length
-            return bytes(data[offset - length:offset]).decode("utf-8")
-
-        def skip(value_type: int, count: int) -> None:
-            nonlocal offset
-            if value_type == gguf.GGUFValueType.STRING:
-                for _ in range(count):
-                    offset += 8 + struct.unpack_from("<Q", data, offset)[0]
-            elif value_type == gguf.GGUFValueType.ARRAY:
-                for _ in range(count):
-                    skip(read("<I"), read("<Q"))
-            else:
-                offset += count * struct.calcsize(scalar_formats[gguf.GGUFValueType(value_type)])
-
-        if read("<I") != gguf.GGUF_MAGIC:
-            raise ValueError("no GGUF magic number")
-        version = read("<I")
-        if version not in READER_SUPPORTED_VERSIONS:
-            raise ValueError(f"GGUF version {version} (little-endian {READER_SUPPORTED_VERSIONS} expected)")
-        tensor_count, kv_count = read("<Q"), read("<Q")
-        metadata: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key, value_type = read_string(), read("<I")
-            if value_type == gguf.GGUFValueType.STRING:
-                metadata[key] = read_string()
-            elif value_type == gguf.GGUFValueType.ARRAY:
-                skip(read("<I"), read("<Q"))
-            else:
-                metadata[key] = read(scalar_formats[gguf.GGUFValueType(value_type)])
-        shapes: dict[str, tuple[int, ...]] = {}
-        for _ in range(tensor_count):
-            name, n_dims = read_string(), read("<I")
-            shapes[name] = tuple(read("<Q") for _ in range(n_dims))
-            offset += 4 + 8  # ggml type, data offset
-        if offset > len(data):
-            raise ValueError("header runs past the end of the file")
-    return metadata, shapes
+    return BaseGGUF(Path(base_gguf), architecture, block_count, header.shapes)
 
 
 def adapter_source_hash(adapter_dir: Path) -> str:
@@ -251,19 +182,19 @@ def _usable(path: Path, source_hash: str, base: BaseGGUF) -> bool:
     import gguf
 
     try:
-        metadata, shapes = _gguf_header(path)
+        header = read_gguf_header(path)
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:  # a damaged file is simply converted again
         logger.warning("Ignoring unreadable GGUF LoRA %s (%s)", path, type(exc).__name__)
         return False
-    if metadata.get(SOURCE_HASH_KEY) != source_hash:
+    if header.values.get(SOURCE_HASH_KEY) != source_hash:
         return False
-    if metadata.get(gguf.Keys.General.ARCHITECTURE) != base.architecture:
+    if header.values.get(gguf.Keys.General.ARCHITECTURE) != base.architecture:
         return False
-    for name, a_shape in shapes.items():
+    for name, a_shape in header.shapes.items():
         if not name.endswith(".lora_a"):
             continue
         target = name.removesuffix(".lora_a")
-        b_shape = shapes.get(target + ".lora_b")
+        b_shape = header.shapes.get(target + ".lora_b")
         base_shape = base.tensor_shapes.get(target)
         if b_shape is None or base_shape is None or (a_shape[0], b_shape[1]) != base_shape[:2]:
             return False
