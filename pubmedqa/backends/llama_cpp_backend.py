@@ -184,21 +184,7 @@ class LlamaCppBackend(ModelBackend):
             else:
                 llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
             self._lora_on = lora_on
-        self._llm.reset()
         self._llm._ctx.kv_cache_clear()
-
-    def _read_prompt(self, prompt: FittedPrompt, variant: Variant, features: bool) -> torch.Tensor | None:
-        """Decode the prompt under ``variant``; the probe's features of it when asked."""
-        self._select(variant)
-        ids = encode_prompt(prompt.text, self.load().tokenizer)
-        armed = features and self._reader is not None
-        with self._reader.armed() if armed else nullcontext():
-            self._llm.eval(ids)
-        return self._reader.features() if armed else None
-
-    def _last_logits(self) -> np.ndarray:
-        """The last position's logits, a writable view of llama.cpp's own buffer (what its sampler reads)."""
-        return self._rows.logits(-1)
 
     # ---------------------------------------------------------------------------------------- decisions
     def score_decisions(
@@ -219,9 +205,13 @@ class LlamaCppBackend(ModelBackend):
         scores, features = [], []
         with self._model_lock:
             for prompt, variant, is_tuned in zip(prompts, variants, tuned):
-                pooled = self._read_prompt(prompt, variant, needs_features and is_tuned)
-                scores.append(torch.from_numpy(self._last_logits()[columns].copy()))
-                features.append(pooled)
+                self._select(variant)
+                ids = encode_prompt(prompt.text, loaded.tokenizer)
+                read_features = needs_features and is_tuned
+                with self._reader.armed() if read_features else nullcontext():
+                    logits = self._rows.prompt(0, ids)
+                scores.append(torch.from_numpy(logits[columns]))
+                features.append(self._reader.features(expected_tokens=len(ids)) if read_features else None)
         stacked = _stack_features(features)
         return loaded.policy.decide(torch.stack(scores), tuned, stacked, calibrated)
 
@@ -286,12 +276,8 @@ class LlamaCppBackend(ModelBackend):
         keep = min(tail, len(ids) - 1) + 1  # the rows predicting the last ``keep - 1`` tokens, and the next one
         with self._model_lock:
             self._select(variant)
-            self._llm.eval(ids[: len(ids) - keep + 1])
-            rows = [self._last_logits().copy()]
-            for token in ids[len(ids) - keep + 1 :]:  # one token at a time: llama.cpp keeps the last row's logits
-                self._llm.eval([token])
-                rows.append(self._last_logits().copy())
-        logprobs = torch.log_softmax(torch.from_numpy(np.stack(rows)), dim=-1)
+            rows = self._rows.prompt(0, ids, outputs=keep).reshape(keep, -1)
+        logprobs = torch.log_softmax(torch.from_numpy(rows), dim=-1)
         first_scored = len(ids) - keep + 1  # logits row r predicts token first_scored + r
         pieces, offset = [], 0
         for i, token in enumerate(ids):

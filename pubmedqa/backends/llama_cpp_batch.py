@@ -96,13 +96,18 @@ class BatchDecoder:
         pointer = llama_cpp.llama_get_logits_ith(self.context.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
 
-    def prompt(self, sequence: int, ids: Sequence[int]) -> np.ndarray:
-        """Decode ``ids`` into ``sequence`` (empty) in micro-batch-sized pieces; a copy of the last position's logits."""
+    def prompt(self, sequence: int, ids: Sequence[int], outputs: int = 1) -> np.ndarray:
+        """Decode ``ids`` into ``sequence`` (empty) in micro-batch-sized pieces; copies of the logits of its last
+        ``outputs`` positions (``outputs`` x vocab; one row, 1-D, by default)."""
+        first_output = len(ids) - outputs
+        rows: list[np.ndarray] = []
         for start in range(0, len(ids), self._n_batch):
             piece = ids[start : start + self._n_batch]
-            last = start + len(piece) == len(ids)
-            self._decode([(t, start + i, sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)])
-        return self.logits(-1).copy()
+            wanted = [start + i >= first_output for i in range(len(piece))]
+            self._decode([(t, start + i, sequence, wanted[i]) for i, t in enumerate(piece)])
+            # Read before the next piece's decode overwrites them; llama.cpp indexes them by batch position.
+            rows += [self.logits(i).copy() for i in range(len(piece)) if wanted[i]]
+        return rows[0] if outputs == 1 else np.stack(rows)
 
     def is_end(self, token: int) -> bool:
         """Whether ``token`` ends a generation (end of sequence, end of turn, ...)."""
