@@ -168,6 +168,83 @@ class ServerSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+EVIDENCE_CHOICES = ("auto", "pubmed", "local", "off")
+NCBI_EUTILS_URL = "https://eutils.ncbi.nlm.nih.gov/entrez/eutils/"
+NCBI_API_KEY_ENV = "NCBI_API_KEY"
+
+
+@dataclass
+class EvidenceSettings:
+    """Where the evidence for a question comes from (pubmedqa.evidence): PubMed through NCBI E-utilities, a local
+    BM25 index of abstracts, or nothing. The NCBI API key is read from the environment variable NCBI_API_KEY only
+    (a secret: no flag, never logged or shown)."""
+
+    evidence: str = _setting(
+        "auto",
+        "Evidence source: 'pubmed' (NCBI E-utilities), 'local' (BM25 index of the PubMedQA abstracts and "
+        "evidence_local_files), 'auto' (PubMed when reachable, else local) or 'off'.",
+        choices=EVIDENCE_CHOICES,
+    )
+    evidence_k: int = _setting(5, "Articles retrieved per question.")
+    evidence_base_url: str = _setting(NCBI_EUTILS_URL, "Base URL of the NCBI E-utilities.")
+    evidence_tool: str = _setting("pubmedqa-chat", "'tool' parameter sent to NCBI (identifies the app).")
+    evidence_email: str = _setting(
+        "", "'email' parameter sent to NCBI: a contact address NCBI asks every E-utilities tool for (empty: omitted)."
+    )
+    evidence_timeout: float = _setting(10.0, "Seconds to wait for each E-utilities request.")
+    evidence_retries: int = _setting(
+        2,
+        "Retries of an E-utilities request after HTTP 429/5xx or a timeout (exponential backoff, Retry-After "
+        "honoured).",
+    )
+    evidence_backoff: float = _setting(0.5, "First retry delay in seconds; doubled on each further retry.")
+    evidence_cache_size: int = _setting(256, "Questions whose PubMed results are kept in memory (0: no cache).")
+    evidence_cache_ttl: float = _setting(3600.0, "Seconds a cached PubMed result stays valid.")
+    evidence_recheck: float = _setting(
+        300.0, "Seconds the 'auto' source remembers whether PubMed was reachable before checking again."
+    )
+    evidence_max_query_chars: int = _setting(300, "Longest part of a question sent to PubMed (cut at a word).")
+    evidence_local_data: str = _setting(
+        str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
+        "Folder with the PubMedQA ori_pqal.json whose abstracts the local index holds (skipped when absent).",
+    )
+    evidence_local_files: str = _setting(
+        "",
+        "Extra JSON files of abstracts for the local index, comma-separated: a list of {pmid, title, abstract or "
+        "contexts, journal?, year?} or the PubMedQA format (an object keyed by PubMed id).",
+    )
+    evidence_local_min_score: float = _setting(
+        0.12,
+        "Least share (0-1) of the question's BM25 weight an abstract must match to be returned from the local index; "
+        "keeps unrelated abstracts out of the answer's context (0: any match). Chosen on the 500 non-test PubMedQA "
+        "questions (benchmarks/evidence_retrieval.py --split train_dev).",
+    )
+    evidence_rerank: bool = _setting(
+        False, "Re-rank the local index's candidates with the offline all-MiniLM-L6-v2 model (slower on a CPU)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.evidence not in EVIDENCE_CHOICES:
+            raise ValueError(
+                f"evidence must be one of {', '.join(EVIDENCE_CHOICES)}, got {self.evidence!r} "
+                "(set --evidence or PUBMEDQA_EVIDENCE)"
+            )
+        for name in ("evidence_k", "evidence_max_query_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.evidence_timeout <= 0:
+            raise ValueError(f"evidence_timeout must be positive, got {self.evidence_timeout}")
+        for name in ("evidence_retries", "evidence_backoff", "evidence_cache_size", "evidence_cache_ttl",
+                     "evidence_recheck", "evidence_local_min_score"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+    @property
+    def ncbi_api_key(self) -> str | None:
+        """The NCBI API key from the environment (read on use, never stored in the settings or their repr)."""
+        return os.environ.get(NCBI_API_KEY_ENV, "").strip() or None
+
+
 _FIELD_TYPES = {"str": str, "int": int, "bool": bool, "float": float}
 
 
