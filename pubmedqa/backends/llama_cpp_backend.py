@@ -119,8 +119,13 @@ class LlamaCppBackend(ModelBackend):
         import llama_cpp
 
         from pubmedqa.backends.llama_cpp_features import open_llama
+        from pubmedqa.backends.llama_cpp_native import check_bindings
 
         started = time.perf_counter()
+        try:
+            check_bindings()
+        except RuntimeError as exc:
+            raise ModelLoadError(str(exc)) from exc
         path = base_gguf(self.settings)
         adapter = self.settings.adapter_source
         policy = DecisionPolicy.from_adapter(adapter, self.engine)
@@ -176,6 +181,8 @@ class LlamaCppBackend(ModelBackend):
         """Switch the LoRA for ``variant`` and start from an empty KV cache (a cached prompt belongs to one variant)."""
         import llama_cpp
 
+        from pubmedqa.backends.llama_cpp_native import main_context
+
         lora_on = variant is Variant.TUNED
         if lora_on != self._lora_on:
             if lora_on:
@@ -184,7 +191,7 @@ class LlamaCppBackend(ModelBackend):
             else:
                 llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
             self._lora_on = lora_on
-        self._llm._ctx.kv_cache_clear()
+        main_context(self._llm).kv_cache_clear()
 
     # ---------------------------------------------------------------------------------------- decisions
     def score_decisions(
@@ -400,14 +407,17 @@ class LlamaCppBackend(ModelBackend):
 
     def _second_context(self) -> tuple[BatchDecoder, Any]:
         """The context the fine-tuned side of a Compare pair decodes on, created at the first pair: one more sequence's
-        cache and compute buffers on the same weights, its LoRA set once and left on."""
+        cache and compute buffers on the same weights, its LoRA set once and left on (a LoRA belongs to a context in
+        llama.cpp, and switching it makes llama.cpp re-plan its compute graph: too slow at every token)."""
         import llama_cpp
 
-        from pubmedqa.backends.llama_cpp_features import open_second_context
+        from pubmedqa.backends.llama_cpp_features import reader_for
+        from pubmedqa.backends.llama_cpp_native import second_context
 
         if self._pair is None:
-            policy = self.load().policy
-            context, reader = open_second_context(self._llm, context_window(self._llm), policy.feature_layer)
+            layer = self.load().policy.feature_layer
+            reader = reader_for(self._llm, layer) if layer is not None else None
+            context = second_context(self._llm, context_window(self._llm), reader.callback if reader else None)
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
             llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
             self._pair = (BatchDecoder(self._llm, N_BATCH, context), reader)
@@ -423,17 +433,9 @@ class LlamaCppBackend(ModelBackend):
 
 
 def _sampler(settings: GenerationSettings) -> Any:
-    """llama.cpp's own sampler chain: greedy, or top-p then temperature, seeded per request."""
-    from llama_cpp import _internals
+    from pubmedqa.backends.llama_cpp_native import new_sampler
 
-    sampler = _internals.LlamaSampler()
-    if settings.temperature > 0:
-        sampler.add_top_p(float(settings.top_p), 1)
-        sampler.add_temp(float(settings.temperature))
-        sampler.add_dist(int(settings.seed))
-    else:
-        sampler.add_greedy()
-    return sampler
+    return new_sampler(settings.temperature, settings.top_p, settings.seed)
 
 
 def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:

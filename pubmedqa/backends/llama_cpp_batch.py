@@ -57,23 +57,26 @@ class BatchDecoder:
     """Decodes prompts into their own sequences and then their answers step by step, all rows in one call per step.
 
     ``llm`` is a ``llama_cpp.Llama`` whose context was created with ``n_seq_max >= rows`` (``open_llama``);
-    ``context``, another context on the same model, is decoded instead of ``llm``'s own (``open_second_context``)."""
+    ``context``, another context on the same model, is decoded instead of ``llm``'s own (``llama_cpp_native``)."""
 
     def __init__(self, llm: Any, n_batch: int, context: Any = None):
         import llama_cpp
-        from llama_cpp._internals import LlamaBatch
+
+        from pubmedqa.backends.llama_cpp_native import new_batch
 
         self._llm = llm
         self._context = context
         self._n_batch = n_batch
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self._owner = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)  # frees the batch with itself
+        self._owner = new_batch(n_batch)  # frees the batch with itself
         self.end_tokens = end_of_generation_tokens(llm)
 
     @property
     def context(self) -> Any:
         """The ``llama_cpp._internals.LlamaContext`` decoded into (what a llama.cpp sampler reads from)."""
-        return self._context or self._llm._ctx
+        from pubmedqa.backends.llama_cpp_native import main_context
+
+        return self._context or main_context(self._llm)
 
     def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""

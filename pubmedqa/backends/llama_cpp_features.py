@@ -16,58 +16,25 @@ Usage::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
-import functools
-import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
-import llama_cpp._internals as llama_internals
 import numpy as np
 import torch
-from llama_cpp._ctypes_extensions import load_shared_library
 
+from pubmedqa.backends.llama_cpp_native import TensorHeader, ggml_base, replace_context
 from pubmedqa.decisions.probe import pooled_features
 
 GGML_TYPE_F32 = 0
-
-
-class _TensorHeader(ctypes.Structure):
-    """The leading fields of ``struct ggml_tensor`` (ggml.h). Only this prefix is mirrored: it has kept its layout
-    across ggml versions, while the fields after it have not."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-    ]
-
-
-@functools.cache
-def _ggml_base() -> ctypes.CDLL:
-    """libggml-base as bundled by llama-cpp-python; ``llama_cpp._ggml`` binds none of the tensor accessors."""
-    lib = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-    lib.ggml_is_contiguous.restype = ctypes.c_bool
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_get.restype = None
-    return lib
 
 
 class HiddenStateReader:
     """Sums the output of decoder layer ``layer - 1`` (``l_out-{layer - 1}``, n_embd x n_tokens f32) over the tokens
     decoded while :meth:`armed` and keeps the last token's; :meth:`features` is then the probe's feature row.
 
-    Install it into a context's parameters before the context is created (:meth:`install`, or :func:`open_llama`).
+    A context reports to it when created with its :attr:`callback` (:func:`open_llama`, ``llama_cpp_native``).
     The callback runs for every graph node of every decode, generation steps included, so unarmed it answers
     "not needed" without looking at the node. A prompt longer than the micro-batch arrives in several graph computes:
     the sum and the token count simply run on. Not thread-safe, like the ``Llama`` it serves.
@@ -88,7 +55,7 @@ class HiddenStateReader:
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._make_callback())
 
     def _make_callback(self) -> Any:
-        get_name = _ggml_base().ggml_get_name
+        get_name = ggml_base().ggml_get_name
         wanted = self.tensor_name.encode()
         accumulate = self._accumulate
 
@@ -101,10 +68,10 @@ class HiddenStateReader:
 
         return on_node
 
-    def install(self, params: llama_cpp.llama_context_params) -> None:
-        """Point ``params``' eval callback at this reader (for a context created afterwards)."""
-        params.cb_eval = self._callback
-        params.cb_eval_user_data = None
+    @property
+    def callback(self) -> Any:
+        """The eval callback to create a context with (``llama_cpp_native``); this reader keeps it alive."""
+        return self._callback
 
     def reset(self) -> None:
         self._sum, self._last, self._count, self._error = None, None, 0, None
@@ -139,9 +106,9 @@ class HiddenStateReader:
         # An exception must not escape into ctypes (it would be printed and the node reported as unread), so it is
         # kept for features() to raise.
         try:
-            header = _TensorHeader.from_address(tensor)
+            header = TensorHeader.from_address(tensor)
             n_embd, n_tokens, ne2, ne3 = header.ne
-            lib = _ggml_base()
+            lib = ggml_base()
             if header.type != GGML_TYPE_F32 or ne2 != 1 or ne3 != 1 or not lib.ggml_is_contiguous(tensor):
                 raise ValueError(
                     f"expected a contiguous f32 n_embd x n_tokens tensor, got type {header.type} ne {tuple(header.ne)}"
@@ -171,12 +138,8 @@ def open_llama(
 ) -> tuple[llama_cpp.Llama, HiddenStateReader | None]:
     """A ``Llama`` for ``model_path`` and, with ``feature_layer`` (the probe's ``layer``), the reader its context
     reports to. With ``n_seq_max`` > 1 the context holds that many sequences of ``n_ctx`` tokens each, in separate
-    cell streams (``llama_cpp_batch.py`` decodes them together).
-
-    ``Llama`` offers no way to pass ``cb_eval`` or a stream per sequence, and llama.cpp reads both only when the
-    context is created, so the context ``Llama.__init__`` made is replaced by one created from the same parameters
-    plus these. Without ``feature_layer`` the context has no callback at all, so decodes pay nothing.
-    """
+    cell streams (``llama_cpp_batch.py`` decodes them together). Without ``feature_layer`` the context has no
+    callback at all, so decodes pay nothing."""
     llm = llama_cpp.Llama(
         model_path=model_path,
         n_ctx=n_ctx,
@@ -190,52 +153,24 @@ def open_llama(
         return llm, None
     reader = None
     if feature_layer is not None:
-        n_layer = llama_cpp.llama_model_n_layer(llm._model.model)
-        # The last layer's output keeps only the rows that need logits (llama.cpp's inp_out_ids), not every token.
-        if not 1 <= feature_layer < n_layer:
+        try:
+            reader = reader_for(llm, feature_layer)
+        except ValueError:
             llm.close()
-            raise ValueError(
-                f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
-            )
-        reader = HiddenStateReader(feature_layer)
-        reader.install(llm.context_params)
-    params = llm.context_params
-    params.n_seq_max, params.kv_unified, params.n_ctx = n_seq_max, False, n_ctx * n_seq_max
-    # Sliding-window layers keep only their window per sequence (llama-cpp-python asks for full-size ones, for
-    # prefix reuse, which every request here starts without): with 8 sequences that saves about 370 MB.
-    params.swa_full = False
-    replacement = llama_internals.LlamaContext(model=llm._model, params=params, verbose=False)
-    # The old context stays registered in llm's exit stack; closing it twice is harmless, and the new one is closed
-    # by the model before the model itself is freed (LlamaContext registers itself there).
-    llm._ctx.close()
-    llm._ctx = replacement
-    # Freed while the bindings still exist: a Llama left to interpreter teardown can outlive llama_cpp._internals'
-    # globals (depending on module teardown order) and fail in __del__.
-    atexit.register(_close_if_alive, weakref.ref(llm))
+            raise
+    replace_context(llm, n_ctx, n_seq_max, reader.callback if reader is not None else None)
     return llm, reader
 
 
-def open_second_context(
-    llm: llama_cpp.Llama, n_ctx: int, feature_layer: int | None
-) -> tuple[llama_internals.LlamaContext, HiddenStateReader | None]:
-    """Another context on ``llm``'s model (its weights are shared, not copied), holding one sequence of ``n_ctx``
-    tokens, with its own reader for ``feature_layer``: a LoRA is set per context in llama.cpp, so two answers with
-    different adapter settings decode side by side only in two contexts (switching one context's LoRA makes
-    llama.cpp re-plan its compute graph, too slow to do at every token)."""
-    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-    params.n_seq_max, params.n_ctx = 1, n_ctx
-    params.cb_eval, params.cb_eval_user_data = llama_cpp.ggml_backend_sched_eval_callback(), None  # NULL: none
-    reader = HiddenStateReader(feature_layer) if feature_layer is not None else None
-    if reader is not None:
-        reader.install(params)
-    # The caller keeps ``reader`` as long as the context: the context holds only its callback's raw pointer.
-    return llama_internals.LlamaContext(model=llm._model, params=params, verbose=False), reader
-
-
-def _close_if_alive(ref: weakref.ref[llama_cpp.Llama]) -> None:
-    llm = ref()
-    if llm is not None:
-        llm.close()
+def reader_for(llm: llama_cpp.Llama, feature_layer: int) -> HiddenStateReader:
+    """A reader of ``feature_layer`` checked against ``llm``'s model: the last layer's output keeps only the rows that
+    need logits (llama.cpp's inp_out_ids), not every token, so it cannot be read."""
+    n_layer = llama_cpp.llama_model_n_layer(llm.model)
+    if not 1 <= feature_layer < n_layer:
+        raise ValueError(
+            f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
+        )
+    return HiddenStateReader(feature_layer)
 
 
 def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Sequence[int]) -> torch.Tensor:
