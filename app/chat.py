@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from app import variants
+from app.evidence import FoundEvidence, find_evidence, without_citation
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.prompts import FittedPrompt, PromptInput, PromptTooLongError, Turn
@@ -27,6 +28,29 @@ class ChatUpdate:
 
     answer: str
     notices: list[str] = field(default_factory=list)
+    evidence: FoundEvidence | None = None  # what the answer is based on, cited at its end
+
+
+EVIDENCE_MODES = ("off", "auto", "on")
+
+
+def parse_evidence_mode(value: Any) -> str:
+    """A request's evidence option: 'off', 'auto' (search when no context is given) or 'on' (the best article found
+    becomes the context)."""
+    if value is None or value is False:
+        return "off"
+    mode = "on" if value is True else value.strip().lower() if isinstance(value, str) else value
+    if mode not in EVIDENCE_MODES:
+        raise UserInputError(f"Unknown evidence option {value!r}: use {', '.join(map(repr, EVIDENCE_MODES))}.")
+    return mode
+
+
+def evidence_for(search: Any, question: str, context: str, mode: str) -> FoundEvidence | None:
+    """The evidence a request asked for (``mode`` from :func:`parse_evidence_mode`), or None: 'auto' searches only
+    for a question without context."""
+    if search is None or mode == "off" or (mode == "auto" and context):
+        return None
+    return find_evidence(search, question)
 
 
 def clean_text(value: Any, name: str, max_chars: int) -> str:
@@ -106,6 +130,7 @@ def history_to_turns(history: Sequence[Any] | None, limits: ServerSettings) -> t
         if not isinstance(message, dict):
             raise UserInputError("Each history message must be an object with 'role' and 'content'.")
         text = clean_text(message_text(message.get("content")), "history message", limits.max_context_chars)
+        text = without_citation(text) if message.get("role") == "assistant" else text
         if message.get("role") == "user":
             pending_question = text
         elif message.get("role") == "assistant" and pending_question is not None and text:
@@ -139,15 +164,22 @@ def stream_answer(
     variant: Any,
     settings: dict[str, Any],
     cancel: threading.Event | None = None,
+    evidence: FoundEvidence | None = None,
 ) -> Iterator[ChatUpdate]:
     """Validate a chat request, then yield the growing answer. Raises UserInputError for anything the user
-    must change; the first update carries the notices (e.g. that the context was truncated)."""
+    must change; the first update carries the notices (e.g. that the context was truncated). With ``evidence``
+    holding an article, its abstract is the context and the finished answer cites it."""
     question_text, context_text = parse_question(question, context, limits)
     chosen = parse_variant(variant, backend)
     generation = parse_generation_settings(settings, limits)
     turns = history_to_turns(history, limits)
+    if evidence is not None and evidence.article is not None:
+        context_text = evidence.context
     prompt = prepare_prompt(backend, PromptInput(question_text, context_text, turns), generation)
     notices = prompt.notices
-    yield ChatUpdate("", notices)
+    yield ChatUpdate("", notices, evidence)
+    answer = ""
     for answer in backend.stream(prompt, chosen, generation, cancel):
-        yield ChatUpdate(answer, notices)
+        yield ChatUpdate(answer, notices, evidence)
+    if evidence is not None and answer and not (cancel is not None and cancel.is_set()):
+        yield ChatUpdate(evidence.cite(answer), notices, evidence)

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from app import variants
 from app.chat import parse_generation_settings, parse_question, prepare_prompt
+from app.evidence import FoundEvidence
 from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision
@@ -50,6 +51,7 @@ class ComparisonUpdate:
     notices: list[str]
     mode: str
     done: bool = False
+    evidence: FoundEvidence | None = None  # what both answers are based on, cited at their end
 
 
 def stream_comparison(
@@ -59,10 +61,14 @@ def stream_comparison(
     context: Any,
     settings: dict[str, Any],
     cancel: threading.Event | None = None,
+    evidence: FoundEvidence | None = None,
 ) -> Iterator[ComparisonUpdate]:
     """Validate, then stream both answers; the last update carries decisions, probabilities and timings.
-    Without an adapter only the base side is produced, and a notice says why."""
+    Without an adapter only the base side is produced, and a notice says why. With ``evidence`` holding an article,
+    its abstract is both sides' context and both finished answers cite it."""
     question_text, context_text = parse_question(question, context, limits)
+    if evidence is not None and evidence.article is not None:
+        context_text = evidence.context
     generation = parse_generation_settings(settings, limits)
     prompt = prepare_prompt(backend, PromptInput(question_text, context_text), generation)
     notices = list(prompt.notices)
@@ -76,13 +82,15 @@ def stream_comparison(
     start = time.perf_counter()
     for texts in backend.stream_batch(prompts, answering, generation, cancel):
         _record_progress(sides, texts, time.perf_counter() - start)
-        yield ComparisonUpdate(sides, notices, backend.pair_mode)
+        yield ComparisonUpdate(sides, notices, backend.pair_mode, evidence=evidence)
     for side, probabilities in zip(sides, backend.score_decisions(prompts, answering)):
         side.n_tokens = backend.count_tokens(side.answer)
         side.probabilities = probabilities
         side.decision = predicted_decision(probabilities)
         side.stated_decision = parse_decision(side.answer)
-    yield ComparisonUpdate(sides, notices, backend.pair_mode, done=True)
+        if evidence is not None and not (cancel is not None and cancel.is_set()):
+            side.answer = evidence.cite(side.answer)
+    yield ComparisonUpdate(sides, notices, backend.pair_mode, done=True, evidence=evidence)
 
 
 def _record_progress(sides: list[SideResult], texts: Sequence[str], elapsed_s: float) -> None:

@@ -18,7 +18,8 @@ from app.openai_api import API_KEY_ENV, create_app
 from app.ui.interface import build_app
 from pubmedqa.backends.base import ModelBackend
 from pubmedqa.backends.factory import create_backend
-from pubmedqa.config import ModelSettings, ServerSettings, parse_settings
+from pubmedqa.config import EvidenceSettings, ModelSettings, ServerSettings, parse_settings
+from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,12 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3
 
 
-def build_server(backend: ModelBackend, server: ServerSettings) -> FastAPI:
+def build_server(backend: ModelBackend, server: ServerSettings, search: EvidenceSearch | None = None) -> FastAPI:
     """The one ASGI app ``python app.py`` serves: the OpenAI-compatible API at ``/v1`` (:mod:`app.openai_api`) and
     the Gradio page mounted at ``/`` (Gradio's documented ``gr.mount_gradio_app``; its queue starts with the app).
-    Both use ``backend`` and the limits in ``server``."""
-    demo = build_app(backend, server)
-    app = create_app(backend, server, page=demo)
+    Both use ``backend``, the limits in ``server`` and ``search`` for evidence (None: off)."""
+    demo = build_app(backend, server, search)
+    app = create_app(backend, server, page=demo, search=search)
     app.add_middleware(RefuseUploads)
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
@@ -70,7 +71,7 @@ class AppServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        model_settings, server = parse_settings([ModelSettings, ServerSettings], argv)
+        model_settings, server, evidence = parse_settings([ModelSettings, ServerSettings, EvidenceSettings], argv)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -80,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as exc:
         logger.error("%s", exc)
         return 2
+    search = EvidenceSearch(evidence) if evidence.evidence != "off" else None
     try:
-        app = build_server(backend, server)
+        app = build_server(backend, server, search)
     except Exception:  # e.g. sign-in configured (hf_oauth) without its libraries: say so, traceback included
         logger.exception("The app could not start")
         return 1
@@ -90,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = f"http://{server.server_name}:{server.server_port}"
     key = f"key required: {API_KEY_ENV} is set" if os.environ.get(API_KEY_ENV) else f"open: set {API_KEY_ENV} for a key"
     logger.info("Serving the page at %s/ and the OpenAI-compatible API at %s/v1 (%s)", url, url, key)
+    logger.info("Evidence: %s", f"source {evidence.evidence}" if search is not None else "off")
     config = uvicorn.Config(
         app, host=server.server_name, port=server.server_port, log_level="warning",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,

@@ -152,6 +152,9 @@ class ServerSettings:
         "and the /chat and /compare APIs; more are refused at once instead of holding the queue.",
     )
     heavy_context_chars: int = _setting(4000, "A context longer than this makes a Chat request heavy.")
+    evidence_per_minute: int = _setting(
+        6, "Evidence searches one visitor may start per minute on a public app (each may query NCBI PubMed)."
+    )
     eval_dir: str = _setting("outputs/eval", "Where evaluations started in the app are written, one folder each.")
     max_eval_runs: int = _setting(10, "Evaluation runs of its own the app keeps; the oldest beyond are removed.")
     owner: str = _setting(
@@ -163,7 +166,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.owner:
             self.owner = os.environ.get("SPACE_AUTHOR_NAME", "")
-        for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs", "max_votes_mb", "heavy_per_minute"):
+        for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs", "max_votes_mb", "heavy_per_minute",
+                     "evidence_per_minute"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -115,6 +115,7 @@ def test_chat_streams_an_answer_and_clear_empties_the_conversation(page):
     _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
     seen = _answer_snapshots(page)
     assert len(seen) >= 2 and len(seen[-1]) > len(seen[0]), f"the answer did not grow while streaming: {seen}"
+    assert "(stopped)" not in seen[-1]  # an answer that ended by itself is not marked as stopped
     assert page.get_by_text("Does aspirin reduce the risk").count()
     page.screenshot(path=str(ARTIFACTS / "chat-answer.png"), full_page=True)
 
@@ -335,3 +336,52 @@ def test_toasts_are_plain_text(browser, tiny_model_dir, tiny_adapter_dir, tmp_pa
         assert texts and not any("*" in t or "`" in t for t in texts)
         page.screenshot(path=str(ARTIFACTS / "toast-plain.png"), full_page=False)
         context.close()
+
+
+@pytest.fixture
+def evidence_app_url(tiny_model_dir, tiny_adapter_dir, tmp_path, pubmedqa_dir):
+    """The app with evidence from the local index of the PubMedQA abstracts (offline)."""
+    from pubmedqa.config import EvidenceSettings
+    from pubmedqa.evidence import EvidenceSearch
+
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    search = EvidenceSearch(EvidenceSettings(evidence="local", evidence_local_data=str(pubmedqa_dir)))
+    limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(backend, limits, search)) as url:
+        yield url
+
+
+def test_a_question_without_an_abstract_shows_the_articles_and_an_answer_citing_a_pmid(
+    browser, evidence_app_url, pubmedqa_dir
+):
+    from pubmedqa.data import load_local
+
+    records = load_local(pubmedqa_dir)
+    own, other = "21645374", None
+    context, page = _open_page(browser, evidence_app_url)
+    _ask(page, records[own].question)  # no abstract; "Find evidence when no abstract is given" is on
+    page.locator("#chat-evidence").get_by_text(f"PMID {own}").first.wait_for()
+    answer = _wait_answer(page)
+    assert f"Source: PMID {own}" in answer
+    assert records[own].context[:60] in page.locator("#chat-context textarea").input_value()
+    page.screenshot(path=str(ARTIFACTS / "chat-evidence.png"), full_page=True)
+    # Another article of the list becomes the context; Compare finds evidence with its own button.
+    choice = page.locator("#chat-evidence-choice")
+    choice.click()
+    options = page.get_by_role("option")
+    if options.count() > 1:
+        other = options.nth(1).inner_text().split("PMID ")[1].split(":")[0]
+        options.nth(1).click()
+        page.wait_for_function(
+            f"() => document.querySelector('#chat-evidence').innerText.includes('{other}')"
+        )
+        assert records[own].context[:60] not in page.locator("#chat-context textarea").input_value()
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-question textarea").fill(records[own].question)
+    page.locator("#compare-find-evidence").click()
+    page.locator("#compare-evidence").get_by_text(f"PMID {own}").first.wait_for()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    for side in ("#compare-base-answer", "#compare-tuned-answer"):
+        page.wait_for_function(f"() => document.querySelector('{side}').innerText.includes('Source: PMID {own}')")
+    page.screenshot(path=str(ARTIFACTS / "compare-evidence.png"), full_page=True)
+    context.close()

@@ -97,9 +97,9 @@ def _call_raw(url: str, api: str, data: str) -> str:
 
 def test_a_lone_surrogate_is_bad_input_with_a_clear_message_everywhere(served):
     url = served()
-    chat = _call_raw(url, "chat", f'["{LONE_SURROGATE}", "", null, "base", {SETTINGS}]')
+    chat = _call_raw(url, "chat", f'["{LONE_SURROGATE}", "", null, "base", {SETTINGS}, "off"]')
     assert "event: error" in chat and "invalid character" in chat
-    compare = _call_raw(url, "compare", f'["Is it?", "{LONE_SURROGATE}", {SETTINGS}]')
+    compare = _call_raw(url, "compare", f'["Is it?", "{LONE_SURROGATE}", {SETTINGS}, "off"]')
     assert "event: error" in compare and "invalid character" in compare
     body = f'{{"messages": [{{"role": "user", "content": "{LONE_SURROGATE}"}}], "max_tokens": 4}}'
     response = httpx.post(url + "v1/chat/completions", content=body, headers={"Content-Type": "application/json"})

@@ -146,12 +146,14 @@ def create_app(
     base_name: str = BASE_MODEL_NAME,
     adapter_name: str = ADAPTER_MODEL_NAME,
     allow_echo: bool = True,
+    search: Any = None,
 ) -> FastAPI:
     """A FastAPI app with the OpenAI-compatible API at ``/v1`` over ``backend``, checked against ``limits`` (the
     page's :class:`ServerSettings`). ``page``: the Gradio Blocks served beside it (:func:`app.main.build_server`
     mounts it at ``/``), whose waiting events count towards the queue. ``api_key``: the key clients must send
     (default: ``PUBMEDQA_API_KEY`` from the environment; none: open). ``allow_echo=False`` refuses ``echo`` with
-    ``logprobs`` as TGI does (for the remote backend's tests)."""
+    ``logprobs`` as TGI does (for the remote backend's tests). ``search``: the app's
+    :class:`pubmedqa.evidence.EvidenceSearch` for the ``evidence`` extension field (None: evidence is off)."""
     limits = limits or ServerSettings()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None

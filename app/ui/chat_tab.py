@@ -13,6 +13,7 @@ import gradio as gr
 
 from app import variants
 from app.chat import message_text, stream_answer
+from app.evidence import FoundEvidence
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -26,10 +27,21 @@ from app.ui.common import (
     session_id,
     user_error,
 )
+from app.ui.evidence_panel import (
+    EvidenceHandlers,
+    EvidencePanel,
+    api_evidence,
+    build_evidence_panel,
+    shown,
+    wire_evidence_panel,
+)
 from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.evidence import EvidenceSearch
 
-ChatUpdates = Iterator[tuple[Any, Any, Any]]  # (conversation, question box, notice) as the answer grows
+# (conversation, question box, notice, evidence list, article choice, evidence state, context box) as it grows
+ChatUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any, Any]]
+UNCHANGED_EVIDENCE = (gr.skip(),) * 4
 WAITING, LOADING = "…", "⏳ Loading the model…"  # the answer's placeholder until its first token
 
 
@@ -66,9 +78,12 @@ class ChatComponents:
     variant: gr.Radio
     settings: SettingsControls
     context: gr.Textbox
+    evidence: EvidencePanel
 
 
-def _layout(limits: ServerSettings, examples: list[dict[str, str]]) -> ChatComponents:
+def _layout(
+    limits: ServerSettings, examples: list[dict[str, str]], search: EvidenceSearch | None
+) -> ChatComponents:
     # One column in reading order (model, conversation, context, question and its buttons), so that on a phone,
     # where columns stack, nothing a question needs comes after the buttons.
     with gr.Row():
@@ -76,6 +91,7 @@ def _layout(limits: ServerSettings, examples: list[dict[str, str]]) -> ChatCompo
             variant = _variant_radio()
             chatbot = _conversation()
             context = _context_box(limits)
+            evidence = build_evidence_panel(search, "chat")
             with gr.Row():
                 question = _question_box(limits)
                 send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
@@ -94,7 +110,7 @@ def _layout(limits: ServerSettings, examples: list[dict[str, str]]) -> ChatCompo
         )
     return ChatComponents(
         chatbot=chatbot, question=question, send=send, stop=stop, clear=clear, notice=notice, variant=variant,
-        settings=settings, context=context,
+        settings=settings, context=context, evidence=evidence,
     )
 
 
@@ -144,10 +160,14 @@ def _context_box(limits: ServerSettings) -> gr.Textbox:
 class ChatHandlers:
     """The Chat tab's event handlers; one cancel flag per browser session, so Stop and Clear reach only it."""
 
-    def __init__(self, backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
+    def __init__(
+        self, backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard,
+        evidence: EvidenceHandlers | None = None,
+    ) -> None:
         self.backend = backend
         self.limits = limits
         self.guard = guard
+        self.evidence = evidence or EvidenceHandlers(None, limits, guard)
         self.cancels = SessionCancels()
 
     def respond(
@@ -155,6 +175,8 @@ class ChatHandlers:
         message: str,
         history: list[dict[str, Any]] | None,
         context_text: str,
+        auto_evidence: bool,
+        found: FoundEvidence | None,
         variant: str,
         max_new_tokens: float,
         temperature: float,
@@ -166,27 +188,35 @@ class ChatHandlers:
     ) -> ChatUpdates:
         if not isinstance(message, str) or not message.strip():
             raise user_error("Please type a question.")
+        context_text = context_text if isinstance(context_text, str) else ""
         self.guard.check_heavy(request, compare=False, context=context_text)
         original = list(history or [])
         waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
-        yield pending, "", ""
+        yield pending, "", "", *UNCHANGED_EVIDENCE
+        evidence, searched, evidence_notice = self.evidence.for_request(
+            message, context_text, auto_evidence, found, request
+        )
+        if searched:  # show what was found before the answer starts
+            yield pending, gr.skip(), gr.skip(), *shown(evidence)
         cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
             self.backend, self.limits, message, context_text, original, variant,
             generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens), cancel,
+            evidence,
         )
         try:
             for update in run_guarded(updates):
                 pending[-1] = {"role": "assistant", "content": update.answer or waiting}
-                yield pending, gr.skip(), notices_markdown(update.notices)
+                notices = update.notices + [n for n in (evidence_notice,) if n]
+                yield pending, gr.skip(), notices_markdown(notices), *UNCHANGED_EVIDENCE
         except gr.Error:
-            yield original, message, ""  # give the question back: nothing the user typed is lost
+            yield original, message, "", *UNCHANGED_EVIDENCE  # give the question back: nothing typed is lost
             raise
         self.cancels.finish(session_id(request), cancel)
         if cancel.is_set():  # stopped while the backend was finishing its last token: say so
             pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
-            yield pending, gr.skip(), gr.skip()
+            yield pending, gr.skip(), gr.skip(), *UNCHANGED_EVIDENCE
 
     def stop_generation(self, history: list[dict[str, Any]] | None, request: gr.Request) -> Any:
         """Stop this session's answer, and mark it as stopped where it stands (the cancelled event sends nothing
@@ -209,11 +239,13 @@ class ChatHandlers:
 
 
 def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) -> None:
+    wire_evidence_panel(ui.evidence, handlers.evidence, ui.question, ui.context)
     chat_event = gr.on(
         triggers=[ui.question.submit, ui.send.click],
         fn=handlers.respond,
-        inputs=[ui.question, ui.chatbot, ui.context, ui.variant, *ui.settings.inputs],
-        outputs=[ui.chatbot, ui.question, ui.notice],
+        inputs=[ui.question, ui.chatbot, ui.context, ui.evidence.auto, ui.evidence.state, ui.variant,
+                *ui.settings.inputs],
+        outputs=[ui.chatbot, ui.question, ui.notice, *ui.evidence.outputs, ui.context],
         api_visibility="private",
         concurrency_id=MODEL_EVENTS,
         concurrency_limit=concurrency_limit,
@@ -227,15 +259,18 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
 
 
 def build_chat_tab(
-    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard
+    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
+    search: EvidenceSearch | None = None,
 ) -> ChatTab:
-    ui = _layout(limits, examples)
-    handlers = ChatHandlers(backend, limits, guard)
+    ui = _layout(limits, examples, search)
+    handlers = ChatHandlers(backend, limits, guard, EvidenceHandlers(search, limits, guard))
     _wire(ui, handlers, limits.concurrency_limit)
     return ChatTab(variant=ui.variant, end_session=handlers.end_session)
 
 
-def register_chat_api(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
+def register_chat_api(
+    backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
+) -> None:
     """The ``/chat`` endpoint for scripts (gradio_client): same validation, limits and model as the Chat tab."""
 
     def chat(
@@ -249,14 +284,19 @@ def register_chat_api(backend: ModelBackend, limits: ServerSettings, guard: Visi
         seed: int = GenerationSettings.seed,
         repetition_penalty: float = GenerationSettings.repetition_penalty,
         min_new_tokens: int = GenerationSettings.min_new_tokens,
+        evidence: str = "off",
         request: gr.Request = None,
     ) -> Iterator[str]:
         """Answer a biomedical question. `history` is a list of {"role": "user"|"assistant", "content": str}
-        messages; `model` is "base" or "fine-tuned". Streams the growing answer; the last value is the answer."""
+        messages; `model` is "base" or "fine-tuned"; `evidence` is "off", "auto" (search PubMed or the local index
+        when no context is given) or "on" (the best article found is the context). Streams the growing answer; the
+        last value is the answer, ending with a "Source: PMID ..." line when it is based on an article (the
+        articles themselves: the /evidence endpoint)."""
         guard.check_api_caller(request)
         guard.check_heavy(request, compare=False, context=context)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
-        updates = stream_answer(backend, limits, question, context, history, model, settings)
+        found = api_evidence(search, guard, limits, question, context, evidence, request)
+        updates = stream_answer(backend, limits, question, context, history, model, settings, evidence=found)
         for update in run_guarded(updates):
             yield update.answer
 

@@ -100,12 +100,24 @@ class VisitorGuard:
       so that one visitor cannot hold the one model for minutes; a refused one ends at once instead of waiting.
     - With ``api_key`` (``PUBMEDQA_API_KEY``), the /chat and /compare APIs need it as ``/v1`` does; the page's own
       events stay open to every visitor (they are not callable as APIs: ``api_visibility="private"``).
+    - On a public app, evidence searches are limited per visitor per minute too.
     """
 
     def __init__(self, limits: ServerSettings, public: bool, api_key: str | None = None):
         self.limits = limits
         self._heavy = PerMinuteLimiter(limits.heavy_per_minute) if public else None
+        self._evidence = PerMinuteLimiter(limits.evidence_per_minute) if public else None
         self._api_key = api_key or None
+
+    def allow_evidence(self, request: gr.Request | None) -> bool:
+        """Whether this visitor may search for evidence now (on a public app, ``evidence_per_minute`` searches a
+        minute each, so that one visitor cannot spend the owner's NCBI quota); an allowed search counts."""
+        return self._evidence is None or self._evidence.allow(visitor_key(request))
+
+    def evidence_limit_message(self, request: gr.Request | None) -> str:
+        wait = self._evidence.wait_s(visitor_key(request)) if self._evidence is not None else 0
+        return (f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on this public "
+                f"app; the next in {wait:.0f} s.")
 
     def check_api_caller(self, request: gr.Request | None) -> None:
         if self._api_key and not bearer_key_matches(getattr(request, "headers", None) or {}, self._api_key):

@@ -13,6 +13,8 @@ import gradio as gr
 
 from app import variants
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
+from app.evidence import FoundEvidence
+from app.rate_limits import PerMinuteLimiter, visitor_key
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
@@ -26,13 +28,23 @@ from app.ui.common import (
     session_id,
     user_error,
 )
-from app.rate_limits import PerMinuteLimiter, visitor_key
+from app.ui.evidence_panel import (
+    EvidenceHandlers,
+    EvidencePanel,
+    api_evidence,
+    build_evidence_panel,
+    shown,
+    wire_evidence_panel,
+)
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.evidence import EvidenceSearch
 
-# (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to)
-CompareUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any]]
+# (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to, evidence list,
+# article choice, evidence state, context box)
+CompareUpdates = Iterator[tuple[Any, ...]]
+UNCHANGED_EVIDENCE = (gr.skip(),) * 4
 PENDING, NO_ADAPTER = "…", "—"  # a panel before its first token; the fine-tuned panel without an adapter
 
 
@@ -87,16 +99,20 @@ class CompareComponents:
     vote_buttons: list[gr.Button]
     comment: gr.Textbox
     summary: gr.Markdown
+    evidence: EvidencePanel
 
 
-def _layout(limits: ServerSettings, examples: list[dict[str, str]], vote_summary: str) -> CompareComponents:
+def _layout(
+    limits: ServerSettings, examples: list[dict[str, str]], vote_summary: str, search: EvidenceSearch | None
+) -> CompareComponents:
     with gr.Row():
         with gr.Column(scale=3):
             question = gr.Textbox(label="Question", max_lines=4, elem_id="compare-question",
                                   max_length=limits.max_question_chars,
                                   placeholder="Ask once, get the base and the fine-tuned answer side by side.")
             context = gr.Textbox(label="Abstract / context (optional)", lines=4, max_lines=12,
-                                 max_length=limits.max_context_chars)
+                                 max_length=limits.max_context_chars, elem_id="compare-context")
+            evidence = build_evidence_panel(search, "compare")
         with gr.Column(scale=2):
             example = gr.Dropdown(
                 choices=[(ex["question"], i) for i, ex in enumerate(examples)], value=None,
@@ -120,7 +136,7 @@ def _layout(limits: ServerSettings, examples: list[dict[str, str]], vote_summary
     return CompareComponents(
         question=question, context=context, example=example, settings=settings, compare=compare, stop=stop,
         reference=reference, info=info, base=base, tuned=tuned, last_result=last_result, vote_buttons=vote_buttons,
-        comment=comment, summary=summary,
+        comment=comment, summary=summary, evidence=evidence,
     )
 
 
@@ -134,10 +150,11 @@ class CompareHandlers:
     """The Compare tab's event handlers; one cancel flag per browser session, so Stop reaches only it."""
 
     def __init__(self, backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]],
-                 votes: VoteLog, guard: VisitorGuard) -> None:
+                 votes: VoteLog, guard: VisitorGuard, evidence: EvidenceHandlers | None = None) -> None:
         self.backend = backend
         self.limits = limits
         self.guard = guard
+        self.evidence = evidence or EvidenceHandlers(None, limits, guard)
         self.examples = examples
         self.votes = votes
         self.vote_limiter = PerMinuteLimiter(limits.votes_per_minute)
@@ -151,23 +168,35 @@ class CompareHandlers:
             f"**Gold label: {ex['final_decision']}** — reference (the abstract's conclusion): {ex['long_answer']}"
         )
 
-    def run(self, question_text: str, context_text: str, max_new_tokens: float, temperature: float, top_p: float,
-            seed: float, repetition_penalty: float, min_new_tokens: float, request: gr.Request) -> CompareUpdates:
+    def run(self, question_text: str, context_text: str, auto_evidence: bool, found: FoundEvidence | None,
+            max_new_tokens: float, temperature: float, top_p: float, seed: float, repetition_penalty: float,
+            min_new_tokens: float, request: gr.Request) -> CompareUpdates:
         self.guard.check_heavy(request, compare=True)
+        context_text = context_text if isinstance(context_text, str) else ""
+        question_text = question_text if isinstance(question_text, str) else ""
+        evidence, searched, evidence_notice = (None, False, None) if not question_text.strip() else (
+            self.evidence.for_request(question_text, context_text, auto_evidence, found, request)
+        )
+        if searched:  # both answers use what was found: show it first
+            yield *(gr.skip(),) * 6, *shown(evidence)
         cancel = self.cancels.start(session_id(request))
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         update: ComparisonUpdate | None = None
-        updates = stream_comparison(self.backend, self.limits, question_text, context_text, settings, cancel)
+        updates = stream_comparison(
+            self.backend, self.limits, question_text, context_text, settings, cancel, evidence
+        )
         for update in run_guarded(updates):
             base = update.sides[0]
             tuned = update.sides[1] if len(update.sides) > 1 else None
-            note = notices_markdown(update.notices + [f"Mode: {update.mode}."])
+            notices = update.notices + [n for n in (evidence_notice,) if n] + [f"Mode: {update.mode}."]
             yield (base.answer or PENDING, (tuned.answer or PENDING) if tuned else NO_ADAPTER,
-                   side_stats(base, update.done), side_stats(tuned, update.done), note, gr.skip())
+                   side_stats(base, update.done), side_stats(tuned, update.done), notices_markdown(notices),
+                   gr.skip(), *UNCHANGED_EVIDENCE)
         self.cancels.finish(session_id(request), cancel)
         if update is not None and update.done:
-            record = self._vote_record(question_text, context_text, settings, update.sides)
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), record
+            used = evidence.context if evidence is not None and evidence.article is not None else context_text
+            record = self._vote_record(question_text, used, settings, update.sides)
+            yield *(gr.skip(),) * 5, record, *UNCHANGED_EVIDENCE
 
     def _vote_record(self, question_text: str, context_text: str, settings: dict[str, Any],
                      sides: list[SideResult]) -> dict[str, Any]:
@@ -206,9 +235,12 @@ class CompareHandlers:
 def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: int) -> None:
     ui.example.change(handlers.pick_example, ui.example, [ui.question, ui.context, ui.reference],
                       api_visibility="private")
+    wire_evidence_panel(ui.evidence, handlers.evidence, ui.question, ui.context)
     event = gr.on(
-        [ui.compare.click, ui.question.submit], handlers.run, [ui.question, ui.context, *ui.settings.inputs],
-        [ui.base.answer, ui.tuned.answer, ui.base.stats, ui.tuned.stats, ui.info, ui.last_result],
+        [ui.compare.click, ui.question.submit], handlers.run,
+        [ui.question, ui.context, ui.evidence.auto, ui.evidence.state, *ui.settings.inputs],
+        [ui.base.answer, ui.tuned.answer, ui.base.stats, ui.tuned.stats, ui.info, ui.last_result,
+         *ui.evidence.outputs, ui.context],
         api_visibility="private", concurrency_id=MODEL_EVENTS, concurrency_limit=concurrency_limit,
         trigger_mode="once",  # a second click while running is ignored, not queued
     )
@@ -228,27 +260,36 @@ def _vote_for(handlers: CompareHandlers, choice: str):
 
 
 def build_compare_tab(
-    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard
+    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
+    search: EvidenceSearch | None = None,
 ) -> None:
     votes = VoteLog(limits.votes_path, limits.votes_repo, limits.max_votes_mb << 20)
-    ui = _layout(limits, examples, vote_summary_markdown(votes))
-    _wire(ui, CompareHandlers(backend, limits, examples, votes, guard), limits.concurrency_limit)
+    ui = _layout(limits, examples, vote_summary_markdown(votes), search)
+    handlers = CompareHandlers(backend, limits, examples, votes, guard, EvidenceHandlers(search, limits, guard))
+    _wire(ui, handlers, limits.concurrency_limit)
 
 
-def register_compare_api(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> None:
+def register_compare_api(
+    backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
+) -> None:
     """The ``/compare`` endpoint for scripts (gradio_client): same validation, limits and model as the Compare tab."""
 
     def compare_api(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
                     temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
                     seed: int = GenerationSettings.seed,
                     repetition_penalty: float = GenerationSettings.repetition_penalty,
-                    min_new_tokens: int = GenerationSettings.min_new_tokens, request: gr.Request = None) -> dict:
+                    min_new_tokens: int = GenerationSettings.min_new_tokens, evidence: str = "off",
+                    request: gr.Request = None) -> dict:
         """Answer the same question with the base and the fine-tuned model. Returns both answers with their
-        decision, option probabilities, time to first token, tokens/s and token count."""
+        decision, option probabilities, time to first token, tokens/s and token count. `evidence`: "off", "auto"
+        (search when no context is given) or "on"; the result's "evidence" then holds the citations (pmid, title,
+        journal, year, url) and the PMID both answers are based on."""
         guard.check_api_caller(request)
         guard.check_heavy(request, compare=True)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
-        *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings))
-        return {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
+        found = api_evidence(search, guard, limits, question, context, evidence, request)
+        *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings, evidence=found))
+        result = {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
+        return result | ({"evidence": found.as_dict()} if found is not None else {})
 
     gr.api(compare_api, api_name="compare", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

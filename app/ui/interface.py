@@ -9,12 +9,14 @@ import gradio as gr
 
 from app.access import API_KEY_ENV, OwnerAccess
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
-from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.common import VisitorGuard
+from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
+from app.ui.evidence_panel import register_evidence_api
 from pubmedqa.backends.base import LoadState, ModelBackend
 from pubmedqa.config import ServerSettings
 from pubmedqa.data import load_examples
+from pubmedqa.evidence import EvidenceSearch
 
 TITLE = "PubMedQA chatbot"
 DISCLAIMER = (
@@ -27,13 +29,15 @@ def _status_markdown(backend: ModelBackend) -> str:
     return f"**Model status:** {backend.status_summary()}"
 
 
-def build_app(backend: ModelBackend, limits: ServerSettings) -> gr.Blocks:
+def build_app(backend: ModelBackend, limits: ServerSettings, search: EvidenceSearch | None = None) -> gr.Blocks:
+    """The page; ``search`` finds evidence for questions (None: evidence is off)."""
     guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
     with gr.Blocks(title=TITLE) as demo:
         status, details = _header(backend)
-        chat = _tabs(backend, limits, guard)
-        register_chat_api(backend, limits, guard)
-        register_compare_api(backend, limits, guard)
+        chat = _tabs(backend, limits, guard, search)
+        register_chat_api(backend, limits, guard, search)
+        register_compare_api(backend, limits, guard, search)
+        register_evidence_api(search, limits, guard)
         _poll_model_status(demo, backend, status, details, chat)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
@@ -51,12 +55,12 @@ def _header(backend: ModelBackend) -> tuple[gr.Markdown, gr.Markdown]:
     return status, details
 
 
-def _tabs(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard) -> ChatTab:
+def _tabs(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None) -> ChatTab:
     with gr.Tabs():
         with gr.Tab("Chat"):
-            chat = build_chat_tab(backend, limits, load_examples(), guard)
+            chat = build_chat_tab(backend, limits, load_examples(), guard, search)
         with gr.Tab("Compare"):
-            build_compare_tab(backend, limits, load_examples(key="dev_examples"), guard)
+            build_compare_tab(backend, limits, load_examples(key="dev_examples"), guard, search)
         with gr.Tab("Evaluation"):
             build_evaluation_tab(backend, limits)
     return chat

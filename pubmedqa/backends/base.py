@@ -295,12 +295,15 @@ class ModelBackend(ABC):
         queues None; then the final texts, or the worker's exception."""
         stops = self.stop_sequences()
         texts = [""] * rows
+        ended = False
         try:
             while (update := updates.get()) is not None:
                 texts = update
                 yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
+            ended = True
         finally:
-            cancel.set()  # also reached when the consumer closes the stream (Stop button, user left)
+            if not ended:  # the consumer closed the stream (Stop button, user left): end the worker too
+                cancel.set()  # (only then: the caller reads a set flag as "stopped")
             worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
         if failure:
             raise failure[0]

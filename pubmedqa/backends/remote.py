@@ -216,7 +216,8 @@ class RemoteBackend(ModelBackend):
                     texts[row] += item
                     yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
         finally:
-            cancel.set()
+            if running:  # the consumer closed the stream early: end the requests (a set flag reads as "stopped")
+                cancel.set()
         if failure:
             raise failure
         yield [cut_at_stop(t, stops)[0].strip() for t in texts]

@@ -1,0 +1,103 @@
+"""Evidence for a question as the Chat and Compare tabs and the APIs use it: the articles found, the one whose
+abstract becomes the answer's context, and the line that cites it under the answer.
+
+The search itself (PubMed or the local index, faults, rate of requests to NCBI) is :mod:`pubmedqa.evidence`; this
+module decides what a request gets from it. Both answers of a Compare use the same evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pubmedqa.evidence import Article, EvidenceResult, EvidenceSearch
+
+#: How the answer's citation line starts; a conversation's history drops the line again (the model never wrote it).
+CITATION_MARK = "Source: PMID"
+
+
+@dataclass(frozen=True)
+class FoundEvidence:
+    """A search's result and which of its articles the answer is based on (``chosen``: its index)."""
+
+    result: EvidenceResult
+    chosen: int = 0
+
+    @property
+    def article(self) -> Article | None:
+        return self.result.articles[self.chosen] if 0 <= self.chosen < len(self.result.articles) else None
+
+    @property
+    def context(self) -> str:
+        """The chosen article's title, journal and labelled abstract: the prompt's context."""
+        article = self.article
+        return article.context_text() if article is not None else ""
+
+    def citation_line(self) -> str:
+        """The line under an answer saying which article it is based on (empty without one)."""
+        article = self.article
+        if article is None:
+            return ""
+        where = ", ".join(str(part) for part in (article.journal, article.year) if part)
+        return f"{CITATION_MARK} {article.pmid} ({article.url}){f', {where}' if where else ''}"
+
+    def cite(self, answer: str) -> str:
+        line = self.citation_line()
+        return f"{answer}\n\n{line}" if line and answer else answer
+
+    def as_dict(self) -> dict[str, Any]:
+        """What the /chat, /compare and /v1 APIs return beside the answer."""
+        article = self.article
+        return {
+            "message": self.result.message,
+            "source": self.result.source,
+            "used_pmid": article.pmid if article is not None else None,
+            "citations": self.result.citations(),
+        }
+
+
+def find_evidence(search: EvidenceSearch, question: str, chosen: int = 0) -> FoundEvidence:
+    """The evidence for ``question`` (already validated) from the configured source; never raises for a network or
+    data fault (the result's message says what happened)."""
+    return FoundEvidence(search.search(question), chosen)
+
+
+def without_citation(answer: str) -> str:
+    """``answer`` without the citation line :meth:`FoundEvidence.cite` added (for a conversation's history)."""
+    head, mark, _ = answer.rpartition(f"\n\n{CITATION_MARK} ")
+    return head if mark else answer
+
+
+def evidence_markdown(found: FoundEvidence) -> str:
+    """The articles as the page lists them: PubMed's texts escaped, so a title's markup is shown, never rendered."""
+    lines = [escape_markdown(found.result.message)]
+    for number, article in enumerate(found.result.articles, 1):
+        where = ", ".join(escape_markdown(str(part)) for part in (article.journal, article.year) if part)
+        used = " ← the answer's context" if number - 1 == found.chosen else ""
+        lines.append(
+            f"{number}. **{escape_markdown(article.title or '(untitled)')}**{f' — {where}' if where else ''} · "
+            f"[PMID {article.pmid}]({article.url}){used}"
+        )
+        if article.conclusion:
+            lines.append(f"    Conclusion: {escape_markdown(_shorten(article.conclusion, 400))}")
+    return "\n".join(lines)
+
+
+def article_choices(found: FoundEvidence) -> list[tuple[str, int]]:
+    """(label, index) of each article, for the page's "Answer from" choice."""
+    return [
+        (f"{n}. PMID {a.pmid}: {_shorten(a.title or '(untitled)', 90)}", n - 1)
+        for n, a in enumerate(found.result.articles, 1)
+    ]
+
+
+_MARKDOWN_SPECIAL = set("\\`*_{}[]()<>#+-.!|~&")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` with every Markdown and HTML special character escaped, so it renders as itself."""
+    return "".join(f"\\{c}" if c in _MARKDOWN_SPECIAL else c for c in text.replace("\n", " "))
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
