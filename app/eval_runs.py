@@ -2,17 +2,29 @@
 
 A visitor picks a run from a list; the value sent back is a name from that list, looked up here among the folders the
 app found itself. Whatever else arrives (a path, ``..``, a name of a folder that is a symlink leading out) matches
-nothing and is refused before any file is read, and no server path ever reaches the page.
+nothing and is refused before any file is read, and no server path ever reaches the page. The runs are listed from
+disk at each call, so a run written after start-up (by this app or another) is offered at the next refresh.
+
+:class:`CsvExports` holds the per-example CSV files the dashboard offers for download, in one bounded folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from pubmedqa.config import PROJECT_ROOT
 from pubmedqa.evaluation.results import RESULTS_FILE
@@ -102,3 +114,73 @@ def _runs_in(root: Path, kind: str) -> list[EvalRun]:
             continue
         runs.append(EvalRun(f"{kind}/{child.name}", f"{child.name} · {kind}", child.resolve()))
     return runs
+
+
+def file_slug(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, dots and dashes ("fine-tuned right, base wrong" ->
+    "fine-tuned-right-base-wrong")."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-.").lower() or "run"
+
+
+class CsvExports:
+    """The per-example CSVs the dashboard offers for download, in one folder the app owns.
+
+    Every page load and filter change offers a CSV; a new temporary folder each time grew the disk without bound. Here
+    there is one file per (run, filter), rewritten in place (atomically: a download under way keeps the old copy),
+    at most ``cap`` files in all (the least recently written go first), and the folder is removed when the app exits.
+    It lies under the system's temp folder, which Gradio serves files from; the name a visitor sees is the file's
+    own, ``pubmedqa-eval-<run>-<filter>.csv``, never the folder.
+    """
+
+    def __init__(self, cap: int = 32, root: Path | None = None):
+        self.cap = cap
+        self._root = root
+        self._lock = threading.Lock()
+
+    @property
+    def folder(self) -> Path:
+        """The app's CSV folder, made on first use."""
+        with self._lock:
+            return self._folder()
+
+    def _folder(self) -> Path:
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="pubmedqa-eval-csv-"))
+            weakref.finalize(self, shutil.rmtree, self._root, True)  # at exit, or when the app is dropped
+        return self._root
+
+    def name(self, run: EvalRun, filter_name: str) -> str:
+        return f"pubmedqa-eval-{file_slug(run.path.name)}-{file_slug(filter_name)}.csv"
+
+    def write(self, run: EvalRun, filter_name: str, frame: pd.DataFrame) -> Path:
+        """The CSV of ``frame`` (``run``'s examples through ``filter_name``); the path to offer."""
+        with self._lock:
+            # A folder per kind: a run of the app's own may share its name with a shipped one.
+            folder = self._folder() / file_slug(run.key.split("/", 1)[0])
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.name(run, filter_name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                    frame.to_csv(handle, index=False)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            self._prune(keep=path)
+        return path
+
+    def files(self) -> list[Path]:
+        root = self._root
+        return sorted(root.rglob("*.csv")) if root is not None and root.is_dir() else []
+
+    def _prune(self, keep: Path) -> None:
+        def written(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        files = sorted((p for p in self.files() if p != keep), key=written)
+        for old in files[: max(0, len(files) + 1 - self.cap)]:
+            old.unlink(missing_ok=True)

@@ -1,22 +1,29 @@
-"""The Evaluation tab: metric charts of base vs fine-tuned, confusion matrices, the per-example table with filters
-and CSV download, and a control to run a new evaluation."""
+"""The Evaluation tab: metric charts of base vs fine-tuned with a plain-language legend, confusion matrices, the
+per-example table (filters, row count, the full example on click, CSV download), and a control to run a new
+evaluation with its progress next to the button."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 import shutil
-import tempfile
+import string
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
+from gradio.components.plot import PlotData
 
 from app import variants
 from app.access import OwnerAccess
-from app.eval_runs import RunCatalogue, UnknownRunError
+from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
+from app.ui.common import user_error
 from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.backends.status import shown_source
 from pubmedqa.config import ServerSettings
@@ -38,22 +45,35 @@ FILTERS = {
     "gold = no": lambda b, t, g: g == "no",
     "gold = maybe": lambda b, t, g: g == "maybe",
 }
+RELIABLE_N = 100  # below this many questions, a few answers move accuracy by points: differences are mostly noise
+SMALL_RUN_NOTE = "too few questions to compare models reliably"
+# No mode bar: on a phone its icons cover the chart's title and legend, and zooming a bar chart gains nothing.
+PLOT_CONFIG = {"displayModeBar": False, "scrollZoom": False}
+DONE = "Done:"
+NOT_RUN = "No new run: the message in the corner says why."
+CELL_CHARS = 80  # long texts in the table are cut here (the Dataframe shows the rest on click; the row opens below)
+ID, NARROW, DECISION, NUMBER, TEXT = "100px", "76px", "100px", "96px", "280px"  # column widths: short values first, texts last
+
+# One plain line per metric, shown under the charts: what a newcomer needs to read them.
+METRIC_LEGEND = """\
+**How to read the charts**
+- **Accuracy**: share of questions where the model's yes / no / maybe is the experts' answer.
+- **Macro-F1**: the F1 score of yes, of no and of maybe, averaged, so the rare *maybe* counts as much as *yes*; \
+a model that always says *yes* gets a high accuracy but a low macro-F1.
+- **Token-F1**: how many words the model's explanation shares with the abstract's conclusion (0-100).
+- **BLEU**: how many 1- to 4-word phrases of the explanation appear in the conclusion; strict, so low values are normal.
+- **ROUGE-1 / ROUGE-L**: words in common with the conclusion / the longest run of words in the same order.
+- **BERTScore P / R / F1**: closeness in meaning measured by a small language model: **P** how much of the answer the \
+conclusion supports, **R** how much of the conclusion the answer covers, **F1** both together. Compare base and \
+fine-tuned of one run, not numbers across runs.
+- **Looping**: share of answers that repeat themselves (lower is better); **ended by itself**: share that finished \
+before the length limit.
+- **LLM judge**: another language model grades each answer from 1 (wrong) to 5 (correct and complete) against the \
+conclusion.
+"""
 
 
-def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str, scale: float = 1.0) -> go.Figure:
-    figure = go.Figure()
-    for key in run.model_keys:
-        values = [getter(run.results["models"][key]) for _, getter in metrics]
-        shown = [None if v is None else v * scale for v in values]
-        figure.add_bar(
-            name=LABELS[key], x=[name for name, _ in metrics], y=shown, marker_color=COLORS[key],
-            text=["n/a" if v is None else f"{v:.1f}" for v in shown], textposition="outside", cliponaxis=False,
-        )
-    figure.update_layout(title=title, barmode="group", yaxis_title=axis, height=380, margin={"t": 60, "b": 40})
-    return figure
-
-
-def _get(*path: str):
+def _get(*path: str) -> Callable[[dict[str, Any]], Any]:
     def getter(metrics: dict[str, Any]) -> Any:
         value: Any = metrics
         for part in path:
@@ -61,6 +81,50 @@ def _get(*path: str):
         return value
 
     return getter
+
+
+def _wrapped(name: str) -> str:
+    """A tick label on two lines at its first space, so category names fit a phone's narrow columns."""
+    head, _, tail = name.partition(" ")
+    return f"{head}<br>{tail}" if tail else head
+
+
+def _phone_layout(figure: go.Figure, title: str, height: int) -> None:
+    """What every chart shares: a short title at the left, the legend in one row above the plot (a legend at the
+    right takes a third of a phone's width), no drag-to-zoom (a finger scrolling the page would zoom instead)."""
+    figure.update_layout(
+        title={"text": title, "x": 0, "xanchor": "left", "font": {"size": 15}},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "left", "x": 0},
+        height=height, margin={"t": 70, "b": 10, "l": 40, "r": 10}, dragmode=False,
+    )
+    figure.update_xaxes(fixedrange=True, automargin=True)
+    figure.update_yaxes(fixedrange=True, automargin=True)
+
+
+def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str, scale: float = 1.0,
+          digits: int = 1) -> go.Figure:
+    figure = go.Figure()
+    names = [name for name, _ in metrics]
+    top = 0.0
+    for key in run.model_keys:
+        values = [getter(run.results["models"][key]) for _, getter in metrics]
+        shown = [None if v is None else v * scale for v in values]
+        top = max([top, *(v for v in shown if v is not None)])
+        figure.add_bar(
+            name=LABELS[key], x=names, y=shown, marker_color=COLORS[key],
+            text=["n/a" if v is None else f"{v:.{digits}f}" for v in shown], textposition="outside", cliponaxis=False,
+        )
+    _phone_layout(figure, title, 380)
+    # Bar labels shrink to their bar's width; one that would need less than 9 px is hidden rather than overlapping
+    # its neighbour (a phone, seven metrics): the value stays on tap/hover. Headroom above the highest bar keeps
+    # its label off the legend.
+    figure.update_layout(barmode="group", yaxis_title=axis, uniformtext={"minsize": 9, "mode": "hide"})
+    figure.update_yaxes(range=[0, (top or 1) * 1.18])
+    if len(names) <= 3:  # few, wide columns: long names wrap
+        figure.update_xaxes(tickmode="array", tickvals=names, ticktext=[_wrapped(n) for n in names])
+    else:  # many narrow ones on a phone: angled, ending at their bar, so none runs past the chart's right edge
+        figure.update_xaxes(tickangle=-45)
+    return figure
 
 
 def decision_figure(run: RunResults) -> go.Figure:
@@ -73,12 +137,14 @@ def text_figure(run: RunResults) -> go.Figure:
         ("BERTScore P", _get("bertscore", "precision")), ("BERTScore R", _get("bertscore", "recall")),
         ("BERTScore F1", _get("bertscore", "f1")),
     ]
-    return _bars(run, metrics, "Long answer vs the abstract's conclusion", "score (0-100)")
+    # Whole numbers: seven pairs of bars share a phone's width, and a point on these scores means little.
+    return _bars(run, metrics, "Long answer vs the<br>abstract's conclusion", "score (0-100)", digits=0)
 
 
 def readable_figure(run: RunResults) -> go.Figure:
     metrics = [("looping (lower is better)", _get("looping")), ("ended by itself", _get("ended_by_itself"))]
-    figure = _bars(run, metrics, "Readable answers: loops and endings", "% of answers")
+    figure = _bars(run, metrics, "Readable answers:<br>loops and endings", "% of answers")
+    figure.update_xaxes(ticktext=["looping<br>(lower is better)", "ended<br>by itself"])
     figure.update_yaxes(range=[0, 110])
     return figure
 
@@ -86,11 +152,15 @@ def readable_figure(run: RunResults) -> go.Figure:
 def judge_figure(run: RunResults) -> go.Figure:
     if not any(_get("judge", "enabled")(run.results["models"][key]) for key in run.model_keys):
         figure = go.Figure()
+        # Plotly does not wrap annotations: short lines, so that none is cut off on a 390 px phone.
+        command = JUDGE_HOWTO.strip("`").replace(" --", "<br>    --")
         figure.add_annotation(
-            text=f"LLM judge: not run for this evaluation.<br>To add it, run {JUDGE_HOWTO.strip('`')}<br>"
-            "against any OpenAI-compatible endpoint.", showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+            text=f"Not run for this evaluation.<br>To add it, run<br>{command}<br>against any OpenAI-compatible<br>"
+            "endpoint.", showarrow=False, x=0, y=0.5, xref="paper", yref="paper", xanchor="left", align="left",
+            font={"size": 12},
         )
-        figure.update_layout(title="LLM-as-a-judge", height=380, xaxis_visible=False, yaxis_visible=False)
+        _phone_layout(figure, "LLM-as-a-judge", 380)
+        figure.update_layout(xaxis_visible=False, yaxis_visible=False, plot_bgcolor="rgba(0,0,0,0)")
         return figure
     figure = _bars(run, [("LLM judge (1-5)", _get("judge", "mean"))], "LLM-as-a-judge", "mean grade")
     figure.update_yaxes(range=[0, 5.5])
@@ -100,45 +170,165 @@ def judge_figure(run: RunResults) -> go.Figure:
 def confusion_figure(run: RunResults, key: str) -> go.Figure:
     matrix = run.results["models"][key]["confusion_matrix"]
     labels, counts = matrix["labels"], matrix["rows_gold_columns_predicted"]
-    figure = go.Figure(go.Heatmap(z=counts, x=labels, y=labels, colorscale="Oranges", text=counts, texttemplate="%{text}"))
-    figure.update_layout(
-        title=f"Confusion matrix — {LABELS[key]}", xaxis_title="predicted", yaxis_title="gold",
-        yaxis_autorange="reversed", height=340, margin={"t": 60},
-    )
+    # No colour bar: the counts are written in the cells, and the bar would take a sixth of a phone's width.
+    figure = go.Figure(go.Heatmap(z=counts, x=labels, y=labels, colorscale="Oranges", text=counts,
+                                  texttemplate="%{text}", showscale=False))
+    _phone_layout(figure, f"Confusion matrix — {LABELS[key]}", 340)
+    figure.update_layout(xaxis_title="predicted", yaxis_title="gold", yaxis_autorange="reversed")
     return figure
 
 
+def plot_value(figure: go.Figure | None) -> PlotData | None:
+    """``figure`` as gr.Plot sends it, with :data:`PLOT_CONFIG`: Gradio's Plotly renderer reads the config from the
+    figure's JSON, which ``Figure.to_json`` leaves out."""
+    if figure is None:
+        return None
+    plot = json.loads(figure.to_json())
+    plot["config"] = PLOT_CONFIG
+    return PlotData(type="plotly", plot=json.dumps(plot))
+
+
 def examples_frame(run: RunResults, filter_name: str = "all questions") -> pd.DataFrame:
+    """The run's examples that pass the filter, one row each, short columns first (results' names: base / tuned)."""
     keep = FILTERS.get(filter_name, FILTERS["all questions"])
     rows = []
     for example in run.examples:
         base, tuned = example.get("base", {}), example.get("tuned", {})
         if not keep(base.get("decision"), tuned.get("decision"), example["gold"]):
             continue
-        row = {"id": example["id"], "question": example["question"], "gold": example["gold"]}
-        for key, out in (("base", base), ("tuned", tuned)):
-            if out:
-                row[f"{key} decision"] = out.get("decision")
-                row[f"{key} answer"] = out.get("answer")
-                row[f"{key} Token-F1"] = round(out.get("scores", {}).get("token_f1", float("nan")), 1)
+        row: dict[str, Any] = {"id": example["id"], "gold": example["gold"]}
+        outputs = [(key, out) for key, out in (("base", base), ("tuned", tuned)) if out]
+        for key, out in outputs:
+            row[f"{key} decision"] = out.get("decision")
+        for key, out in outputs:
+            row[f"{key} correct"] = "✓" if out.get("decision") == example["gold"] else "✗"
+        row["question"] = example["question"]
+        for key, out in outputs:
+            row[f"{key} answer"] = out.get("answer")
+        for key, out in outputs:
+            row[f"{key} Token-F1"] = round(out.get("scores", {}).get("token_f1", float("nan")), 1)
         row["reference"] = example["reference"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the page's names (fine-tuned, not tuned; the conclusion, not the reference): what the table
+    shows and the CSV holds."""
+    def header(column: str) -> str:
+        column = column.replace("tuned ", f"{LABELS['tuned']} ", 1) if column.startswith("tuned ") else column
+        return {"reference": "abstract's conclusion"}.get(column, column)
+
+    return frame.rename(columns=header)
+
+
+def column_widths(frame: pd.DataFrame) -> list[str]:
+    """Narrow columns for ids, labels and numbers, so that at 1280 px the decisions and ✓/✗ fit beside the id."""
+    def width(column: str) -> str:
+        if column == "id":
+            return ID
+        if column == "gold" or column.endswith("correct"):
+            return NARROW
+        if column.endswith("decision"):
+            return DECISION
+        if column.endswith("Token-F1"):
+            return NUMBER
+        return TEXT
+
+    return [width(str(column)) for column in frame.columns]
+
+
+def row_count(shown: int, total: int, filter_name: str) -> str:
+    if filter_name == "all questions":
+        return f"Showing {shown} of {total} examples. Click a row to read it in full below the table."
+    return f"Showing {shown} of {total} examples ({filter_name}). Click a row to read it in full below the table."
+
+
+_MARKDOWN_PUNCTUATION = re.compile("([" + re.escape(string.punctuation) + "])")
+
+
+def _plain(text: Any) -> str:
+    """Model and dataset text shown as written: every Markdown/HTML character escaped, so that nothing in an answer
+    formats, links or hides the rest."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", str(text if text is not None else "")).replace("\n", "  \n")
+
+
+def example_markdown(run: RunResults, example_id: Any) -> str:
+    """One example in full: the question, the gold answer, each model's decision (with its probabilities) and
+    answer, and the abstract's conclusion."""
+    example = next((e for e in run.examples if str(e.get("id")) == str(example_id)), None)
+    if example is None:
+        return ""
+    lines = [f"### {_plain(example['question'])}", f"**id** {_plain(example['id'])} · **gold** {_plain(example['gold'])}"]
+    for key in run.model_keys:
+        out = example.get(key) or {}
+        if not out:
+            continue
+        mark = "✓" if out.get("decision") == example["gold"] else "✗"
+        probabilities = out.get("probabilities") or {}
+        shares = ", ".join(f"{label} {100 * p:.0f} %" for label, p in probabilities.items() if isinstance(p, float))
+        lines.append(f"**{LABELS[key]}**: {_plain(out.get('decision'))} {mark}" + (f" ({shares})" if shares else ""))
+        if out.get("answer"):
+            lines.append(f"> {_plain(out['answer'])}")
+    lines.append(f"**Abstract's conclusion**: {_plain(example.get('reference'))}")
+    return "\n\n".join(lines)
 
 
 def run_summary(run: RunResults, label: str) -> str:
     info = run.results["run"]
     lines = [
         f"**Run** {label} — {info.get('created', '?')}",
-        f"**Base** {info.get('base_description', shown_source(info.get('base_model')))} ({info.get('quantization')}); "
-        f"**adapter** {shown_source(info.get('adapter'))}",
-        f"**Data** {info.get('dataset')}, {info.get('split')}, **N = {info.get('n')}**; decisions by "
-        f"{info.get('decision_method', 'option likelihood')}",
+        (f"**Base** {info.get('base_description', shown_source(info.get('base_model')))} ({info.get('quantization')}); "
+         f"**adapter** {shown_source(info.get('adapter'))}"),
+        (f"**Data** {info.get('dataset')}, {info.get('split')}, **N = {info.get('n')}**; decisions by "
+         f"{info.get('decision_method', 'option likelihood')}"),
         f"**BERTScore model** {info.get('bertscore_model')} (scores compare only within one model); **judge** {info.get('judge')}",
         f"**Wall time** {info.get('timings', {}).get('total_s', 0) / 60:.1f} min",
     ]
+    if (note := small_run_note(info.get("n"))) is not None:
+        lines.insert(0, note)
     lines += [f"⚠️ {error}" for error in info.get("errors", [])]
     return "  \n".join(lines)
+
+
+def small_run_note(n: Any) -> str | None:
+    """The warning a run of fewer than :data:`RELIABLE_N` questions carries, or None."""
+    if isinstance(n, int) and 0 < n < RELIABLE_N:
+        return f"⚠️ **{n} questions: {SMALL_RUN_NOTE}**; differences of a few points here are chance."
+    return None
+
+
+class EvalProgress:
+    """The line shown next to the Run button while an evaluation runs: the model, its questions done of the total,
+    and the time left, estimated from the pace so far (``clock`` is injectable for tests). Gradio adds the share of
+    the whole run done (both models) and the time spent."""
+
+    def __init__(self, n: int, models: list[str], clock: Callable[[], float] = time.monotonic):
+        self.n, self.models, self.clock = n, models, clock
+        self.started = clock()
+
+    def line(self, fraction: float, message: str) -> str:
+        """``fraction`` of the whole run is done; ``message`` is the runner's ("base: decisions", "done")."""
+        key = message.split(":", 1)[0].strip()
+        if key not in self.models:
+            return "Finishing: writing the results…"
+        step = self.models.index(key)
+        within = min(max(fraction * len(self.models) - step, 0.0), 1.0)
+        done = min(self.n, round(within * self.n))
+        # Short: Gradio writes it on one line with the percentage and a timer, in a phone's 300 px.
+        label = LABELS[key].capitalize()
+        parts = [f"{label}: {done}/{self.n} questions"]
+        if done == self.n:
+            parts.append("scoring")
+        parts.append(self.time_left(fraction))
+        return " · ".join(parts)
+
+    def time_left(self, fraction: float) -> str:
+        elapsed = self.clock() - self.started
+        if fraction <= 0.02 or elapsed < 3:
+            return "estimating time left"
+        left = elapsed * (1 - fraction) / fraction
+        return "under a minute left" if left < 60 else f"about {math.ceil(left / 60)} min left"
 
 
 @dataclass
@@ -148,38 +338,51 @@ class EvaluationTab:
     run_choice: gr.Dropdown
     reload: gr.Button
     filter_choice: gr.Dropdown
+    table: gr.Dataframe
+    example: gr.Markdown
     n_questions: gr.Slider
     long_answers: gr.Checkbox
     admin_key: gr.Textbox
     run_button: gr.Button
+    run_status: gr.Markdown
     shown: list[Any]  # what :func:`show_run` fills, in its order
 
 
 def build_evaluation_tab(backend: ModelBackend, server: ServerSettings) -> None:
     catalogue = RunCatalogue(server.eval_dir, server.max_eval_runs)
     access = OwnerAccess.from_settings(server)
-    _wire(_layout(catalogue, access), backend, catalogue, access)
+    _wire(_layout(catalogue, access), backend, catalogue, CsvExports(), access)
 
 
 def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
     runs = catalogue.choices()
     with gr.Row():
-        run_choice = gr.Dropdown(choices=runs, value=runs[0][1] if runs else None, scale=4, label="Evaluation run")
-        reload = gr.Button("Reload", scale=1)
-    message = gr.Markdown()
+        # min_width: on a phone the run's name keeps the whole width and Reload goes under it.
+        run_choice = gr.Dropdown(choices=runs, value=runs[0][1] if runs else None, scale=4, label="Evaluation run",
+                                 elem_id="eval-run", min_width=280)
+        reload = gr.Button("Reload", scale=1, min_width=100)
+    message = gr.Markdown(elem_id="eval-summary")
+    # min_width: two charts side by side need about 320 px each; below that (a phone) they stack.
     with gr.Row():
-        decision_plot = gr.Plot(label="Decision metrics")
-        judge_plot = gr.Plot(label="LLM judge")
+        decision_plot = gr.Plot(label="Decision metrics", min_width=320)
+        judge_plot = gr.Plot(label="LLM judge", min_width=320)
     with gr.Row():
-        text_plot = gr.Plot(label="Long-answer metrics", scale=2)
-        readable_plot = gr.Plot(label="Readable answers", scale=1)
+        text_plot = gr.Plot(label="Long-answer metrics", scale=2, min_width=320)
+        readable_plot = gr.Plot(label="Readable answers", scale=1, min_width=320)
     with gr.Row():
-        confusion_base = gr.Plot(label="Confusion matrix (base)")
-        confusion_tuned = gr.Plot(label="Confusion matrix (fine-tuned)")
-    with gr.Row():
-        filter_choice = gr.Dropdown(choices=list(FILTERS), value="all questions", label="Show", scale=3)
-        download = gr.DownloadButton("Download CSV", scale=1)
-    table = gr.Dataframe(label="Per-example results", wrap=True, max_height=500, interactive=False)
+        confusion_base = gr.Plot(label="Confusion matrix (base)", min_width=320)
+        confusion_tuned = gr.Plot(label="Confusion matrix (fine-tuned)", min_width=320)
+    gr.Markdown(METRIC_LEGEND, elem_id="eval-legend")
+    with gr.Row(equal_height=True):
+        filter_choice = gr.Dropdown(choices=list(FILTERS), value="all questions", label="Show", scale=3,
+                                    elem_id="eval-filter")
+        download = gr.DownloadButton("Download CSV", scale=1, min_width=140, elem_id="eval-download")
+    count = gr.Markdown(elem_id="eval-count")
+    table = gr.Dataframe(
+        label="Per-example results", interactive=False, wrap=True, max_height=520, max_chars=CELL_CHARS,
+        pinned_columns=1, elem_id="eval-table",
+    )
+    example = gr.Markdown(elem_id="eval-example")
     with gr.Accordion("Run a new evaluation", open=False):
         gr.Markdown(
             "Evaluates base and fine-tuned (the loaded adapter) on a label-stratified sample of the official test "
@@ -192,18 +395,28 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
             gr.LoginButton()
         admin_key = gr.Textbox(label="Admin key", type="password", visible=access.needs_key, max_length=200)
         with gr.Row():
-            n_questions = gr.Slider(10, 500, value=50, step=10, label="Questions")
+            n_questions = gr.Slider(10, 500, value=50, step=10, label="Questions",
+                                    info=f"Below {RELIABLE_N}: {SMALL_RUN_NOTE}.")
             long_answers = gr.Checkbox(value=True, label="Long answers + text metrics")
+        with gr.Row(equal_height=True):
             run_button = gr.Button(
-                "Run evaluation", variant="primary", interactive=not access.public or access.needs_key,
+                "Run evaluation", variant="primary", interactive=not access.public or access.needs_key, scale=1,
+                min_width=160, elem_id="eval-run-button",
             )
-    shown = [message, decision_plot, text_plot, readable_plot, judge_plot, confusion_base, confusion_tuned, table, download]
-    return EvaluationTab(run_choice, reload, filter_choice, n_questions, long_answers, admin_key, run_button, shown)
+            # Progress shows here, beside the button the user just pressed, not over the run selector at the top.
+            with gr.Column(scale=2, min_width=240):
+                run_status = gr.Markdown(elem_id="eval-run-status", min_height=80)
+    shown = [message, decision_plot, text_plot, readable_plot, judge_plot, confusion_base, confusion_tuned, count,
+             table, download, example]
+    return EvaluationTab(run_choice, reload, filter_choice, table, example, n_questions, long_answers, admin_key,
+                         run_button, run_status, shown)
 
 
-def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tuple[Any, ...]:
-    """Everything the tab shows of one run, or a one-line message where it cannot."""
-    empty = (None,) * 6 + (pd.DataFrame(), gr.update(value=None))
+def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
+             exports: CsvExports | None = None) -> tuple[Any, ...]:
+    """Everything the tab shows of one run (see ``EvaluationTab.shown``), or a one-line message where it cannot;
+    with ``exports``, the shown examples as a CSV to download."""
+    empty = (None,) * 6 + ("", gr.update(value=pd.DataFrame()), gr.update(value=None), "")
     if not key:
         return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
     try:
@@ -211,54 +424,105 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str) -> tupl
         run = load_results(entry.path)
     except (UnknownRunError, ResultsError) as exc:
         return (f"⚠️ Cannot show this run: {exc}",) + empty
-    frame = examples_frame(run, filter_name)
-    csv = Path(tempfile.mkdtemp()) / f"pubmedqa-eval-{entry.path.name}.csv"
-    frame.to_csv(csv, index=False)
+    frame = shown_frame(examples_frame(run, filter_name))
     has_tuned = "tuned" in run.model_keys
+    figures = [decision_figure(run), text_figure(run), readable_figure(run), judge_figure(run),
+               confusion_figure(run, "base"), confusion_figure(run, "tuned") if has_tuned else None]
     return (
-        run_summary(run, entry.label), decision_figure(run), text_figure(run), readable_figure(run), judge_figure(run),
-        confusion_figure(run, "base"), confusion_figure(run, "tuned") if has_tuned else None, frame,
-        gr.update(value=str(csv)),
+        run_summary(run, entry.label), *map(plot_value, figures),
+        row_count(len(frame), len(run.examples), filter_name),
+        gr.update(value=frame, column_widths=column_widths(frame)),
+        gr.update(value=_csv(exports, entry, filter_name, frame)), "",
     )
 
 
+def _csv(exports: CsvExports | None, entry: EvalRun, filter_name: str, frame: pd.DataFrame) -> str | None:
+    if exports is None:
+        return None
+    try:
+        return str(exports.write(entry, filter_name, frame))
+    except OSError as exc:  # a full disk: the dashboard still shows, the download is just not offered
+        logger.warning("Could not write the CSV of %s: %s", entry.key, exc)
+        return None
+
+
 def run_evaluation(backend: ModelBackend, catalogue: RunCatalogue, n: float, with_answers: bool,
-                   progress: gr.Progress) -> Any:
-    """A new run through the app's own backend (no second copy of the model); the selector then shows it."""
+                   progress: gr.Progress) -> tuple[Any, str]:
+    """A new run through the app's own backend (no second copy of the model); the selector then shows it, and the
+    line beside the button says it is done."""
     # Visitors wait at most for one evaluation batch: one question where batching gains nothing (llama.cpp).
     batch_size = EvalArguments.batch_size if backend.batches_rows else 1
     args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()),
                          batch_size=batch_size)
+    models = ["base", "tuned"] if backend.settings.adapter_source else ["base"]
+    tracker = EvalProgress(args.limit, models)
     try:
-        run_dir = evaluate(backend.settings, args, progress=lambda f, m: progress(f, desc=m), backend=backend)
+        run_dir = evaluate(backend.settings, args, backend=backend,
+                           progress=lambda f, m: progress(f, desc=tracker.line(f, m)))
     except Exception as exc:  # missing data folder, adapter gone, full disk...: say so, keep the app serving
         logger.exception("Evaluation failed")
         shutil.rmtree(args.output_dir, ignore_errors=True)  # a run without results.json would only take disk
-        raise gr.Error(f"Evaluation failed: {exc}") from None
+        raise user_error(f"Evaluation failed: {exc}") from None
     catalogue.prune()
-    return gr.update(choices=catalogue.choices(), value=catalogue.own_key(run_dir))
+    minutes = (time.monotonic() - tracker.started) / 60
+    done = f"{DONE} {args.limit} questions in {minutes:.1f} min; the run is shown above."
+    if args.limit < RELIABLE_N:
+        done += f" Note: {SMALL_RUN_NOTE}."
+    return gr.update(choices=catalogue.choices(), value=catalogue.own_key(run_dir)), done
 
 
-def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, access: OwnerAccess) -> None:
-    def show(key: str | None, filter_name: str) -> tuple[Any, ...]:
-        return show_run(catalogue, key, filter_name)
+def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, exports: CsvExports,
+          access: OwnerAccess) -> None:
+    def refresh(key: str | None, filter_name: str) -> tuple[Any, ...]:
+        # The runs are listed from disk on every refresh: one started here, by this visitor or another, shows up
+        # on a reload or the next page load, not only after a restart.
+        choices = catalogue.choices()
+        keys = [choice_key for _, choice_key in choices]
+        key = key if key in keys else (keys[0] if keys else None)
+        return (gr.update(choices=choices, value=key), *show_run(catalogue, key, filter_name, exports))
+
+    def read_example(key: str | None, evt: gr.SelectData) -> str:
+        row = evt.row_value or []
+        try:
+            run = load_results(catalogue.resolve(key or "").path)
+        except (UnknownRunError, ResultsError):
+            return ""
+        return example_markdown(run, row[0]) if row else ""
 
     def start(n: float, with_answers: bool, key: str, profile: gr.OAuthProfile | None,
-              progress: gr.Progress = gr.Progress()) -> Any:
+              progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
         if refusal := access.refusal(profile, key):  # checked here too: a disabled button is no protection
-            raise gr.Error(refusal)
+            raise user_error(refusal)
         return run_evaluation(backend, catalogue, n, with_answers, progress)
 
     def allowed(profile: gr.OAuthProfile | None) -> Any:
         return gr.update(interactive=access.needs_key or access.refusal(profile) is None)
 
+    def lock() -> tuple[Any, str]:
+        return gr.update(interactive=False), ""  # the progress bar appears here in its place
+
+    def settle(status: str | None, profile: gr.OAuthProfile | None) -> tuple[Any, str]:
+        # No "Done" line: refused or failed, and the toast says why.
+        failed = not (status or "").startswith(DONE)
+        return allowed(profile), NOT_RUN if failed else (status or "")
+
     inputs = [tab.run_choice, tab.filter_choice]
-    # No triggers: on page load and whenever the run or the filter changes.
-    gr.on(None, show, inputs, tab.shown, api_visibility="private")
-    tab.reload.click(show, inputs, tab.shown, api_visibility="private")
+    outputs = [tab.run_choice, *tab.shown]
+    # No triggers: on page load and whenever the run or the filter changes (a finished evaluation selects its run).
+    gr.on(None, refresh, inputs, outputs, api_visibility="private")
+    tab.reload.click(refresh, inputs, outputs, api_visibility="private")
+    tab.table.select(read_example, tab.run_choice, tab.example, api_visibility="private", show_progress="hidden")
     if access.sign_in:  # the owner signed in: the button comes alive on page load
         gr.on(None, allowed, None, tab.run_button, api_visibility="private")
-    tab.run_button.click(
-        start, [tab.n_questions, tab.long_answers, tab.admin_key], tab.run_choice,
+    # Disabled at once (no queue), so that nobody clicks twice while it runs; re-enabled whatever the run's outcome.
+    # Gradio 6.31's page runs a .then() only after a success, although documented as "regardless": .failure() too.
+    running = tab.run_button.click(lock, None, [tab.run_button, tab.run_status], queue=False,
+                                   api_visibility="private", show_progress="hidden")
+    running = running.then(
+        start, [tab.n_questions, tab.long_answers, tab.admin_key], [tab.run_choice, tab.run_status],
         concurrency_id=EVALUATION_EVENTS, concurrency_limit=1, api_visibility="private",
+        show_progress_on=[tab.run_status],
     )
+    for after in (running.then, running.failure):
+        after(settle, tab.run_status, [tab.run_button, tab.run_status], api_visibility="private", queue=False,
+              show_progress="hidden")

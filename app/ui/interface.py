@@ -32,7 +32,8 @@ def _status_markdown(backend: ModelBackend) -> str:
 def build_app(backend: ModelBackend, limits: ServerSettings, search: EvidenceSearch | None = None) -> gr.Blocks:
     """The page; ``search`` finds evidence for questions (None: evidence is off)."""
     guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
-    with gr.Blocks(title=TITLE) as demo:
+    # Gradio keeps a copy of each file it serves (the dashboard's CSVs): drop copies a day old, checked hourly.
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         status, details = _header(backend)
         chat = _tabs(backend, limits, guard, search)
         register_chat_api(backend, limits, guard, search)
