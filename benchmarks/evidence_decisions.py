@@ -1,0 +1,76 @@
+"""Benchmark: what evidence is worth to a user who does not paste an abstract. The yes/no/maybe decisions on the
+official test questions asked with the question only, three ways: no context, the local index's top article as
+the context (what the app's automatic search gives), and the gold abstract (what a user who pastes it gets); base
+and fine-tuned, on the llama.cpp engine with the shipped adapter. Accuracy and macro-F1 of each.
+
+The retrieved and the gold context are both given without the abstract's conclusion (PubMedQA's reasoning-required
+setting, as the adapter was trained). Measures only; nothing is chosen on these questions.
+
+    python -m benchmarks.evidence_decisions [--limit 500] [--adapter assets/adapter]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from tqdm.auto import tqdm
+
+from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+from pubmedqa.config import SHIPPED_ADAPTER_DIR, EvidenceSettings, ModelSettings
+from pubmedqa.data import SplitSettings, load_local, load_test_ids
+from pubmedqa.decisions.options import predicted_decision
+from pubmedqa.evaluation.metrics import decision_metrics
+from pubmedqa.evidence import EvidenceSearch
+from pubmedqa.prompts import PromptInput
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=500, help="Test questions measured (all 500 by default).")
+    parser.add_argument("--adapter", default=str(SHIPPED_ADAPTER_DIR))
+    args = parser.parse_args(argv)
+
+    data_dir = SplitSettings().data
+    records = load_local(data_dir)
+    test = [records[pubid] for pubid in load_test_ids(data_dir)][: args.limit]
+    search = EvidenceSearch(EvidenceSettings(evidence="local", evidence_local_data=str(data_dir)))
+    started = time.perf_counter()
+    retrieved = []
+    for record in tqdm(test, desc="retrieving", unit="question"):
+        found = search.search(record.question, k=1)
+        retrieved.append(found.articles[0] if found.articles else None)
+    search_s = time.perf_counter() - started
+    own = sum(a is not None and a.pmid == r.pubid for a, r in zip(retrieved, test))
+    contexts = {
+        "no context": ["" for _ in test],
+        "retrieved top-1": [a.context_text(include_conclusion=False) if a else "" for a in retrieved],
+        "gold abstract": [r.context for r in test],
+    }
+
+    backend = LlamaCppBackend(ModelSettings(adapter=args.adapter, engine="llama.cpp"))
+    if not backend.load().adapter_loaded:
+        raise SystemExit(f"no adapter loaded from {args.adapter}: {backend.adapter_unavailable_reason()}")
+    settings = GenerationSettings()
+    gold = [r.final_decision for r in test]
+    rows = []
+    for condition, texts in contexts.items():
+        prompts = [backend.prepare(PromptInput(r.question, c), settings) for r, c in zip(test, texts)]
+        for variant in (Variant.BASE, Variant.TUNED):
+            scores = []
+            for start in tqdm(range(0, len(prompts), 25), desc=f"{condition}, {variant.value}", unit="batch"):
+                batch = prompts[start : start + 25]
+                scores += backend.score_decisions(batch, [variant] * len(batch))
+            metrics = decision_metrics(gold, [predicted_decision(s) for s in scores])
+            rows.append((condition, variant.value, metrics["accuracy"], metrics["macro_f1"]))
+
+    print(f"{len(test)} official test questions; the local index's top article is the question's own for {own} "
+          f"({own / len(test):.1%}), none found for {sum(a is None for a in retrieved)}; search {search_s:.1f} s in all")
+    print(f"{'context':<18}{'model':<12}{'accuracy':>10}{'macro-F1':>10}")
+    for condition, variant, accuracy, macro_f1 in rows:
+        print(f"{condition:<18}{variant:<12}{accuracy:>10.1%}{macro_f1:>10.1%}")
+
+
+if __name__ == "__main__":
+    main()
