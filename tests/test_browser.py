@@ -7,8 +7,6 @@ Locally they are skipped when Chromium or Playwright is missing; in CI (CI=true)
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import pytest
@@ -16,31 +14,11 @@ import pytest
 from app.ui.interface import build_app
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, ServerSettings
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
 from tests.conftest import REPO_ROOT, serving
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM = os.environ.get("PUBMEDQA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
-TIMEOUT_MS = 60_000
-
-
-def _require_browser():
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package (pip install -r requirements-dev.txt)")
-    if not CHROMIUM:
-        missing.append("Chromium (apt-get install chromium)")
-    if missing:
-        message = "Browser tests need " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir) -> TransformersBackend:
@@ -60,7 +38,7 @@ def app_url(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -252,7 +230,6 @@ def test_the_status_line_is_plain_and_the_details_open_on_request(page):
     page.screenshot(path=str(ARTIFACTS / "status-details.png"), full_page=True)
 
 
-PHONE = {"width": 390, "height": 844}
 
 
 def _top(page, selector: str) -> float:

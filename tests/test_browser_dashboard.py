@@ -3,13 +3,12 @@ count and the CSV name following the filter, page loads that leave no temp folde
 and the Run button disabled with its progress beside it while a (slow, fake) evaluation runs.
 
 Screenshots go to outputs/screenshots/ (ignored by git). Skipped without Chromium or Playwright, failed in CI, as in
-tests/test_browser.py, whose small helpers are copied here.
+tests/test_browser.py (tests/browser_support.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -24,35 +23,14 @@ from app.ui.interface import build_app
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.evaluation.results import load_results
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
 from tests.conftest import REPO_ROOT, serving
 
 pytestmark = pytest.mark.browser
 SCREENSHOTS = REPO_ROOT / "outputs" / "screenshots"
 SHIPPED = REPO_ROOT / "assets" / "eval"
 FIRST_RUN = "test-500-shares"  # the latest shipped run: the one the dashboard opens on
-CHROMIUM = os.environ.get("PUBMEDQA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]
-TIMEOUT_MS = 60_000
 DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 390, "height": 844}
-
-
-def _require_browser() -> None:
-    missing = []
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package (pip install -r requirements-dev.txt)")
-    if not CHROMIUM:
-        missing.append("Chromium (apt-get install chromium)")
-    if missing:
-        message = "Browser tests need " + " and ".join(missing)
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 def _copy_run(folder: Path, n: int) -> Path:
@@ -104,7 +82,7 @@ def dashboard(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
+from pubmedqa.adapter import CALIBRATION_FILE, Adapter
 from pubmedqa.backends.base import Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings
-from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration, load_calibration
+from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.prompts import PromptInput, fit_prompt
 from training.calibrate import fit_calibration
 
@@ -97,12 +98,12 @@ def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, t
 @pytest.mark.parametrize("content", ["not json", json.dumps({"log_offsets": {"perhaps": 1.0}}), json.dumps([1, 2])])
 def test_broken_calibration_file_is_ignored_with_a_warning(calibrated_adapter, content, caplog):
     (calibrated_adapter / CALIBRATION_FILE).write_text(content)
-    assert load_calibration(str(calibrated_adapter)) is None
+    assert load_calibration(Adapter.resolve(str(calibrated_adapter))) is None
     assert "Ignoring the adapter's decision calibration" in caplog.text
 
 
 def test_adapter_without_calibration_scores_raw(tiny_adapter_dir):
-    assert load_calibration(str(tiny_adapter_dir)) is None
+    assert load_calibration(Adapter.resolve(str(tiny_adapter_dir))) is None
 
 
 def test_calibrate_cli_fits_on_the_dev_questions(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path):
@@ -113,6 +114,6 @@ def test_calibrate_cli_fits_on_the_dev_questions(tiny_model_dir, tiny_adapter_di
     code = main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter),
                  "--data", str(pubmedqa_dir), "--batch_size", "50"])
     assert code == 0
-    calibration = load_calibration(str(adapter))
+    calibration = load_calibration(Adapter.resolve(str(adapter)))
     assert calibration.fitted_on.startswith("dev (50 questions")
     assert sum(calibration.details["before"]["predicted_counts"].values()) == 50

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from pubmedqa.adapter import PROBE_FILE, Adapter
 from pubmedqa.adapter_metadata import AdapterMetadata
 from pubmedqa.backends.base import GenerationSettings, Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.backends.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
-from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeError, load_probe, probe_layer
+from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe, probe_layer
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
 from training.decision_probe import ProbeFitError
@@ -181,9 +182,9 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     code = decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter",
                                 str(adapter_copy), "--data", str(pubmedqa_dir), "--batch_size", "50"])
     assert code == 0
-    probe = load_probe(str(adapter_copy))
+    probe = load_probe(Adapter.resolve(str(adapter_copy)))
     assert probe.layer == 1 and probe.details["questions"] == 500
-    calibration = load_calibration(str(adapter_copy))
+    calibration = load_calibration(Adapter.resolve(str(adapter_copy)))
     assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
     backend = _backend(tiny_model_dir, adapter_copy)
     assert backend.load().adapter_loaded
@@ -192,12 +193,12 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     # Dev-only offsets would replace the out-of-fold ones: the dev calibration command points to this one instead.
     assert calibrate.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter_copy),
                            "--data", str(pubmedqa_dir)]) == 2
-    assert "decides with its decision probe" in caplog.text and load_calibration(str(adapter_copy)) == calibration
+    assert "decides with its decision probe" in caplog.text and load_calibration(Adapter.resolve(str(adapter_copy))) == calibration
 
     # --no_calibrate removes offsets that were fitted for other scores.
     assert decision_probe.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter",
                                 str(adapter_copy), "--data", str(pubmedqa_dir), "--batch_size", "50", "--no_calibrate"]) == 0
-    assert load_calibration(str(adapter_copy)) is None
+    assert load_calibration(Adapter.resolve(str(adapter_copy))) is None
 
 
 def test_the_cli_refuses_an_adapter_that_trains_every_layer(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, caplog):
@@ -256,7 +257,7 @@ def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_pref
 
     code = decision_probe.main(["--adapter", str(adapter), "--data", str(data), "--dev_size", "10", "--engine", "llama.cpp"])
     assert code == 0, caplog.text
-    own = load_probe(str(adapter), "llama.cpp")
+    own = load_probe(Adapter.resolve(str(adapter)), "llama.cpp")
     assert own is not None and own.layer == 10 and own.details["questions"] == 40
     assert own.details["fitted_on"] == "train + dev (40 questions, Q4_K_M GGUF, llama.cpp)"
     assert (adapter / PROBE_FILE).read_bytes() == shared  # the training engine's pair is left as it was
@@ -265,9 +266,10 @@ def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_pref
     backend = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
     policy = backend.load().policy
     assert torch.equal(policy.probe.weight, own.weight)
-    assert policy.calibration == load_calibration(str(adapter), "llama.cpp")
+    assert policy.calibration == load_calibration(Adapter.resolve(str(adapter)), "llama.cpp")
     assert "(40 questions, Q4_K_M GGUF, llama.cpp)" in policy.calibration.fitted_on
-    assert torch.equal(DecisionPolicy.from_adapter(str(adapter), "transformers").probe.weight, load_probe(str(adapter)).weight)
+    shared = Adapter.resolve(str(adapter))
+    assert torch.equal(DecisionPolicy.from_adapter(shared, "transformers").probe.weight, load_probe(shared).weight)
 
     # It is what decides the engine's fine-tuned rows: a planted llama.cpp probe that always says "maybe" does.
     assert own.pooling == "mean+last" and own.weight.shape == (3, 2 * 640)

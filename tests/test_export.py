@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pubmedqa.backends.gguf_lora import CONFIG_FILE, SHIPPED_GGUF, WEIGHTS_FILE, cached_gguf_lora
+from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
+from pubmedqa.backends.gguf_lora import cached_gguf_lora
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, BaseModelSettings, ModelSettings
 from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, Turn, cut_at_stop, encode_prompt, render_prompt
 from training import export as export_cli
@@ -76,7 +77,7 @@ def raw_adapter(tmp_path_factory) -> Path:
     engine its fine-tuned variant decides by the raw option logits, as an exported model does."""
     folder = tmp_path_factory.mktemp("raw") / "adapter"
     folder.mkdir()
-    for name in (CONFIG_FILE, WEIGHTS_FILE, SHIPPED_GGUF):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, GGUF_FILE):
         shutil.copy(SHIPPED_ADAPTER_DIR / name, folder / name)
     return folder
 
@@ -141,7 +142,7 @@ def test_gguf_lora_is_the_engines_own_conversion(lora_dir, tmp_path):
 
     exported = gguf.GGUFReader(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf")
     base = base_gguf_path("embedded")
-    engine_file = cached_gguf_lora(str(SHIPPED_ADAPTER_DIR), base, tmp_path / "cache")  # what the app loads
+    engine_file = cached_gguf_lora(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), base, tmp_path / "cache")  # what the app loads
     engine = gguf.GGUFReader(engine_file)
 
     def fields(reader):
@@ -225,7 +226,7 @@ def test_quantised_gguf_keeps_the_base_tokenizer_and_has_a_modelfile(gguf_dir):
 
     from pubmedqa.backends.gguf_lora import adapter_target_tensors
 
-    changed = set(adapter_target_tensors(str(SHIPPED_ADAPTER_DIR), base_gguf_path("embedded")))
+    changed = set(adapter_target_tensors(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), base_gguf_path("embedded")))
     assert len(changed) == 56
     base_types = {t.name: t.tensor_type for t in gguf.GGUFReader(base_gguf_path("embedded")).tensors}
     for tensor in gguf.GGUFReader(model_file).tensors:
@@ -296,7 +297,7 @@ def test_an_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, capl
     assert "No space left on device" in _errors(caplog)[0]
     assert not out.exists()
 
-    def merge_then_fail(adapter, adapter_dir, settings, target):
+    def merge_then_fail(adapter, settings, target):
         (target / "config.json").write_text("{}")
         (target / "model.safetensors").write_bytes(b"\0" * 1024)
         raise KeyboardInterrupt  # Ctrl-C while the weights are being written

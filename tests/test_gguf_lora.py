@@ -12,12 +12,10 @@ import gguf
 import numpy as np
 import pytest
 
+from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter, AdapterError
 from pubmedqa.backends import gguf_lora
 from pubmedqa.backends.gguf_lora import (
-    CONFIG_FILE,
-    SHIPPED_GGUF,
     SOURCE_HASH_KEY,
-    WEIGHTS_FILE,
     LoraConversionError,
     adapter_source_hash,
     cached_gguf_lora,
@@ -83,7 +81,7 @@ def test_header_reader_agrees_with_gguf_reader(base_gguf: Path) -> None:
 
 
 def test_converts_the_shipped_adapter(tmp_path: Path, base_gguf: Path) -> None:
-    output = convert_adapter(str(SHIPPED_ADAPTER), base_gguf, tmp_path / "lora.gguf")
+    output = convert_adapter(Adapter.resolve(str(SHIPPED_ADAPTER)), base_gguf, tmp_path / "lora.gguf")
     fields = _fields(output)
     assert fields["general.architecture"] == "gemma3"
     assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
@@ -109,7 +107,7 @@ def test_converts_the_shipped_adapter(tmp_path: Path, base_gguf: Path) -> None:
 
 def test_cache_key_and_reuse(tmp_path: Path, base_gguf: Path, adapter_copy: Path, monkeypatch) -> None:
     cache = tmp_path / "cache"
-    first = cached_gguf_lora(str(adapter_copy), base_gguf, cache)
+    first = cached_gguf_lora(Adapter.resolve(str(adapter_copy)), base_gguf, cache)
     assert first == cache / "gguf-lora" / f"{adapter_source_hash(adapter_copy)[:16]}.gguf"
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
 
@@ -117,13 +115,13 @@ def test_cache_key_and_reuse(tmp_path: Path, base_gguf: Path, adapter_copy: Path
         raise AssertionError("converted again")
 
     monkeypatch.setattr(gguf_lora, "_convert", no_conversion)
-    assert cached_gguf_lora(str(adapter_copy), base_gguf, cache) == first
+    assert cached_gguf_lora(Adapter.resolve(str(adapter_copy)), base_gguf, cache) == first
     monkeypatch.undo()
 
     # Any change to the source files is a new key: a retrained adapter never meets a stale GGUF.
     config = json.loads((adapter_copy / CONFIG_FILE).read_text())
     (adapter_copy / CONFIG_FILE).write_text(json.dumps(config | {"lora_dropout": 0.1}))
-    second = cached_gguf_lora(str(adapter_copy), base_gguf, cache)
+    second = cached_gguf_lora(Adapter.resolve(str(adapter_copy)), base_gguf, cache)
     assert second != first and second.is_file() and first.is_file()
 
 
@@ -132,15 +130,15 @@ def test_shipped_gguf_is_used_without_conversion(tmp_path: Path, base_gguf: Path
         raise AssertionError("converted although the shipped GGUF matches")
 
     monkeypatch.setattr(gguf_lora, "_convert", no_conversion)
-    assert cached_gguf_lora(str(SHIPPED_ADAPTER), base_gguf, tmp_path / "cache") == SHIPPED_ADAPTER / SHIPPED_GGUF
+    assert cached_gguf_lora(Adapter.resolve(str(SHIPPED_ADAPTER)), base_gguf, tmp_path / "cache") == SHIPPED_ADAPTER / GGUF_FILE
     assert not (tmp_path / "cache").exists()
 
 
 def test_stale_shipped_gguf_is_ignored(tmp_path: Path, base_gguf: Path, adapter_copy: Path) -> None:
-    shutil.copy(SHIPPED_ADAPTER / SHIPPED_GGUF, adapter_copy / SHIPPED_GGUF)
+    shutil.copy(SHIPPED_ADAPTER / GGUF_FILE, adapter_copy / GGUF_FILE)
     config = json.loads((adapter_copy / CONFIG_FILE).read_text())
     (adapter_copy / CONFIG_FILE).write_text(json.dumps(config | {"lora_dropout": 0.2}))  # "retrained"
-    path = cached_gguf_lora(str(adapter_copy), base_gguf, tmp_path / "cache")
+    path = cached_gguf_lora(Adapter.resolve(str(adapter_copy)), base_gguf, tmp_path / "cache")
     assert path.parent == tmp_path / "cache" / "gguf-lora"
     assert _fields(path)[SOURCE_HASH_KEY] == adapter_source_hash(adapter_copy)
 
@@ -151,14 +149,14 @@ def test_interrupted_conversion_leaves_no_file(tmp_path: Path, base_gguf: Path, 
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
     with pytest.raises(OSError):
-        convert_adapter(str(SHIPPED_ADAPTER), base_gguf, tmp_path / "lora.gguf")
+        convert_adapter(Adapter.resolve(str(SHIPPED_ADAPTER)), base_gguf, tmp_path / "lora.gguf")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_folder_without_config_is_refused(tmp_path: Path, base_gguf: Path) -> None:
     (tmp_path / WEIGHTS_FILE).write_bytes(b"")
-    with pytest.raises(LoraConversionError, match="not a LoRA adapter folder.*adapter_config.json"):
-        convert_adapter(str(tmp_path), base_gguf, tmp_path / "lora.gguf")
+    with pytest.raises(AdapterError, match="not a LoRA adapter folder.*adapter_config.json"):
+        convert_adapter(Adapter.resolve(str(tmp_path)), base_gguf, tmp_path / "lora.gguf")
 
 
 def test_mismatched_shapes_are_refused(tmp_path: Path, base_gguf: Path) -> None:
@@ -168,7 +166,7 @@ def test_mismatched_shapes_are_refused(tmp_path: Path, base_gguf: Path) -> None:
         "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": np.zeros((128, 16), np.float32),
     })
     with pytest.raises(LoraConversionError, match=r"do not match the base model at blk\.1\.attn_q\.weight"):
-        convert_adapter(str(folder), base_gguf, tmp_path / "lora.gguf")
+        convert_adapter(Adapter.resolve(str(folder)), base_gguf, tmp_path / "lora.gguf")
     assert not (tmp_path / "lora.gguf").exists()
 
 
@@ -188,19 +186,19 @@ def test_unsupported_adapters_are_refused(tmp_path: Path, base_gguf: Path, tenso
         f"base_model.model.{tensor_name}.lora_B.weight": np.zeros((1024, 16), np.float32),
     }, **config_changes)
     with pytest.raises(LoraConversionError, match=message):
-        convert_adapter(str(folder), base_gguf, tmp_path / "lora.gguf")
+        convert_adapter(Adapter.resolve(str(folder)), base_gguf, tmp_path / "lora.gguf")
 
 
 def test_unreadable_weights_are_refused(tmp_path: Path, base_gguf: Path, adapter_copy: Path) -> None:
     (adapter_copy / WEIGHTS_FILE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(LoraConversionError, match="Cannot read .*adapter_model.safetensors"):
-        convert_adapter(str(adapter_copy), base_gguf, tmp_path / "lora.gguf")
+        convert_adapter(Adapter.resolve(str(adapter_copy)), base_gguf, tmp_path / "lora.gguf")
 
 
 def test_cli(tmp_path: Path, model_cache: Path, base_gguf: Path, adapter_copy: Path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("PUBMEDQA_CACHE_DIR", str(model_cache))  # the CLI's embedded model is the fixture's file
     assert convert_lora.main(["--adapter", str(adapter_copy)]) == 0
-    assert _fields(adapter_copy / SHIPPED_GGUF)[SOURCE_HASH_KEY] == adapter_source_hash(adapter_copy)
+    assert _fields(adapter_copy / GGUF_FILE)[SOURCE_HASH_KEY] == adapter_source_hash(adapter_copy)
     assert convert_lora.main(["--adapter", str(adapter_copy), "--base_model", str(base_gguf),
                               "--output", str(tmp_path / "out.gguf")]) == 0
     assert (tmp_path / "out.gguf").is_file()
@@ -209,7 +207,7 @@ def test_cli(tmp_path: Path, model_cache: Path, base_gguf: Path, adapter_copy: P
     assert convert_lora.main(["--adapter", str(tmp_path / "missing")]) == 2
     assert convert_lora.main(["--adapter", str(tmp_path)]) == 2  # a folder, but no adapter_config.json
     assert convert_lora.main(["--adapter", str(adapter_copy), "--base_model", str(tmp_path / "none.gguf")]) == 2
-    assert convert_lora.main(["--adapter", str(adapter_copy), "--base_model", str(adapter_copy / SHIPPED_GGUF)]) == 2
+    assert convert_lora.main(["--adapter", str(adapter_copy), "--base_model", str(adapter_copy / GGUF_FILE)]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 4 and all("\n" not in e for e in errors)
     assert "not a LoRA adapter folder" in errors[1] and "'adapter' file, not a base model" in errors[3]
@@ -225,7 +223,7 @@ def test_llama_cpp_switches_the_lora(base_gguf: Path) -> None:
         return llm.create_completion(PROMPT, max_tokens=8, temperature=0.0, top_k=1)["choices"][0]["text"]
 
     base = greedy()
-    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(SHIPPED_ADAPTER / SHIPPED_GGUF).encode())
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(SHIPPED_ADAPTER / GGUF_FILE).encode())
     assert adapter, "llama.cpp refused the GGUF LoRA"
     try:
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)

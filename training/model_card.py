@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from pubmedqa.adapter import Adapter, AdapterError
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.probe import DecisionProbe, load_probe
 from pubmedqa.evaluation.results import ResultsError, load_results
@@ -104,6 +105,7 @@ def write_model_card(
 ) -> Path:
     """Write README.md into ``output_dir``; ``test_results`` is an evaluation run's results.json, if there is one."""
     args = run["train_arguments"]
+    adapter = Adapter(str(output_dir), Path(output_dir))  # the folder being written (its files may not all be there)
     card_data = ModelCardData(
         base_model=run["base_model_canonical"] if not Path(run["base_model_canonical"]).exists() else None,
         library_name="peft",
@@ -143,8 +145,8 @@ def write_model_card(
         after=after,
         calibration=calibration,
         probe=probe,
-        engine_probe=load_probe(str(output_dir), "llama.cpp"),
-        engine_calibration=load_calibration(str(output_dir), "llama.cpp"),
+        engine_probe=load_probe(adapter, "llama.cpp"),
+        engine_calibration=load_calibration(adapter, "llama.cpp"),
         chosen={  # by the offsets' objective (training/calibrate.py)
             "score": "for the best (accuracy + macro-F1) / 2",
             "shares": "so that each decision is predicted about as often as it is the gold one",
@@ -194,11 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = json.loads((args.adapter_dir / "training_args.json").read_text())
         dev = json.loads((args.adapter_dir / "dev_metrics.json").read_text())
         results = load_results(args.results).results if args.results else None
-    except (OSError, json.JSONDecodeError, ResultsError) as exc:
+        adapter = Adapter.resolve(str(args.adapter_dir))
+    except (OSError, json.JSONDecodeError, ResultsError, AdapterError) as exc:
         logger.error("Cannot write the card: %s", exc)
         return 2
     path = write_model_card(args.adapter_dir, run, dev["before_training"], dev["after_training"],
-                            load_calibration(str(args.adapter_dir)), results, load_probe(str(args.adapter_dir)))
+                            load_calibration(adapter), results, load_probe(adapter))
     logger.info("Wrote %s", path)
     return 0
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from pubmedqa.adapter import CONFIG_FILE
 from training.hub import HubError, hub_errors
 
 logger = logging.getLogger("training.push")
@@ -26,8 +27,8 @@ def push_adapter(folder: str | Path, repo_id: str, private: bool = False) -> str
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise HubError(f"{folder} is not an adapter folder (no adapter_config.json)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise HubError(f"{folder} is not an adapter folder (no {CONFIG_FILE})")
     api = HfApi()
     with hub_errors(f"Uploading the adapter to {repo_id}"):
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Iterator, Sequence
 
+from pubmedqa.adapter import Adapter, AdapterError
 from pubmedqa.backends.model_lock import ModelLock
 from pubmedqa.backends.status import precision_in_words, precision_mismatch, short_name, shown_source
 from pubmedqa.config import ModelSettings
@@ -130,6 +131,7 @@ class ModelBackend(ABC):
         self._state = LoadState.NOT_LOADED
         self._error: str | None = None
         self._adapter_error: str | None = None
+        self.adapter: Adapter | None = None  # the fine-tuned variant's adapter, resolved once at load
         self._load_lock = threading.Lock()
         self._model_lock = ModelLock()  # an in-process engine generates for one request at a time
         self.notice: str | None = None  # what the status line adds, e.g. why another engine runs than was asked
@@ -202,8 +204,10 @@ class ModelBackend(ABC):
             except Exception as exc:  # any library error becomes one readable message
                 self._fail(f"{type(exc).__name__}: {exc}")
                 raise ModelLoadError(self._error) from exc
-            if self._loaded.adapter_loaded and self.engine:
-                self.precision_note = precision_mismatch(self.settings, self._loaded.quantization, self.engine)
+            if self._loaded.adapter_loaded and self.engine and self.adapter is not None:
+                self.precision_note = precision_mismatch(
+                    self.settings, self.adapter, self._loaded.quantization, self.engine
+                )
                 if self.precision_note:
                     logger.warning("Note: %s", self.precision_note)
             self._state = LoadState.READY
@@ -213,6 +217,19 @@ class ModelBackend(ABC):
         self._state = LoadState.FAILED
         self._error = message
         logger.error("Model load failed: %s", message)
+
+    def resolve_adapter(self) -> Adapter | None:
+        """The adapter the settings name, resolved once (a folder, or a Hub snapshot) for the engine to load; None
+        without one, or when it cannot be resolved: the base keeps serving and the fine-tuned variant says why."""
+        source = self.settings.adapter_source
+        if source is None:
+            return None
+        try:
+            self.adapter = Adapter.resolve(source)
+        except AdapterError as exc:
+            self._adapter_error = f"{exc}; fix --adapter / PUBMEDQA_ADAPTER"
+            logger.error("Serving the base model only: %s", self._adapter_error)
+        return self.adapter
 
     # ------------------------------------------------------------------------------------------ queries
     def adapter_unavailable_reason(self) -> str | None:

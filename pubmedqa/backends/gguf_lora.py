@@ -35,14 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
 from pubmedqa.gguf_header import read_gguf_header
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-SHIPPED_GGUF = "adapter_model.gguf"  # a GGUF LoRA shipped inside the adapter folder, used when its hash matches
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, SHIPPED_GGUF)
 CACHE_SUBDIR = "gguf-lora"
 SOURCE_HASH_KEY = "pubmedqa.adapter_sha256"
 
@@ -122,50 +119,26 @@ def adapter_source_hash(adapter_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_adapter_dir(adapter_source: str) -> Path:
-    """The local folder of an adapter: the folder itself, or a snapshot of a Hub repo (adapter files only)."""
-    local = Path(adapter_source).expanduser()
-    if local.is_dir():
-        adapter_dir = local
-    elif adapter_source.startswith((".", "/", "~")) or local.exists():
-        raise LoraConversionError(f"Adapter {adapter_source} is not a folder")
-    else:
-        from huggingface_hub import snapshot_download
-
-        try:
-            adapter_dir = Path(snapshot_download(adapter_source, allow_patterns=list(ADAPTER_FILES)))
-        except Exception as exc:  # Hub/network errors; their text can hold URLs, the class name is enough to act on
-            raise LoraConversionError(
-                f"Adapter {adapter_source!r} is neither a local folder nor a downloadable Hub repo ({type(exc).__name__})"
-            ) from exc
-    if not (adapter_dir / CONFIG_FILE).is_file():
-        raise LoraConversionError(f"{adapter_source} is not a LoRA adapter folder: it has no {CONFIG_FILE}")
-    return adapter_dir
+def convert_adapter(adapter: Adapter, base_gguf: Path, output: Path) -> Path:
+    """Convert the PEFT LoRA ``adapter`` into a GGUF LoRA file at ``output`` for ``base_gguf``."""
+    return _convert(adapter, read_base_gguf(base_gguf), Path(output), adapter_source_hash(adapter.folder))
 
 
-def convert_adapter(adapter_source: str, base_gguf: Path, output: Path) -> Path:
-    """Convert the PEFT LoRA adapter (folder or Hub repo id) into a GGUF LoRA file at ``output`` for ``base_gguf``."""
-    adapter_dir = resolve_adapter_dir(adapter_source)
-    return _convert(adapter_source, adapter_dir, read_base_gguf(base_gguf), Path(output), adapter_source_hash(adapter_dir))
-
-
-def adapter_target_tensors(adapter_source: str, base_gguf: Path) -> list[str]:
+def adapter_target_tensors(adapter: Adapter, base_gguf: Path) -> list[str]:
     """The GGUF names of the base model's tensors that the adapter changes (``blk.10.attn_q.weight``, ...), checked
     against the base's shapes as a conversion checks them; raises :class:`LoraConversionError` where a conversion
     would."""
-    adapter_dir = resolve_adapter_dir(adapter_source)
-    config = _read_config(adapter_dir)
-    return sorted(_lora_pairs(_read_weights(adapter_dir), read_base_gguf(base_gguf), config))
+    config = _read_config(adapter.folder)
+    return sorted(_lora_pairs(_read_weights(adapter.folder), read_base_gguf(base_gguf), config))
 
 
-def cached_gguf_lora(adapter_source: str, base_gguf: Path, cache_dir: str | Path) -> Path:
-    """The GGUF LoRA of the adapter for ``base_gguf``: the one shipped in the adapter folder when it was converted from
+def cached_gguf_lora(adapter: Adapter, base_gguf: Path, cache_dir: str | Path) -> Path:
+    """The GGUF LoRA of ``adapter`` for ``base_gguf``: the one shipped in the adapter folder when it was converted from
     these very files, else ``<cache_dir>/gguf-lora/<hash>.gguf``, converted on first use."""
-    adapter_dir = resolve_adapter_dir(adapter_source)
-    source_hash = adapter_source_hash(adapter_dir)
+    source_hash = adapter_source_hash(adapter.folder)
     base = read_base_gguf(base_gguf)
-    shipped = adapter_dir / SHIPPED_GGUF
-    if shipped.is_file():
+    shipped = adapter.file(GGUF_FILE)
+    if shipped is not None:
         if _usable(shipped, source_hash, base):
             logger.info("Using the GGUF LoRA shipped with the adapter: %s", shipped)
             return shipped
@@ -173,8 +146,8 @@ def cached_gguf_lora(adapter_source: str, base_gguf: Path, cache_dir: str | Path
     target = Path(cache_dir) / CACHE_SUBDIR / f"{source_hash[:16]}.gguf"
     if target.is_file() and _usable(target, source_hash, base):
         return target
-    logger.info("Converting adapter %s into a GGUF LoRA (once): %s", adapter_source, target)
-    return _convert(adapter_source, adapter_dir, base, target, source_hash)
+    logger.info("Converting adapter %s into a GGUF LoRA (once): %s", adapter.source, target)
+    return _convert(adapter, base, target, source_hash)
 
 
 def _usable(path: Path, source_hash: str, base: BaseGGUF) -> bool:
@@ -201,7 +174,7 @@ def _usable(path: Path, source_hash: str, base: BaseGGUF) -> bool:
     return True
 
 
-def _convert(adapter_source: str, adapter_dir: Path, base: BaseGGUF, output: Path, source_hash: str) -> Path:
+def _convert(adapter: Adapter, base: BaseGGUF, output: Path, source_hash: str) -> Path:
     import gguf
 
     if base.architecture not in SUPPORTED_ARCHITECTURES:
@@ -209,9 +182,9 @@ def _convert(adapter_source: str, adapter_dir: Path, base: BaseGGUF, output: Pat
             f"Base model architecture {base.architecture!r} is not supported for LoRA conversion "
             f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
-    config = _read_config(adapter_dir)
+    config = _read_config(adapter.folder)
     alpha = _lora_alpha(config)
-    tensors = _read_weights(adapter_dir)
+    tensors = _read_weights(adapter.folder)
     pairs = _lora_pairs(tensors, base, config)
     alpha = _effective_alpha(config, alpha, pairs)
 
@@ -221,7 +194,7 @@ def _convert(adapter_source: str, adapter_dir: Path, base: BaseGGUF, output: Pat
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     # The source's own name: a Hub snapshot folder is named after a commit hash.
-    writer.add_name(Path(adapter_source.rstrip("/")).name or adapter_source)
+    writer.add_name(adapter.name)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     invocation_tokens = config.get("alora_invocation_tokens")
     if invocation_tokens:

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from pubmedqa.adapter import Adapter
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, StreamedAnswer
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
@@ -127,7 +128,7 @@ class LlamaCppBackend(ModelBackend):
         except RuntimeError as exc:
             raise ModelLoadError(str(exc)) from exc
         path = base_gguf(self.settings)
-        adapter = self.settings.adapter_source
+        adapter = self.resolve_adapter()
         policy = DecisionPolicy.from_adapter(adapter, self.engine)
         try:
             llm, reader = open_llama(
@@ -139,7 +140,7 @@ class LlamaCppBackend(ModelBackend):
         self._llm, self._reader = llm, reader
         self._rows = BatchDecoder(llm, N_BATCH)
         tokenizer = GgufTokenizer(llm)
-        adapter_loaded = bool(adapter) and self._attach_adapter(path, adapter)
+        adapter_loaded = adapter is not None and self._attach_adapter(path, adapter)
         if adapter_loaded:
             n_layer, n_embd = llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_embd(llm.model)
             policy = policy.checked(n_layer, n_embd, single_token_options(tokenizer) is not None)
@@ -153,7 +154,7 @@ class LlamaCppBackend(ModelBackend):
             policy,
         )
 
-    def _attach_adapter(self, base_path: Path, adapter: str) -> bool:
+    def _attach_adapter(self, base_path: Path, adapter: Adapter) -> bool:
         """Load the adapter as a GGUF LoRA beside the model; on failure the base keeps serving and the fine-tuned
         variant says why."""
         import llama_cpp
@@ -167,13 +168,13 @@ class LlamaCppBackend(ModelBackend):
                 raise RuntimeError(f"llama.cpp refused {lora_path} (tensor names or shapes do not match the model)")
         except Exception as exc:  # noqa: BLE001 - any failure leaves the base serving, with the reason shown
             self._adapter_error = (
-                f"the adapter {adapter!r} could not be loaded on llama.cpp ({type(exc).__name__}: {exc}); "
+                f"the adapter {adapter.source!r} could not be loaded on llama.cpp ({type(exc).__name__}: {exc}); "
                 "fix --adapter / PUBMEDQA_ADAPTER"
             )
             logger.error("Serving the base model only: %s", self._adapter_error)
             return False
         self._lora = lora
-        logger.info("LoRA adapter loaded from %s (GGUF LoRA %s)", adapter, lora_path)
+        logger.info("LoRA adapter loaded from %s (GGUF LoRA %s)", adapter.source, lora_path)
         return True
 
     # ---------------------------------------------------------------------------------------------- steps

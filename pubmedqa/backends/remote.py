@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from pubmedqa.adapter import Adapter, AdapterError
 from pubmedqa.backends.base import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
@@ -68,13 +69,24 @@ class RemoteBackend(ModelBackend):
             )
         if served and s.remote_model not in served:
             logger.warning("The server at %s does not list %r; requests for the base model may fail.", s.base_url, s.remote_model)
-        policy = DecisionPolicy.from_adapter(s.adapter_source if adapter_loaded else None, reads_hidden_states=False)
+        policy = DecisionPolicy.from_adapter(self._local_adapter() if adapter_loaded else None, reads_hidden_states=False)
         seconds = time.perf_counter() - started
         logger.info("Remote backend ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
         return LoadedModel(
             None, tokenizer, f"{s.remote_model} at {s.base_url}", "served remotely", window, adapter_loaded, seconds,
             policy,
         )
+
+    def _local_adapter(self) -> Adapter | None:
+        """The local adapter folder whose calibration applies to the server's scores; optional (the server's adapter
+        model decides), so a missing one is only logged."""
+        if self.settings.adapter_source is None:
+            return None
+        try:
+            return Adapter.resolve(self.settings.adapter_source, weights=False)
+        except AdapterError as exc:
+            logger.warning("No decision calibration for the server's adapter: %s", exc)
+            return None
 
     def adapter_unavailable_reason(self) -> str | None:
         return self._adapter_error  # the server's adapter model name decides, not a local folder

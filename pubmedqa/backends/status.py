@@ -8,7 +8,7 @@ import logging
 import re
 from pathlib import Path
 
-from pubmedqa.adapter_metadata import ADAPTER_METADATA_FILE, AdapterMetadata
+from pubmedqa.adapter import Adapter
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.model_loading import looks_like_path
 
@@ -54,27 +54,17 @@ def precision_setting(loaded: str) -> str:
     return loaded.split(" (")[0]
 
 
-def training_precision(adapter_source: str) -> str | None:
+def training_precision(adapter: Adapter) -> str | None:
     """The base precision the adapter was trained on, as a --quantization value (None when its folder does not say)."""
-    try:
-        if looks_like_path(adapter_source):
-            return precision_setting(AdapterMetadata.load(adapter_source).base_quantization)
-        from huggingface_hub import hf_hub_download
-
-        folder = Path(hf_hub_download(adapter_source, ADAPTER_METADATA_FILE)).parent
-        return precision_setting(AdapterMetadata.load(folder).base_quantization)
-    except Exception as exc:  # noqa: BLE001 - no metadata file, offline Hub, ...: the note is optional
-        logger.info("The adapter's training precision is unknown (%s)", type(exc).__name__)
-        return None
+    return precision_setting(adapter.metadata.base_quantization) if adapter.metadata is not None else None
 
 
-def precision_mismatch(settings: ModelSettings, served: str, engine: str) -> str | None:
+def precision_mismatch(settings: ModelSettings, adapter: Adapter, served: str, engine: str) -> str | None:
     """A note when the adapter is served on other base weights than it was trained on, else None.
 
     On llama.cpp the GGUF's weights are used as they are; training on the embedded model uses the same GGUF
     dequantised ('none'), so that pair matches. The transformers engine matches when it loads the same precision."""
-    adapter = settings.adapter_source
-    trained = training_precision(adapter) if adapter else None
+    trained = training_precision(adapter)
     if trained is None:
         return None
     if engine == "llama.cpp":

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from pubmedqa.adapter import CONFIG_FILE, Adapter
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
 from pubmedqa.backends.transformers_passes import (
     ProbeReader,
@@ -51,9 +52,9 @@ class TransformersBackend(ModelBackend):
     def check_sources(self) -> None:
         check_base_source(self.settings)
         adapter = self.settings.adapter_source
-        if adapter and looks_like_path(adapter) and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        if adapter and looks_like_path(adapter) and not (Path(adapter).expanduser() / CONFIG_FILE).is_file():
             raise ModelLoadError(
-                f"Adapter directory {adapter} has no adapter_config.json. Set --adapter / PUBMEDQA_ADAPTER to a "
+                f"Adapter directory {adapter} has no {CONFIG_FILE}. Set --adapter / PUBMEDQA_ADAPTER to a "
                 "LoRA adapter folder, a Hub repo id, or 'none'."
             )
 
@@ -63,10 +64,11 @@ class TransformersBackend(ModelBackend):
         model = base.model.eval()
         adapter_loaded, policy = False, DecisionPolicy()
         tokenizer = base.tokenizer
-        if self.settings.adapter_source:
-            model, adapter_loaded = self._attach_adapter(model, self.settings.adapter_source)
+        adapter = self.resolve_adapter()
+        if adapter is not None:
+            model, adapter_loaded = self._attach_adapter(model, adapter)
             if adapter_loaded:
-                policy = DecisionPolicy.from_adapter(self.settings.adapter_source).checked(
+                policy = DecisionPolicy.from_adapter(adapter).checked(
                     len(decoder_layers(model)), model.get_input_embeddings().weight.shape[1],
                     single_token_options(tokenizer) is not None,
                 )
@@ -77,20 +79,20 @@ class TransformersBackend(ModelBackend):
             model, tokenizer, base.description, base.quantization, window, adapter_loaded, seconds, policy
         )
 
-    def _attach_adapter(self, model: Any, adapter: str) -> tuple[Any, bool]:
+    def _attach_adapter(self, model: Any, adapter: Adapter) -> tuple[Any, bool]:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, adapter_name=ADAPTER_NAME, is_trainable=False)
+            model = PeftModel.from_pretrained(model, str(adapter.folder), adapter_name=ADAPTER_NAME, is_trainable=False)
         except Exception as exc:  # the base model stays usable; the fine-tuned variant says why it is off
             self._adapter_error = (
-                f"the adapter {adapter!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                f"the adapter {adapter.source!r} could not be loaded ({type(exc).__name__}: {exc}); "
                 "fix --adapter / PUBMEDQA_ADAPTER"
             )
             logger.error("Serving the base model only: %s", self._adapter_error)
             return model, False
         model.eval()
-        logger.info("LoRA adapter loaded from %s", adapter)
+        logger.info("LoRA adapter loaded from %s", adapter.source)
         return model, True
 
     def _adapter_names(self, variants: Sequence[Variant]) -> list[str] | None:

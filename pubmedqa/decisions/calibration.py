@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pubmedqa.decisions.policy_files import adapter_file, engine_file
+from pubmedqa.adapter import CALIBRATION_FILE, Adapter
+from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_FILE = "decision_calibration.json"
 
 
 class CalibrationError(ValueError):
@@ -69,12 +69,12 @@ class DecisionCalibration:
         return cls(offsets, str(data.get("fitted_on", "")), dict(data.get("details") or {}))
 
 
-def load_calibration(adapter_source: str, engine: str | None = None) -> DecisionCalibration | None:
-    """The calibration shipped with an adapter (a folder or a Hub repo) for ``engine`` (None: the shared one; see
+def load_calibration(adapter: Adapter, engine: str | None = None) -> DecisionCalibration | None:
+    """The calibration shipped with ``adapter`` for ``engine`` (None: the shared one; see
     ``policy_files.py``), or None when it has none or it is unusable — decisions then come from the raw option
     likelihoods, which is logged."""
     try:
-        path = adapter_file(adapter_source, engine_file(CALIBRATION_FILE, engine))
+        path = adapter.file(engine_file(CALIBRATION_FILE, engine))
         return DecisionCalibration.from_json(path.read_text(), path.name) if path is not None else None
     except Exception as exc:  # noqa: BLE001 - a missing or broken calibration must never stop the adapter
         logger.warning("Ignoring the adapter's decision calibration: %s", exc)

@@ -20,10 +20,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pubmedqa.adapter import PROBE_FILE, Adapter
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.options import option_probabilities
 from pubmedqa.decisions.policy_files import engine_file
-from pubmedqa.decisions.probe import PROBE_FILE, DecisionProbe, ProbeError, load_probe
+from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +36,19 @@ class DecisionPolicy:
 
     @classmethod
     def from_adapter(
-        cls, source: str | None, engine: str | None = None, reads_hidden_states: bool = True
+        cls, adapter: Adapter | None, engine: str | None = None, reads_hidden_states: bool = True
     ) -> DecisionPolicy:
-        """The policy an adapter (a folder or a Hub repo) ships for ``engine``: the probe fitted on that engine's
+        """The policy ``adapter`` ships for ``engine``: the probe fitted on that engine's
         features and its offsets when the adapter has them, else the shared pair (``policy_files.py``); an empty
         policy for no adapter. A missing or broken file is logged and left out: the adapter keeps serving on its own
         option scores. An engine that cannot read hidden states (``reads_hidden_states=False``) gets neither the
         probe nor the offsets fitted for its scores."""
-        if not source:
+        if adapter is None:
             return cls()
-        own_probe = load_probe(source, engine) if engine_file(PROBE_FILE, engine) != PROBE_FILE else None
+        own_probe = load_probe(adapter, engine) if engine_file(PROBE_FILE, engine) != PROBE_FILE else None
         if own_probe is not None:
-            return cls(own_probe, load_calibration(source, engine))
-        policy = cls(load_probe(source), load_calibration(source))
+            return cls(own_probe, load_calibration(adapter, engine))
+        policy = cls(load_probe(adapter), load_calibration(adapter))
         if policy.probe is not None and not reads_hidden_states:
             return policy.without_probe(
                 "this engine cannot read hidden states; fit offsets for its own scores with `python -m "

@@ -9,8 +9,6 @@ engine without its own pair falls back to.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 #: The engine the shared files are fitted on (training's).
 SHARED_ENGINE = "transformers"
 
@@ -22,18 +20,3 @@ def engine_file(name: str, engine: str | None) -> str:
         return name
     stem, _, extension = name.partition(".")
     return f"{stem}.{engine.replace('.', '-')}.{extension}"
-
-
-def adapter_file(source: str, name: str) -> Path | None:
-    """The file ``name`` of an adapter folder or Hub repo (downloaded), or None when the adapter has none."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        path = local / name
-        return path if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(source, name))
-    except EntryNotFoundError:
-        return None

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from pubmedqa.decisions.policy_files import adapter_file, engine_file
+from pubmedqa.adapter import PROBE_FILE, Adapter
+from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-PROBE_FILE = "decision_probe.safetensors"
 
 #: What a probe reads of its layer's output over the prompt: the mean over the tokens, or that mean followed by the
 #: prompt's last token (chosen by nested cross-validation on the non-test questions; see ``training/decision_probe.py``).
@@ -115,12 +115,12 @@ class DecisionProbe:
             )
 
 
-def load_probe(adapter_source: str, engine: str | None = None) -> DecisionProbe | None:
-    """The probe shipped with an adapter (a folder or a Hub repo) for ``engine`` (None: the shared one; see
+def load_probe(adapter: Adapter, engine: str | None = None) -> DecisionProbe | None:
+    """The probe shipped with ``adapter`` for ``engine`` (None: the shared one; see
     ``policy_files.py``), or None when it has none or it is unusable — decisions then come from the adapter's own
     option logits, which is logged."""
     try:
-        path = adapter_file(adapter_source, engine_file(PROBE_FILE, engine))
+        path = adapter.file(engine_file(PROBE_FILE, engine))
         return DecisionProbe.load(path) if path is not None else None
     except Exception as exc:  # noqa: BLE001 - a missing or broken probe must never stop the adapter
         logger.warning("Ignoring the adapter's decision probe: %s", exc)
