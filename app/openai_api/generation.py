@@ -6,21 +6,30 @@ request was stopped."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
-from app.chat import prepare_prompt
+from app.chat import evidence_for, prepare_prompt
 from app.openai_api.errors import ApiError
 from app.openai_api.logprobs import chat_logprobs, completion_logprobs
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import Producer
 from pubmedqa.backends.base import GenerationSettings, ModelBackend
+from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, stable_prefix
 
 
-def chat_work(backend: ModelBackend, req: ChatRequest, job: Producer) -> Iterator[tuple[str, Any]]:
-    """Ready with the fitted prompt (:class:`FittedPrompt`); done with the answer, its finish reason, token count
-    and log-probabilities."""
-    prompt = prepare_prompt(backend, req.prompt_input, req.generation)
+def chat_work(
+    backend: ModelBackend, req: ChatRequest, job: Producer, search: EvidenceSearch | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Ready with the fitted prompt (:class:`FittedPrompt`); done with the answer, its finish reason, token count,
+    log-probabilities and, when the request asked for evidence, the citations (``FoundEvidence.as_dict``): the
+    answer then ends with the line citing the article it is based on (not counted as completion tokens)."""
+    found = evidence_for(search, req.prompt_input.question, req.prompt_input.context, req.evidence)
+    prompt_input = req.prompt_input
+    if found is not None and found.article is not None:
+        prompt_input = replace(prompt_input, context=found.context)
+    prompt = prepare_prompt(backend, prompt_input, req.generation)
     yield "ready", prompt
     answer = ""
     for answer in backend.stream(prompt, req.variant, req.generation, job.cancel_event()):
@@ -30,7 +39,10 @@ def chat_work(backend: ModelBackend, req: ChatRequest, job: Producer) -> Iterato
     answer = _visible(answer, req.stops, final=True)
     reason, n_tokens = _finish_reason(backend, answer, req.generation)
     logprobs = chat_logprobs(backend, prompt.text, answer, req.variant, req.top_logprobs) if req.logprobs else None
-    yield "done", {"text": answer, "finish_reason": reason, "completion_tokens": n_tokens, "logprobs": logprobs}
+    done = {"text": answer, "finish_reason": reason, "completion_tokens": n_tokens, "logprobs": logprobs}
+    if found is not None:
+        done |= {"text": found.cite(answer), "citations": found.as_dict()}
+    yield "done", done
 
 
 def completion_work(backend: ModelBackend, req: CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:

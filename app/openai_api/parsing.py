@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.chat import UserInputError, history_to_turns, parse_generation_settings, parse_question
+from app.chat import UserInputError, history_to_turns, parse_evidence_mode, parse_generation_settings, parse_question
 from app.openai_api.errors import ApiError
 from pubmedqa.backends.base import GenerationSettings, Variant
 from pubmedqa.config import ServerSettings
@@ -36,6 +36,12 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    evidence: str = "off"  # the extension field: "off", "auto" (search when there is no context) or "on"
+
+    @property
+    def searches(self) -> bool:
+        """Whether this request searches for evidence (``auto`` only for a question without context)."""
+        return self.evidence == "on" or (self.evidence == "auto" and not self.prompt_input.context)
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,12 @@ def parse_chat(body: dict[str, Any], model: str, variant: Variant, limits: Serve
     logprobs = _field(body, "logprobs", (bool,), "true or false", False)
     if top and not logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    try:
+        evidence = parse_evidence_mode(body.get("evidence"))
+    except UserInputError as exc:
+        raise ApiError(400, str(exc), param="evidence") from None
     return ChatRequest(model, variant, PromptInput(question, context, turns), generation, _stops(body), stream,
-                       include_usage, logprobs, top)
+                       include_usage, logprobs, top, evidence)
 
 
 def parse_completion(

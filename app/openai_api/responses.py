@@ -23,7 +23,8 @@ def chat_body(prompt: FittedPrompt, done: dict[str, Any], meta: dict[str, Any]) 
     return {**meta, "object": "chat.completion", "choices": [{
         "index": 0, "message": {"role": "assistant", "content": done["text"]}, "logprobs": done["logprobs"],
         "finish_reason": done["finish_reason"]}],
-        "usage": _usage(prompt.n_tokens, done["completion_tokens"]), "notices": prompt.notices}
+        "usage": _usage(prompt.n_tokens, done["completion_tokens"]), "notices": prompt.notices,
+        **_citations(done)}
 
 
 def completion_body(counts: list[int], choices: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +49,7 @@ async def chat_events(
                 yield chunk({"content": new})
                 sent = text
             if kind == "done":
-                yield chunk({}, value["finish_reason"], value["logprobs"])
+                yield chunk({}, value["finish_reason"], value["logprobs"], **_citations(value))
                 if req.include_usage:
                     yield _usage_event(meta, "chat.completion.chunk", prompt.n_tokens, value["completion_tokens"])
     except Exception as exc:  # the response has started: the error goes into the stream
@@ -80,6 +81,11 @@ async def completion_events(
     except Exception as exc:  # the response has started: the error goes into the stream
         yield sse(as_api_error(exc).body())
     yield DONE_EVENT
+
+
+def _citations(done: dict[str, Any]) -> dict[str, Any]:
+    """The ``citations`` extension field of a request that asked for evidence (with the finish, when streamed)."""
+    return {"citations": done["citations"]} if "citations" in done else {}
 
 
 def _new_text(text: str, sent: str) -> str:

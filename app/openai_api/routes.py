@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.access import API_KEY_ENV, bearer_key_matches
+from app.access import API_KEY_ENV, OwnerAccess, bearer_key_matches
 from app.openai_api.admission import AdmissionQueue, Ticket, page_queue_length
 from app.openai_api.errors import ApiError, as_api_error
 from app.openai_api.generation import chat_work, completion_work
@@ -22,8 +22,10 @@ from app.openai_api.models import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, ServedMod
 from app.openai_api.parsing import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from app.openai_api.responses import chat_body, chat_events, completion_body, completion_events, response_meta
 from app.openai_api.streaming import ClientGone, EventStream, Producer, last_item, unless_gone
+from app.rate_limits import PerMinuteLimiter, visitor_key
 from pubmedqa.backends.base import ModelBackend
 from pubmedqa.config import ServerSettings
+from pubmedqa.evidence import EvidenceSearch
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the limits allow
 
@@ -33,10 +35,14 @@ class OpenAiApi:
 
     def __init__(
         self, backend: ModelBackend, limits: ServerSettings, queue: AdmissionQueue, api_key: str | None,
-        models: ServedModels, allow_echo: bool,
+        models: ServedModels, allow_echo: bool, search: EvidenceSearch | None = None,
     ):
         self.backend, self.limits, self.queue, self.models, self.allow_echo = backend, limits, queue, models, allow_echo
         self._key = api_key or None
+        self.search = search
+        # As on the page: a public app's visitors each start a few evidence searches a minute (the owner's NCBI quota).
+        public = OwnerAccess.from_settings(limits).public
+        self._searches = PerMinuteLimiter(limits.evidence_per_minute) if public else None
 
     async def list_models(self, request: Request, model: str | None = None) -> Response:
         """The served models' cards, or the card of ``model``."""
@@ -57,6 +63,8 @@ class OpenAiApi:
         model, variant = self.models.resolve(body)
         req = (parse_chat(body, model, variant, self.limits) if chat
                else parse_completion(body, model, variant, self.limits, self.allow_echo))
+        if isinstance(req, ChatRequest) and req.searches:
+            self.check_search(request, req)
         ticket = self.queue.admit()
         producer: Producer | None = None
         streaming = False
@@ -78,6 +86,18 @@ class OpenAiApi:
         if isinstance(req, ChatRequest):
             return JSONResponse(chat_body(prepared, result, meta))
         return JSONResponse(completion_body(prepared, result, meta))
+
+    def check_search(self, request: Request, req: ChatRequest) -> None:
+        """400 for evidence "on" where evidence is off; 429 past a public app's per-visitor search limit."""
+        if self.search is None:
+            if req.evidence == "on":
+                raise ApiError(400, "Evidence search is off on this app (PUBMEDQA_EVIDENCE=off).", param="evidence")
+            return
+        visitor = visitor_key(request)
+        if self._searches is not None and not self._searches.allow(visitor):
+            raise ApiError(429, f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on "
+                           f"this public app; the next in {self._searches.wait_s(visitor):.0f} s.",
+                           param="evidence", code="rate_limit_exceeded")
 
     def authorise(self, request: Request) -> None:
         if self._key is None:
@@ -113,7 +133,7 @@ class OpenAiApi:
     def _work(self, req: ChatRequest | CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
         self.models.require(req.model, req.variant)  # blocking: here, on the producer's thread
         if isinstance(req, ChatRequest):
-            yield from chat_work(self.backend, req, job)
+            yield from chat_work(self.backend, req, job, self.search)
         else:
             yield from completion_work(self.backend, req, job)
 
@@ -146,7 +166,7 @@ def create_app(
     base_name: str = BASE_MODEL_NAME,
     adapter_name: str = ADAPTER_MODEL_NAME,
     allow_echo: bool = True,
-    search: Any = None,
+    search: EvidenceSearch | None = None,
 ) -> FastAPI:
     """A FastAPI app with the OpenAI-compatible API at ``/v1`` over ``backend``, checked against ``limits`` (the
     page's :class:`ServerSettings`). ``page``: the Gradio Blocks served beside it (:func:`app.main.build_server`
@@ -158,7 +178,8 @@ def create_app(
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     queue = AdmissionQueue(limits.concurrency_limit, limits.queue_size, lambda: page_queue_length(page))
-    api = OpenAiApi(backend, limits, queue, api_key, ServedModels(backend, base_name, adapter_name), allow_echo)
+    api = OpenAiApi(backend, limits, queue, api_key, ServedModels(backend, base_name, adapter_name), allow_echo,
+                    search)
 
     v1 = FastAPI(title="PubMedQA OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
