@@ -377,11 +377,12 @@ def step_compare(check: Check) -> str:
 
 
 def step_evaluate(check: Check) -> str:
+    from pubmedqa.adapter import CONFIG_FILE
     from pubmedqa.evaluation.results import load_results
     from pubmedqa.evaluation.runner import EvalArguments, evaluate
 
     # Without a trained adapter the base model alone still goes through the evaluation.
-    adapter = check.adapter_dir if check.adapter_dir and (check.adapter_dir / "adapter_config.json").is_file() else None
+    adapter = check.adapter_dir if check.adapter_dir and (check.adapter_dir / CONFIG_FILE).is_file() else None
     backend = check.backend or _load_backend(check, adapter)[0]
     args = EvalArguments(
         data=str(check.data), limit=20, output_dir=str(check.output_dir / "eval"), bertscore_model="none",

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Sequence
 
 from transformers import HfArgumentParser
 
+from pubmedqa.adapter import CONFIG_FILE
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
 EMBEDDED_MODEL = "embedded"
@@ -31,7 +33,7 @@ def env_var(cls: type, name: str) -> str:
 
 
 def _default_adapter() -> str:
-    return str(SHIPPED_ADAPTER_DIR) if (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file() else "none"
+    return str(SHIPPED_ADAPTER_DIR) if (SHIPPED_ADAPTER_DIR / CONFIG_FILE).is_file() else "none"
 
 
 def _default_cache_dir() -> str:
