@@ -43,7 +43,7 @@ def main() -> None:
     local = TransformersBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
     local.load()
     url, server = serve_in_thread(create_app(local))
-    remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), backend="openai", base_url=url,
+    remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="openai", base_url=url,
                                          remote_model=BASE_MODEL_NAME, adapter_model=ADAPTER_MODEL_NAME))
     remote.load()
     limits = ServerSettings()

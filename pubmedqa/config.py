@@ -6,6 +6,7 @@ field's metadata (how a Space is configured) and then by a CLI flag of the same 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,12 +16,15 @@ from transformers import HfArgumentParser
 
 from pubmedqa.adapter import CONFIG_FILE
 
+logger = logging.getLogger(__name__)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
 EMBEDDED_MODEL = "embedded"
 QUANTIZATION_CHOICES = ("4bit", "8bit", "bf16", "none")
-BACKEND_CHOICES = ("transformers", "openai")
-ENGINE_CHOICES = ("auto", "llama.cpp", "transformers")
+ENGINE_CHOICES = ("auto", "llama.cpp", "transformers", "openai")
+#: The former --backend setting, kept as an alias: "openai" is now --engine openai.
+BACKEND_CHOICES = ("", "transformers", "openai")
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -84,24 +88,24 @@ class ModelSettings(BaseModelSettings):
         "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
     )
 
-    backend: str = _setting(
-        "transformers",
-        "'transformers': the model runs in this process. 'openai': a remote OpenAI-compatible server (vLLM, TGI) "
-        "serves the base model and the adapter under two model names; --base_model then only names the tokenizer "
-        "used to fit prompts, and --adapter only supplies the adapter's decision calibration.",
-        choices=BACKEND_CHOICES,
-    )
     engine: str = _setting(
         "auto",
-        "What runs the model in this process: 'llama.cpp' (the GGUF file as it is, 4-bit; the fastest on a CPU), "
-        "'transformers' (bitsandbytes 4-bit, the GPU/QLoRA path), or 'auto': llama.cpp on a CPU for a GGUF base "
-        "(the embedded model or a .gguf file), transformers on a GPU or for a Hub/local transformers model.",
+        "What runs the model: 'llama.cpp' (in this process, the GGUF file as it is, 4-bit; the fastest on a CPU), "
+        "'transformers' (in this process, bitsandbytes 4-bit, the GPU/QLoRA path), 'openai' (a remote "
+        "OpenAI-compatible server, vLLM or TGI, serving the base model and the adapter under two model names; "
+        "--base_model then only names the tokenizer used to fit prompts, and --adapter only supplies the adapter's "
+        "decision calibration), or 'auto': llama.cpp on a CPU for a GGUF base (the embedded model or a .gguf file), "
+        "transformers on a GPU or for a Hub/local transformers model.",
         choices=ENGINE_CHOICES,
     )
-    base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (backend openai).")
-    remote_model: str = _setting("", "Model name of the base model on the server (backend openai).", aliases=["--model"])
+    backend: str = _setting(
+        "", "Deprecated: '--backend openai' is '--engine openai' ('transformers' leaves --engine as it is).",
+        choices=BACKEND_CHOICES,
+    )
+    base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (engine openai).")
+    remote_model: str = _setting("", "Model name of the base model on the server (engine openai).", aliases=["--model"])
     adapter_model: str = _setting(
-        "", "Model name of the LoRA adapter on the server, e.g. 'tuned' (backend openai; empty: base only)."
+        "", "Model name of the LoRA adapter on the server, e.g. 'tuned' (engine openai; empty: base only)."
     )
     api_key_env: str = _setting(
         "OPENAI_API_KEY", "Environment variable holding the server's API key (the key itself is never logged)."
@@ -115,10 +119,16 @@ class ModelSettings(BaseModelSettings):
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
         if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
-        if self.backend == "openai" and not (self.base_url and self.remote_model):
+            raise ValueError(f"backend must be one of {', '.join(c for c in BACKEND_CHOICES if c)}, got {self.backend!r}")
+        if self.backend:
+            logger.warning("--backend / PUBMEDQA_BACKEND is deprecated: use --engine / PUBMEDQA_ENGINE (openai, "
+                           "llama.cpp, transformers or auto)")
+            if self.backend == "openai":
+                self.engine = "openai"
+            self.backend = ""
+        if self.engine == "openai" and not (self.base_url and self.remote_model):
             raise ValueError(
-                "The openai backend needs --base_url (PUBMEDQA_BASE_URL) and --model (PUBMEDQA_REMOTE_MODEL)."
+                "The openai engine needs --base_url (PUBMEDQA_BASE_URL) and --model (PUBMEDQA_REMOTE_MODEL)."
             )
 
     @property

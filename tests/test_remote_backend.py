@@ -40,7 +40,7 @@ def api_server(backend, **options) -> Iterator[str]:
 
 
 def remote(tiny_model_dir, base_url, **overrides) -> RemoteBackend:
-    values = {"base_model": str(tiny_model_dir), "adapter": "none", "backend": "openai", "base_url": base_url,
+    values = {"base_model": str(tiny_model_dir), "adapter": "none", "engine": "openai", "base_url": base_url,
               "remote_model": BASE_MODEL_NAME, "adapter_model": ADAPTER_MODEL_NAME, "request_timeout": 20.0,
               **overrides}
     return RemoteBackend(ModelSettings(**values))

@@ -82,7 +82,7 @@ out = model.generate(**ids, max_new_tokens=128, do_sample=False, stop_strings={s
 print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-**vLLM** (an OpenAI-compatible server; the project's app can use it with `--backend openai`)
+**vLLM** (an OpenAI-compatible server; the project's app can use it with `--engine openai`)
 
 ```bash
 vllm serve PATH_OR_REPO --served-model-name pubmedqa

@@ -1,4 +1,4 @@
-"""Which backend serves the model, chosen by the settings: kept outside the interface, which knows no implementation."""
+"""Which engine serves the model, chosen by ``--engine``: kept outside the interface, which knows no implementation."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_engine(settings: ModelSettings) -> tuple[str, str | None]:
-    """The in-process engine that will run the model, and why it is not the one asked for (None when it is)."""
+    """The engine that will run the model ('llama.cpp', 'transformers' or 'openai'), and why it is not the one asked
+    for (None when it is)."""
     gguf_base = settings.base_model == EMBEDDED_MODEL or settings.base_model.lower().endswith(".gguf")
     engine = settings.engine
+    if engine == "openai":
+        return engine, None
     if engine == "auto":
         engine = "llama.cpp" if gguf_base and not torch.cuda.is_available() else "transformers"
     if engine == "llama.cpp" and not gguf_base:
@@ -32,10 +35,10 @@ def resolve_engine(settings: ModelSettings) -> tuple[str, str | None]:
 
 
 def create_backend(settings: ModelSettings) -> ModelBackend:
-    """The backend the settings name: a remote server, or an in-process engine (see :func:`resolve_engine`)."""
-    if settings.backend == "openai":
-        return RemoteBackend(settings)
+    """The backend of the engine the settings name (see :func:`resolve_engine`): in process, or a remote server."""
     engine, note = resolve_engine(settings)
+    if engine == "openai":
+        return RemoteBackend(settings)
     if engine == "llama.cpp":
         route_llama_logs()
     backend: ModelBackend = LlamaCppBackend(settings) if engine == "llama.cpp" else TransformersBackend(settings)
