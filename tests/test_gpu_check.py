@@ -1,4 +1,4 @@
-"""The GPU check (benchmarks/gpu_check.py) in its CPU dry run, so the script the GPU machine runs cannot rot, and its
+"""The GPU check (tools/gpu_check.py) in its CPU dry run, so the script the GPU machine runs cannot rot, and its
 wheel selection and failure reporting, which only a broken GPU run would otherwise exercise."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
-from benchmarks.fetch_gpu_wheels import pinned_versions
+from tools import gpu_check
+from tools.fetch_gpu_wheels import pinned_versions
 
 
 def test_dry_run_passes_every_step_and_writes_a_results_folder(pubmedqa_dir, tmp_path, capsys):

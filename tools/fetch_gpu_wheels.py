@@ -1,11 +1,11 @@
-"""Fetch, on a machine with network, what `benchmarks.gpu_check` installs on a CUDA machine without it: the wheels of
+"""Fetch, on a machine with network, what `tools.gpu_check` installs on a CUDA machine without it: the wheels of
 the packages a CUDA image with PyTorch, transformers, PEFT and accelerate lacks (bitsandbytes and TRL, the data and
 metric libraries they and the evaluation need), for Linux x86-64 and Python 3.12, plus a copy of the PubMedQA files.
 
-    python -m benchmarks.fetch_gpu_wheels                  # -> gpu_wheels/ (git-ignored), about 45 MiB
-    python -m benchmarks.fetch_gpu_wheels --dest gpu_wheels --data ../shared/data/pubmedqa
+    python -m tools.fetch_gpu_wheels                  # -> gpu_wheels/ (git-ignored), about 45 MiB
+    python -m tools.fetch_gpu_wheels --dest gpu_wheels --data ../shared/data/pubmedqa
 
-Then, on the GPU machine: `python -m benchmarks.gpu_check --wheels gpu_wheels` (see its docstring).
+Then, on the GPU machine: `python -m tools.gpu_check --wheels gpu_wheels` (see its docstring).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.gpu_check import DEFAULT_WHEELS, PROJECT_ROOT, canonical_name, wheel_name_version
+from tools.gpu_check import DEFAULT_WHEELS, PROJECT_ROOT, canonical_name, wheel_name_version
 
 # Pinned in requirements.txt: read from there so that the GPU runs exactly what the CPU runs.
 PINNED = ("bitsandbytes", "trl", "datasets", "rouge-score", "bert-score")

@@ -11,9 +11,9 @@
   memory   - peak GPU memory (torch.cuda.max_memory_allocated) and the mixed batch's tokens/s.
 
 On the GPU machine (no network; PyTorch, transformers, PEFT and accelerate installed), after fetching the missing
-wheels and a copy of the data on a machine with network (`python -m benchmarks.fetch_gpu_wheels`):
+wheels and a copy of the data on a machine with network (`python -m tools.fetch_gpu_wheels`):
 
-    python -m benchmarks.gpu_check --wheels gpu_wheels          # data: gpu_wheels/pubmedqa, results: outputs/gpu_check
+    python -m tools.gpu_check --wheels gpu_wheels          # data: gpu_wheels/pubmedqa, results: outputs/gpu_check
 
 `--dry_run` runs the same steps on a CPU (2 training steps, full precision, no bitsandbytes kernels): the test suite
 does, so the check cannot rot between GPU runs.
@@ -69,7 +69,7 @@ def wheels_to_install(folder: Path) -> list[Path]:
     """The wheels in ``folder`` whose package is missing here or installed at another version."""
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
-        raise RuntimeError(f"no wheels in {folder}: run `python -m benchmarks.fetch_gpu_wheels` where there is network")
+        raise RuntimeError(f"no wheels in {folder}: run `python -m tools.fetch_gpu_wheels` where there is network")
     names = [wheel_name_version(w)[0] for w in wheels]
     doubled = sorted({n for n in names if names.count(n) > 1})
     if doubled:
@@ -457,7 +457,7 @@ def run_steps(check: Check, steps: dict[str, tuple[Callable[[Check], str], str |
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry_run", action="store_true", help="On a CPU: 2 steps, full precision, no bitsandbytes.")
-    parser.add_argument("--wheels", default="", help="Folder of wheels to install first (benchmarks.fetch_gpu_wheels).")
+    parser.add_argument("--wheels", default="", help="Folder of wheels to install first (tools.fetch_gpu_wheels).")
     parser.add_argument(
         "--data", default="",
         help="PubMedQA folder (ori_pqal.json, test_ground_truth.json). Default: <wheels>/pubmedqa, else ../shared.",
