@@ -105,7 +105,7 @@ class ModelSettings(BaseModelSettings):
     base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (engine openai).")
     remote_model: str = _setting("", "Model name of the base model on the server (engine openai).", aliases=["--model"])
     adapter_model: str = _setting(
-        "", "Model name of the LoRA adapter on the server, e.g. 'tuned' (engine openai; empty: base only)."
+        "", "Model name of the LoRA adapter on the server, e.g. 'pubmedqa-tuned' (engine openai; empty: base only)."
     )
     api_key_env: str = _setting(
         "OPENAI_API_KEY", "Environment variable holding the server's API key (the key itself is never logged)."

@@ -189,3 +189,19 @@ def test_dashboard_builds_its_figures_and_table_from_a_results_file(tiny_run):
     everything, both_wrong = examples_frame(run), examples_frame(run, "both wrong")
     assert len(everything) == 9 and len(both_wrong) <= 9
     assert all((row["base decision"] != row["gold"]) and (row["tuned decision"] != row["gold"]) for _, row in both_wrong.iterrows())
+
+
+def test_shipped_runs_load_and_their_keys_are_the_variants_stored_names():
+    from app import variants
+    from pubmedqa.backends.base import Variant
+    from pubmedqa.evaluation.runner import VARIANT_KEYS
+    from tests.conftest import REPO_ROOT
+
+    # The one table of names (app/variants.py) holds the key the runner writes, which every shipped run uses.
+    assert VARIANT_KEYS == {variant: names.results_key for variant, names in variants.NAMES.items()}
+    shipped = sorted(path for path in (REPO_ROOT / "assets" / "eval").iterdir() if path.is_dir())
+    assert shipped
+    for folder in shipped:
+        run = load_results(folder)
+        assert [variants.from_results_key(key) for key in run.model_keys] == [Variant.BASE, Variant.TUNED], folder
+        assert all((folder / f"predictions_{key}.json").is_file() for key in run.model_keys)

@@ -243,6 +243,11 @@ class EngineFeatures:
 def engine_features(model_settings: ModelSettings, args: ProbeArguments) -> EngineFeatures:
     """Read the features of train + dev on the engine the app serves the adapter with (same weights); the test
     questions are never read."""
+    if model_settings.engine == "openai":
+        raise ProbeFitError(
+            "--engine openai: a remote server returns no hidden states, so the probe is fitted on an engine in this "
+            "process: --engine llama.cpp or transformers (the one the app serves the adapter with; auto picks it)"
+        )
     adapter_dir = local_adapter_dir(model_settings, "decision probe")
     metadata = AdapterMetadata.load(adapter_dir)
     if metadata.probe_layer is None:

@@ -1,18 +1,20 @@
-"""The models the API serves: their names and aliases, whether the backend can serve one now, and the model
-cards of ``GET /v1/models``."""
+"""The models the API serves: their names and aliases (from :data:`app.variants.NAMES`), whether the backend can
+serve one now, and the model cards of ``GET /v1/models``."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from app import variants
 from app.chat import UserInputError, parse_variant
 from app.openai_api.errors import ApiError
 from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
 
-BASE_MODEL_NAME = "pubmedqa-base"
-ADAPTER_MODEL_NAME = "pubmedqa-tuned"
-MODEL_ALIASES: dict[str, Variant] = {"base": Variant.BASE, "tuned": Variant.TUNED, "fine-tuned": Variant.TUNED}
+# The names come from the one table of variant names (app.variants.NAMES).
+BASE_MODEL_NAME = variants.NAMES[Variant.BASE].model_name
+ADAPTER_MODEL_NAME = variants.NAMES[Variant.TUNED].model_name
+MODEL_ALIASES: dict[str, Variant] = variants.MODEL_ALIASES
 _STARTED = int(time.time())
 
 
@@ -32,7 +34,7 @@ class ServedModels:
                            f"{self.base_name!r} and {self.adapter_name!r}.", param="model", code="model_not_found")
         variant = names.get(model) or MODEL_ALIASES[model]
         try:
-            parse_variant(variant.value, self.backend)  # the page's check: no adapter configured, or it failed
+            parse_variant(variants.choice(variant), self.backend)  # the page's check: no adapter, or it failed to load
         except UserInputError as exc:
             raise self._no_adapter(model, str(exc)) from None
         return model, variant

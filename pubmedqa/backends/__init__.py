@@ -1,2 +1,3 @@
-"""The backends that run a model for the app, the APIs and the evaluation: the interface (``base``), the local
-transformers backend, the remote OpenAI-compatible one, and the factory that picks one from the settings."""
+"""What runs a model for the app, the APIs and the evaluation: the interface (``base``, with the two variants), one
+backend per engine of ``--engine`` (``llama_cpp_backend`` and ``transformers_backend`` in this process, ``remote``
+for ``openai``, an OpenAI-compatible server) and the factory that picks one from the settings."""

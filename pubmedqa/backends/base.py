@@ -1,9 +1,11 @@
-"""The one interface every tab, the API and the evaluation use to reach a model, whatever runs it.
+"""The one interface every tab, the API and the evaluation use to reach a model, whatever engine runs it.
 
-Implementations live beside it (``transformers_backend.py`` in this process, ``remote.py`` on an OpenAI-compatible
-server such as vLLM or TGI) and ``factory.py`` picks one; this module knows none of them. It holds what they share:
-the request types, the load-once state machine, prompt fitting and the single-prompt conveniences built on
-``stream_batch``. How a fine-tuned decision is made is the adapter's decision policy's, held in ``LoadedModel``.
+Implementations live beside it, one per engine (``--engine``): ``llama_cpp_backend.py`` (``llama.cpp``: the GGUF file
+in this process, the CPU default), ``transformers_backend.py`` (``transformers``: PEFT in this process, the GPU/QLoRA
+path) and ``remote.py`` (``openai``: an OpenAI-compatible server such as vLLM or TGI); ``factory.py`` picks one and
+this module knows none of them. It holds what they share: the two variants, the request types, the load-once state
+machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``. How a fine-tuned decision is
+made is the adapter's decision policy's, held in ``LoadedModel``.
 """
 
 from __future__ import annotations
@@ -115,9 +117,14 @@ class LoadedModel:
 
 
 class ModelBackend(ABC):
-    """Loads once (lazily or in a background thread), then answers for base or fine-tuned, per call."""
+    """Loads once (lazily or in a background thread), then answers several prompts per call, each row with its own
+    variant (base or fine-tuned). A Compare pair is one call with a base row and a fine-tuned row, both streaming at
+    once: the transformers engine decodes them as one batch whose rows select their adapter (PEFT ``adapter_names``),
+    the llama.cpp engine side by side on two contexts over the same weights (LoRA off / on, one token of each in
+    turn), the ``openai`` engine as two concurrent requests. An in-process engine generates for one request at a time;
+    background work (an evaluation in the app) calls :meth:`give_way` between its batches so that visitors go first."""
 
-    #: How Compare produces its pair, shown in the tab's info line.
+    #: How Compare produces its pair (see above), shown in the tab's info line.
     pair_mode: str = ""
     #: What runs the model in this process ('' for a remote server, whose weights this app cannot see).
     engine: str = ""

@@ -1,12 +1,13 @@
-"""The remote backend: an OpenAI-compatible server (vLLM, Text Generation Inference, or :mod:`app.openai_api`)
-serves the base model and the LoRA adapter under two model names, and this process only fits prompts.
+"""The ``openai`` engine (``--engine openai``): an OpenAI-compatible server (vLLM, Text Generation Inference, or
+:mod:`app.openai_api`) serves the base model and the LoRA adapter under two model names, and this process only fits
+prompts.
 
-vLLM: ``vllm serve BASE --enable-lora --lora-modules tuned=ADAPTER_DIR`` serves ``BASE`` and ``tuned``; TGI:
-``LORA_ADAPTERS=tuned=ADAPTER_DIR``. Prompts are rendered and fitted here with the base model's tokenizer (the one
-shared prompt format), then sent to the ``/completions`` endpoint as text. Decisions come from the server's
-log-probabilities: the log-likelihood of each option after the prompt (``echo`` with ``logprobs``, what the local
-backend computes), or, when the server cannot echo, the option tokens among the top log-probabilities of one
-generated token.
+vLLM: ``vllm serve BASE --enable-lora --lora-modules pubmedqa-tuned=ADAPTER_DIR`` serves ``BASE`` and
+``pubmedqa-tuned`` (the adapter's name in the app's own /v1 API too); TGI: ``LORA_ADAPTERS=pubmedqa-tuned=ADAPTER_DIR``.
+Prompts are rendered and fitted here with the base model's tokenizer (the one shared prompt format), then sent to the
+``/completions`` endpoint as text. Decisions come from the server's log-probabilities: the log-likelihood of each
+option after the prompt (``echo`` with ``logprobs``, what the in-process engines compute), or, when the server cannot
+echo, the option tokens among the top log-probabilities of one generated token.
 """
 
 from __future__ import annotations

@@ -5,8 +5,15 @@ PubMedQA test set, and write a run folder (see :mod:`pubmedqa.evaluation.results
     python -m training.evaluate --limit 100 --output_dir outputs/eval-100
     python -m training.evaluate --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-7B-Instruct
 
-Decisions are scored by option likelihood (batched, ``logits_to_keep=1``); long answers by batched greedy
-generation; then Token-F1, BLEU, ROUGE-1/L, BERTScore and, when configured, an LLM judge.
+It runs through whatever backend ``--engine`` picks (llama.cpp on a CPU by default, transformers, or a remote
+``openai`` server), or through the app's already loaded one, which then lets visitors' requests go first between
+batches. Questions go in batches of similar length, and each batch is one pass on the in-process engines: greedy
+long answers whose first step also gives the yes/no/maybe decision (a remote server scores the options in requests of
+their own), as the adapter's decision policy decides it (option likelihood, or its decision probe; its calibration is
+applied afterwards and the fine-tuned scores are also recorded without it); ``--no_long_answers`` scores the
+decisions alone. Then Token-F1, BLEU, ROUGE-1/L, readable answers (looping, ended by
+itself), BERTScore and, when configured, an LLM judge. The run folder keys the variants ``base`` and ``tuned``
+(:data:`VARIANT_KEYS`, the stored format every shipped run uses).
 """
 
 from __future__ import annotations
