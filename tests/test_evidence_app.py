@@ -5,10 +5,8 @@ searches per visitor."""
 
 from __future__ import annotations
 
-import json
 import socket
 
-import httpx
 import pytest
 from markdown_it import MarkdownIt
 
@@ -134,42 +132,3 @@ def test_evidence_off_hides_the_panel_and_refuses_the_option(served):
     with pytest.raises(Exception, match="Evidence search is off"):
         client.predict(question="Is it?", evidence="on", api_name="/chat", **SHORT)
     assert client.predict(question="Is it?", evidence="auto", api_name="/chat", **SHORT)  # auto: nothing to find
-
-
-def _v1(url: str, **body) -> httpx.Response:
-    payload = {"model": "pubmedqa-tuned", "max_tokens": 4, "temperature": 0.0, **body}
-    return httpx.post(f"{url}v1/chat/completions", json=payload, timeout=60)
-
-
-def test_the_openai_api_takes_evidence_as_an_extension_and_returns_the_citations(served, local_search, pubmedqa_dir):
-    question = load_local(pubmedqa_dir)[OWN].question
-    url = served(local_search)
-    body = _v1(url, messages=[{"role": "user", "content": question}], evidence="on").json()
-    answer = body["choices"][0]["message"]["content"]
-    assert answer.endswith(f"{CITATION_MARK} {OWN} (https://pubmed.ncbi.nlm.nih.gov/{OWN}/), 2011")
-    assert body["citations"]["used_pmid"] == OWN and body["citations"]["citations"][0]["year"] == 2011
-    # Streamed: the citation line comes as the last text, the citations with the finish.
-    lines = [line.removeprefix("data: ") for line in _v1(
-        url, messages=[{"role": "user", "content": question}], evidence="on", stream=True
-    ).text.splitlines() if line.startswith("data: {")]
-    chunks = [json.loads(line) for line in lines]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text.endswith(f"{OWN}/), 2011") and chunks[-1]["citations"]["used_pmid"] == OWN
-    # "auto" with the abstract given as a system message searches nothing; without evidence nothing changes.
-    own_context = [{"role": "system", "content": "Our own abstract."}, {"role": "user", "content": question}]
-    plain = _v1(url, messages=own_context, evidence="auto").json()
-    assert "citations" not in plain and CITATION_MARK not in plain["choices"][0]["message"]["content"]
-    assert "citations" not in _v1(url, messages=[{"role": "user", "content": question}]).json()
-    bad = _v1(url, messages=[{"role": "user", "content": question}], evidence="always")
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "evidence"
-
-
-def test_the_openai_api_limits_a_public_visitors_searches_and_refuses_evidence_that_is_off(served, local_search):
-    url = served(local_search, server_name="0.0.0.0", evidence_per_minute=1)
-    messages = [{"role": "user", "content": "Do statins reduce mortality after stroke?"}]
-    assert _v1(url, messages=messages, evidence="on").status_code == 200
-    refused = _v1(url, messages=messages, evidence="on")
-    assert refused.status_code == 429 and "evidence searches a minute" in refused.json()["error"]["message"]
-    off = served(None)
-    assert _v1(off, messages=messages, evidence="on").status_code == 400
-    assert _v1(off, messages=messages, evidence="auto").status_code == 200

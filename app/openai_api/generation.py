@@ -40,8 +40,8 @@ def chat_work(
     reason, n_tokens = _finish_reason(backend, answer, req.generation)
     logprobs = chat_logprobs(backend, prompt.text, answer, req.variant, req.top_logprobs) if req.logprobs else None
     done = {"text": answer, "finish_reason": reason, "completion_tokens": n_tokens, "logprobs": logprobs}
-    if found is not None:
-        done |= {"text": found.cite(answer), "citations": found.as_dict()}
+    if found is not None:  # "answer": the model's own text, which a stream sends before the citation line
+        done |= {"text": found.cite(answer), "answer": answer, "citations": found.as_dict()}
     yield "done", done
 
 

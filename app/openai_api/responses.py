@@ -44,10 +44,12 @@ async def chat_events(
     sent = ""
     try:
         async for kind, value in producer:
-            text = value if kind == "text" else value["text"]
-            if new := _new_text(text, sent):
-                yield chunk({"content": new})
-                sent = text
+            # Done: the rest of the model's own text, then (with evidence) the citation line as its own last delta.
+            texts = [value] if kind == "text" else [value.get("answer", value["text"]), value["text"]]
+            for text in texts:
+                if new := _new_text(text, sent):
+                    yield chunk({"content": new})
+                    sent = text
             if kind == "done":
                 yield chunk({}, value["finish_reason"], value["logprobs"], **_citations(value))
                 if req.include_usage:

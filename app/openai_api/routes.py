@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
@@ -63,12 +64,15 @@ class OpenAiApi:
         model, variant = self.models.resolve(body)
         req = (parse_chat(body, model, variant, self.limits) if chat
                else parse_completion(body, model, variant, self.limits, self.allow_echo))
-        if isinstance(req, ChatRequest) and req.searches:
-            self.check_search(request, req)
+        searches = isinstance(req, ChatRequest) and req.searches
+        if searches:
+            self.check_evidence_on(req)
         ticket = self.queue.admit()
         producer: Producer | None = None
         streaming = False
         try:
+            if searches:  # once admitted, so that a request the queue refuses spends none of the visitor's searches
+                self.check_search_limit(request)
             await unless_gone(request, ticket.acquire())
             producer = Producer(lambda job: self._work(req, job))
             _, prepared = await unless_gone(request, producer.__anext__())  # the prompt, or why it cannot be answered
@@ -87,17 +91,24 @@ class OpenAiApi:
             return JSONResponse(chat_body(prepared, result, meta))
         return JSONResponse(completion_body(prepared, result, meta))
 
-    def check_search(self, request: Request, req: ChatRequest) -> None:
-        """400 for evidence "on" where evidence is off; 429 past a public app's per-visitor search limit."""
-        if self.search is None:
-            if req.evidence == "on":
-                raise ApiError(400, "Evidence search is off on this app (PUBMEDQA_EVIDENCE=off).", param="evidence")
+    def check_evidence_on(self, req: ChatRequest) -> None:
+        """400 for evidence "on" where evidence is off ("auto" then quietly finds nothing)."""
+        if self.search is None and req.evidence == "on":
+            raise ApiError(400, "Evidence search is off on this app (PUBMEDQA_EVIDENCE=off).", param="evidence")
+
+    def check_search_limit(self, request: Request) -> None:
+        """429 past a public app's per-visitor search limit (the page's, :class:`app.ui.common.VisitorGuard`); an
+        allowed search counts."""
+        if self.search is None or self._searches is None:
             return
         visitor = visitor_key(request)
-        if self._searches is not None and not self._searches.allow(visitor):
+        if not self._searches.allow(visitor):
+            wait = self._searches.wait_s(visitor)
             raise ApiError(429, f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on "
-                           f"this public app; the next in {self._searches.wait_s(visitor):.0f} s.",
-                           param="evidence", code="rate_limit_exceeded")
+                           f"this public app; the next in {wait:.0f} s (or send the request with "
+                           '"evidence": "off").',
+                           param="evidence", code="rate_limit_exceeded", type_="rate_limit_error",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def authorise(self, request: Request) -> None:
         if self._key is None:
