@@ -13,6 +13,7 @@ from app import variants
 from app.evidence import FoundEvidence, find_evidence, without_citation
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, PromptInput, PromptTooLongError, Turn
 
 _CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
@@ -45,7 +46,7 @@ def parse_evidence_mode(value: Any) -> str:
     return mode
 
 
-def evidence_for(search: Any, question: str, context: str, mode: str) -> FoundEvidence | None:
+def evidence_for(search: EvidenceSearch | None, question: str, context: str, mode: str) -> FoundEvidence | None:
     """The evidence a request asked for (``mode`` from :func:`parse_evidence_mode`), or None: 'auto' searches only
     for a question without context."""
     if search is None or mode == "off" or (mode == "auto" and context):

@@ -56,10 +56,10 @@ class FoundEvidence:
         }
 
 
-def find_evidence(search: EvidenceSearch, question: str, chosen: int = 0) -> FoundEvidence:
-    """The evidence for ``question`` (already validated) from the configured source; never raises for a network or
-    data fault (the result's message says what happened)."""
-    return FoundEvidence(search.search(question), chosen)
+def find_evidence(search: EvidenceSearch, question: str) -> FoundEvidence:
+    """The evidence for ``question`` (already validated) from the configured source, its best article chosen; never
+    raises for a network or data fault (the result's message says what happened)."""
+    return FoundEvidence(search.search(question))
 
 
 def without_citation(answer: str) -> str:

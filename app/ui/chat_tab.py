@@ -28,6 +28,7 @@ from app.ui.common import (
     user_error,
 )
 from app.ui.evidence_panel import (
+    UNCHANGED,
     EvidenceHandlers,
     EvidencePanel,
     api_evidence,
@@ -41,7 +42,6 @@ from pubmedqa.evidence import EvidenceSearch
 
 # (conversation, question box, notice, evidence list, article choice, evidence state, context box) as it grows
 ChatUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any, Any]]
-UNCHANGED_EVIDENCE = (gr.skip(),) * 4
 WAITING, LOADING = "…", "⏳ Loading the model…"  # the answer's placeholder until its first token
 
 
@@ -193,7 +193,7 @@ class ChatHandlers:
         original = list(history or [])
         waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
         pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
-        yield pending, "", "", *UNCHANGED_EVIDENCE
+        yield pending, "", "", *UNCHANGED
         evidence, searched, evidence_notice = self.evidence.for_request(
             message, context_text, auto_evidence, found, request
         )
@@ -209,14 +209,14 @@ class ChatHandlers:
             for update in run_guarded(updates):
                 pending[-1] = {"role": "assistant", "content": update.answer or waiting}
                 notices = update.notices + [n for n in (evidence_notice,) if n]
-                yield pending, gr.skip(), notices_markdown(notices), *UNCHANGED_EVIDENCE
+                yield pending, gr.skip(), notices_markdown(notices), *UNCHANGED
         except gr.Error:
-            yield original, message, "", *UNCHANGED_EVIDENCE  # give the question back: nothing typed is lost
+            yield original, message, "", *UNCHANGED  # give the question back: nothing typed is lost
             raise
         self.cancels.finish(session_id(request), cancel)
         if cancel.is_set():  # stopped while the backend was finishing its last token: say so
             pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
-            yield pending, gr.skip(), gr.skip(), *UNCHANGED_EVIDENCE
+            yield pending, gr.skip(), gr.skip(), *UNCHANGED
 
     def stop_generation(self, history: list[dict[str, Any]] | None, request: gr.Request) -> Any:
         """Stop this session's answer, and mark it as stopped where it stands (the cancelled event sends nothing

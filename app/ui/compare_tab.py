@@ -29,6 +29,7 @@ from app.ui.common import (
     user_error,
 )
 from app.ui.evidence_panel import (
+    UNCHANGED,
     EvidenceHandlers,
     EvidencePanel,
     api_evidence,
@@ -44,7 +45,6 @@ from pubmedqa.evidence import EvidenceSearch
 # (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to, evidence list,
 # article choice, evidence state, context box)
 CompareUpdates = Iterator[tuple[Any, ...]]
-UNCHANGED_EVIDENCE = (gr.skip(),) * 4
 PENDING, NO_ADAPTER = "…", "—"  # a panel before its first token; the fine-tuned panel without an adapter
 
 
@@ -191,12 +191,12 @@ class CompareHandlers:
             notices = update.notices + [n for n in (evidence_notice,) if n] + [f"Mode: {update.mode}."]
             yield (base.answer or PENDING, (tuned.answer or PENDING) if tuned else NO_ADAPTER,
                    side_stats(base, update.done), side_stats(tuned, update.done), notices_markdown(notices),
-                   gr.skip(), *UNCHANGED_EVIDENCE)
+                   gr.skip(), *UNCHANGED)
         self.cancels.finish(session_id(request), cancel)
         if update is not None and update.done:
             used = evidence.context if evidence is not None and evidence.article is not None else context_text
             record = self._vote_record(question_text, used, settings, update.sides)
-            yield *(gr.skip(),) * 5, record, *UNCHANGED_EVIDENCE
+            yield *(gr.skip(),) * 5, record, *UNCHANGED
 
     def _vote_record(self, question_text: str, context_text: str, settings: dict[str, Any],
                      sides: list[SideResult]) -> dict[str, Any]:

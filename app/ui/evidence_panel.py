@@ -20,6 +20,9 @@ from app.ui.common import VisitorGuard, user_error
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
+#: A tab's update of the panel's outputs and the context box (``EvidencePanel.outputs`` + context): unchanged.
+UNCHANGED = (gr.skip(),) * 4
+
 
 @dataclass
 class EvidencePanel:
@@ -43,7 +46,9 @@ def build_evidence_panel(search: EvidenceSearch | None, prefix: str) -> Evidence
         auto = gr.Checkbox(
             value=visible, label="Find evidence when no abstract is given", scale=3, elem_id=f"{prefix}-auto-evidence"
         )
-    choice = gr.Dropdown(choices=[], value=None, label="Answer from", visible=False, elem_id=f"{prefix}-evidence-choice")
+    choice = gr.Dropdown(
+        choices=[], value=None, label="Answer from", visible=False, elem_id=f"{prefix}-evidence-choice"
+    )
     listing = gr.Markdown(_privacy_note(search), elem_id=f"{prefix}-evidence", visible=visible)
     return EvidencePanel(find, auto, choice, listing, gr.State(None))
 
