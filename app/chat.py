@@ -9,8 +9,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from app import variants
 from app.evidence import FoundEvidence, find_evidence, without_citation
+from pubmedqa import variants
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch

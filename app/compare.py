@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from app import variants
 from app.chat import parse_generation_settings, parse_question, prepare_prompt
 from app.evidence import FoundEvidence
+from pubmedqa import variants
 from pubmedqa.backends.base import ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision
@@ -26,7 +26,7 @@ from pubmedqa.prompts import PromptInput, parse_decision
 class SideResult:
     """One model's answer in a comparison, with what the UI and the /compare API report about it."""
 
-    variant: str  # the variant's choice name (app.variants), which keys this side in a /compare result
+    variant: str  # the variant's choice name (pubmedqa.variants), which keys this side in a /compare result
     answer: str = ""
     ttft_s: float | None = None  # time to first token
     seconds: float | None = None

@@ -16,8 +16,8 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from app import variants
 from app.ui.interface import build_app
+from pubmedqa import variants
 from pubmedqa.backends.base import Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings, ServerSettings

@@ -29,12 +29,12 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from pubmedqa.config import ModelSettings, parse_settings
+from pubmedqa.decisions.fitting import DEFAULT_OFFSETS, DEFAULT_POOLING, FOLDS, OFFSET_OBJECTIVES, fit_probe
 from pubmedqa.decisions.options import option_probabilities, predicted_decision
 from pubmedqa.decisions.probe import POOLINGS
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.prompts import ANSWER_OPTIONS
-from training.calibrate import OFFSET_OBJECTIVES
-from training.decision_probe import DEFAULT_OFFSETS, DEFAULT_POOLING, FOLDS, ProbeArguments, engine_features, fit_probe
+from training.decision_probe import ProbeArguments, engine_features
 
 
 @dataclass
@@ -56,8 +56,8 @@ def nested_scores(
                 features[fit_rows], [gold[i] for i in fit_rows], 1, "outer fold", True, pooling, offsets
             )
             probabilities = option_probabilities(probe.logits(torch.from_numpy(features[held_out])))
-            for row, p in zip(held_out, probabilities):
-                predicted[row] = predicted_decision(calibration.apply(p) if calibration else p)
+            for row, p in zip(held_out, calibration.apply(probabilities) if calibration else probabilities):
+                predicted[row] = predicted_decision(p)
         metrics = decision_metrics(gold, predicted)
         scores.append((100 * metrics["accuracy"], 100 * metrics["macro_f1"]))
         predicted_counts.update(predicted)

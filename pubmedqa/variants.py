@@ -1,6 +1,6 @@
 """The two model variants and every name they go by, in one table (:data:`NAMES`).
 
-Inside the project a variant is a :class:`Variant`; its value is its one id, ``base`` or ``fine-tuned``: the model
+Everywhere in the project a variant is a :class:`Variant`; its value is its one id, ``base`` or ``fine-tuned``: the model
 choice on the page and in the /chat API, the key of its answer in a /compare result and in a vote, its name in the
 Evaluation charts. Its one label is the heading the page shows over its answer. The other names are kept only
 because clients or stored files rely on them:
@@ -17,16 +17,21 @@ TUNED         ``fine-tuned``    Fine-tuned (LoRA)  pubmedqa-tuned  ``fine-tuned`
 The evaluation files' key is what :mod:`pubmedqa.evaluation.runner` writes and every shipped run under
 ``assets/eval`` holds (``models.tuned``, ``predictions_tuned.json``); it is a stored format, read as it is.
 
-Everything in app/ goes through this module rather than spelling the names out, so the Chat radio, the /chat,
-/compare and /v1 APIs, the Compare headings and the Evaluation labels cannot drift apart.
+The engines, the evaluation and the app all go through this module rather than spelling the names out, so the
+Chat radio, the /chat, /compare and /v1 APIs, the Compare headings, the evaluation files and the Evaluation labels
+cannot drift apart.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
-from pubmedqa.backends.base import Variant
+
+class Variant(str, Enum):
+    BASE = "base"
+    TUNED = "fine-tuned"
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,18 @@ from pubmedqa.backends.base import Variant
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
+from pubmedqa.decisions.fitting import fit_calibration
 from pubmedqa.prompts import PromptInput, fit_prompt
-from training.calibrate import fit_calibration
 
 
 def test_offsets_move_the_decision_and_keep_a_distribution():
     calibration = DecisionCalibration({"yes": 0.0, "no": 1.0, "maybe": 0.0})
-    shifted = calibration.apply({"yes": 0.6, "no": 0.3, "maybe": 0.1})
+    before = {"yes": 0.6, "no": 0.3, "maybe": 0.1}
+    [shifted] = calibration.apply([before])
     assert max(shifted, key=shifted.get) == "no"
     assert sum(shifted.values()) == pytest.approx(1.0)
+    # Taking the offsets off again gives back the decision they were added to.
+    assert calibration.apply([shifted], sign=-1)[0] == pytest.approx(before, abs=1e-6)
 
 
 def test_fit_unlocks_a_label_the_raw_scores_never_pick():
@@ -28,7 +31,7 @@ def test_fit_unlocks_a_label_the_raw_scores_never_pick():
     gold = ["yes"] * 6 + ["no"] * 4
     probabilities = [{"yes": 0.7, "no": 0.2, "maybe": 0.1}] * 6 + [{"yes": 0.55, "no": 0.4, "maybe": 0.05}] * 4
     calibration = fit_calibration(probabilities, gold, "test")
-    decisions = [max(p, key=p.get) for p in map(calibration.apply, probabilities)]
+    decisions = [max(p, key=p.get) for p in calibration.apply(probabilities)]
     assert decisions == gold
     assert calibration.log_offsets["maybe"] == 0.0 and calibration.log_offsets["no"] > 0
     assert calibration.details["before"]["accuracy"] == 0.6 and calibration.details["after"]["accuracy"] == 1.0
@@ -67,13 +70,15 @@ def calibrated_adapter(tiny_adapter_dir, tmp_path):
     return adapter
 
 
-def test_backend_calibrates_fine_tuned_rows_only(tiny_model_dir, calibrated_adapter):
+def test_backend_calibrates_fine_tuned_rows_only(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
     backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
     loaded = backend.load()
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)
     base, tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
-    raw_base, raw_tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], calibrated=False)
-    assert base == raw_base
+    raw_tuned = loaded.policy.without_offsets([tuned])[0]
+    plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    plain_base, plain_tuned = plain.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    assert base == pytest.approx(plain_base) and raw_tuned == pytest.approx(plain_tuned, abs=1e-5)
     assert tuned["maybe"] > 0.99 and raw_tuned["maybe"] < 0.99  # a +30 offset wins whatever the random model says
     assert "calibrated" in backend.status_message()
 
@@ -86,13 +91,13 @@ def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, t
     plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), calibrated.load().tokenizer, 512)
     variants = [Variant.BASE, Variant.TUNED]
-    texts, decisions = calibrated.generate_with_decisions([prompt, prompt], variants, settings, calibrated=False)
+    texts, decisions = calibrated.generate_with_decisions([prompt, prompt], variants, settings)
     plain_texts, _ = plain.generate_with_decisions([prompt, prompt], variants, settings)
     # The +30 offset shows in the text (random weights: what follows the first token is noise).
     assert texts[1].startswith("maybe") and not plain_texts[1].startswith("maybe")
     assert texts[0] == plain_texts[0]  # base rows get no offsets
-    # The decisions are still read before the offsets (the calibration is applied to them once, afterwards).
-    assert decisions == pytest.approx(calibrated.score_decisions([prompt, prompt], variants, calibrated=False), abs=1e-5)
+    # The generation's own decisions are the scored ones, offsets included.
+    assert decisions == pytest.approx(calibrated.score_decisions([prompt, prompt], variants), abs=1e-5)
 
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"log_offsets": {"perhaps": 1.0}}), json.dumps([1, 2])])

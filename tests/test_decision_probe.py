@@ -18,10 +18,10 @@ from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.backends.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
+from pubmedqa.decisions.fitting import ProbeFitError, fit_probe
 from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe, probe_layer
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
-from training.decision_probe import ProbeFitError
 
 QUESTIONS = [
     "Does aspirin reduce fever in children?", "Is ultrasound equal to X-ray in fracture diagnosis?",
@@ -65,7 +65,7 @@ def test_the_probe_learns_a_planted_direction_and_cross_validates_it():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(300, 16)) * 5 + 3  # not standardised: the probe must fold its scaling back
     gold = [ANSWER_OPTIONS[i] for i in np.argmax(features[:, :3], axis=1)]
-    probe, calibration = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic")
+    probe, calibration = fit_probe(features, gold, layer=1, fitted_on="synthetic")
     assert probe.details["cross_validated"]["accuracy"] > 0.85 and probe.details["cross_validated"]["pairwise_auc"] > 0.9
     assert set(probe.details["cv_auc_by_l2"]) == {"0.1", "0.3", "1", "3"}
     held_out = rng.normal(size=(200, 16)) * 5 + 3
@@ -75,10 +75,10 @@ def test_the_probe_learns_a_planted_direction_and_cross_validates_it():
 
     # Two labels only: the third is never predicted.
     two = ["yes" if g == "yes" else "no" for g in gold]
-    probe, _ = decision_probe.fit_probe(features, two, layer=1, fitted_on="synthetic")
+    probe, _ = fit_probe(features, two, layer=1, fitted_on="synthetic")
     assert set(probe.logits(torch.from_numpy(held_out)).argmax(dim=1).tolist()) <= {0, 1}
     with pytest.raises(ProbeFitError, match="two different decisions"):
-        decision_probe.fit_probe(features, ["yes"] * 300, layer=1, fitted_on="synthetic")
+        fit_probe(features, ["yes"] * 300, layer=1, fitted_on="synthetic")
 
 
 def test_a_mean_probe_reads_the_first_half_of_the_features_and_a_mean_and_last_probe_all_of_them(tmp_path):
@@ -87,8 +87,8 @@ def test_a_mean_probe_reads_the_first_half_of_the_features_and_a_mean_and_last_p
     mean, last = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
     gold = [ANSWER_OPTIONS[i] for i in np.argmax(last[:, :3], axis=1)]
     features = np.concatenate([mean, last], axis=1)
-    both, _ = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean+last")
-    mean_only, _ = decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean")
+    both, _ = fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean+last")
+    mean_only, _ = fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="mean")
     assert both.weight.shape == (3, 16) and mean_only.weight.shape == (3, 8)
     assert both.details["cross_validated"]["accuracy"] > 0.85 > 0.5 > mean_only.details["cross_validated"]["accuracy"]
     assert both.details["pooling"] == "mean+last"
@@ -101,7 +101,7 @@ def test_a_mean_probe_reads_the_first_half_of_the_features_and_a_mean_and_last_p
     with pytest.raises(ProbeError, match="this model has 2 layers of 16"):
         loaded.check(num_layers=2, hidden_size=16)  # a mean probe's width on a model twice as wide
     with pytest.raises(ProbeFitError, match="unknown pooling"):
-        decision_probe.fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="max")
+        fit_probe(features, gold, layer=1, fitted_on="synthetic", pooling="max")
 
 
 def test_a_probe_file_without_a_pooling_reads_the_mean_and_an_unknown_pooling_is_refused(tmp_path):
@@ -147,7 +147,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     loaded = backend.load()
     prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
     variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
-    before = backend.score_decisions(prompts * 2, variants, calibrated=False)
+    before = backend.score_decisions(prompts * 2, variants)
     features = decision_probe.collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
     rng = np.random.default_rng(1)
     probe = DecisionProbe(
@@ -157,7 +157,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
 
     reloaded = _backend(tiny_model_dir, adapter_copy)
     assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in reloaded.status_message()
-    after = reloaded.score_decisions(prompts * 2, variants, calibrated=False, batch_size=4)
+    after = reloaded.score_decisions(prompts * 2, variants, batch_size=4)
     expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
     tuned = np.array([[p[o] for o in ANSWER_OPTIONS] for p in after[len(prompts):]])
     np.testing.assert_allclose(tuned, expected, atol=1e-4)
@@ -166,7 +166,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
 
     # One generation pass gives the same decisions, and the answers start with them.
     settings = GenerationSettings(max_new_tokens=3)
-    texts, decisions = reloaded.generate_with_decisions(prompts * 2, variants, settings, calibrated=False)
+    texts, decisions = reloaded.generate_with_decisions(prompts * 2, variants, settings)
     for got, want in zip(decisions, after):
         assert [got[o] for o in ANSWER_OPTIONS] == pytest.approx([want[o] for o in ANSWER_OPTIONS], abs=1e-4)
     bias = torch.tensor([0.0, 0.0, 40.0])  # "maybe" wins whatever the features say

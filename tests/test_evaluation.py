@@ -45,7 +45,7 @@ def test_pairwise_auc_measures_separation_whatever_the_offsets():
     assert pairwise_auc(probabilities, gold) == pytest.approx((0.75 + 1 + 1) / 3)
     # Every prediction is "yes", yet the AUC is the same: a calibration offset cannot change it.
     assert {max(p, key=p.get) for p in probabilities[:4]} == {"yes"}
-    shifted = [DecisionCalibration({"yes": 0.0, "no": 2.0, "maybe": -1.0}).apply(p) for p in probabilities]
+    shifted = DecisionCalibration({"yes": 0.0, "no": 2.0, "maybe": -1.0}).apply(probabilities)
     assert pairwise_auc(shifted, gold) == pytest.approx(pairwise_auc(probabilities, gold))
     assert math.isnan(pairwise_auc(probabilities[:2], gold[:2]))  # one label only: nothing to separate
 
@@ -192,13 +192,15 @@ def test_dashboard_builds_its_figures_and_table_from_a_results_file(tiny_run):
 
 
 def test_shipped_runs_load_and_their_keys_are_the_variants_stored_names():
-    from app import variants
+    from pubmedqa import variants
     from pubmedqa.backends.base import Variant
-    from pubmedqa.evaluation.runner import VARIANT_KEYS
     from tests.conftest import REPO_ROOT
 
-    # The one table of names (app/variants.py) holds the key the runner writes, which every shipped run uses.
-    assert VARIANT_KEYS == {variant: names.results_key for variant, names in variants.NAMES.items()}
+    # The one table of names (pubmedqa/variants.py) holds the key the runner writes, a stored format every shipped
+    # run uses: renaming a variant must not change it.
+    assert {variant: names.results_key for variant, names in variants.NAMES.items()} == {
+        Variant.BASE: "base", Variant.TUNED: "tuned"
+    }
     shipped = sorted(path for path in (REPO_ROOT / "assets" / "eval").iterdir() if path.is_dir())
     assert shipped
     for folder in shipped:

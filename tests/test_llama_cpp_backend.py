@@ -12,7 +12,7 @@ from pubmedqa.backends.base import GenerationSettings, LoadState, Variant
 from pubmedqa.backends.factory import create_backend, resolve_engine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import PromptInput, parse_decision
+from pubmedqa.prompts import PromptInput, cut_at_stop, parse_decision
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend  # noqa: E402
@@ -91,8 +91,8 @@ def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision
     for answer, decision in zip(answers[1:], decided[1:]):
         assert parse_decision(answer) == max(decision, key=decision.get)
     # Without the calibration's offsets the fine-tuned rows differ; the base row never has any.
-    raw = backend.score_decisions(prompts, variants, calibrated=False)
-    assert raw[0] == pytest.approx(scored[0]) and raw[1] != pytest.approx(scored[1])
+    raw = backend.load().policy.without_offsets(scored[1:])
+    assert raw[0] != pytest.approx(scored[1])
 
 
 def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(backend):
@@ -110,9 +110,34 @@ def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_an
             # The same greedy loop: a row decoded alone through the batched path gives the one-row answer exactly;
             # with other rows, llama.cpp's multi-row kernels round differently, so answers may part after a near-tie,
             # but the decision (the first step, read off each prompt's own decode) is the same.
-            assert backend._answer_together([prompt], variant, settings, True)[0] == [alone]
+            assert backend._answer_together([prompt], variant, settings)[0] == [alone]
             assert decision == pytest.approx(alone_decision, abs=1e-4)
             assert answer.split()[0] == alone.split()[0]
+
+
+def test_one_decode_loop_serves_one_sequence_in_turn_and_refuses_to_sample_several(backend):
+    from pubmedqa.backends.llama_cpp_batch import DecodeLoop
+
+    # The streamed path's loop of one sequence takes the waiting rows one after the other (a finished row's sequence
+    # takes the next prompt): each answer is the one the row gets alone, and every step yields the rows that grew.
+    prompts = [_prompt(backend, q) for q in QUESTIONS[:2]]
+    alone = [backend.generate(p, Variant.BASE, GREEDY) for p in prompts]
+    loaded = backend.load()
+
+    def start(row: int, sequence: int):
+        length, logits, _ = backend._start_row(loaded, backend._rows, None, prompts[row], False, sequence)
+        return length, logits
+
+    stops = backend.stop_sequences()
+    loop = DecodeLoop(backend._rows, start, range(2), GREEDY, loaded.tokenizer.decode, stops)
+    with backend._model_lock:
+        backend._select(Variant.BASE)
+        steps = list(loop)
+    assert [cut_at_stop(loop.answers[row].text, stops)[0].strip() for row in range(2)] == alone
+    assert all(len(grown) <= 1 for grown in steps)
+    assert sum(map(len, steps)) == sum(len(answer.tokens) for answer in loop.answers.values())
+    with pytest.raises(ValueError, match="one row at a time"):
+        DecodeLoop(backend._rows, start, range(2), GREEDY, str, (), sampler=object(), sequences=2)
 
 
 def test_an_answer_goes_on_past_its_decision_word(backend, pubmedqa_dir):

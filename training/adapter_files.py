@@ -12,12 +12,12 @@ from pubmedqa.adapter_metadata import AdapterMetadata
 from pubmedqa.config import BaseModelSettings, ModelSettings
 from pubmedqa.data import PubMedQARecord
 from pubmedqa.decisions.calibration import DecisionCalibration
+from pubmedqa.decisions.fitting import ProbeFitError, fit_calibration
 from pubmedqa.decisions.probe import DecisionProbe
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import BaseModel
 from training.arguments import TrainArguments
-from training.calibrate import fit_calibration
-from training.decision_probe import ProbeFitError, fit_for_model, labelled_prompts
+from training.decision_probe import fit_for_model, labelled_prompts
 from training.lora import first_lora_layer
 from training.trainer import dev_probabilities, dev_summary
 

@@ -29,9 +29,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from pubmedqa.adapter import CALIBRATION_FILE
@@ -42,31 +39,15 @@ from pubmedqa.backends.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
 from pubmedqa.decisions.calibration import DecisionCalibration
-from pubmedqa.decisions.options import option_probabilities, single_token_options
+from pubmedqa.decisions.fitting import DEFAULT_OFFSETS, DEFAULT_POOLING, OFFSET_OBJECTIVES, ProbeFitError, fit_probe
+from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy_files import engine_file
-from pubmedqa.decisions.probe import POOLINGS, DecisionProbe, pooled_part
-from pubmedqa.evaluation.metrics import probability_metrics
+from pubmedqa.decisions.probe import POOLINGS, DecisionProbe
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import ANSWER_OPTIONS, encode_prompt, fit_prompt
-from training.calibrate import OFFSET_OBJECTIVES, fit_calibration, load_adapter_to_fit, local_adapter_dir
+from pubmedqa.prompts import encode_prompt, fit_prompt
+from training.calibrate import load_adapter_to_fit, local_adapter_dir
 
 logger = logging.getLogger("training.decision_probe")
-
-L2_GRID = (0.1, 0.3, 1.0, 3.0)  # per mean cross-entropy, on standardised features
-FOLDS = 5
-#: Chosen by nested cross-validation on the 500 non-test questions (``python -m benchmarks.probe_recipe``: llama.cpp
-#: features of the shipped adapter's layer 10, 10 repeats of 5 outer folds, L2 and offsets chosen inside each), on
-#: the checkpoint-selection objective (accuracy + macro-F1) / 2: "mean+last" with "shares" offsets reached accuracy
-#: 53.8 % and macro-F1 42.7 (48.3), with "score" offsets 55.5 % and 39.4 (47.5); "mean" with them 51.5 / 40.9 and
-#: 54.4 / 37.9. The "shares" offsets also predicted each decision about as often as it is the gold one (285 / 163 /
-#: 52 against 276 / 169 / 55, summed over held-out folds), where the "score" ones drift between fits.
-DEFAULT_POOLING = "mean+last"
-DEFAULT_OFFSETS = "shares"
-
-
-class ProbeFitError(ValueError):
-    """The probe cannot be fitted for this adapter or data."""
-
 
 def collect_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, batch_size: int = 8) -> np.ndarray:
     """Each prompt's probe features at ``layer`` (prompts x 2 hidden size, ``[mean | last]``), read as the app reads
@@ -79,88 +60,6 @@ def collect_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: 
         if was_training:
             model.train()
     return features.numpy().astype(np.float64)
-
-
-def _fit(features: np.ndarray, gold: np.ndarray, l2: float) -> tuple[np.ndarray, np.ndarray]:
-    """Raw-space weights (options x features) and intercepts of an L2-penalised multinomial regression on
-    standardised features; ``l2`` multiplies the squared weights next to the mean cross-entropy."""
-    mean, std = features.mean(axis=0), features.std(axis=0) + 1e-6
-    # scikit-learn's objective is C * (summed cross-entropy) + ||w||^2 / 2.
-    model = LogisticRegression(C=1.0 / (2.0 * l2 * len(gold)), max_iter=5000)
-    model.fit((features - mean) / std, gold)
-    coef, intercept = model.coef_, model.intercept_
-    if len(model.classes_) == 2:  # scikit-learn's binary form: one row, for the second class
-        coef, intercept = np.vstack([np.zeros_like(coef[0]), coef[0]]), np.array([0.0, intercept[0]])
-    weight = np.zeros((len(ANSWER_OPTIONS), features.shape[1]))
-    bias = np.full(len(ANSWER_OPTIONS), -30.0)  # an option missing from the training labels is never predicted
-    for row, k in enumerate(model.classes_):
-        weight[k] = coef[row] / std
-        bias[k] = intercept[row] - weight[k] @ mean
-    return weight, bias
-
-
-def _logits(features: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(features @ weight.T + bias)
-
-
-@dataclass
-class CrossValidation:
-    l2: float
-    auc_by_l2: dict[str, float]
-    probabilities: list[dict[str, float]]  # out of fold, with the chosen L2
-
-
-def cross_validate(features: np.ndarray, gold: Sequence[str], grid: Sequence[float] = L2_GRID, seed: int = 0) -> CrossValidation:
-    """Out-of-fold probabilities (stratified folds) for each L2 strength; keeps the one with the best pairwise AUC
-    (ties: the stronger penalty)."""
-    labels = np.array([ANSWER_OPTIONS.index(g) for g in gold])
-    counts = np.bincount(labels, minlength=len(ANSWER_OPTIONS))
-    if (counts > 0).sum() < 2:
-        raise ProbeFitError("the questions need at least two different decisions to fit a probe")
-    folds = min(FOLDS, int(counts[counts > 0].min()))
-    if folds < 2:
-        raise ProbeFitError("every decision present needs at least two questions to cross-validate a probe")
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels))
-    results = {}
-    for l2 in grid:
-        logits = torch.zeros(len(labels), len(ANSWER_OPTIONS), dtype=torch.float64)
-        for fit_rows, held_out in splits:
-            logits[held_out] = _logits(features[held_out], *_fit(features[fit_rows], labels[fit_rows], l2))
-        probabilities = option_probabilities(logits)
-        results[l2] = (probability_metrics(probabilities, list(gold))["pairwise_auc"], probabilities)
-    best = max(grid, key=lambda l2: (results[l2][0], l2))
-    return CrossValidation(best, {f"{l2:g}": round(results[l2][0], 4) for l2 in grid}, results[best][1])
-
-
-def fit_probe(
-    features: np.ndarray, gold: Sequence[str], layer: int, fitted_on: str, calibrate: bool = True,
-    pooling: str = DEFAULT_POOLING, offsets: str = DEFAULT_OFFSETS,
-) -> tuple[DecisionProbe, DecisionCalibration | None]:
-    """Choose the L2 and the decision offsets (by ``offsets``, one of ``OFFSET_OBJECTIVES``) by cross-validation,
-    then fit the probe on every question. ``features`` are an engine's (``[mean | last]``); a ``pooling`` probe is
-    fitted on its part of them."""
-    if pooling not in POOLINGS:
-        raise ProbeFitError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-    features = pooled_part(features, pooling)
-    cv = cross_validate(features, gold)
-    calibration = fit_calibration(cv.probabilities, gold, f"{fitted_on}, out of fold", offsets) if calibrate else None
-    scored = [calibration.apply(p) for p in cv.probabilities] if calibration else cv.probabilities
-    cross_validated = {k: v for k, v in probability_metrics(scored, list(gold)).items() if k != "confusion_matrix"}
-    weight, bias = _fit(features, np.array([ANSWER_OPTIONS.index(g) for g in gold]), cv.l2)
-    details = {
-        "fitted_on": fitted_on, "questions": len(gold), "folds": FOLDS, "pooling": pooling, "l2": cv.l2,
-        "cv_auc_by_l2": cv.auc_by_l2,
-        "cross_validated": cross_validated,
-    }
-    logger.info(
-        "Decision probe on layer %d (%s): L2 %g (out-of-fold AUC by L2: %s); out of fold with the offsets: accuracy "
-        "%.3f, macro-F1 %.3f, predicted %s", layer, pooling, cv.l2, cv.auc_by_l2, cross_validated["accuracy"],
-        cross_validated["macro_f1"], cross_validated["predicted_counts"],
-    )
-    probe = DecisionProbe(
-        layer, torch.from_numpy(weight).float(), torch.from_numpy(bias - bias[0]).float(), details, pooling
-    )
-    return probe, calibration
 
 
 def labelled_prompts(records: Sequence[PubMedQARecord], tokenizer: Any, budget: int) -> tuple[list[str], list[str]]:

@@ -1,4 +1,4 @@
-"""The models the API serves: their names and aliases (from :data:`app.variants.NAMES`), whether the backend can
+"""The models the API serves: their names and aliases (from :data:`pubmedqa.variants.NAMES`), whether the backend can
 serve one now, and the model cards of ``GET /v1/models``."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app import variants
 from app.chat import UserInputError, parse_variant
 from app.openai_api.errors import ApiError
+from pubmedqa import variants
 from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
 
-# The names come from the one table of variant names (app.variants.NAMES).
+# The names come from the one table of variant names (pubmedqa.variants.NAMES).
 BASE_MODEL_NAME = variants.NAMES[Variant.BASE].model_name
 ADAPTER_MODEL_NAME = variants.NAMES[Variant.TUNED].model_name
 MODEL_ALIASES: dict[str, Variant] = variants.MODEL_ALIASES

@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from app import variants
 from app.chat import message_text, stream_answer
 from app.evidence import FoundEvidence
 from app.ui.common import (
@@ -36,6 +35,7 @@ from app.ui.evidence_panel import (
     shown,
     wire_evidence_panel,
 )
+from pubmedqa import variants
 from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch

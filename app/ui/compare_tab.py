@@ -11,7 +11,6 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app import variants
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.evidence import FoundEvidence
 from app.rate_limits import PerMinuteLimiter, visitor_key
@@ -38,6 +37,7 @@ from app.ui.evidence_panel import (
     wire_evidence_panel,
 )
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
+from pubmedqa import variants
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch

@@ -20,11 +20,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from gradio.components.plot import PlotData
 
-from app import variants
 from app.access import OwnerAccess
 from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
 from app.ui.common import user_error
-from pubmedqa.backends.base import ModelBackend, Variant
+from pubmedqa import variants
+from pubmedqa.backends.base import ModelBackend
 from pubmedqa.backends.status import shown_source
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 EVALUATION_EVENTS = "evaluation"  # its own concurrency group: Chat and Compare keep answering while one runs
 JUDGE_HOWTO = "`python -m training.evaluate --judge_base_url URL --judge_model NAME`"
 COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
-LABELS = {"base": variants.choice(Variant.BASE), "tuned": variants.choice(Variant.TUNED)}  # results keys -> UI
+LABELS = {key: variants.choice(variant) for key, variant in variants.RESULTS_KEYS.items()}  # results keys -> UI
 FILTERS = {
     "all questions": lambda b, t, g: True,
     "fine-tuned right, base wrong": lambda b, t, g: t == g and b != g,

@@ -33,13 +33,9 @@ from pubmedqa.prompts import (
     stable_prefix,
     uses_chat_template,
 )
+from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
-
-
-class Variant(str, Enum):
-    BASE = "base"
-    TUNED = "fine-tuned"
 
 
 #: Chosen on the dev questions (see docs/results.md, "Readable answers"); 1 = off.
@@ -277,10 +273,9 @@ class ModelBackend(ABC):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         batch_size: int = 8,
-        calibrated: bool = True,
     ) -> list[dict[str, float]]:
         """yes/no/maybe probabilities of each prompt, each row with its own variant, as the adapter's decision policy
-        decides them (``calibrated=False``: without its calibration's offsets)."""
+        decides them (:meth:`DecisionPolicy.without_offsets` gives the fine-tuned rows' without its offsets)."""
 
     @abstractmethod
     def stream_batch(
@@ -363,10 +358,7 @@ class ModelBackend(ABC):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         settings: GenerationSettings,
-        calibrated: bool = True,
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Answers and yes/no/maybe probabilities of several prompts (what the evaluation needs of each question).
         Here, two passes; a backend that can read the decision off the generation's own first step overrides it."""
-        return self.generate_batch(prompts, variants, settings), self.score_decisions(
-            prompts, variants, len(prompts), calibrated
-        )
+        return self.generate_batch(prompts, variants, settings), self.score_decisions(prompts, variants, len(prompts))

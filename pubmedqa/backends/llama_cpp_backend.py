@@ -5,9 +5,12 @@ One model is loaded once and one context serves one request at a time. The LoRA 
 GGUF LoRA derived from the PEFT adapter folder, ``gguf_lora.py``) and switched per row: on for fine-tuned, off for
 base, with the KV cache cleared in between, since a prompt cached under the other variant would be wrong. A Compare
 pair is the exception: its fine-tuned answer decodes on a second context over the same weights, whose LoRA stays on,
-so both answers stream side by side (one token of each in turn). The
-fine-tuned rows' yes/no/maybe is decided by the adapter's decision policy, from the last position's logits and the
-probe's features read during the prompt's own decode (``llama_cpp_features.py``).
+so both answers stream side by side (one token of each in turn). Every answer is decoded by the one loop of
+``llama_cpp_batch.py`` (:class:`~pubmedqa.backends.llama_cpp_batch.DecodeLoop`): an evaluation batch of one variant
+as up to ``PARALLEL_ROWS`` rows decoded together, a streamed answer as a loop of one row, a Compare pair as a loop on
+each context stepped in turn; decision scoring is the loop's prompt phase alone. The fine-tuned rows' yes/no/maybe
+is decided by the adapter's decision policy, from the last position's logits and the probe's features read during
+the prompt's own decode (``llama_cpp_features.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import os
 import queue
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -27,7 +29,7 @@ import torch
 
 from pubmedqa.adapter import Adapter
 from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, BatchDecoder, StreamedAnswer
+from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
@@ -200,7 +202,6 @@ class LlamaCppBackend(ModelBackend):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         batch_size: int = 8,
-        calibrated: bool = True,
     ) -> list[dict[str, float]]:
         loaded = self.load()
         self._require_adapter(variants)
@@ -209,67 +210,59 @@ class LlamaCppBackend(ModelBackend):
             raise NotImplementedError("the llama.cpp backend scores one-token answer options only")
         columns = [ids[0] for ids in options]
         tuned = [v is Variant.TUNED for v in variants]
-        needs_features = loaded.policy.feature_layer is not None
         scores, features = [], []
         with self._model_lock:
             for prompt, variant, is_tuned in zip(prompts, variants, tuned):
                 self._select(variant)
+                # The decode loop's prompt phase, and nothing after it: the option scores are the first step's logits.
                 ids = encode_prompt(prompt.text, loaded.tokenizer)
-                read_features = needs_features and is_tuned
-                with self._reader.armed() if read_features else nullcontext():
-                    logits = self._rows.prompt(0, ids)
+                logits, row_features = self._rows.read_prompt(0, ids, _probe_reader(loaded, self._reader, is_tuned))
                 scores.append(torch.from_numpy(logits[columns]))
-                features.append(self._reader.features(expected_tokens=len(ids)) if read_features else None)
+                features.append(row_features)
         stacked = _stack_features(features)
-        return loaded.policy.decide(torch.stack(scores), tuned, stacked, calibrated)
+        return loaded.policy.decide(torch.stack(scores), tuned, stacked)
 
     def generate_with_decisions(
         self,
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         settings: GenerationSettings,
-        calibrated: bool = True,
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Answers and decisions in one pass over each prompt: the decision is read off the first step's logits.
         Rows of one variant (the evaluation's batches) are decoded together (``llama_cpp_batch.py``)."""
         if settings.temperature > 0 or single_token_options(self.load().tokenizer) is None:
-            return super().generate_with_decisions(prompts, variants, settings, calibrated)
+            return super().generate_with_decisions(prompts, variants, settings)
         if len(prompts) > 1 and len(set(variants)) == 1:
-            return self._answer_together(prompts, variants[0], settings, calibrated)
+            return self._answer_together(prompts, variants[0], settings)
         decisions: list[dict[str, float]] = []
         texts: list[str] = []
-        for texts in self._stream(prompts, variants, settings, None, decisions, calibrated):
+        for texts in self._stream(prompts, variants, settings, None, decisions):
             pass
         return texts, decisions
 
     def _answer_together(
-        self, prompts: Sequence[FittedPrompt], variant: Variant, settings: GenerationSettings, calibrated: bool
+        self, prompts: Sequence[FittedPrompt], variant: Variant, settings: GenerationSettings
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Greedy answers and decisions of rows of one variant, up to :data:`PARALLEL_ROWS` decoded together."""
         loaded = self.load()
         self._require_adapter([variant])
-        tokenizer, tuned = loaded.tokenizer, variant is Variant.TUNED
-        read_features = tuned and loaded.policy.feature_layer is not None
+        tuned = variant is Variant.TUNED
         stops = self.stop_sequences()
         decisions: list[dict[str, float]] = [{} for _ in prompts]
 
         def start(row: int, sequence: int) -> tuple[int, np.ndarray]:
-            ids = encode_prompt(prompts[row].text, tokenizer)
-            with self._reader.armed() if read_features else nullcontext():
-                logits = self._rows.prompt(sequence, ids)
-            features = self._reader.features(expected_tokens=len(ids)) if read_features else None
-            decision = self._first_step(loaded, tuned, features)  # not None: the caller checked the options
-            first = decision(None, torch.from_numpy(logits[None]))[0].numpy()
-            decisions[row] = decision.decisions(calibrated)[0]
-            return len(ids), first
+            length, logits, decision = self._start_row(loaded, self._rows, self._reader, prompts[row], tuned, sequence)
+            decisions[row] = decision.decisions()[0]  # not None: the caller checked the options
+            return length, logits
 
+        loop = DecodeLoop(
+            self._rows, start, range(len(prompts)), settings, loaded.tokenizer.decode, stops, sequences=PARALLEL_ROWS
+        )
         with self._model_lock:
             self._select(variant)
-            answers = self._rows.answers(
-                len(prompts), start, settings.max_new_tokens, settings.repetition_penalty, tokenizer.decode, stops,
-                settings.min_new_tokens,
-            )
-        return [cut_at_stop(t, stops)[0].strip() for t in answers], decisions
+            for _ in loop:
+                pass
+        return [cut_at_stop(loop.answers[row].text, stops)[0].strip() for row in range(len(prompts))], decisions
 
     def token_logprobs(
         self, text: str, variant: Variant, top: int = 0, tail: int = 16
@@ -317,7 +310,6 @@ class LlamaCppBackend(ModelBackend):
         settings: GenerationSettings,
         cancel: threading.Event | None,
         decisions: list[dict[str, float]] | None = None,
-        calibrated: bool = True,
     ) -> Iterator[list[str]]:
         self._require_adapter(variants)
         variants = list(variants) * (len(prompts) if len(variants) == 1 else 1)
@@ -341,7 +333,7 @@ class LlamaCppBackend(ModelBackend):
                         jobs = [(row, prompts[row], variants[row]) for row in group]
                         for decision in self._answer(jobs, settings, cancel, stops, texts, updates):
                             if decisions is not None and decision is not None:
-                                decisions.append(decision.decisions(calibrated)[0])
+                                decisions.append(decision.decisions()[0])
                 finally:
                     self._model_lock.release()
             except BaseException as exc:  # re-raised in the consumer's thread
@@ -362,49 +354,58 @@ class LlamaCppBackend(ModelBackend):
         texts: list[str],
         updates: queue.Queue,
     ) -> list[FirstStepDecision | None]:
-        """The answers of ``jobs`` (row, prompt, variant; at most one per variant) into ``texts[row]``, one token of
-        each in turn, queueing every row's text after each token; the first step's decision processor of each.
+        """The answers of ``jobs`` (row, prompt, variant; at most one per variant) into ``texts[row]``, each a decode
+        loop of one row, stepped in turn, queueing every row's text after each token; the first step's decision
+        processor of each.
 
         The base variant decodes on the main context with the LoRA off, the fine-tuned one on the main context with
         the LoRA on when it answers alone, or on the second context (LoRA always on) beside a base answer. Each
         answer's first token is queued before the next prompt is read, so a Compare shows both within about one
         prompt's decode of each other."""
         loaded = self.load()
-        tokenizer = loaded.tokenizer
-        answers: list[tuple[int, StreamedAnswer]] = []
         first_steps: list[FirstStepDecision | None] = []
+
+        def starter(decoder: BatchDecoder, reader: Any, prompt: FittedPrompt, tuned: bool) -> RowStart:
+            def start(_row: int, sequence: int) -> tuple[int, np.ndarray]:
+                length, logits, decision = self._start_row(loaded, decoder, reader, prompt, tuned, sequence)
+                first_steps.append(decision)
+                return length, logits
+
+            return start
+
+        loops: list[Iterator[list[Answer]]] = []
         for row, prompt, variant in jobs:
             tuned = variant is Variant.TUNED
             if tuned and len(jobs) > 1:
-                rows, reader = self._second_context()
+                decoder, reader = self._second_context()
             else:
                 self._select(variant)
-                rows, reader = self._rows, self._reader
-            answer = StreamedAnswer(rows, _sampler(settings), settings, tokenizer.decode, stops)
-            ids = encode_prompt(prompt.text, tokenizer)
-            read_features = tuned and reader is not None
-            with reader.armed() if read_features else nullcontext():
-                answer.read_prompt(ids)
-            decision = self._first_step(
-                loaded, tuned, reader.features(expected_tokens=len(ids)) if read_features else None
-            )
-            if decision is not None:
-                answer.logits[:] = decision(None, torch.from_numpy(answer.logits.copy()).unsqueeze(0))[0].numpy()
-            first_steps.append(decision)
-            answers.append((row, answer))
-            self._advance(row, answer, texts, updates, cancel)
-        while not cancel.is_set() and any(not answer.ended for _, answer in answers):
-            for row, answer in answers:
-                self._advance(row, answer, texts, updates, cancel)
+                decoder, reader = self._rows, self._reader
+            start = starter(decoder, reader, prompt, tuned)
+            loop = iter(DecodeLoop(decoder, start, [row], settings, loaded.tokenizer.decode, stops, _sampler(settings)))
+            # Its prompt and first token now, before the next prompt is read.
+            if self._advance(loop, texts, updates, cancel):
+                loops.append(loop)
+        while loops and not cancel.is_set():
+            loops = [loop for loop in loops if self._advance(loop, texts, updates, cancel)]
         return first_steps
 
     @staticmethod
     def _advance(
-        row: int, answer: StreamedAnswer, texts: list[str], updates: queue.Queue, cancel: threading.Event
-    ) -> None:
-        if not answer.ended and not cancel.is_set() and answer.step():
-            texts[row] = answer.text
+        loop: Iterator[list[Answer]], texts: list[str], updates: queue.Queue, cancel: threading.Event
+    ) -> bool:
+        """One step of ``loop`` unless cancelled, queueing every row's text if its answer grew; whether the loop may
+        step again."""
+        if cancel.is_set():
+            return False
+        grown = next(loop, None)
+        if grown is None:
+            return False
+        for answer in grown:
+            texts[answer.row] = answer.text
+        if grown:
             updates.put(list(texts))
+        return True
 
     def _second_context(self) -> tuple[BatchDecoder, Any]:
         """The context the fine-tuned side of a Compare pair decodes on, created at the first pair: one more sequence's
@@ -425,6 +426,20 @@ class LlamaCppBackend(ModelBackend):
             logger.info("Second llama.cpp context ready for side-by-side Compare (LoRA on)")
         return self._pair
 
+    def _start_row(
+        self, loaded: LoadedModel, decoder: BatchDecoder, reader: Any, prompt: FittedPrompt, tuned: bool, sequence: int
+    ) -> tuple[int, np.ndarray, FirstStepDecision | None]:
+        """A decode loop's row start: the prompt phase (:meth:`BatchDecoder.read_prompt`, as decision scoring reads
+        it, with ``reader``, the context's probe reader, for a fine-tuned row), then the first step's decision
+        processor on the first step's logits. The prompt's length, those logits and the processor (None without
+        one-token options)."""
+        ids = encode_prompt(prompt.text, loaded.tokenizer)
+        logits, features = decoder.read_prompt(sequence, ids, _probe_reader(loaded, reader, tuned))
+        decision = self._first_step(loaded, tuned, features)
+        if decision is not None:
+            logits = decision(None, torch.from_numpy(logits[None]))[0].numpy()
+        return len(ids), logits, decision
+
     @staticmethod
     def _first_step(loaded: LoadedModel, tuned: bool, features: torch.Tensor | None) -> FirstStepDecision | None:
         options = single_token_options(loaded.tokenizer)
@@ -434,9 +449,17 @@ class LlamaCppBackend(ModelBackend):
 
 
 def _sampler(settings: GenerationSettings) -> Any:
+    """llama.cpp's sampler chain for a sampled answer (top-p, temperature, seeded); None for a greedy one, which the
+    decode loop chooses itself (the highest logit, as llama.cpp's greedy sampler would)."""
     from pubmedqa.backends.llama_cpp_native import new_sampler
 
-    return new_sampler(settings.temperature, settings.top_p, settings.seed)
+    return new_sampler(settings.temperature, settings.top_p, settings.seed) if settings.temperature > 0 else None
+
+
+def _probe_reader(loaded: LoadedModel, reader: Any, tuned: bool) -> Any:
+    """The probe reader a prompt's decode arms: ``reader`` (its context's) for a fine-tuned row where the policy
+    reads the probe's features, else None (nothing to read, so nothing is collected)."""
+    return reader if tuned and loaded.policy.feature_layer is not None else None
 
 
 def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -1,26 +1,37 @@
-"""Several greedy answers decoded together on one llama.cpp context: the evaluation's path on the llama.cpp engine.
+"""The llama.cpp engine's one decode loop: every answer (a Chat answer, a side of a Compare pair, the rows of an
+evaluation batch) is a row of a :class:`DecodeLoop` on a :class:`BatchDecoder`'s context.
 
 One answer at a time, each decoding step reads all the weights (262k-row output matrix included) for one token, so
-a CPU decodes at its memory bandwidth (about 65 tokens/s for Gemma 3 270M on 2 cores). Here the rows of a batch keep
+a CPU decodes at its memory bandwidth (about 65 tokens/s for Gemma 3 270M on 2 cores). So the rows of a loop keep
 their own sequence in the KV cache (the context has one cell stream per sequence, ``n_seq_max``) and every step
-decodes one token of each unfinished row in a single ``llama_decode``, so the weights are read once per step for all
-of them; a sequence whose answer ends takes the next row's prompt at once, so the steps stay full. The prompts are
-still decoded one by one, each from an emptied stream, which keeps the decision probe's features per prompt
-(``llama_cpp_features.py``) and costs nothing: a long prompt is compute-bound already.
+decodes the last token of each unfinished row in a single ``llama_decode``: the weights are read once per step for
+all of them; a sequence whose answer ends takes the next waiting row's prompt at once, so the steps stay full. An
+evaluation batch is a loop of up to :data:`PARALLEL_ROWS` rows; a streamed answer is a loop of one row, and a
+Compare pair one loop on each of two contexts, stepped in turn (a loop yields after every step). The prompts are
+decoded one by one, each into an emptied sequence (:meth:`BatchDecoder.read_prompt`, also all that decision
+scoring decodes), which keeps the decision probe's features per prompt (``llama_cpp_features.py``) and costs
+nothing: a long prompt is compute-bound already.
 
-Greedy decoding, the first step's decision processor and the answer-only repetition penalty behave exactly as in
-the one-row path (``LlamaCppBackend._generate_row``).
+Every step of every row follows the same rules: the first step's logits come with the decision processor applied
+(by the loop's row start), every step then gets :func:`constrain_step` (the answer-only repetition penalty, the
+minimum length) and takes the highest logit (greedy) or llama.cpp's sampler's choice (top-p and temperature); an
+answer ends at an end of generation token, a stop sequence or the token limit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pubmedqa.backends.base import GenerationSettings
 from pubmedqa.prompts import cut_at_stop
+
+if TYPE_CHECKING:
+    import torch
+
+    from pubmedqa.backends.llama_cpp_features import HiddenStateReader
 
 #: Rows decoded together: beyond this, a step is compute-bound and grows with the rows (measured on 2 cores).
 PARALLEL_ROWS = 8
@@ -54,9 +65,10 @@ def end_of_generation_tokens(llm: Any) -> np.ndarray:
 
 
 class BatchDecoder:
-    """Decodes prompts into their own sequences and then their answers step by step, all rows in one call per step.
+    """One llama.cpp context's decoding: prompts into their own (emptied) sequences, then one token of each of
+    several sequences per ``llama_decode``; what a :class:`DecodeLoop` and decision scoring decode through.
 
-    ``llm`` is a ``llama_cpp.Llama`` whose context was created with ``n_seq_max >= rows`` (``open_llama``);
+    ``llm`` is a ``llama_cpp.Llama`` whose context was created with ``n_seq_max`` sequences (``open_llama``);
     ``context``, another context on the same model, is decoded instead of ``llm``'s own (``llama_cpp_native``)."""
 
     def __init__(self, llm: Any, n_batch: int, context: Any = None):
@@ -78,8 +90,9 @@ class BatchDecoder:
 
         return self._context or main_context(self._llm)
 
-    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, position, sequence, wants logits) entries."""
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants logits) entries; the logits wanted are then the
+        outputs 0, 1, ... of :meth:`logits`, in the entries' order."""
         import llama_cpp
 
         batch = self._owner.batch
@@ -107,10 +120,24 @@ class BatchDecoder:
         for start in range(0, len(ids), self._n_batch):
             piece = ids[start : start + self._n_batch]
             wanted = [start + i >= first_output for i in range(len(piece))]
-            self._decode([(t, start + i, sequence, wanted[i]) for i, t in enumerate(piece)])
+            self.decode([(t, start + i, sequence, wanted[i]) for i, t in enumerate(piece)])
             # Read before the next piece's decode overwrites them; llama.cpp indexes them by batch position.
             rows += [self.logits(i).copy() for i in range(len(piece)) if wanted[i]]
         return rows[0] if outputs == 1 else np.stack(rows)
+
+    def read_prompt(
+        self, sequence: int, ids: Sequence[int], reader: HiddenStateReader | None = None
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """The prompt phase of every answer, and all that decision scoring decodes: ``ids`` decoded into
+        ``sequence``, emptied first, with ``reader`` (this context's probe reader, for a fine-tuned row) armed
+        around exactly that decode. A copy of the last position's logits (the first step's) and the probe's
+        features over the whole prompt (None without a reader)."""
+        self.clear(sequence)
+        if reader is None:
+            return self.prompt(sequence, ids), None
+        with reader.armed():
+            logits = self.prompt(sequence, ids)
+        return logits, reader.features(expected_tokens=len(ids))
 
     def is_end(self, token: int) -> bool:
         """Whether ``token`` ends a generation (end of sequence, end of turn, ...)."""
@@ -118,119 +145,118 @@ class BatchDecoder:
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def step(self, sequence: int, token: int, position: int) -> np.ndarray:
-        """Decode one ``token`` of ``sequence`` at ``position``; its logits (a writable view, as :meth:`logits`)."""
-        self._decode([(token, position, sequence, True)])
-        return self.logits(-1)
-
     def clear(self, sequence: int) -> None:
         """Empty ``sequence``'s cells, for the next prompt."""
         import llama_cpp
 
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.context.ctx), sequence, -1, -1)
 
-    def answers(
-        self,
-        rows: int,
-        start: Callable[[int, int], tuple[int, np.ndarray]],
-        max_new_tokens: int,
-        repetition_penalty: float,
-        decode: Callable[[list[int]], str],
-        stops: Sequence[str],
-        min_new_tokens: int = 0,
-        sequences: int = PARALLEL_ROWS,
-    ) -> list[str]:
-        """Greedy answers of ``rows`` rows, up to ``sequences`` at once; the raw decoded text of each.
 
-        ``start(row, sequence)`` decodes the row's prompt into the (empty) ``sequence`` and returns the prompt's length
-        and the first step's logits (the decision processor already applied). A sequence whose answer has ended takes
-        the next row at once (continuous batching): otherwise every step of a group waits for its longest answer with
-        fewer and fewer rows, while a step costs little more for 8 rows than for 1."""
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        texts = [""] * rows
-        row_of: dict[int, int] = {}
-        positions: dict[int, int] = {}
-        current: dict[int, np.ndarray] = {}
-        waiting = iter(range(rows))
+class Answer:
+    """One row's answer in a :class:`DecodeLoop`: its sequence, the position its last token goes to, its tokens and
+    raw decoded text so far, and the logits its next step chooses from."""
 
-        def take_next(sequence: int) -> None:
-            row = next(waiting, None)
-            if row is not None:
-                self.clear(sequence)
-                row_of[sequence] = row
-                positions[sequence], current[sequence] = start(row, sequence)
-
-        for sequence in range(min(sequences, rows)):
-            take_next(sequence)
-        while current:
-            following: list[tuple[int, int]] = []
-            ended: list[int] = []
-            for sequence, logits in current.items():
-                row = row_of[sequence]
-                constrain_step(logits, tokens[row], repetition_penalty, min_new_tokens, self.end_tokens)
-                token = int(np.argmax(logits))
-                if not self.is_end(token):
-                    tokens[row].append(token)
-                    texts[row] = decode(tokens[row])
-                    if not cut_at_stop(texts[row], stops)[1] and len(tokens[row]) < max_new_tokens:
-                        following.append((sequence, token))
-                        continue
-                ended.append(sequence)
-            current = {}
-            for sequence in ended:  # after every row has read its logits: a prompt's decode overwrites them
-                take_next(sequence)
-            if following:
-                self._decode([(token, positions[sequence], sequence, True) for sequence, token in following])
-                for index, (sequence, _) in enumerate(following):
-                    positions[sequence] += 1
-                    current[sequence] = self.logits(index)
-        return texts
+    def __init__(self, row: int, sequence: int, position: int, logits: np.ndarray):
+        self.row, self.sequence, self.position = row, sequence, position
+        #: The first step's (a copy, the decision processor applied), then a view of the row's output of the last
+        #: decode, where constrain_step's changes are what llama.cpp's sampler reads.
+        self.logits = logits
+        self.output = -1  # that output's index among the last decode's (the prompt's last position: -1)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.ended = False
 
 
-class StreamedAnswer:
-    """One answer decoded token by token into one sequence of a :class:`BatchDecoder`'s context and chosen by
-    llama.cpp's ``sampler`` (greedy, or top-p and temperature): a Chat answer, or one side of a Compare pair, whose
-    two answers step in turn on two contexts."""
+#: A loop's row start: ``start(row, sequence)`` decodes the row's prompt into the sequence
+#: (:meth:`BatchDecoder.read_prompt`) and returns the prompt's length and the first step's logits, the decision
+#: processor applied.
+RowStart = Callable[[int, int], tuple[int, np.ndarray]]
+
+
+class DecodeLoop:
+    """The answers of ``rows`` on one :class:`BatchDecoder`'s context, up to ``sequences`` decoded together; iterating
+    runs one step at a time and yields the answers that took a token in it, so a streamed caller can show them (and
+    stop, or step another loop, in between). :attr:`answers` holds every started row's :class:`Answer` by row.
+
+    Each step, every live row chooses its next token from its own logits (:func:`constrain_step`, then the highest
+    logit, or ``sampler``, llama.cpp's top-p and temperature chain); a row ends at an end of generation token, a
+    stop sequence in its text or ``settings.max_new_tokens``, and its sequence takes the next waiting row's prompt at
+    once (continuous batching: otherwise every step of a group waits for its longest answer with fewer and fewer
+    rows, while a step costs little more for 8 rows than for 1); then the last token of every live row is decoded in
+    one ``llama_decode``. A new row chooses its first token at the next step, with the others."""
 
     def __init__(
         self,
         decoder: BatchDecoder,
-        sampler: Any,
+        start: RowStart,
+        rows: Iterable[int],
         settings: GenerationSettings,
         decode: Callable[[list[int]], str],
         stops: Sequence[str],
-        sequence: int = 0,
+        sampler: Any = None,
+        sequences: int = 1,
     ):
-        self._decoder, self._sampler, self._settings = decoder, sampler, settings
-        self._decode, self._stops, self._sequence = decode, stops, sequence
-        self._position = 0
-        self.tokens: list[int] = []
-        self.text = ""
-        self.ended = False
-        self.logits = np.empty(0, dtype=np.float32)
+        if sampler is not None and sequences > 1:
+            # The sampler reads llama.cpp's buffer, where a second row's prompt would overwrite a new row's first step.
+            raise ValueError("a sampled loop decodes one row at a time")
+        self._decoder, self._start, self._rows, self._settings = decoder, start, rows, settings
+        self._detokenize, self._stops, self._sampler, self._sequences = decode, stops, sampler, sequences
+        self.answers: dict[int, Answer] = {}
 
-    def read_prompt(self, ids: Sequence[int]) -> None:
-        """Decode the prompt into the emptied sequence; :attr:`logits` is then the first step's (writable, so the
-        first step's decision processor can be applied to it before :meth:`step`)."""
-        self._decoder.clear(self._sequence)
-        self._decoder.prompt(self._sequence, ids)
-        self.logits, self._position = self._decoder.logits(-1), len(ids)
+    def __iter__(self) -> Iterator[list[Answer]]:
+        decoder = self._decoder
+        waiting = iter(self._rows)
+        live: list[Answer] = []
 
-    def step(self) -> bool:
-        """Decode the previous token (if any) and choose the next; whether a token was added. :attr:`ended` says
-        whether another step may follow (end of generation, a stop sequence or the token limit)."""
-        if self.tokens:
-            self.logits = self._decoder.step(self._sequence, self.tokens[-1], self._position)
-            self._position += 1
-        settings = self._settings
+        def take(sequence: int) -> None:
+            row = next(waiting, None)
+            if row is None:
+                return
+            position, logits = self._start(row, sequence)
+            if self._sampler is not None:
+                # llama.cpp's sampler reads the context's own buffer: the first step's logits go back where the
+                # prompt's decode left them (the loop's one row: nothing was decoded since).
+                view = decoder.logits(-1)
+                view[:] = logits
+                logits = view
+            answer = Answer(row, sequence, position, logits)
+            self.answers[row] = answer
+            live.append(answer)
+
+        for sequence in range(self._sequences):
+            take(sequence)
+        while live:
+            grown = [answer for answer in live if self._step(answer)]
+            yield grown
+            going = [answer for answer in live if not answer.ended]
+            ended = [answer for answer in live if answer.ended]
+            live = []
+            for answer in ended:  # after every row has read its logits: a prompt's decode overwrites them
+                take(answer.sequence)
+            if going:
+                decoder.decode([(answer.tokens[-1], answer.position, answer.sequence, True) for answer in going])
+                for index, answer in enumerate(going):
+                    answer.position += 1
+                    answer.output, answer.logits = index, decoder.logits(index)
+            live += going  # new rows first, then the others in their decode order
+
+    def _step(self, answer: Answer) -> bool:
+        """Choose ``answer``'s next token; whether one was added (not an end of generation). ``answer.ended`` then
+        says whether the row is done."""
+        settings, decoder = self._settings, self._decoder
         constrain_step(
-            self.logits, self.tokens, settings.repetition_penalty, settings.min_new_tokens, self._decoder.end_tokens
+            answer.logits, answer.tokens, settings.repetition_penalty, settings.min_new_tokens, decoder.end_tokens
         )
-        token = self._sampler.sample(self._decoder.context, -1)
-        if self._decoder.is_end(token):
-            self.ended = True
+        if self._sampler is None:
+            # llama.cpp's greedy sampler's choice too (the first highest logit), without the 262k-entry candidate
+            # list it builds per call.
+            token = int(np.argmax(answer.logits))
+        else:
+            token = self._sampler.sample(decoder.context, answer.output)
+        if decoder.is_end(token):
+            answer.ended = True
             return False
-        self.tokens.append(token)
-        self.text = self._decode(self.tokens)
-        self.ended = cut_at_stop(self.text, self._stops)[1] or len(self.tokens) >= settings.max_new_tokens
+        answer.tokens.append(token)
+        answer.text = self._detokenize(answer.tokens)
+        answer.ended = cut_at_stop(answer.text, self._stops)[1] or len(answer.tokens) >= settings.max_new_tokens
         return True

@@ -116,13 +116,12 @@ class RemoteBackend(ModelBackend):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         batch_size: int = 8,
-        calibrated: bool = True,
     ) -> list[dict[str, float]]:
         self._require_adapter(variants)
         with ThreadPoolExecutor(max_workers=max(1, min(batch_size, MAX_PARALLEL_REQUESTS))) as pool:
             scores = list(pool.map(self._option_log_scores, prompts, variants))
         tuned = [v is Variant.TUNED for v in variants]
-        return self.load().policy.decide(torch.tensor(scores, dtype=torch.float64), tuned, calibrated=calibrated)
+        return self.load().policy.decide(torch.tensor(scores, dtype=torch.float64), tuned)
 
     def _option_log_scores(self, prompt: FittedPrompt, variant: Variant) -> list[float]:
         if self._echo_supported:

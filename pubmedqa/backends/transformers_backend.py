@@ -106,7 +106,6 @@ class TransformersBackend(ModelBackend):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         batch_size: int = 8,
-        calibrated: bool = True,
     ) -> list[dict[str, float]]:
         loaded = self.load()
         names = self._adapter_names(list(variants))
@@ -116,7 +115,7 @@ class TransformersBackend(ModelBackend):
             scores, features = option_scores(
                 loaded.model, loaded.tokenizer, [p.text for p in prompts], batch_size, names, layer
             )
-        return loaded.policy.decide(scores, tuned, features, calibrated)
+        return loaded.policy.decide(scores, tuned, features)
 
     def token_logprobs(self, text: str, variant: Variant, top: int = 0) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None for the
@@ -145,7 +144,6 @@ class TransformersBackend(ModelBackend):
         prompts: Sequence[FittedPrompt],
         variants: Sequence[Variant],
         settings: GenerationSettings,
-        calibrated: bool = True,
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Answers and decisions in ONE pass over each prompt: the option scores are the logits of the greedy
         generation's first step, the very forward pass that scoring would repeat (a quarter of an evaluation's time
@@ -157,12 +155,12 @@ class TransformersBackend(ModelBackend):
             single_token_options(loaded.tokenizer) is None or settings.temperature > 0
             or not first_step_logits_are_raw(loaded.model.generation_config)
         ):
-            return super().generate_with_decisions(prompts, variants, settings, calibrated)
+            return super().generate_with_decisions(prompts, variants, settings)
         decided: list[FirstStepDecision] = []
         texts: list[str] = []
         for texts in self._generate(prompts, variants, settings, None, decided.append):
             pass
-        return texts, decided[0].decisions(calibrated)
+        return texts, decided[0].decisions()
 
     def _generate(
         self,

@@ -13,26 +13,20 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from pubmedqa.adapter import CALIBRATION_FILE, Adapter
+from pubmedqa.decisions.options import option_probabilities
 from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.prompts import ANSWER_OPTIONS
 
 logger = logging.getLogger(__name__)
 
 
-
 class CalibrationError(ValueError):
     """A calibration file that cannot be used."""
-
-
-def probabilities_from_log_scores(log_scores: dict[str, float]) -> dict[str, float]:
-    """A softmax over the options' log-scores: probabilities that sum to 1."""
-    top = max(log_scores.values())
-    weights = {o: math.exp(v - top) for o, v in log_scores.items()}
-    total = sum(weights.values())
-    return {o: w / total for o, w in weights.items()}
 
 
 @dataclass(frozen=True)
@@ -41,15 +35,20 @@ class DecisionCalibration:
     fitted_on: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
-    def apply(self, probabilities: dict[str, float]) -> dict[str, float]:
-        """The option probabilities with the offsets added to their logarithms, renormalised."""
-        return probabilities_from_log_scores(
-            {o: math.log(max(p, 1e-30)) + self.log_offsets.get(o, 0.0) for o, p in probabilities.items()}
-        )
+    def shift(self, option_logits: torch.Tensor, rows: torch.Tensor | None = None, sign: float = 1.0) -> torch.Tensor:
+        """The one formula that applies the offsets: added to each row's option logits (rows x options, in the order of
+        ``ANSWER_OPTIONS``), only in the rows where ``rows`` (rows x 1, bool) is set; ``sign=-1`` takes them off."""
+        offsets = torch.tensor([self.log_offsets.get(o, 0.0) for o in ANSWER_OPTIONS], device=option_logits.device)
+        offsets = sign * offsets.to(option_logits.dtype)
+        return option_logits + (offsets if rows is None else offsets * rows)
 
-    def offsets_vector(self) -> list[float]:
-        """The offsets in the order of ``ANSWER_OPTIONS`` (0 for an option without one)."""
-        return [self.log_offsets.get(option, 0.0) for option in ANSWER_OPTIONS]
+    def apply(self, probabilities: Sequence[dict[str, float]], sign: float = 1.0) -> list[dict[str, float]]:
+        """Decisions (option probabilities) with the offsets added (``sign=-1``: taken off, which gives back the
+        decisions before the offsets, since a softmax ignores the constant its normalisation adds)."""
+        if not probabilities:
+            return []
+        log_p = torch.tensor([[p[o] for o in ANSWER_OPTIONS] for p in probabilities], dtype=torch.float64)
+        return option_probabilities(self.shift(log_p.clamp_min(1e-300).log(), sign=sign))
 
     def save(self, directory: str | Path, engine: str | None = None) -> Path:
         path = Path(directory) / engine_file(CALIBRATION_FILE, engine)

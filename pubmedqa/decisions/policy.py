@@ -79,12 +79,11 @@ class DecisionPolicy:
         return self.probe.layer if self.probe is not None else None
 
     def option_logits(
-        self, option_scores: torch.Tensor, tuned: Sequence[bool], features: torch.Tensor | None = None,
-        calibrated: bool = True,
+        self, option_scores: torch.Tensor, tuned: Sequence[bool], features: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The decision logits (rows x options): each row's option scores (log-likelihoods, or next-token logits for
         one-token options); in fine-tuned rows, the probe's distribution scaled to the options' total probability,
-        then the calibration's offsets (``calibrated=False``: without them)."""
+        then the calibration's offsets."""
         rows = torch.tensor(list(tuned), dtype=torch.bool, device=option_scores.device).unsqueeze(1)
         logits = option_scores.float()
         if self.probe is not None and bool(rows.any()):
@@ -92,23 +91,20 @@ class DecisionPolicy:
                 raise RuntimeError("the decision probe needs the engine's features of this batch")
             probed = torch.logsumexp(logits, dim=1, keepdim=True) + torch.log_softmax(self.probe.logits(features), dim=1)
             logits = torch.where(rows, probed.to(logits.device), logits)
-        if calibrated and self.calibration is not None:
-            offsets = torch.tensor(self.calibration.offsets_vector(), device=logits.device)
-            logits = logits + offsets * rows
+        if self.calibration is not None:
+            logits = self.calibration.shift(logits, rows)
         return logits
 
     def decide(
-        self, option_scores: torch.Tensor, tuned: Sequence[bool], features: torch.Tensor | None = None,
-        calibrated: bool = True,
+        self, option_scores: torch.Tensor, tuned: Sequence[bool], features: torch.Tensor | None = None
     ) -> list[dict[str, float]]:
-        """Each row's yes/no/maybe probabilities (see :meth:`option_logits`)."""
-        return option_probabilities(self.option_logits(option_scores, tuned, features, calibrated))
+        """Each row's yes/no/maybe probabilities (see :meth:`option_logits`): what engines return."""
+        return option_probabilities(self.option_logits(option_scores, tuned, features))
 
-    def calibrated(self, probabilities: Sequence[dict[str, float]], tuned: Sequence[bool]) -> list[dict[str, float]]:
-        """Decisions decided with ``calibrated=False``, with the calibration's offsets added to the fine-tuned rows."""
-        if self.calibration is None:
-            return list(probabilities)
-        return [self.calibration.apply(p) if t else dict(p) for p, t in zip(probabilities, tuned)]
+    def without_offsets(self, decisions: Sequence[dict[str, float]]) -> list[dict[str, float]]:
+        """Fine-tuned rows' decisions as :meth:`decide` gave them, with the calibration's offsets taken off again: what
+        the adapter decides on its own (the evaluation reports both; offsets are fitted on these)."""
+        return self.calibration.apply(decisions, sign=-1) if self.calibration is not None else list(decisions)
 
     def first_step(
         self, option_columns: Sequence[int], tuned: Sequence[bool], features: Callable[[], torch.Tensor] | None = None
@@ -169,8 +165,8 @@ class FirstStepDecision:
         out[:, self.columns] = decided.to(scores.dtype)
         return out
 
-    def decisions(self, calibrated: bool = True) -> list[dict[str, float]]:
+    def decisions(self) -> list[dict[str, float]]:
         """Every row's decision probabilities, as :meth:`DecisionPolicy.decide` gives them for this pass."""
         if self.option_scores is None:
             raise RuntimeError("generation produced no step: no option scores were recorded")
-        return self.policy.decide(self.option_scores, self.tuned, self.features, calibrated)
+        return self.policy.decide(self.option_scores, self.tuned, self.features)

@@ -9,11 +9,11 @@ It runs through whatever backend ``--engine`` picks (llama.cpp on a CPU by defau
 ``openai`` server), or through the app's already loaded one, which then lets visitors' requests go first between
 batches. Questions go in batches of similar length, and each batch is one pass on the in-process engines: greedy
 long answers whose first step also gives the yes/no/maybe decision (a remote server scores the options in requests of
-their own), as the adapter's decision policy decides it (option likelihood, or its decision probe; its calibration is
-applied afterwards and the fine-tuned scores are also recorded without it); ``--no_long_answers`` scores the
+their own), as the adapter's decision policy decides it (option likelihood, or its decision probe, then its calibration; the
+fine-tuned decisions are also scored without the calibration); ``--no_long_answers`` scores the
 decisions alone. Then Token-F1, BLEU, ROUGE-1/L, readable answers (looping, ended by
 itself), BERTScore and, when configured, an LLM judge. The run folder keys the variants ``base`` and ``tuned``
-(:data:`VARIANT_KEYS`, the stored format every shipped run uses).
+(``results_key`` in :data:`pubmedqa.variants.NAMES`, the stored format every shipped run uses).
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ from pubmedqa.evaluation.results import (
 from pubmedqa.evaluation.task import PUBMEDQA, Task
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, fit_prompt
+from pubmedqa.variants import NAMES
 
 logger = logging.getLogger(__name__)
 
-VARIANT_KEYS = {Variant.BASE: "base", Variant.TUNED: "tuned"}
 Progress = Callable[[float, str], None]
 T = TypeVar("T")
 
@@ -211,8 +211,8 @@ def _decide_and_answer(
     backend: ModelBackend, prompts: list[FittedPrompt], variant: Variant, args: EvalArguments,
     timings: dict[str, float], progress: Progress,
 ) -> VariantRun:
-    """The variant's uncalibrated decisions (the policy's offsets are added by :func:`_decision_metrics`, which also
-    records the metrics without them) and, with ``args.long_answers``, its answers from the same pass."""
+    """The variant's decisions (as the app serves them; :func:`_decision_metrics` also scores them without the
+    policy's offsets) and, with ``args.long_answers``, its answers from the same pass."""
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens
     )
@@ -220,11 +220,11 @@ def _decide_and_answer(
     def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
         backend.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
         if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
-            answers, scores = backend.generate_with_decisions(batch, [variant] * len(batch), settings, calibrated=False)
+            answers, scores = backend.generate_with_decisions(batch, [variant] * len(batch), settings)
             return list(zip(answers, scores))
-        return [(None, s) for s in backend.score_decisions(batch, [variant] * len(batch), len(batch), calibrated=False)]
+        return [(None, s) for s in backend.score_decisions(batch, [variant] * len(batch), len(batch))]
 
-    key = VARIANT_KEYS[variant]
+    key = NAMES[variant].results_key
     task = "decisions and answers" if args.long_answers else "decisions"
     t0 = time.perf_counter()
     message = f"{key}: {task}"
@@ -245,13 +245,11 @@ def ended_by_itself(backend: ModelBackend, answers: Sequence[str], max_new_token
 def _decision_metrics(
     task: Task, run: VariantRun, gold: list[str], policy: DecisionPolicy, variant: Variant
 ) -> dict[str, Any]:
-    """The task's decision metrics after the policy's calibration; for a calibrated variant, also without it."""
-    uncalibrated = None
-    if variant is Variant.TUNED and policy.calibration is not None:
-        uncalibrated = task.decision_metrics(gold, run.decisions)
-        run.probabilities = policy.calibrated(run.probabilities, [True] * len(run.probabilities))
+    """The task's decision metrics; for a calibrated variant, also without the policy's offsets."""
     metrics = task.decision_metrics(gold, run.decisions)
-    if uncalibrated is not None:  # what the adapter scores without its fitted offsets
+    if variant is Variant.TUNED and policy.calibration is not None:  # what the adapter scores without its offsets
+        raw = [predicted_decision(p) for p in policy.without_offsets(run.probabilities)]
+        uncalibrated = task.decision_metrics(gold, raw)
         metrics["uncalibrated"] = {k: uncalibrated[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
     return metrics
 
