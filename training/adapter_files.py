@@ -17,7 +17,7 @@ from pubmedqa.decisions.probe import DecisionProbe
 from pubmedqa.evaluation.metrics import probability_metrics
 from pubmedqa.model_loading import BaseModel
 from training.arguments import TrainArguments
-from training.decision_probe import fit_for_model, labelled_prompts
+from training.decision_features import fit_for_model, labelled_prompts
 from training.lora import first_lora_layer
 from training.trainer import dev_probabilities, dev_summary
 

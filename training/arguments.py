@@ -12,6 +12,15 @@ from pubmedqa.prompts import ANSWER_TARGETS
 @dataclass
 class TrainArguments(SplitSettings):
     output_dir: str = field(default="outputs/adapter", metadata={"help": "Where the adapter and its card are written."})
+    train_base_model: str = field(
+        default="",
+        metadata={
+            "help": "When --base_model is a GGUF file (a .gguf path or a Hub GGUF; not 'embedded'): the transformers "
+            "model (Hub id or folder) whose weights the GGUF holds, which LoRA trains on. Default: what the GGUF says "
+            "it was converted from (general.source.repo_url, or a base-model entry of its own name, or its Hub repo "
+            "card's base_model); an error names this flag when it says nothing usable."
+        },
+    )
     limit_train: int = field(default=0, metadata={"help": "Train on only this many questions (0 = all); for quick runs."})
     pqa_a: str = field(
         default="",

@@ -13,43 +13,23 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from pubmedqa.adapter import PROBE_FILE
-from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.factory import create_backend
+from pubmedqa.backends.base import Variant
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, SplitSettings
 from pubmedqa.decisions.fitting import fit_calibration
 from pubmedqa.evaluation.runner import in_batches
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import fit_prompt
+from training.decision_features import load_adapter_to_fit
 
 logger = logging.getLogger("training.calibrate")
 
 @dataclass
 class CalibrateArguments(SplitSettings):
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
-
-
-def local_adapter_dir(model_settings: ModelSettings, what: str) -> Path:
-    """The --adapter folder a command writes its ``what`` into, or a ValueError saying it must be one."""
-    if not model_settings.adapter_source or not Path(model_settings.adapter_source).expanduser().is_dir():
-        raise ValueError(f"--adapter must be a local adapter folder (the {what} is written into it)")
-    return Path(model_settings.adapter_source).expanduser()
-
-
-def load_adapter_to_fit(
-    model_settings: ModelSettings, what: str, backend_factory: Callable[[ModelSettings], ModelBackend] = create_backend
-) -> tuple[ModelBackend, LoadedModel]:
-    """Load a local adapter folder as the app does (same quantization) for a command that writes its ``what`` into
-    it, with a clear error where that cannot work."""
-    local_adapter_dir(model_settings, what)
-    backend = backend_factory(model_settings)
-    loaded = backend.load()
-    if not loaded.adapter_loaded:
-        raise ModelLoadError(f"No {what} can be fitted: {backend.adapter_unavailable_reason()}")
-    return backend, loaded
 
 
 def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:

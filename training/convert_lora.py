@@ -8,6 +8,10 @@ The PEFT folder stays the source of truth: the GGUF file records the sha256 of t
 app uses a shipped ``adapter_model.gguf`` only while that hash matches (else it converts into its cache once). Run this
 after retraining to ship the GGUF LoRA with the adapter, so the app needs no conversion at start.
 
+The base GGUF may be a Gemma (1, 2, 3), Llama-family (``llama``: Llama, Mistral, ...) or Qwen2 model; for Llama the
+B factors of the Q/K projections get llama.cpp's row permutation (``pubmedqa/backends/gguf_lora.py``). Another
+architecture is refused (exit code 2, the reason on stderr).
+
 Exit codes: 0 written, 2 bad input (one line on stderr saying why).
 """
 
@@ -15,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pubmedqa.adapter import GGUF_FILE, Adapter, AdapterError
 from pubmedqa.backends.gguf_lora import LoraConversionError, convert_adapter
-from pubmedqa.config import EMBEDDED_MODEL, ModelSettings, env_var
-from pubmedqa.embedded_model import embedded_gguf
+from pubmedqa.config import EMBEDDED_MODEL
+from pubmedqa.gguf_source import SYNTAX, gguf_file
+from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger("training.convert_lora")
 
@@ -33,25 +37,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter: a local folder or a Hugging Face Hub repo id")
     parser.add_argument(
         "--base_model", "--base-model", default=EMBEDDED_MODEL,
-        help=f"'{EMBEDDED_MODEL}' (the packaged Gemma 3 270M GGUF) or the path of the base model's .gguf file",
+        help=f"'{EMBEDDED_MODEL}' (the packaged Gemma 3 270M GGUF), the path of the base model's .gguf file, or a Hub "
+        f"GGUF: {SYNTAX}",
     )
     parser.add_argument(
         "--output", type=Path, default=None,
         help=f"GGUF file to write (default: <adapter folder>/{GGUF_FILE}; required for a Hub adapter)",
     )
     return parser.parse_args(argv)
-
-
-def base_gguf_path(base_model: str, cache_dir: str | Path | None = None) -> Path:
-    """The base model's GGUF file: the embedded one (assembled once into ``cache_dir``), or the .gguf file named."""
-    if base_model == EMBEDDED_MODEL:
-        # The app's cache folder (PUBMEDQA_CACHE_DIR honoured as the app does), so both share one assembled file.
-        cache_dir = cache_dir or os.environ.get(env_var(ModelSettings, "cache_dir")) or ModelSettings().cache_dir
-        return embedded_gguf(cache_dir)
-    path = Path(base_model).expanduser()
-    if path.suffix.lower() != ".gguf" or not path.is_file():
-        raise LoraConversionError(f"--base_model must be '{EMBEDDED_MODEL}' or an existing .gguf file, got {base_model!r}")
-    return path
 
 
 def output_path(adapter: str, output: Path | None) -> Path:
@@ -70,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         adapter = Adapter.resolve(args.adapter)  # a wrong adapter is reported before the base model is assembled
         output = output_path(args.adapter, args.output)
-        path = convert_adapter(adapter, base_gguf_path(args.base_model), output)
-    except (LoraConversionError, AdapterError) as exc:
+        path = convert_adapter(adapter, gguf_file(args.base_model), output)
+    except (LoraConversionError, AdapterError, ModelLoadError) as exc:
         logger.error("%s", exc)
         return 2
     except (RuntimeError, OSError) as exc:  # the embedded model's package is missing, the output is not writable

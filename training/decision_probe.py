@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,51 +35,17 @@ from pubmedqa.adapter import CALIBRATION_FILE
 from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
 from pubmedqa.backends.factory import resolve_engine
 from pubmedqa.backends.transformers_backend import TransformersBackend
-from pubmedqa.backends.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
-from pubmedqa.decisions.calibration import DecisionCalibration
 from pubmedqa.decisions.fitting import DEFAULT_OFFSETS, DEFAULT_POOLING, OFFSET_OBJECTIVES, ProbeFitError, fit_probe
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.decisions.probe import POOLINGS, DecisionProbe
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import encode_prompt, fit_prompt
-from training.calibrate import load_adapter_to_fit, local_adapter_dir
+from pubmedqa.prompts import encode_prompt
+from training.decision_features import collect_features, labelled_prompts, load_adapter_to_fit, local_adapter_dir
 
 logger = logging.getLogger("training.decision_probe")
-
-def collect_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, batch_size: int = 8) -> np.ndarray:
-    """Each prompt's probe features at ``layer`` (prompts x 2 hidden size, ``[mean | last]``), read as the app reads
-    them."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, features = option_scores(model, tokenizer, prompts, batch_size, feature_layer=layer, desc="decision probe: features")
-    finally:
-        if was_training:
-            model.train()
-    return features.numpy().astype(np.float64)
-
-
-def labelled_prompts(records: Sequence[PubMedQARecord], tokenizer: Any, budget: int) -> tuple[list[str], list[str]]:
-    """The questions' prompts fitted to ``budget`` tokens, and their gold decisions: what a probe is fitted on."""
-    return [fit_prompt(r.prompt_input(), tokenizer, budget).text for r in records], [r.final_decision for r in records]
-
-
-def fit_for_model(
-    model: Any, tokenizer: Any, questions: tuple[list[str], list[str]], layer: int, fitted_on: str,
-    calibrate: bool = True, batch_size: int = 8, pooling: str = DEFAULT_POOLING,
-) -> tuple[DecisionProbe, DecisionCalibration | None]:
-    """Fit the probe of a PEFT model on these (prompt, gold decision) pairs, on the features of ``layer`` (the
-    adapter folder's recorded probe layer). With ``calibrate``, also returns the out-of-fold offsets, saved by the
-    caller next to the probe."""
-    if single_token_options(tokenizer) is None:
-        raise ProbeFitError("a decision probe needs answer options of one token each in this tokenizer")
-    prompts, gold = questions
-    features = collect_features(model, tokenizer, prompts, layer, batch_size)
-    return fit_probe(features, gold, layer, fitted_on, calibrate, pooling)
-
 
 @dataclass
 class ProbeArguments(SplitSettings):
@@ -109,10 +75,11 @@ def collect_llama_features(
     description."""
     import llama_cpp  # noqa: F401 - a clear ImportError before anything loads
 
-    from pubmedqa.backends.llama_cpp_backend import GgufTokenizer, base_gguf, file_type
+    from pubmedqa.backends.llama_cpp_backend import GgufTokenizer, file_type
     from pubmedqa.backends.llama_cpp_features import open_llama, prompt_features
+    from pubmedqa.gguf_source import gguf_file
 
-    llm, reader = open_llama(str(base_gguf(model_settings)), budget + 16, os.cpu_count(), layer)
+    llm, reader = open_llama(str(gguf_file(model_settings.base_model, model_settings.cache_dir)), budget + 16, os.cpu_count(), layer)
     try:
         tokenizer = GgufTokenizer(llm)
         if single_token_options(tokenizer) is None:

@@ -47,9 +47,9 @@ from pubmedqa.backends.gguf_lora import (
 from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, ModelSettings, parse_settings
 from pubmedqa.embedded_model import CHECKPOINT_NAME
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
+from pubmedqa.gguf_source import gguf_file, parse_hub_gguf
 from pubmedqa.model_loading import ModelLoadError, load_tokenizer, looks_like_path
 from pubmedqa.prompts import uses_chat_template
-from training.convert_lora import base_gguf_path
 from training.export_cards import ExportInfo, export_card
 from training.hub import HubError, hub_errors
 from training.llama_cpp_tools import (
@@ -220,7 +220,8 @@ def _stem(base_model: str) -> str:
 def _base_card_fields(args: ExportArguments) -> dict[str, Any]:
     if args.base_model == EMBEDDED_MODEL:
         return {"base_description": EMBEDDED_DESCRIPTION, "base_hub_id": EMBEDDED_HUB_ID}
-    hub_id = None if looks_like_path(args.base_model) else args.base_model
+    hub_gguf = parse_hub_gguf(args.base_model)
+    hub_id = hub_gguf.repo_id if hub_gguf else None if looks_like_path(args.base_model) else args.base_model
     return {"base_description": args.base_model, "base_hub_id": hub_id}
 
 
@@ -248,7 +249,7 @@ def export_merged(args: ExportArguments, adapter: Adapter, staging: Path) -> Exp
 
 
 def export_gguf_lora(args: ExportArguments, adapter: Adapter, staging: Path) -> ExportInfo:
-    base = base_gguf_path(args.base_model, args.cache_dir)
+    base = gguf_file(args.base_model, args.cache_dir)
     name = f"pubmedqa-{_stem(args.base_model)}-lora-f16.gguf"
     convert_adapter(adapter, base, staging / name)
     num_ctx, num_predict = _num_ctx()
@@ -292,7 +293,7 @@ def export_gguf(args: ExportArguments, adapter: Adapter, staging: Path) -> Expor
     shutil.rmtree(checkpoint)
     if args.base_model == EMBEDDED_MODEL:
         # The embedded checkpoint came from a GGUF: its own SentencePiece tokenizer, not the converter's BPE one.
-        adopted = adopt_tokenizer(converted, base_gguf_path(EMBEDDED_MODEL, args.cache_dir), work / "vocab.gguf")
+        adopted = adopt_tokenizer(converted, gguf_file(EMBEDDED_MODEL, args.cache_dir), work / "vocab.gguf")
         converted.unlink()
         converted = adopted
     name = f"pubmedqa-{_stem(args.base_model)}-{quant}.gguf"

@@ -2,6 +2,8 @@
 
     python -m training.train                                   # embedded Gemma 3 270M, local data, CPU
     python -m training.train --base_model meta-llama/Llama-2-13b-chat-hf --quantization 4bit   # QLoRA on a GPU
+    python -m training.train --base_model bartowski/Qwen2.5-1.5B-Instruct-GGUF:Q4_K_M \
+        --train_base_model Qwen/Qwen2.5-1.5B-Instruct   # a GGUF base: LoRA trains on its transformers checkpoint
 
 Parse settings -> load data (official split, test never seen) -> build prompt/completion pairs in the shared
 format -> TRL SFTTrainer with a LoRA config (loss on the answer only, dynamic padding) -> keep the best checkpoint
@@ -24,6 +26,7 @@ from pubmedqa.data import DataFormatError
 from pubmedqa.model_loading import ModelLoadError, load_base_model
 from training.adapter_files import fit_decisions, save_adapter
 from training.arguments import TrainArguments
+from training.gguf_base import training_base
 from training.hub import HubError
 from training.lora import lora_config, trainable_base
 from training.pqa_a_phase import pqa_a_phase
@@ -40,6 +43,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
         raise ValueError(f"{output_dir} already exists and is not empty: pass --overwrite, --resume or another --output_dir")
     split, train_records = load_pqa_l(args)
+    model_settings = training_base(model_settings, args.train_base_model)  # a GGUF base trains on its transformers twin
     base = load_base_model(model_settings)
     model = trainable_base(base)
     examples = pqa_l_examples(split, train_records, base.tokenizer, args.max_length, args.answer_target)

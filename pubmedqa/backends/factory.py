@@ -12,6 +12,7 @@ from pubmedqa.backends.llama_cpp_logging import route_llama_logs
 from pubmedqa.backends.remote import RemoteBackend
 from pubmedqa.backends.transformers_backend import TransformersBackend
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
+from pubmedqa.gguf_source import SYNTAX, is_gguf_base
 
 logger = logging.getLogger(__name__)
 
@@ -19,17 +20,28 @@ logger = logging.getLogger(__name__)
 def resolve_engine(settings: ModelSettings) -> tuple[str, str | None]:
     """The engine that will run the model ('llama.cpp', 'transformers' or 'openai'), and why it is not the one asked
     for (None when it is)."""
-    gguf_base = settings.base_model == EMBEDDED_MODEL or settings.base_model.lower().endswith(".gguf")
+    gguf_base = is_gguf_base(settings.base_model)
+    # Only the embedded GGUF has a transformers twin (converted once, embedded_model.py); any other GGUF base, local or
+    # on the Hub, runs on llama.cpp alone, GPU or not.
+    gguf_only = gguf_base and settings.base_model != EMBEDDED_MODEL
     engine = settings.engine
     if engine == "openai":
         return engine, None
     if engine == "auto":
-        engine = "llama.cpp" if gguf_base and not torch.cuda.is_available() else "transformers"
+        engine = "llama.cpp" if gguf_only or (gguf_base and not torch.cuda.is_available()) else "transformers"
     if engine == "llama.cpp" and not gguf_base:
         raise ValueError(
-            f"--engine llama.cpp runs a GGUF file: set --base_model to 'embedded' or a .gguf path, not {settings.base_model!r}"
+            f"--engine llama.cpp runs a GGUF file: set --base_model to 'embedded', a .gguf path or a Hub GGUF "
+            f"({SYNTAX}), not {settings.base_model!r}"
+        )
+    if engine == "transformers" and gguf_only:
+        raise ValueError(
+            f"--engine transformers loads a transformers model, and {settings.base_model!r} is a GGUF file: run it with "
+            "--engine llama.cpp (or auto), or set --base_model to the transformers model it was converted from"
         )
     if engine == "llama.cpp" and not llama_cpp_available():
+        if gguf_only:
+            raise ValueError(f"{settings.base_model!r} is a GGUF file, which needs llama-cpp-python: pip install -r requirements.txt")
         return "transformers", "llama-cpp-python is not installed (pip install -r requirements.txt), so transformers runs the model"
     return engine, None
 

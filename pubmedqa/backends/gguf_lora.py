@@ -7,16 +7,30 @@ The conversion follows llama.cpp's own ``convert_lora_to_gguf.py`` with ``--outt
 dtypes and values; checked against it for the shipped adapter), with two differences that let it run wherever the
 llama.cpp engine runs:
 
-* the base model's architecture and tensor shapes come from the base GGUF file's header (read without the tokenizer
-  arrays, which ``gguf.GGUFReader`` would turn into 262k Python objects), so no transformers checkpoint or Hub config
-  of the base is needed;
+* the base model's architecture, head counts and tensor shapes come from the base GGUF file's header (read without the
+  tokenizer arrays, which ``gguf.GGUFReader`` would turn into 262k Python objects), so no transformers checkpoint or
+  Hub config of the base is needed;
 * every adapter tensor is checked against the base's tensor shapes here, so a wrong adapter fails with one clear
   :class:`LoraConversionError` instead of a C++ error from llama.cpp at load time.
 
-For Gemma, Gemma 2 and Gemma 3, llama.cpp stores the linear weights exactly as transformers does (its converter only
-shifts the norm weights by +1 and trims the embedding rows; there is no Q/K permutation as for Llama), so LoRA A/B are
-written unchanged apart from the name. Architectures whose converter reshapes linear weights are refused, since the
-LoRA factors would need the same reshaping.
+Tensor names come from gguf-py's ``TensorNameMap`` for the base's architecture, as in the reference. A LoRA factor
+must go through whatever llama.cpp's ``convert_hf_to_gguf.py`` does to the base weight it changes, so only these
+architectures are converted (any other is refused with one :class:`LoraConversionError` line; the llama.cpp engine
+then serves the base model alone and says why):
+
+* ``gemma``, ``gemma2``, ``gemma3`` and ``qwen2``: the converter stores the linear weights exactly as transformers
+  does (Gemma's only shifts the norm weights by +1 and trims the embedding rows; Qwen2's q/k/v biases, which a LoRA
+  does not touch, are copied as they are), so LoRA A/B are written unchanged apart from the name. These graphs apply
+  RoPE as transformers does (llama.cpp's NEOX rope type: the two halves of each head).
+* ``llama`` (Llama, Mistral and the other ``LlamaModel`` checkpoints): the llama graph applies RoPE to adjacent pairs
+  (llama.cpp's NORM rope type), so ``LlamaModel.modify_tensors`` reorders the rows of ``q_proj`` and ``k_proj``
+  with ``LlamaModel.permute(w, n_head, n_head)`` and ``LlamaModel.permute(w, n_head, n_head_kv)``. For a LoRA the
+  reference runs that same function on a ``LoraTorchTensor`` (W = B A, shape (out, in)): its ``reshape`` keeps A as
+  it is and reshapes B's rows, ``swapaxes`` of two leading axes permutes B alone, and the final ``reshape`` gives A
+  back its (r, in) shape. So A is unchanged and B's rows are permuted exactly as the base weight's rows
+  (:func:`llama_permute`, the same arithmetic in numpy): (P B) A = P (B A). A PEFT adapter is trained on the
+  transformers layout, and any llama GGUF holds Q/K in the permuted one (its graph needs them so), so the permutation
+  follows from the architecture alone, whichever converter class wrote the base file.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
-from pubmedqa.gguf_header import read_gguf_header
+from pubmedqa.gguf_header import GgufHeader, read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +58,10 @@ CACHE_SUBDIR = "gguf-lora"
 SOURCE_HASH_KEY = "pubmedqa.adapter_sha256"
 
 # llama.cpp's converter writes the linear weights of these unchanged (see the module docstring).
-SUPPORTED_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3"})
+UNCHANGED_WEIGHT_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3", "qwen2"})
+# ... and permutes the rows of the Q and K projections of these (LlamaModel.permute, see the module docstring).
+PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
+SUPPORTED_ARCHITECTURES = UNCHANGED_WEIGHT_ARCHITECTURES | PERMUTED_QK_ARCHITECTURES
 
 # PEFT options that change the forward pass in a way a plain llama.cpp LoRA (W + alpha/r * B A) cannot express.
 _UNSUPPORTED_OPTIONS = {
@@ -81,6 +98,10 @@ class BaseGGUF:
     architecture: str
     block_count: int
     tensor_shapes: dict[str, tuple[int, ...]]  # ggml order (ne): a linear weight is (in_features, out_features)
+    # Attention heads (None where the header has no single number: absent, or one per layer); what the Q/K permutation
+    # of the llama architecture needs. llama.cpp takes n_head_kv = n_head when the key is absent.
+    head_count: int | None = None
+    head_count_kv: int | None = None
 
 
 def read_base_gguf(base_gguf: Path) -> BaseGGUF:
@@ -99,7 +120,24 @@ def read_base_gguf(base_gguf: Path) -> BaseGGUF:
     block_count = header.values.get(gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture))
     if not isinstance(architecture, str) or not isinstance(block_count, int):
         raise LoraConversionError(f"{base_gguf} names no architecture and block count; is it a GGUF model file?")
-    return BaseGGUF(Path(base_gguf), architecture, block_count, header.shapes)
+    head_count = _scalar_int(header, gguf.Keys.Attention.HEAD_COUNT.format(arch=architecture))
+    head_count_kv_key = gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=architecture)
+    head_count_kv = _scalar_int(header, head_count_kv_key) if head_count_kv_key in header.values else head_count
+    return BaseGGUF(Path(base_gguf), architecture, block_count, header.shapes, head_count, head_count_kv)
+
+
+def _scalar_int(header: GgufHeader, key: str) -> int | None:
+    """The integer under ``key``, or None when it is absent or an array: the header reader keeps an array's element
+    count in ``values``, so an array is told apart by its entry's size (a scalar's value takes at most 8 bytes, an
+    array's at least 12: item type and count)."""
+    value = header.values.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    span = next(((start, end) for name, start, end in header.kv if name == key), None)
+    # key length (u64) + key + value type (u32) precede the value
+    if span is None or span[1] - span[0] - (8 + len(key.encode("utf-8")) + 4) > 8:
+        return None
+    return value
 
 
 def adapter_source_hash(adapter_dir: Path) -> str:
@@ -185,7 +223,7 @@ def _convert(adapter: Adapter, base: BaseGGUF, output: Path, source_hash: str) -
     config = _read_config(adapter.folder)
     alpha = _lora_alpha(config)
     tensors = _read_weights(adapter.folder)
-    pairs = _lora_pairs(tensors, base, config)
+    pairs = _to_gguf_layout(_lora_pairs(tensors, base, config), base)
     alpha = _effective_alpha(config, alpha, pairs)
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +350,11 @@ def _lora_pairs(
     """GGUF base tensor name -> (lora_a (r, in), lora_b (out, r)), checked against the base's shapes."""
     import gguf
 
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == base.architecture)
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == base.architecture), None)
+    if arch is None:  # a GGUF written by a newer llama.cpp than the installed gguf-py knows
+        raise LoraConversionError(
+            f"Base model architecture {base.architecture!r} is unknown to the installed gguf package {_gguf_version()}"
+        )
     name_map = gguf.get_tensor_name_map(arch, base.block_count)
     halves: dict[str, dict[str, np.ndarray]] = {}
     for peft_name, data in tensors.items():
@@ -363,3 +405,71 @@ def _lora_pairs(
     if not pairs:
         raise LoraConversionError(f"{WEIGHTS_FILE} holds no LoRA weights for the text model")
     return pairs
+
+
+def llama_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute`` (``convert_hf_to_gguf.py``), in numpy: the rows of each head reordered from
+    transformers' RoPE layout (two halves) to llama.cpp's NORM rope layout (adjacent pairs). Applied to a LoRA B it
+    is what the reference's ``LoraTorchTensor`` makes of the same call (see the module docstring)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    rows = weights.shape[0]
+    return (
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _to_gguf_layout(
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]], base: BaseGGUF
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The LoRA factors laid out as llama.cpp's converter lays out the base weights they change: unchanged, or (llama)
+    with B's rows permuted where the converter permutes the rows of the Q/K weight."""
+    if base.architecture not in PERMUTED_QK_ARCHITECTURES:
+        return pairs
+    converted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (lora_a, lora_b) in pairs.items():
+        heads = _qk_heads(name, base)
+        converted[name] = (lora_a, lora_b if heads is None else _permuted_b(name, lora_b, base, *heads))
+    return converted
+
+
+def _qk_heads(gguf_name: str, base: BaseGGUF) -> tuple[int | None, int | None] | None:
+    """The (n_head, n_head_kv) arguments the converter's ``LlamaModel.modify_tensors`` permutes this tensor with:
+    (n_head, n_head) for a Q projection, (n_head, n_head_kv) for a K projection, None for any other tensor."""
+    import gguf
+
+    parts = gguf_name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
+        return None
+    block = int(parts[1])
+    if gguf_name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_Q].format(bid=block) + ".weight":
+        return base.head_count, base.head_count
+    if gguf_name == gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_K].format(bid=block) + ".weight":
+        return base.head_count, base.head_count_kv
+    return None
+
+
+def _permuted_b(name: str, lora_b: np.ndarray, base: BaseGGUF, n_head: int | None, n_head_kv: int | None) -> np.ndarray:
+    if not n_head or not n_head_kv:
+        raise LoraConversionError(
+            f"{base.path.name} gives no single attention head count ({base.architecture}.attention.head_count / "
+            "head_count_kv missing or per layer), which the Q/K permutation of a llama LoRA needs"
+        )
+    groups = n_head_kv if n_head != n_head_kv else n_head  # the head count llama_permute splits the rows into
+    if lora_b.shape[0] % (2 * groups):
+        raise LoraConversionError(
+            f"{name} has {lora_b.shape[0]} rows, not {groups} heads of an even size; llama.cpp's Q/K permutation "
+            "cannot apply (is the base GGUF's head count right?)"
+        )
+    return np.ascontiguousarray(llama_permute(lora_b, n_head, n_head_kv))
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(version unknown)"

@@ -34,7 +34,7 @@ from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from pubmedqa.embedded_model import embedded_gguf
+from pubmedqa.gguf_source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
 
@@ -49,16 +49,6 @@ def llama_cpp_available() -> bool:
     except Exception:  # noqa: BLE001 - a missing or broken build both mean "use the other engine"
         return False
     return True
-
-
-def base_gguf(settings: ModelSettings) -> Path:
-    """The base model's GGUF file: the embedded one, or the file --base_model names."""
-    if settings.base_model == EMBEDDED_MODEL:
-        return embedded_gguf(settings.cache_dir)
-    path = Path(settings.base_model).expanduser()
-    if not path.is_file():
-        raise ModelLoadError(f"{settings.base_model} is not a GGUF file: set --base_model to 'embedded' or a .gguf path")
-    return path
 
 
 class GgufTokenizer:
@@ -77,11 +67,19 @@ class GgufTokenizer:
         pad = int(metadata.get("tokenizer.ggml.padding_token_id", self.eos_token_id))
         self.pad_token_id = pad
         self.model_max_length = context_window(llm)
+        # A SentencePiece vocabulary that adds a word boundary in front of every text (Llama 2, Mistral, TinyLlama; not
+        # Gemma's): llama.cpp adds it to a piece tokenised on its own too, so " yes" would be "▁" + "▁yes" where the
+        # model reads the one token "▁yes" after "Answer:". A piece's own leading space is that boundary instead.
+        self._adds_space_prefix = metadata.get("tokenizer.ggml.model") == "llama" and str(
+            metadata.get("tokenizer.ggml.add_space_prefix", "true")
+        ).lower() == "true"
 
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        if not add_special_tokens and self._adds_space_prefix and text.startswith(" "):
+            text = text[1:]  # a continuation: llama.cpp puts the word boundary back (see __init__)
         ids = self._llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)
         return {"input_ids": ids}
 
@@ -116,7 +114,7 @@ class LlamaCppBackend(ModelBackend):
 
     def check_sources(self) -> None:
         if self.settings.base_model != EMBEDDED_MODEL:
-            base_gguf(self.settings)
+            check_gguf(self.settings.base_model)  # a Hub GGUF is downloaded by the load, after the page is up
 
     def _load(self) -> LoadedModel:
         import llama_cpp
@@ -129,7 +127,7 @@ class LlamaCppBackend(ModelBackend):
             check_bindings()
         except RuntimeError as exc:
             raise ModelLoadError(str(exc)) from exc
-        path = base_gguf(self.settings)
+        path = gguf_file(self.settings.base_model, self.settings.cache_dir)
         adapter = self.resolve_adapter()
         policy = DecisionPolicy.from_adapter(adapter, self.engine)
         try:

@@ -6,6 +6,12 @@ transformers engine reads it with a forward hook (:class:`pubmedqa.backends.tran
 llama.cpp hands the same tensor (its graph names it ``l_out-{layer - 1}``) to the context's eval callback while it
 decodes the prompt, so the features cost no second pass over the prompt.
 
+The name is the same for every architecture: each decoder graph in llama.cpp's ``src/models/`` (``gemma3.cpp``,
+``llama.cpp``, ``qwen2.cpp``, ...) ends layer ``il`` with ``cb(cur, "l_out", il)``, the residual stream after the
+feed-forward block, which is transformers' ``hidden_states[il + 1]`` (``tests/test_gguf_lora_architectures.py`` checks
+it for tiny Llama, Qwen2 and Gemma 3 models). A graph that names no such tensor leaves the reader empty, and
+:meth:`HiddenStateReader.features` refuses, naming the model's architecture.
+
 Usage::
 
     llm, reader = open_llama(path, n_ctx=4096, n_threads=None, feature_layer=policy.feature_layer)
@@ -40,11 +46,12 @@ class HiddenStateReader:
     the sum and the token count simply run on. Not thread-safe, like the ``Llama`` it serves.
     """
 
-    def __init__(self, layer: int):
+    def __init__(self, layer: int, architecture: str | None = None):
         if layer < 1:
             raise ValueError(f"the probe reads the output of decoder layer layer - 1; layer must be >= 1, got {layer}")
         self.layer = layer
         self.tensor_name = f"l_out-{layer - 1}"
+        self.architecture = architecture  # the model's general.architecture, for a clearer refusal only
         self._armed = False
         self._sum: np.ndarray | None = None
         self._last: np.ndarray | None = None
@@ -96,7 +103,9 @@ class HiddenStateReader:
         if self._error is not None:
             raise RuntimeError(f"reading {self.tensor_name} from llama.cpp failed: {self._error}")
         if self._sum is None or self._count == 0:
-            raise RuntimeError(f"no {self.tensor_name} was computed while the reader was armed")
+            graph = (f"; does llama.cpp's {self.architecture} graph name a layer's output so?"
+                     if self.architecture else "")
+            raise RuntimeError(f"no {self.tensor_name} was computed while the reader was armed{graph}")
         if expected_tokens is not None and self._count != expected_tokens:
             raise RuntimeError(f"{self.tensor_name} covered {self._count} of the prompt's {expected_tokens} tokens")
         mean = torch.from_numpy((self._sum / self._count).astype(np.float32)).unsqueeze(0)
@@ -170,7 +179,7 @@ def reader_for(llm: llama_cpp.Llama, feature_layer: int) -> HiddenStateReader:
         raise ValueError(
             f"feature_layer must lie in 1..{n_layer - 1} for this {n_layer}-layer model, got {feature_layer}"
         )
-    return HiddenStateReader(feature_layer)
+    return HiddenStateReader(feature_layer, llm.metadata.get("general.architecture"))
 
 
 def prompt_features(llm: llama_cpp.Llama, reader: HiddenStateReader, tokens: Sequence[int]) -> torch.Tensor:
