@@ -2,35 +2,39 @@
 random models built here (offline, no download), and the llama.cpp engine serving the result.
 
 For each architecture: a tiny random transformers model (Llama with 4 query heads and 2 KV heads, so the grouped K
-permutation is exercised; Qwen2 with its q/k/v biases; Gemma 3 text) is saved with a tiny SentencePiece tokenizer
-(and the same vocabulary as a transformers tokenizer), turned into an f32 GGUF by llama.cpp's own
-``convert_hf_to_gguf.py`` (the converter the export uses, ``training.llama_cpp_tools``), given a random PEFT LoRA on
-every linear layer (B nonzero), and the adapter converted by the project's ``cached_gguf_lora`` (what the llama.cpp
-engine loads). The random LoRA's factors are rounded to f16 values before the adapter is saved, since the GGUF LoRA
-stores them as f16: the comparison then measures the conversion, not that rounding.
+permutation is exercised; Qwen2 with its q/k/v biases; Gemma 3 text) is saved with a tiny tokenizer (Llama, Gemma 3:
+SentencePiece, and the same vocabulary as a transformers tokenizer; Qwen2: a byte-level BPE in Qwen2's own pipeline,
+the only kind of tokenizer transformers 5 builds for Qwen2), turned into an f32 GGUF by llama.cpp's own
+``convert_hf_to_gguf.py`` (the converter the export uses, ``training.llama_cpp_tools``; for Qwen2 through a wrapper
+that names the tiny BPE's pre-tokenizer "qwen2", which llama.cpp's table of known vocabularies cannot recognise, see
+``qwen2_converter``), given a random PEFT LoRA on every linear layer (B nonzero), and the adapter converted by the
+project's ``cached_gguf_lora`` (what the llama.cpp engine loads). The random LoRA's factors are rounded to f16 values
+before the adapter is saved, since the GGUF LoRA stores them as f16: the comparison then measures the conversion, not
+that rounding.
 
-Trained adapters: for Llama and Gemma 3 a second adapter is trained by the project's own run (``training.train.train``
-with ``--base_model <the .gguf> --train_base_model <its transformers folder>``) for three optimizer steps on 12
-PubMedQA-like questions written here (2 more are the "official test" ones it leaves out): Gemma 3 at the default
-probe depth (LoRA on layer 1, a decision probe and offsets fitted), Llama with ``--probe_depth 0`` (LoRA on both
-layers). Qwen2 is not trained: transformers 5 builds its tokenizer as the byte-level ``Qwen2Tokenizer`` whatever
-``tokenizer_config.json`` says, which cannot hold a SentencePiece vocabulary. A trained adapter must move the output
-by ``MIN_EFFECT`` before it is compared (measured 0.20 llama, 0.15 gemma3), and every LoRA B factor must have left
-zero. Then the llama.cpp engine (``LlamaCppBackend``, ``--engine llama.cpp``) serves it: a Compare pair (base and
-fine-tuned side by side on two contexts) gives each variant's own greedy answer, the two differ, and the base answer
-is that of an engine without an adapter; the answer options are one token each on every architecture (the tiny
-SentencePiece vocabularies add a word boundary in front of a text, as Llama 2's does), and the decisions are scored
-alike in one pass and two, the base's equal to an engine's without an adapter.
+Trained adapters: for each architecture a second adapter is trained by the project's own run
+(``training.train.train`` with ``--base_model <the .gguf> --train_base_model <its transformers folder>``) for three
+optimizer steps on 12 PubMedQA-like questions written here (2 more are the "official test" ones it leaves out):
+Gemma 3 and Qwen2 at the default probe depth (LoRA on layer 1, a decision probe and offsets fitted), Llama with
+``--probe_depth 0`` (LoRA on both layers). A trained adapter must move the output by ``MIN_EFFECT`` before it is
+compared (measured 0.20 llama, 0.27 qwen2, 0.15 gemma3), and every LoRA B factor must have left zero. Then the
+llama.cpp engine (``LlamaCppBackend``, ``--engine llama.cpp``) serves it: the GGUF's tokenizer splits a training
+example into the token ids transformers trained on, a Compare pair (base and fine-tuned side by side on two contexts)
+gives each variant's own greedy answer, the two differ, and the base answer is that of an engine without an adapter;
+the answer options are one token each on every architecture (the tiny SentencePiece vocabularies add a word boundary
+in front of a text, as Llama 2's does; the byte-level BPE has " yes", " no", " maybe" as tokens, as Qwen2.5's has),
+and the decisions are scored alike in one pass and two, the base's equal to an engine's without an adapter.
 
 Tolerance: llama.cpp's last-position log-softmax over the vocabulary matches transformers (+ PEFT) on the same token
 ids to ``TOLERANCE``, 2e-3 max abs difference, with the LoRA off and on; switched off, the adapter leaves the base's
-output exactly as it was without one. Measured (2 threads): base 4.3e-5 (llama), 1.7e-5 (qwen2), 3.1e-4 (gemma3:
-ggml's CPU GELU reads an f16 lookup table); with the random LoRA 7.9e-4, 1.9e-4, 5.1e-4 (the GGUF LoRA's factors are
-f16, and ggml multiplies an f16 weight by activations rounded to f16), against a LoRA effect of 0.59 to 0.83; with the
-trained one 5.7e-5 (llama) and 2.3e-4 (gemma3). For Llama, the random adapter converted without the Q/K row
-permutation misses by 0.36, so the permutation is what makes it right. The probe's features (``l_out-0``) match
-transformers' ``hidden_states[1]`` to 1e-4 (measured 4.8e-6 and 1.0e-5) and for Gemma 3 to 5e-3 (the GELU table
-again; measured 2.5e-3). The whole module takes about 15 s on 2 cores (the two training runs about 2 s).
+output exactly as it was without one. Measured (2 threads): base 4.3e-5 (llama), 3.0e-5 (qwen2), 3.1e-4 (gemma3:
+ggml's CPU GELU reads an f16 lookup table); with the random LoRA 7.9e-4, 1.5e-4, 5.1e-4 (the GGUF LoRA's factors are
+f16, and ggml multiplies an f16 weight by activations rounded to f16), against a LoRA effect of 0.63 to 0.83; with the
+trained one 5.7e-5 (llama), 5.2e-5 (qwen2) and 2.3e-4 (gemma3). For Llama, the random adapter converted without the
+Q/K row permutation misses by 0.36, so the permutation is what makes it right. The probe's features (``l_out-0``)
+match transformers' ``hidden_states[1]`` to 1e-4 (measured 4.8e-6 llama, 1.9e-5 qwen2) and for Gemma 3 to 5e-3 (the
+GELU table again; measured 2.5e-3). The whole module takes about 22 s on 2 cores (46 s with another busy run on
+them), the three training runs a few seconds of it.
 Skipped only where llama-cpp-python is not installed.
 """
 
@@ -65,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 TOLERANCE = 2e-3  # max abs difference of the last position's log-softmax (f32 GGUF vs transformers f32)
 # The least LoRA effect (max abs change of that log-softmax) each kind of adapter must have for the comparison to mean
-# something: a random LoRA (A and B random) moves it by about 0.6-0.8, a LoRA trained three steps by 0.15-0.2.
+# something: a random LoRA (A and B random) moves it by about 0.6-0.8, a LoRA trained three steps by 0.15-0.27.
 MIN_EFFECT = {"random": 100 * TOLERANCE, "trained": 25 * TOLERANCE}
 # Max abs difference of the probe's features; ggml's CPU GELU (Gemma) is an f16 table, SiLU (Llama, Qwen2) is not.
 FEATURE_TOLERANCE = {"llama": 1e-4, "qwen2": 1e-4, "gemma3": 5e-3}
@@ -112,16 +116,15 @@ RECORDS = [
      "Surgery was not better.", "no"),
 ]
 TEST_IDS = ["9000013", "9000014"]
-# Architectures whose adapter is trained here by ``training.train`` (on its transformers twin of the GGUF): not Qwen2,
-# whose tokenizer transformers 5 always builds as its byte-level Qwen2Tokenizer, which cannot hold this SentencePiece
-# vocabulary (and a byte-level BPE tiny enough for the test has no pre-tokenizer llama.cpp's converter knows).
-TRAINED = ["gemma3", "llama"]
+# Architectures whose adapter is trained here by ``training.train`` (on its transformers twin of the GGUF): all three.
+TRAINED = ["gemma3", "llama", "qwen2"]
+# The texts the tiny Qwen2's byte-level BPE is trained on, the answer options among them as words of their own.
+BPE_TEXTS = CORPUS * 20 + [" ".join(record[1:]) for record in RECORDS] * 5 + [" yes no maybe"] * 50
 
 
 # ------------------------------------------------------------------------------------------------ tiny models
 def sentencepiece_model() -> bytes:
-    """A tiny SentencePiece model: the tokenizer every one of the three converters accepts offline (Llama and
-    Qwen2 try ``tokenizer.model`` first; a BPE ``tokenizer.json`` would need a pre-tokenizer hash llama.cpp knows).
+    """A tiny SentencePiece model (Llama's and Gemma 3's tokenizer; the converter reads ``tokenizer.model``).
     With byte pieces, as real SentencePiece vocabularies have: llama.cpp's tokenizer aborts the whole process on a
     character (a newline of the prompt) that has neither a piece nor a byte piece. No normalisation, as llama.cpp's
     tokenizer has none, so SentencePiece, transformers and llama.cpp split any text alike."""
@@ -151,6 +154,70 @@ def transformers_tokenizer(processor: Any, space_prefix: bool) -> Any:
         vocab=vocab, merges=merges, add_prefix_space=space_prefix, legacy=False, add_bos_token=True,
         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
     )
+
+
+def qwen2_tokenizer() -> Any:
+    """A tiny byte-level BPE in Qwen2's own pipeline (NFC, its pre-tokenizer regex, GPT-2 byte-level pieces: what
+    transformers 5 builds any Qwen2 tokenizer as), trained on ``BPE_TEXTS``: all 256 byte pieces, so any text has a
+    tokenization (llama.cpp aborts on a byte without a piece), and " yes", " no", " maybe" one token each, as in
+    Qwen2.5's real vocabulary. Special tokens ``<unk>``, ``<s>``, ``</s>`` at ``SPECIAL_IDS``; no BOS is added to a
+    text, as Qwen2's tokenizer adds none."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(BPE_TEXTS, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    ))
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=[tuple(merge) for merge in model["merges"]],
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
+    )
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<unk>", "<s>", "</s>")] == list(SPECIAL_IDS.values())
+    assert all(len(tokenizer(" " + option)["input_ids"]) == 1 for option in ("yes", "no", "maybe"))
+    return tokenizer
+
+
+def qwen2_converter(converter: Path, folder: Path) -> Path:
+    """``converter`` run through a wrapper script (in ``folder``) that names the tiny byte-level BPE's pre-tokenizer
+    "qwen2" where llama.cpp's check leaves it unrecognised. That check (``TextModel.get_vocab_base_pre`` in the
+    converter's ``conversion`` package) hashes how the tokenizer splits a fixed text and knows only the hashes of
+    published vocabularies; a tiny trained BPE has Qwen2's pre-tokenizer and normaliser (``qwen2_tokenizer``) but its
+    own merges, hence its own hash. What this module tests is the project's LoRA conversion on the GGUF the converter
+    writes, not llama.cpp's hash table; that llama.cpp then splits a text as transformers does is checked by the
+    Compare test (on a training example) and by the options being the same single tokens."""
+    script = folder / "convert_tiny_qwen2.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+
+        sys.path.insert(0, {str(converter.parent)!r})
+        import {converter.stem} as converter  # puts the gguf-py next to it on the path, as when run as a script
+        from conversion.base import TextModel
+
+        recognised = TextModel.get_vocab_base_pre
+
+
+        def get_vocab_base_pre(self, tokenizer):
+            try:
+                return recognised(self, tokenizer)
+            except NotImplementedError:  # a hash llama.cpp does not know: the tiny BPE
+                return "qwen2"
+
+
+        TextModel.get_vocab_base_pre = get_vocab_base_pre
+        converter.main()
+    """))
+    return script
 
 
 def llama_model(vocab_size: int) -> torch.nn.Module:
@@ -212,10 +279,17 @@ class TinyBase:
 
 
 def save_hf_model(architecture: str, folder: Path) -> list[int]:
-    """The tiny model and its tokenizer (SentencePiece's ``tokenizer.model``, which the converter reads, and the same
-    vocabulary as transformers' ``tokenizer.json``, which training reads) into ``folder``; the prompt's token ids."""
+    """The tiny model and its tokenizer (Llama, Gemma 3: SentencePiece's ``tokenizer.model``, which the converter
+    reads, and the same vocabulary as transformers' ``tokenizer.json``, which training reads; Qwen2: a byte-level
+    BPE ``tokenizer.json``, which both read) into ``folder``; the prompt's token ids."""
     import sentencepiece
 
+    if architecture == "qwen2":
+        tokenizer = qwen2_tokenizer()
+        torch.manual_seed(0)
+        BUILDERS[architecture](len(tokenizer)).eval().save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return tokenizer(PROMPT)["input_ids"]
     spm = sentencepiece_model()
     processor = sentencepiece.SentencePieceProcessor(model_proto=spm)
     torch.manual_seed(0)
@@ -260,6 +334,8 @@ def transformers_outputs(hf_dir: Path, adapter_dir: Path, ids: list[int]) -> tup
 def build_tiny_base(architecture: str, converter: Path, root: Path) -> TinyBase:
     hf_dir, adapter_dir = root / "model", root / "adapter"
     ids = save_hf_model(architecture, hf_dir)
+    if architecture == "qwen2":  # llama.cpp's hash table cannot know the tiny BPE: named "qwen2" by a wrapper
+        converter = qwen2_converter(converter, root)
     gguf_path = run_converter(converter, hf_dir, root / "model-f32.gguf", "f32")
     save_random_adapter(hf_dir, adapter_dir)
     base_logprobs, tuned_logprobs, hidden = transformers_outputs(hf_dir, adapter_dir, ids)
@@ -292,10 +368,10 @@ class TrainedLora:
 def train_lora(tiny: TinyBase, data: Path, folder: Path) -> TrainedLora:
     """Three optimizer steps of the project's training run, as ``python -m training.train --base_model <the .gguf>
     --train_base_model <its transformers folder>`` does them: LoRA on every linear layer of the decoder layers above
-    the probe's (Gemma 3: the default probe depth, so the layer-1 LoRA and a decision probe; Llama: ``--probe_depth
-    0``, LoRA on both layers and no probe), lr 1e-2 (its first step is the cosine schedule's warm-up at lr 0). Dev is
-    evaluated at the last step only, so the run's best checkpoint is the trained one: a checkpoint after the warm-up
-    step, its LoRA B still zero, could win a tie on three dev questions."""
+    the probe's (Gemma 3 and Qwen2: the default probe depth, so the layer-1 LoRA and a decision probe; Llama:
+    ``--probe_depth 0``, LoRA on both layers and no probe), lr 1e-2 (its first step is the cosine schedule's warm-up
+    at lr 0). Dev is evaluated at the last step only, so the run's best checkpoint is the trained one: a checkpoint
+    after the warm-up step, its LoRA B still zero, could win a tie on three dev questions."""
     from pubmedqa.config import BaseModelSettings
     from training.arguments import TrainArguments
     from training.train import train
@@ -513,7 +589,8 @@ def test_the_trained_adapters_are_what_training_writes(
     import gguf
     from safetensors.torch import load_file
 
-    expected_layers = {"gemma3": [1], "llama": [0, 1]}  # Gemma 3 at the default probe depth; Llama --probe_depth 0
+    # Gemma 3 and Qwen2 at the default probe depth; Llama with --probe_depth 0
+    expected_layers = {"gemma3": [1], "llama": [0, 1], "qwen2": [1]}
     for architecture in TRAINED:
         tiny, trained = tiny_base(architecture), trained_lora(architecture)
         weights = load_file(trained.adapter_dir / "adapter_model.safetensors")
@@ -522,7 +599,7 @@ def test_the_trained_adapters_are_what_training_writes(
         assert layers == expected_layers[architecture]
         assert len(b_factors) == len(TARGETS) * len(layers)
         assert all(w.abs().max() > 0 for w in b_factors.values()), "a LoRA B factor is still zero"
-        assert (trained.adapter_dir / "decision_probe.safetensors").is_file() == (architecture == "gemma3")
+        assert (trained.adapter_dir / "decision_probe.safetensors").is_file() == (architecture != "llama")
         lora_path = cached_gguf_lora(Adapter.resolve(str(trained.adapter_dir)), tiny.gguf, tmp_path)
         assert len(gguf.GGUFReader(lora_path).tensors) == 2 * len(b_factors)
 
@@ -531,15 +608,15 @@ QUESTION = "Does aspirin reduce the risk of stroke in patients with diabetes?"
 CONTEXT = "We studied 120 patients with diabetes and hypertension in a randomized controlled trial."
 
 
-@pytest.mark.parametrize(("architecture", "lora"), [(a, "trained") for a in TRAINED] + [("qwen2", "random")])
+@pytest.mark.parametrize("architecture", TRAINED)
 def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answer(
-    architecture: str, lora: str, tiny_base: Callable[[str], TinyBase], trained_lora: Callable[[str], TrainedLora],
+    architecture: str, tiny_base: Callable[[str], TinyBase], trained_lora: Callable[[str], TrainedLora],
     tmp_path: Path,
 ) -> None:
-    """The adapter served as the app serves it (``--base_model <.gguf> --adapter <folder> --engine llama.cpp``): a
-    Compare pair (base and fine-tuned side by side, on two contexts) gives each variant's own greedy answer, the base
-    one that of an engine without an adapter; a trained adapter was trained on the very token ids llama.cpp reads.
-    (Qwen2, whose adapter is not trained here, serves its random one.)"""
+    """The trained adapter served as the app serves it (``--base_model <.gguf> --adapter <folder> --engine
+    llama.cpp``): a Compare pair (base and fine-tuned side by side, on two contexts) gives each variant's own greedy
+    answer, the base one that of an engine without an adapter; the adapter was trained on the very token ids llama.cpp
+    reads."""
     from transformers import AutoTokenizer
 
     from pubmedqa.backends.base import GenerationSettings, Variant
@@ -548,7 +625,7 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
     from pubmedqa.prompts import PromptInput
 
     tiny = tiny_base(architecture)
-    adapter_dir, _ = adapter_of(tiny, lora, trained_lora)
+    adapter_dir = trained_lora(architecture).adapter_dir
 
     def engine(adapter: str) -> LlamaCppBackend:
         return LlamaCppBackend(
@@ -562,27 +639,27 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
     question = PromptInput(QUESTION, CONTEXT)
     prompt = backend.prepare(question, settings)
     assert plain.prepare(question, settings) == prompt
-    if lora == "trained":
-        example = prompt.text + " yes. Aspirin lowers the risk."  # a training example: prompt and completion
-        trained_on = AutoTokenizer.from_pretrained(tiny.hf_dir)(example)["input_ids"]
-        assert trained_on == loaded.tokenizer(example)["input_ids"]
+    example = prompt.text + " yes. Aspirin lowers the risk."  # a training example: prompt and completion
+    trained_on = AutoTokenizer.from_pretrained(tiny.hf_dir)(example)["input_ids"]
+    assert trained_on == loaded.tokenizer(example)["input_ids"]
 
     pair = list(backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))[-1]
     alone = [backend.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
     without_adapter = plain.generate(prompt, Variant.BASE, settings)
-    logger.info("%s, %s LoRA: base %r, fine-tuned %r", architecture, lora, *alone)
+    logger.info("%s, trained LoRA: base %r, fine-tuned %r", architecture, *alone)
     assert all(alone) and alone[0] != alone[1]  # the adapter changes the greedy answer
     assert pair == alone
     assert alone[0] == without_adapter  # switched off, the adapter leaves the base exactly as it was
     assert backend.generate(prompt, Variant.BASE, settings) == without_adapter  # and after the fine-tuned answers
 
     # The options are one token each on every architecture, as the model reads them after "Answer:" (a SentencePiece
-    # vocabulary that adds a word boundary in front of a text does not split " yes" into "▁" + "▁yes").
+    # vocabulary that adds a word boundary in front of a text does not split " yes" into "▁" + "▁yes"; the byte-level
+    # BPE reads " yes" as "Ġyes").
     example = prompt.text + " yes"
     assert single_token_options(loaded.tokenizer) == [loaded.tokenizer(example)["input_ids"][-1:]] + [
         loaded.tokenizer(prompt.text + " " + option)["input_ids"][-1:] for option in ("no", "maybe")
     ]
-    if architecture == "gemma3" and lora == "trained":  # decided by the probe the training run fitted
+    if architecture != "llama":  # decided by the probe the training run fitted (default probe depth)
         assert loaded.policy.feature_layer == 1 and "decision probe on layer 1" in backend.status_message()
     scored = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     answers, decided = backend.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
