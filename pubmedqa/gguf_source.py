@@ -15,8 +15,8 @@ downloaded); zero or several matches is one error that lists the candidates. The
 or with the Hub unreachable, the copy in the cache is used; without one, one ``ModelLoadError`` line says so.
 
 :func:`gguf_file` is what every llama.cpp user calls (the engine, the probe's features, the LoRA conversion and the
-export): the embedded model's file as well as these. The LoRA trainer's transformers checkpoint for a
-GGUF base is (:func:`transformers_checkpoint`).
+export): the embedded model's file as well as these. :func:`transformers_checkpoint` names the transformers
+checkpoint a GGUF base's LoRA is trained on.
 """
 
 from __future__ import annotations
@@ -226,13 +226,18 @@ def _status(exc: Any) -> int:
 def _hub_error(hub: HubGguf, exc: BaseException) -> ModelLoadError:
     """One line for a refused request, without the server's text (which could echo what the request carried)."""
     status = _status(exc)
-    if status in (401, 403):
-        why = (f"the Hub refused access ({status}): the repo is private or gated, and the token (HF_TOKEN or "
-               "`hf auth login`) is missing, invalid or lacks access")
-    elif status == 404 or type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
-        why = f"repository {hub.repo_id} or the file was not found ({status or 'not found'}); check the name"
+    if type(exc).__name__ == "RepositoryNotFoundError":  # the Hub answers 401 for a missing repo without a token
+        why = (f"repository {hub.repo_id} was not found ({status or 'not found'}): check the name, or, for a private "
+               "or gated repo, the token (HF_TOKEN or `hf auth login`)")
+    elif status in (401, 403) or type(exc).__name__ == "GatedRepoError":
+        why = (f"the Hub refused access ({status or 'gated'}): the repo is private or gated, and the token (HF_TOKEN "
+               "or `hf auth login`) is missing, invalid or lacks access")
+    elif status == 404:
+        why = f"repository {hub.repo_id} or the file was not found (404); check the name"
     else:
         why = f"the Hub answered {status or type(exc).__name__}: {_one_line(exc)}"
+    if hub.filename and not hub.quant:  # owner/repo/file.gguf reads like a path too: it may be a mistyped one
+        why += f" (nor is there a local file {hub.repo_id}/{hub.filename})"
     return ModelLoadError(f"Hub GGUF {hub}: {why}")
 
 

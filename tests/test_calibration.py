@@ -75,7 +75,8 @@ def test_backend_calibrates_fine_tuned_rows_only(tiny_model_dir, tiny_adapter_di
     loaded = backend.load()
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)
     base, tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
-    raw_tuned = loaded.policy.without_offsets([tuned])[0]
+    raw_base, raw_tuned = loaded.policy.without_offsets([base, tuned], [False, True])
+    assert raw_base == base  # a base row never had offsets
     plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
     plain_base, plain_tuned = plain.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     assert base == pytest.approx(plain_base) and raw_tuned == pytest.approx(plain_tuned, abs=1e-5)

@@ -192,7 +192,7 @@ def test_quantised_gguf_decides_as_the_adapter_on_the_dev_questions(gguf_dir, tu
     assert [p.text for p in merged_prompts] == [p.text for p in tuned_prompts]  # the same tokenizer and budget
     # One decode per prompt, the last position's logits of the three options only; no generation, no probe.
     adapter = tuned_engine.load().policy.without_offsets(
-        tuned_engine.score_decisions(tuned_prompts, [Variant.TUNED] * len(dev))
+        tuned_engine.score_decisions(tuned_prompts, [Variant.TUNED] * len(dev)), [True] * len(dev)
     )
     exported = merged.score_decisions(merged_prompts, [Variant.BASE] * len(dev))
     ours = [predicted_decision(p) for p in exported]

@@ -298,7 +298,9 @@ def test_a_split_gguf_is_downloaded_whole(hub):
     assert all((resolved.path.parent / Path(p).name).is_file() for p in parts)  # llama.cpp finds them beside part 1
 
 
-@pytest.mark.parametrize("status, expected", [(401, "refused access \\(401\\).*HF_TOKEN"), (404, "not found \\(404\\)")])
+# The Hub answers 401 both for a repo that does not exist and for one the token may not see: the line says both.
+@pytest.mark.parametrize("status, expected", [(401, "not found \\(401\\).*check the name.*HF_TOKEN"),
+                                              (404, "not found \\(404\\)")])
 def test_a_refusal_is_one_line_without_the_token(hub, monkeypatch, status, expected):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub.repos["someone/private-GGUF"] = Repo({"p-Q4_K_M.gguf": b"p"}, status=status)
@@ -434,3 +436,9 @@ def test_start_up_checks_a_hub_gguf_without_downloading_it_and_refuses_a_missing
     missing = LlamaCppBackend(ModelSettings(base_model=str(tmp_path / "nope.gguf"), adapter="none", engine="llama.cpp"))
     with pytest.raises(ModelLoadError, match="is not a GGUF file"):
         missing.check_sources()
+
+
+def test_a_path_that_may_be_a_mistyped_local_file_says_so(hub):
+    # owner/repo/file.gguf is a Hub GGUF only because no such local file exists: a typo of a local path reads alike.
+    with pytest.raises(ModelLoadError, match="nor is there a local file models/gguf/base.gguf"):
+        resolve_gguf("models/gguf/base.gguf")

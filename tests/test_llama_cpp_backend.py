@@ -91,8 +91,8 @@ def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision
     for answer, decision in zip(answers[1:], decided[1:]):
         assert parse_decision(answer) == max(decision, key=decision.get)
     # Without the calibration's offsets the fine-tuned rows differ; the base row never has any.
-    raw = backend.load().policy.without_offsets(scored[1:])
-    assert raw[0] != pytest.approx(scored[1])
+    raw = backend.load().policy.without_offsets(scored, [v is Variant.TUNED for v in variants])
+    assert raw[0] == scored[0] and raw[1] != pytest.approx(scored[1])
 
 
 def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(backend):

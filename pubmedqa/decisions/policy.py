@@ -101,10 +101,13 @@ class DecisionPolicy:
         """Each row's yes/no/maybe probabilities (see :meth:`option_logits`): what engines return."""
         return option_probabilities(self.option_logits(option_scores, tuned, features))
 
-    def without_offsets(self, decisions: Sequence[dict[str, float]]) -> list[dict[str, float]]:
-        """Fine-tuned rows' decisions as :meth:`decide` gave them, with the calibration's offsets taken off again: what
-        the adapter decides on its own (the evaluation reports both; offsets are fitted on these)."""
-        return self.calibration.apply(decisions, sign=-1) if self.calibration is not None else list(decisions)
+    def without_offsets(self, decisions: Sequence[dict[str, float]], tuned: Sequence[bool]) -> list[dict[str, float]]:
+        """Decisions as :meth:`decide` gave them, with the calibration's offsets taken off the fine-tuned rows again:
+        what the adapter decides on its own (the evaluation reports both; offsets are fitted on these)."""
+        if self.calibration is None:
+            return list(decisions)
+        raw = self.calibration.apply(decisions, sign=-1)
+        return [r if t else dict(d) for r, d, t in zip(raw, decisions, tuned)]
 
     def first_step(
         self, option_columns: Sequence[int], tuned: Sequence[bool], features: Callable[[], torch.Tensor] | None = None

@@ -248,7 +248,7 @@ def _decision_metrics(
     """The task's decision metrics; for a calibrated variant, also without the policy's offsets."""
     metrics = task.decision_metrics(gold, run.decisions)
     if variant is Variant.TUNED and policy.calibration is not None:  # what the adapter scores without its offsets
-        raw = [predicted_decision(p) for p in policy.without_offsets(run.probabilities)]
+        raw = [predicted_decision(p) for p in policy.without_offsets(run.probabilities, [True] * len(run.probabilities))]
         uncalibrated = task.decision_metrics(gold, raw)
         metrics["uncalibrated"] = {k: uncalibrated[k] for k in ("accuracy", "macro_f1", "predicted_counts")}
     return metrics
