@@ -22,6 +22,7 @@ class GgufHeader:
     version: int
     kv: list[tuple[str, int, int]] = field(default_factory=list)  # key, start, end of the whole entry
     values: dict[str, Any] = field(default_factory=dict)  # scalars and strings; an array's element count
+    arrays: set[str] = field(default_factory=set)  # the keys whose value is an array (``values`` holds its count)
     tensor_count: int = 0
     tensors_start: int = 0
     tensors_end: int = 0
@@ -92,6 +93,7 @@ def read_gguf_header(path: Path) -> GgufHeader:
             elif value_type == gguf.GGUFValueType.ARRAY:
                 item_type, count = read("<I"), read("<Q")
                 header.values[key] = count
+                header.arrays.add(key)
                 skip(item_type, count)
             else:
                 header.values[key] = read(scalar_formats[gguf.GGUFValueType(value_type)])

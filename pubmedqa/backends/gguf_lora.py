@@ -127,15 +127,9 @@ def read_base_gguf(base_gguf: Path) -> BaseGGUF:
 
 
 def _scalar_int(header: GgufHeader, key: str) -> int | None:
-    """The integer under ``key``, or None when it is absent or an array: the header reader keeps an array's element
-    count in ``values``, so an array is told apart by its entry's size (a scalar's value takes at most 8 bytes, an
-    array's at least 12: item type and count)."""
+    """The integer under ``key``, or None when it is absent or an array (one value per layer)."""
     value = header.values.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    span = next(((start, end) for name, start, end in header.kv if name == key), None)
-    # key length (u64) + key + value type (u32) precede the value
-    if span is None or span[1] - span[0] - (8 + len(key.encode("utf-8")) + 4) > 8:
+    if key in header.arrays or isinstance(value, bool) or not isinstance(value, int):
         return None
     return value
 

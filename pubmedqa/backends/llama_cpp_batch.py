@@ -105,8 +105,8 @@ class BatchDecoder:
             raise RuntimeError(f"llama_decode failed ({code}) for {len(entries)} tokens")
 
     def logits(self, index: int) -> np.ndarray:
-        """The logits of the ``index``-th output of the last decode (-1: the last): a writable view of llama.cpp's
-        own buffer, which its sampler reads."""
+        """The logits of the last decode's entry at batch position ``index`` (-1: the last output): a writable view of
+        llama.cpp's own buffer, which its sampler reads."""
         import llama_cpp
 
         pointer = llama_cpp.llama_get_logits_ith(self.context.ctx, index)
