@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from app.literal_text import literal_markdown
 from pubmedqa.evidence import Article, EvidenceResult, EvidenceSearch
 
 #: How the answer's citation line starts; a conversation's history drops the line again (the model never wrote it).
@@ -91,12 +92,11 @@ def article_choices(found: FoundEvidence) -> list[tuple[str, int]]:
     ]
 
 
-_MARKDOWN_SPECIAL = set("\\`*_{}[]()<>#+-.!|~&")
 
 
 def escape_markdown(text: str) -> str:
-    """``text`` with every Markdown and HTML special character escaped, so it renders as itself."""
-    return "".join(f"\\{c}" if c in _MARKDOWN_SPECIAL else c for c in text.replace("\n", " "))
+    """``text`` on one line (it is a list item's), rendered as itself."""
+    return literal_markdown(text.replace("\n", " "))
 
 
 def _shorten(text: str, limit: int) -> str:

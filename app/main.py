@@ -12,9 +12,10 @@ from typing import Any
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
-from app.openai_api import API_KEY_ENV, create_app
+from app.access import OwnerAccess
+from app.http_limits import BoundedRequests
+from app.openai_api import API_KEY_ENV, create_app, uvicorn_config
 from app.ui.interface import build_app
 from pubmedqa.backends.base import ModelBackend
 from pubmedqa.backends.factory import create_backend
@@ -34,26 +35,14 @@ def build_server(backend: ModelBackend, server: ServerSettings, search: Evidence
     Both use ``backend``, the limits in ``server`` and ``search`` for evidence (None: off)."""
     demo = build_app(backend, server, search)
     app = create_app(backend, server, page=demo, search=search)
-    app.add_middleware(RefuseUploads)
+    app.add_middleware(BoundedRequests)  # no file routes, bounded bodies: on every route, Gradio's included
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
         root_path=os.environ.get("GRADIO_ROOT_PATH") or None,
         show_error=False,  # as demo.launch() does: unexpected errors are logged, not shown with their details
+        # Gradio's /monitoring routes give anyone per-event request counts and success rates: not on a public app.
+        enable_monitoring=False if OwnerAccess.from_settings(server).public else None,
     )
-
-
-class RefuseUploads:
-    """Refuses Gradio's upload route before a byte is read: the page has no file input, and every upload would be
-    kept on the server's disk and served back to anyone holding its link."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].rstrip("/").endswith("/gradio_api/upload"):
-            await JSONResponse({"detail": "This app accepts no file uploads."}, status_code=403)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 class AppServer(uvicorn.Server):
@@ -93,11 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = f"key required: {API_KEY_ENV} is set" if os.environ.get(API_KEY_ENV) else f"open: set {API_KEY_ENV} for a key"
     logger.info("Serving the page at %s/ and the OpenAI-compatible API at %s/v1 (%s)", url, url, key)
     logger.info("Evidence: %s", f"source {evidence.evidence}" if search is not None else "off")
-    config = uvicorn.Config(
-        app, host=server.server_name, port=server.server_port, log_level="warning",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    AppServer(config).run()
+    AppServer(uvicorn_config(app, server.server_name, server.server_port, SHUTDOWN_GRACE_S)).run()
     return 0
 
 

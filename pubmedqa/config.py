@@ -166,6 +166,16 @@ class ServerSettings:
         "and the /chat and /compare APIs; more are refused at once instead of holding the queue.",
     )
     heavy_context_chars: int = _setting(4000, "A context longer than this makes a Chat request heavy.")
+    heavy_in_flight: int = _setting(
+        1,
+        "Heavy requests one visitor may have queued or running at once on a public app; more are refused when sent.",
+    )
+    trusted_proxy_hops: int = _setting(
+        -1,
+        "Proxies in front of the app that append the client's address to X-Forwarded-For: the address the outermost "
+        "appended names the visitor for the per-visitor limits, and what the client wrote is ignored. 0: the socket's "
+        "address only. -1 (default): 1 on a Space (its proxy), else 0.",
+    )
     evidence_per_minute: int = _setting(
         6, "Evidence searches one visitor may start per minute on a public app (each may query NCBI PubMed)."
     )
@@ -180,8 +190,10 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.owner:
             self.owner = os.environ.get("SPACE_AUTHOR_NAME", "")
+        if self.trusted_proxy_hops < 0:
+            self.trusted_proxy_hops = 1 if os.environ.get("SPACE_ID") else 0
         for name in ("max_comment_chars", "votes_per_minute", "max_eval_runs", "max_votes_mb", "heavy_per_minute",
-                     "evidence_per_minute"):
+                     "evidence_per_minute", "heavy_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -239,7 +239,9 @@ def test_with_pubmed_down_the_answer_has_no_citation_and_the_citations_say_why(s
 # ------------------------------------------------------------------------------------------------- public app
 def test_a_public_app_limits_each_clients_searches(serve, pubmedqa_dir, question):
     search = RecordingSearch(EvidenceSettings(evidence="local", evidence_local_data=str(pubmedqa_dir)))
-    client = serve(search, server_name="0.0.0.0", evidence_per_minute=1)
+    # Behind a Space's proxy (one hop): the visitor is the address it appends to X-Forwarded-For.
+    proxied = serve(search, server_name="0.0.0.0", evidence_per_minute=1, trusted_proxy_hops=1)
+    client = proxied.with_options(default_headers={"X-Forwarded-For": "198.51.100.1"})
     assert _ask(client, question, evidence="on").model_extra["citations"]["used_pmid"] == OWN
     with pytest.raises(openai.RateLimitError) as refused:
         _ask(client, question, evidence="on")
@@ -248,10 +250,13 @@ def test_a_public_app_limits_each_clients_searches(serve, pubmedqa_dir, question
     assert "At most 1 evidence searches a minute per visitor" in error.message
     assert 1 <= int(error.response.headers["Retry-After"]) <= 60
     assert len(search.calls) == 1  # the refused request searched nothing
+    forged = proxied.with_options(default_headers={"X-Forwarded-For": "203.0.113.99, 198.51.100.1"})
+    with pytest.raises(openai.RateLimitError):  # what the client wrote before the proxy's hop names nobody
+        _ask(forged, question, evidence="on")
     # Requests that do not search are not limited...
     assert "citations" not in _ask(client, question).model_extra
     assert "citations" not in _ask(client, question, evidence="auto", system=OTHER_CONTEXT).model_extra
-    # ...and another client (by X-Forwarded-For, as behind a Space's proxy) has searches of its own.
-    other = client.with_options(default_headers={"X-Forwarded-For": "203.0.113.7"})
+    # ...and another visitor (another address appended by the proxy) has searches of its own.
+    other = proxied.with_options(default_headers={"X-Forwarded-For": "203.0.113.7"})
     assert _ask(other, question, evidence="on").model_extra["citations"]["used_pmid"] == OWN
     assert len(search.calls) == 2

@@ -11,6 +11,7 @@ import time
 
 import gradio as gr
 import pytest
+from starlette.datastructures import Headers
 
 from app.access import OwnerAccess
 from app.eval_runs import RunCatalogue, UnknownRunError
@@ -187,15 +188,28 @@ def test_votes_per_visitor_per_minute_are_limited():
     assert limiter.allow("a")
 
 
-def test_a_visitor_is_named_by_address_so_new_sessions_share_one_budget():
-    def request(session, host, forwarded=""):
-        headers = {"x-forwarded-for": forwarded} if forwarded else {}
+def test_a_visitor_is_named_by_what_the_client_cannot_forge(monkeypatch):
+    def request(session, host, *forwarded, user=None):
+        headers = Headers(raw=[(b"x-forwarded-for", value.encode()) for value in forwarded])
+        scope = {"session": {"oauth_info": {"userinfo": {"preferred_username": user}}}} if user else {}
         return type("Request", (), {"session_hash": session, "client": type("C", (), {"host": host})(),
-                                    "headers": headers})()
+                                    "headers": headers, "scope": scope})()
 
-    assert visitor_key(request("s1", "10.0.0.5")) == visitor_key(request("s2", "10.0.0.5"))
-    assert visitor_key(request("s1", "10.0.0.1", "203.0.113.7, 10.0.0.1")) == "ip:203.0.113.7"  # behind a proxy
+    assert visitor_key(request("s1", "10.0.0.5")) == visitor_key(request("s2", "10.0.0.5"))  # new sessions share
+    # No proxy in front: whatever the client writes into X-Forwarded-For is ignored.
+    assert visitor_key(request("s1", "10.0.0.5", "203.0.113.7")) == "ip:10.0.0.5"
+    # Behind the Space's proxy (one hop): the address it appended, not what the client wrote before it.
+    assert visitor_key(request("s1", "10.0.0.1", "1.2.3.4, 203.0.113.7"), proxy_hops=1) == "ip:203.0.113.7"
+    assert visitor_key(request("s1", "10.0.0.1", "1.2.3.4", "203.0.113.7"), proxy_hops=1) == "ip:203.0.113.7"
+    assert visitor_key(request("s1", "10.0.0.1"), proxy_hops=1) == "ip:10.0.0.1"  # not through the proxy
+    # Signed in with Hugging Face (Gradio's signed session cookie): the account, from any address.
+    assert visitor_key(request("s1", "10.0.0.8", user="Alice")) == visitor_key(request("s2", "10.0.0.9", user="alice"))
+    assert visitor_key(request("s1", "10.0.0.8", user="alice")) == "user:alice"
     assert visitor_key(None) == "session:anonymous"
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert ServerSettings().trusted_proxy_hops == 0
+    monkeypatch.setenv("SPACE_ID", "lab-org/pubmedqa")
+    assert ServerSettings().trusted_proxy_hops == 1 and ServerSettings(trusted_proxy_hops=2).trusted_proxy_hops == 2
 
 
 def test_the_votes_file_is_bounded_and_a_full_box_refuses_with_a_message(tmp_path, caplog):
@@ -248,7 +262,7 @@ def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkey
 
 
 def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_backend, tmp_path):
-    from app.ui.common import VisitorGuard
+    from app.ui.visitor_guard import VisitorGuard
     from app.ui.compare_tab import CompareHandlers
 
     server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), max_comment_chars=20, votes_per_minute=2)

@@ -25,7 +25,7 @@ Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 
 from app.openai_api.admission import AdmissionQueue, page_queue_length
 from app.openai_api.errors import ApiError
-from app.openai_api.local_server import serve_in_thread
+from app.openai_api.local_server import serve_in_thread, uvicorn_config
 from app.openai_api.models import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, MODEL_ALIASES
 from app.openai_api.parsing import MAX_PROMPTS, ChatRequest, CompletionRequest
 from app.openai_api.routes import API_KEY_ENV, MAX_BODY_BYTES, create_app
@@ -43,5 +43,6 @@ __all__ = [
     "CompletionRequest",
     "create_app",
     "page_queue_length",
+    "uvicorn_config",
     "serve_in_thread",
 ]

@@ -199,7 +199,11 @@ def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
     """Whether to stream, and whether the stream ends with a usage chunk."""
     stream = _field(body, "stream", (bool,), "true or false", False)
     options = _field(body, "stream_options", (dict,), "an object", {})
-    return stream, bool(stream and options.get("include_usage"))
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false.", param="stream_options",
+                       code="invalid_type")
+    return stream, bool(stream and include_usage)
 
 
 def _stops(body: dict[str, Any]) -> tuple[str, ...]:

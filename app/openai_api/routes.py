@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.access import API_KEY_ENV, OwnerAccess, bearer_key_matches
+from app.http_limits import MAX_BODY_BYTES
 from app.openai_api.admission import AdmissionQueue, Ticket, page_queue_length
 from app.openai_api.errors import ApiError, as_api_error
 from app.openai_api.generation import chat_work, completion_work
@@ -28,7 +29,6 @@ from pubmedqa.backends.base import ModelBackend
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the limits allow
 
 
 class OpenAiApi:
@@ -97,11 +97,11 @@ class OpenAiApi:
             raise ApiError(400, "Evidence search is off on this app (PUBMEDQA_EVIDENCE=off).", param="evidence")
 
     def check_search_limit(self, request: Request) -> None:
-        """429 past a public app's per-visitor search limit (the page's, :class:`app.ui.common.VisitorGuard`); an
+        """429 past a public app's per-visitor search limit (the page's, :class:`app.ui.visitor_guard.VisitorGuard`); an
         allowed search counts."""
         if self.search is None or self._searches is None:
             return
-        visitor = visitor_key(request)
+        visitor = visitor_key(request, self.limits.trusted_proxy_hops)
         if not self._searches.allow(visitor):
             wait = self._searches.wait_s(visitor)
             raise ApiError(429, f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on "
@@ -119,6 +119,10 @@ class OpenAiApi:
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The body as a JSON object; 413 past MAX_BODY_BYTES, without reading further."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(400, "The request body must be JSON, sent with the header 'Content-Type: application/json'.",
+                           code="invalid_content_type")
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
             raise _too_large()

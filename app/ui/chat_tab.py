@@ -13,11 +13,11 @@ import gradio as gr
 
 from app.chat import message_text, stream_answer
 from app.evidence import FoundEvidence
+from app.literal_text import from_literal_markdown, literal_markdown
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
     SettingsControls,
-    VisitorGuard,
     build_settings_controls,
     generation_settings,
     mark_stopped,
@@ -35,6 +35,7 @@ from app.ui.evidence_panel import (
     shown,
     wire_evidence_panel,
 )
+from app.ui.visitor_guard import VisitorGuard, register_api
 from pubmedqa import variants
 from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
 from pubmedqa.config import ServerSettings
@@ -43,6 +44,15 @@ from pubmedqa.evidence import EvidenceSearch
 # (conversation, question box, notice, evidence list, article choice, evidence state, context box) as it grows
 ChatUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any, Any]]
 WAITING, LOADING = "…", "⏳ Loading the model…"  # the answer's placeholder until its first token
+
+
+def as_written(history: Any) -> Any:
+    """The conversation as it was typed and answered: the Chatbot shows each message escaped (:func:`literal_markdown`,
+    so that nothing in it renders as Markdown or HTML), and sends it back so."""
+    if not isinstance(history, list):
+        return history  # for the request's validation to refuse
+    return [{**m, "content": from_literal_markdown(message_text(m.get("content")))} if isinstance(m, dict) else m
+            for m in history]
 
 
 def variant_update(backend: ModelBackend) -> dict[str, Any]:
@@ -121,6 +131,7 @@ def _conversation() -> gr.Chatbot:
         height=460,
         buttons=["copy", "copy_all"],
         feedback_options=None,
+        latex_delimiters=[],  # messages are shown as written (literal_markdown), formulas included
         placeholder="Ask a yes/no/maybe question about biomedical research. "
         "To ground the answer, paste the abstract into the Abstract / context box.",
     )
@@ -186,13 +197,20 @@ class ChatHandlers:
         min_new_tokens: float,
         request: gr.Request,
     ) -> ChatUpdates:
-        if not isinstance(message, str) or not message.strip():
-            raise user_error("Please type a question.")
-        context_text = context_text if isinstance(context_text, str) else ""
-        self.guard.check_heavy(request, compare=False, context=context_text)
-        original = list(history or [])
+        with self.guard.heavy_job(request, compare=False, context=context_text):  # admitted by the event's validator
+            if not isinstance(message, str) or not message.strip():
+                raise user_error("Please type a question.")
+            context_text = context_text if isinstance(context_text, str) else ""
+            yield from self._respond(message, history, context_text, auto_evidence, found, variant,
+                                     generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty,
+                                                         min_new_tokens), request)
+
+    def _respond(self, message: str, history: list[dict[str, Any]] | None, context_text: str, auto_evidence: bool,
+                 found: FoundEvidence | None, variant: str, settings: dict[str, Any], request: gr.Request) -> ChatUpdates:
+        original = list(history or []) if isinstance(history, list) else []
         waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
-        pending = original + [{"role": "user", "content": message}, {"role": "assistant", "content": waiting}]
+        pending = original + [{"role": "user", "content": literal_markdown(message)},
+                              {"role": "assistant", "content": waiting}]
         yield pending, "", "", *UNCHANGED
         evidence, searched, evidence_notice = self.evidence.for_request(
             message, context_text, auto_evidence, found, request
@@ -201,13 +219,11 @@ class ChatHandlers:
             yield pending, gr.skip(), gr.skip(), *shown(evidence)
         cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
-            self.backend, self.limits, message, context_text, original, variant,
-            generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens), cancel,
-            evidence,
+            self.backend, self.limits, message, context_text, as_written(history), variant, settings, cancel, evidence
         )
         try:
             for update in run_guarded(updates):
-                pending[-1] = {"role": "assistant", "content": update.answer or waiting}
+                pending[-1] = {"role": "assistant", "content": literal_markdown(update.answer) or waiting}
                 notices = update.notices + [n for n in (evidence_notice,) if n]
                 yield pending, gr.skip(), notices_markdown(notices), *UNCHANGED
         except gr.Error:
@@ -221,6 +237,7 @@ class ChatHandlers:
     def stop_generation(self, history: list[dict[str, Any]] | None, request: gr.Request) -> Any:
         """Stop this session's answer, and mark it as stopped where it stands (the cancelled event sends nothing
         more)."""
+        self.guard.end_session(request)  # an answer stopped while still queued never runs to free its place
         if not self.cancels.cancel(session_id(request)) or not history:
             return gr.skip()
         last = dict(history[-1])
@@ -232,9 +249,10 @@ class ChatHandlers:
 
     def end_session(self, request: gr.Request) -> None:
         self.cancels.cancel(session_id(request))
+        self.guard.end_session(request)
 
     def clear_chat(self, request: gr.Request) -> tuple[list, str, str]:
-        self.cancels.cancel(session_id(request))
+        self.end_session(request)
         return [], "", ""
 
 
@@ -249,6 +267,7 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
         api_visibility="private",
         concurrency_id=MODEL_EVENTS,
         concurrency_limit=concurrency_limit,
+        validator=handlers.guard.validator(compare=False, context_at=2),
     )
     ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=[chat_event], queue=False,
                   api_visibility="private")
@@ -292,12 +311,12 @@ def register_chat_api(
         when no context is given) or "on" (the best article found is the context). Streams the growing answer; the
         last value is the answer, ending with a "Source: PMID ..." line when it is based on an article (the
         articles themselves: the /evidence endpoint)."""
-        guard.check_api_caller(request)
-        guard.check_heavy(request, compare=False, context=context)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
-        found = api_evidence(search, guard, limits, question, context, evidence, request)
-        updates = stream_answer(backend, limits, question, context, history, model, settings, evidence=found)
-        for update in run_guarded(updates):
-            yield update.answer
+        with guard.heavy_job(request, compare=False, context=context):  # key and limits: checked when sent
+            found = api_evidence(search, guard, limits, question, context, evidence, request)
+            updates = stream_answer(backend, limits, question, context, history, model, settings, evidence=found)
+            for update in run_guarded(updates):
+                yield update.answer
 
-    gr.api(chat, api_name="chat", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)
+    register_api(chat, guard.validator(compare=False, context_at=1, api=True), api_name="chat",
+                 concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

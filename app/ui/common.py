@@ -1,5 +1,5 @@
-"""UI pieces shared by the tabs: generation settings controls, per-session cancellation (Stop), per-visitor limits
-of a public page, and error reporting."""
+"""UI pieces shared by the tabs: generation settings controls, per-session cancellation (Stop) and error
+reporting."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from typing import Any, Iterator, TypeVar
 
 import gradio as gr
 
-from app.access import bearer_key_matches
 from app.chat import UserInputError
-from app.rate_limits import PerMinuteLimiter, visitor_key
+from app.rate_limits import log_refusal
 from pubmedqa.backends.base import AdapterUnavailableError, BackendError, GenerationSettings
 from pubmedqa.config import ServerSettings
 from pubmedqa.model_loading import ModelLoadError
@@ -61,8 +60,9 @@ def mark_stopped(text: Any) -> str:
 
 
 def user_error(message: str) -> gr.Error:
-    """The error a user sees in a toast, for something they can act on: logged by nobody (Gradio would print a
-    traceback for each, and a burst of bad requests would flood the log)."""
+    """The error a user sees in a toast, for something they can act on: one throttled log line, no traceback (Gradio
+    would print one for each, and a burst of bad requests would flood the log)."""
+    log_refusal("Refused a request: %s", message)
     return gr.Error(message, print_exception=False)
 
 
@@ -90,51 +90,7 @@ def run_guarded(updates: Iterator[T]) -> Iterator[T]:
         raise user_error(str(exc)) from None
     except Exception as exc:
         logger.exception("Generation failed")
-        raise user_error(f"Generation failed ({type(exc).__name__}). Please try again.") from None  # logged above
-
-
-class VisitorGuard:
-    """What the page's events and the /chat and /compare APIs check before running the model.
-
-    - On a public app, heavy requests (a Compare, a Chat with a long context) are limited per visitor per minute,
-      so that one visitor cannot hold the one model for minutes; a refused one ends at once instead of waiting.
-    - With ``api_key`` (``PUBMEDQA_API_KEY``), the /chat and /compare APIs need it as ``/v1`` does; the page's own
-      events stay open to every visitor (they are not callable as APIs: ``api_visibility="private"``).
-    - On a public app, evidence searches are limited per visitor per minute too.
-    """
-
-    def __init__(self, limits: ServerSettings, public: bool, api_key: str | None = None):
-        self.limits = limits
-        self._heavy = PerMinuteLimiter(limits.heavy_per_minute) if public else None
-        self._evidence = PerMinuteLimiter(limits.evidence_per_minute) if public else None
-        self._api_key = api_key or None
-
-    def allow_evidence(self, request: gr.Request | None) -> bool:
-        """Whether this visitor may search for evidence now (on a public app, ``evidence_per_minute`` searches a
-        minute each, so that one visitor cannot spend the owner's NCBI quota); an allowed search counts."""
-        return self._evidence is None or self._evidence.allow(visitor_key(request))
-
-    def evidence_limit_message(self, request: gr.Request | None) -> str:
-        wait = self._evidence.wait_s(visitor_key(request)) if self._evidence is not None else 0
-        return (f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on this public "
-                f"app; the next in {wait:.0f} s.")
-
-    def check_api_caller(self, request: gr.Request | None) -> None:
-        if self._api_key and not bearer_key_matches(getattr(request, "headers", None) or {}, self._api_key):
-            raise user_error("This API needs a key: send the header 'Authorization: Bearer <key>' (with "
-                             "gradio_client: Client(url, headers={'Authorization': 'Bearer <key>'})).")
-
-    def check_heavy(self, request: gr.Request | None, compare: bool, context: Any = "") -> None:
-        long_context = isinstance(context, str) and len(context) > self.limits.heavy_context_chars
-        if self._heavy is None or not (compare or long_context):
-            return
-        visitor = visitor_key(request)
-        if not self._heavy.allow(visitor):
-            what = "A comparison" if compare else "A question with a long context"
-            raise user_error(
-                f"{what} runs the model for a long time: at most {self.limits.heavy_per_minute} such requests a "
-                f"minute per visitor on this public app. Please try again in {self._heavy.wait_s(visitor):.0f} s."
-            )
+        raise gr.Error(f"Generation failed ({type(exc).__name__}). Please try again.", print_exception=False) from None
 
 
 @dataclass

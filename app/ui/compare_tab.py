@@ -13,12 +13,12 @@ import gradio as gr
 
 from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.evidence import FoundEvidence
-from app.rate_limits import PerMinuteLimiter, visitor_key
+from app.literal_text import literal_markdown
+from app.rate_limits import PerMinuteLimiter
 from app.ui.common import (
     MODEL_EVENTS,
     SessionCancels,
     SettingsControls,
-    VisitorGuard,
     build_settings_controls,
     generation_settings,
     mark_stopped,
@@ -36,6 +36,7 @@ from app.ui.evidence_panel import (
     shown,
     wire_evidence_panel,
 )
+from app.ui.visitor_guard import VisitorGuard, register_api
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa import variants
 from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
@@ -143,7 +144,9 @@ def _layout(
 def _answer_panel(variant: Variant, elem_id: str) -> AnswerPanel:
     with gr.Column():
         gr.Markdown(f"### {variants.HEADINGS[variant]}")
-        return AnswerPanel(answer=gr.Markdown(container=True, min_height=120, elem_id=elem_id), stats=gr.Markdown())
+        # Answers are shown as written (literal_markdown), formulas included.
+        answer = gr.Markdown(container=True, min_height=120, elem_id=elem_id, latex_delimiters=[])
+        return AnswerPanel(answer=answer, stats=gr.Markdown())
 
 
 class CompareHandlers:
@@ -165,13 +168,19 @@ class CompareHandlers:
             return gr.skip(), gr.skip(), ""
         ex = self.examples[index]
         return ex["question"], ex["context"], (
-            f"**Gold label: {ex['final_decision']}** — reference (the abstract's conclusion): {ex['long_answer']}"
+            f"**Gold label: {literal_markdown(ex['final_decision'])}** — reference (the abstract's conclusion): "
+            f"{literal_markdown(ex['long_answer'])}"
         )
 
     def run(self, question_text: str, context_text: str, auto_evidence: bool, found: FoundEvidence | None,
             max_new_tokens: float, temperature: float, top_p: float, seed: float, repetition_penalty: float,
             min_new_tokens: float, request: gr.Request) -> CompareUpdates:
-        self.guard.check_heavy(request, compare=True)
+        with self.guard.heavy_job(request, compare=True):  # admitted by the event's validator
+            yield from self._run(question_text, context_text, auto_evidence, found, generation_settings(
+                max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens), request)
+
+    def _run(self, question_text: str, context_text: str, auto_evidence: bool, found: FoundEvidence | None,
+             settings: dict[str, Any], request: gr.Request) -> CompareUpdates:
         context_text = context_text if isinstance(context_text, str) else ""
         question_text = question_text if isinstance(question_text, str) else ""
         evidence, searched, evidence_notice = (None, False, None) if not question_text.strip() else (
@@ -180,7 +189,6 @@ class CompareHandlers:
         if searched:  # both answers use what was found: show it first
             yield *(gr.skip(),) * 6, *shown(evidence)
         cancel = self.cancels.start(session_id(request))
-        settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         update: ComparisonUpdate | None = None
         updates = stream_comparison(
             self.backend, self.limits, question_text, context_text, settings, cancel, evidence
@@ -189,7 +197,8 @@ class CompareHandlers:
             base = update.sides[0]
             tuned = update.sides[1] if len(update.sides) > 1 else None
             notices = update.notices + [n for n in (evidence_notice,) if n] + [f"Mode: {update.mode}."]
-            yield (base.answer or PENDING, (tuned.answer or PENDING) if tuned else NO_ADAPTER,
+            yield (literal_markdown(base.answer) or PENDING,
+                   (literal_markdown(tuned.answer) or PENDING) if tuned else NO_ADAPTER,
                    side_stats(base, update.done), side_stats(tuned, update.done), notices_markdown(notices),
                    gr.skip(), *UNCHANGED)
         self.cancels.finish(session_id(request), cancel)
@@ -212,7 +221,7 @@ class CompareHandlers:
         note = (note or "").strip()
         if len(note) > self.limits.max_comment_chars:
             raise user_error(f"The comment is too long: at most {self.limits.max_comment_chars} characters.")
-        if not self.vote_limiter.allow(visitor_key(request)):
+        if not self.vote_limiter.allow(self.guard.visitor(request)):
             raise user_error(f"Too many votes: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
         try:
             self.votes.append(choice, {**record, "comment": note})
@@ -224,6 +233,7 @@ class CompareHandlers:
 
     def stop_comparison(self, base: str, tuned: str, request: gr.Request) -> tuple[Any, Any, Any, Any]:
         """Stop this session's comparison and mark both answers as stopped where they stand."""
+        self.guard.end_session(request)  # a comparison stopped while still queued never runs to free its place
         if not self.cancels.cancel(session_id(request)):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         def stopped(text: str) -> str:
@@ -243,6 +253,7 @@ def _wire(ui: CompareComponents, handlers: CompareHandlers, concurrency_limit: i
          *ui.evidence.outputs, ui.context],
         api_visibility="private", concurrency_id=MODEL_EVENTS, concurrency_limit=concurrency_limit,
         trigger_mode="once",  # a second click while running is ignored, not queued
+        validator=handlers.guard.validator(compare=True),
     )
     ui.stop.click(handlers.stop_comparison, [ui.base.answer, ui.tuned.answer],
                   [ui.base.answer, ui.tuned.answer, ui.base.stats, ui.tuned.stats], cancels=[event], queue=False,
@@ -284,12 +295,12 @@ def register_compare_api(
         decision, option probabilities, time to first token, tokens/s and token count. `evidence`: "off", "auto"
         (search when no context is given) or "on"; the result's "evidence" then holds the citations (pmid, title,
         journal, year, url) and the PMID both answers are based on."""
-        guard.check_api_caller(request)
-        guard.check_heavy(request, compare=True)
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
-        found = api_evidence(search, guard, limits, question, context, evidence, request)
-        *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings, evidence=found))
+        with guard.heavy_job(request, compare=True):  # key and limits: checked when sent
+            found = api_evidence(search, guard, limits, question, context, evidence, request)
+            *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings, evidence=found))
         result = {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
         return result | ({"evidence": found.as_dict()} if found is not None else {})
 
-    gr.api(compare_api, api_name="compare", concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)
+    register_api(compare_api, guard.validator(compare=True, api=True), api_name="compare",
+                 concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

@@ -4,12 +4,12 @@ evaluation with its progress next to the button."""
 
 from __future__ import annotations
 
+import base64
+import importlib.resources
 import json
 import logging
 import math
-import re
 import shutil
-import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from gradio.components.plot import PlotData
 
 from app.access import OwnerAccess
 from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
+from app.literal_text import literal_markdown
 from app.ui.common import user_error
 from pubmedqa import variants
 from pubmedqa.backends.base import ModelBackend
@@ -244,13 +245,10 @@ def row_count(shown: int, total: int, filter_name: str) -> str:
     return f"Showing {shown} of {total} examples ({filter_name}). Click a row to read it in full below the table."
 
 
-_MARKDOWN_PUNCTUATION = re.compile("([" + re.escape(string.punctuation) + "])")
-
-
 def _plain(text: Any) -> str:
     """Model and dataset text shown as written: every Markdown/HTML character escaped, so that nothing in an answer
     formats, links or hides the rest."""
-    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", str(text if text is not None else "")).replace("\n", "  \n")
+    return literal_markdown(str(text if text is not None else "")).replace("\n", "  \n")
 
 
 def example_markdown(run: RunResults, example_id: Any) -> str:
@@ -392,7 +390,7 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
         )
         gr.Markdown(access.how_to(), visible=access.public)
         if access.sign_in:
-            gr.LoginButton()
+            _sign_in_button()
         admin_key = gr.Textbox(label="Admin key", type="password", visible=access.needs_key, max_length=200)
         with gr.Row():
             n_questions = gr.Slider(10, 500, value=50, step=10, label="Questions",
@@ -526,3 +524,11 @@ def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, ex
     for after in (running.then, running.failure):
         after(settle, tab.run_status, [tab.run_button, tab.run_status], api_visibility="private", queue=False,
               show_progress="hidden")
+
+
+def _sign_in_button() -> gr.LoginButton:
+    """Gradio's sign-in button with its Hugging Face logo inlined: given as a file, the logo's path on this server
+    (inside the virtual environment) would be in the page's public /config."""
+    logo = (importlib.resources.files("gradio") / "icons" / "huggingface-logo.svg").read_bytes()
+    return gr.LoginButton(icon={"path": "huggingface-logo.svg",
+                                "url": "data:image/svg+xml;base64," + base64.b64encode(logo).decode()})

@@ -16,7 +16,8 @@ import gradio as gr
 
 from app.chat import UserInputError, clean_text, evidence_for, parse_evidence_mode, parse_question
 from app.evidence import FoundEvidence, article_choices, evidence_markdown, find_evidence
-from app.ui.common import VisitorGuard, user_error
+from app.ui.common import user_error
+from app.ui.visitor_guard import VisitorGuard
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 

@@ -9,7 +9,8 @@ import gradio as gr
 
 from app.access import API_KEY_ENV, OwnerAccess
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
-from app.ui.common import VisitorGuard
+from app.ui.page_blocks import PageBlocks
+from app.ui.visitor_guard import VisitorGuard
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
@@ -33,7 +34,7 @@ def build_app(backend: ModelBackend, limits: ServerSettings, search: EvidenceSea
     """The page; ``search`` finds evidence for questions (None: evidence is off)."""
     guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
     # Gradio keeps a copy of each file it serves (the dashboard's CSVs): drop copies a day old, checked hourly.
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
+    with PageBlocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         status, details = _header(backend)
         chat = _tabs(backend, limits, guard, search)
         register_chat_api(backend, limits, guard, search)
