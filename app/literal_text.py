@@ -3,24 +3,25 @@ data set's texts, wherever the page renders Markdown (the Chatbot, the Compare a
 Evaluation example).
 
 :func:`literal_markdown` backslash-escapes what could start a Markdown or HTML construct (tags, entities, links,
-images, emphasis, code, tables, and headings, lists, quotes or rules at a line's start), and only that, so an
-answer copied from the page reads as written; :func:`from_literal_markdown` gives the text back exactly (the
-Chatbot's value comes back to the server as the conversation's history).
+images, bare URLs and addresses, emphasis, code, tables, and headings, lists, quotes or rules at a line's start),
+and only that, so that an answer copied from the page reads as written; :func:`from_literal_markdown` gives the
+text back exactly (the Chatbot's value comes back to the server as the conversation's history).
 """
 
 from __future__ import annotations
 
 import re
 
-_INLINE = frozenset("\\`*_{}[]<>!|~&$")
+_INLINE = frozenset("\\`*_{}[]<>!|~&$@")
 _LINE_START = re.compile(r"^([ \t]*)([#+\-=]|\d+(?=[.)]))", re.MULTILINE)
+_AUTOLINK = re.compile(r"(?i)\b(https?|ftp|www)([:.])")  # GitHub-flavoured Markdown links bare URLs
 _ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")  # a backslash before any ASCII punctuation
 
 
 def literal_markdown(text: str) -> str:
     """``text`` escaped so that Markdown renders it as itself (line breaks kept)."""
     escaped = "".join(f"\\{c}" if c in _INLINE else c for c in text)
-    return _LINE_START.sub(_escape_line_start, escaped)
+    return _AUTOLINK.sub(r"\1\\\2", _LINE_START.sub(_escape_line_start, escaped))
 
 
 def _escape_line_start(match: re.Match[str]) -> str:

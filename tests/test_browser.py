@@ -104,11 +104,20 @@ def test_chat_streams_an_answer_and_clear_empties_the_conversation(page):
 
 
 def test_markup_in_a_question_is_shown_as_text_and_never_runs(page):
-    payload = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script> Is it safe?"
+    payload = ("<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script> <b>bold</b> **star** "
+               "[link](https://example.org) & 1. Is it safe?")
     _ask(page, payload)
     _wait_answer(page)
     assert page.evaluate("() => window.__pwned") is None
-    assert page.locator("#chat-conversation").get_by_text("Is it safe?").count()
+    conversation = page.locator("#chat-conversation")
+    user = conversation.locator(".message-row.user-row").first
+    assert user.inner_text().strip() == payload  # every character as typed: nothing rendered, nothing dropped
+    for element in ("img", "b", "strong", "a", "script"):
+        assert user.locator(element).count() == 0, f"a <{element}> element was rendered from the question"
+    _ask(page, "And <i>this</i>?")  # the first turn went back to the server as history and is shown unchanged
+    _wait_answer(page, 1)
+    assert conversation.locator(".message-row.user-row").first.inner_text().strip() == payload
+    assert conversation.locator(".message-row.user-row").nth(1).inner_text().strip() == "And <i>this</i>?"
 
 
 def test_sessions_are_separate_and_clear_clears_only_its_own(browser, app_url, page):

@@ -68,6 +68,10 @@ def test_a_space_with_sign_in_starts_and_shows_the_sign_in_button(tmp_path):
         buttons = [c for c in config["components"] if c.get("type") == "loginbutton" or
                    "Sign in" in str(c.get("props", {}).get("value", ""))]
         assert buttons, "the Evaluation tab's Hugging Face sign-in button is missing"
+        assert buttons[0]["props"]["icon"]["url"].startswith("data:image/svg+xml")  # the logo, but not its path
+        served = json.dumps(config)
+        for server_path in {sys.prefix, str(REPO_ROOT), os.path.expanduser("~")}:
+            assert server_path not in served, f"the public /config shows the server path {server_path}"
         # The sign-in route exists (Gradio's OAuth routes need authlib/itsdangerous, the [oauth] extra).
         request = urllib.request.Request(url + "login/huggingface", method="GET")
         try:
