@@ -108,7 +108,8 @@ def test_a_clicked_row_shows_the_whole_example_as_text_never_as_markup():
     run = type(RUN)(RUN.path, RUN.results, [hostile])
     shown = example_markdown(run, "x1")
     question = shown.splitlines()[0].removeprefix("### ")
-    assert not re.search(r"(?<!\\)[<>\[\]()*]", question)  # every one escaped: no tag, no link, no bold
+    # every one escaped: no tag, no link (brackets, and the bare URL's scheme), no bold; parentheses alone are no markup
+    assert not re.search(r"(?<!\\)[<>\[\]*]", question) and "http:" not in question
     assert question.replace("\\", "") == hostile["question"]
 
 

@@ -4,6 +4,7 @@ queued long requests, text shown as text in the browser test, one log line per r
 
 from __future__ import annotations
 
+import html as html_lib
 import http.server
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from markdown_it import MarkdownIt
 
 from app.http_limits import MAX_BODY_BYTES
 from app.literal_text import from_literal_markdown, literal_markdown
@@ -240,6 +242,10 @@ def test_a_refused_or_stopped_request_frees_its_place(space):
 def test_literal_markdown_gives_the_text_back_exactly(text):
     escaped = literal_markdown(text)
     assert from_literal_markdown(escaped) == text
+    html = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(escaped)
+    assert set(re.findall(r"<(\w+)", html)) <= {"p", "pre", "code"}, html  # paragraphs (an indented line: code)
+    shown = html_lib.unescape(re.sub(r"<[^>]+>", "", html))
+    assert shown.split() == text.split()  # every word as written
     for construct in ("<img", "<b>", "**", "](", "![", "https:", "www.", "# ", "- ", "1. ", "$$", "&amp;", "|"):
         # each construct is broken by a backslash: before its first character, or inside it
         assert re.search(r"(?<!\\)" + re.escape(construct), escaped) is None, f"{construct!r} kept in {escaped!r}"
