@@ -165,8 +165,8 @@ def test_the_medical_disclaimer_is_visible_on_every_tab(page):
         assert page.get_by_text("not medical advice").first.is_visible(), tab
 
 
-def _open_page(browser, url: str):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def _open_page(browser, url: str, viewport: dict | None = None):
+    context = browser.new_context(viewport=viewport or {"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
@@ -191,6 +191,28 @@ def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the
         assert page.get_by_label("Evaluation run").input_value() == "test-500-shares · shipped"
         page.screenshot(path=str(ARTIFACTS / "evaluation-public.png"), full_page=True)
         context.close()
+
+
+def test_a_comparison_past_the_limit_is_refused_on_the_question_when_sent(browser, tiny_model_dir, tiny_adapter_dir,
+                                                                          tmp_path):
+    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    public = ServerSettings(server_name="0.0.0.0", heavy_per_minute=1, votes_path=str(tmp_path / "votes.jsonl"))
+    with serving(build_app(backend, public)) as url:
+        for viewport in ({"width": 1280, "height": 900}, PHONE):
+            context, page = _open_page(browser, url, viewport)
+            page.get_by_role("tab", name="Compare").click()
+            box = page.locator("#compare-question textarea")
+            box.fill("Is the first one answered?")
+            box.press("Enter")
+            if viewport is not PHONE:  # the first comparison of this visitor runs; the next one is past the limit
+                page.get_by_text("tokens · first token").first.wait_for()
+                box.fill("Is the second one refused?")
+                box.press("Enter")
+            refusal = page.locator("#compare-question").get_by_text("at most 1 such requests a minute per visitor")
+            refusal.wait_for()
+            assert box.input_value().startswith("Is the")  # the question stays in its box: nothing typed is lost
+            page.screenshot(path=str(ARTIFACTS / f"compare-refused-{viewport['width']}.png"), full_page=True)
+            context.close()
 
 
 def test_chat_answers_while_an_evaluation_started_in_the_page_runs(
