@@ -9,6 +9,7 @@ refused before Gradio looks at it: the page has no file input.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -30,7 +31,22 @@ class BadValueError(gr.Error):
 
 
 class PageBlocks(gr.Blocks):
-    """``gr.Blocks`` whose events refuse bad values and file references (see the module's docstring)."""
+    """``gr.Blocks`` whose events refuse bad values and file references (see the module's docstring), and whose
+    queue stays within its size with validators."""
+
+    def queue(self, *args: Any, **kwargs: Any) -> PageBlocks:
+        """As Gradio's, with submissions admitted one at a time: Gradio checks the queue's size before it awaits an
+        event's validator and adds the event after it, so submissions arriving together would all pass the check
+        and the queue would grow past ``max_size``."""
+        blocks = super().queue(*args, **kwargs)
+        push, lock = self._queue.push, asyncio.Lock()
+
+        async def one_at_a_time(*push_args: Any, **push_kwargs: Any) -> Any:
+            async with lock:
+                return await push(*push_args, **push_kwargs)
+
+        self._queue.push = one_at_a_time
+        return blocks
 
     async def preprocess_data(self, block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False) -> Any:
         name = getattr(getattr(block_fn, "fn", None), "__name__", "an event")
