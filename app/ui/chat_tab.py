@@ -206,7 +206,8 @@ class ChatHandlers:
                                                          min_new_tokens), request)
 
     def _respond(self, message: str, history: list[dict[str, Any]] | None, context_text: str, auto_evidence: bool,
-                 found: FoundEvidence | None, variant: str, settings: dict[str, Any], request: gr.Request) -> ChatUpdates:
+                 found: FoundEvidence | None, variant: str, settings: dict[str, Any],
+                 request: gr.Request) -> ChatUpdates:
         original = list(history or []) if isinstance(history, list) else []
         waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
         pending = original + [{"role": "user", "content": literal_markdown(message)},
