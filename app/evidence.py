@@ -92,8 +92,6 @@ def article_choices(found: FoundEvidence) -> list[tuple[str, int]]:
     ]
 
 
-
-
 def escape_markdown(text: str) -> str:
     """``text`` on one line (it is a list item's), rendered as itself."""
     return literal_markdown(text.replace("\n", " "))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -51,20 +52,33 @@ class BoundedRequests:
     async def _read_body(self, scope: dict, receive: Any) -> bytes | None:
         """The whole body, or None once it is longer than the limit (declared or received)."""
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        return await read_bounded(_received_chunks(receive), declared, self.max_body_bytes)
+
+
+async def read_bounded(chunks: AsyncIterator[bytes], declared: str | bytes | None,
+                       limit: int = MAX_BODY_BYTES) -> bytes | None:
+    """A request body from ``chunks``, or None as soon as it is longer than ``limit``: its declared Content-Length
+    (not read at all then) or what arrives."""
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
             return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return b"".join(chunks)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _received_chunks(receive: Any) -> AsyncIterator[bytes]:
+    """The body's chunks as the ASGI server delivers them, until the last (or the client goes away)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 def _replay(body: bytes, receive: Any) -> Any:

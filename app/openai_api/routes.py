@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.access import API_KEY_ENV, OwnerAccess, bearer_key_matches
-from app.http_limits import MAX_BODY_BYTES
+from app.http_limits import MAX_BODY_BYTES, read_bounded
 from app.openai_api.admission import AdmissionQueue, Ticket, page_queue_length
 from app.openai_api.errors import ApiError, as_api_error
 from app.openai_api.generation import chat_work, completion_work
@@ -123,17 +123,11 @@ class OpenAiApi:
         if media_type != "application/json":
             raise ApiError(400, "The request body must be JSON, sent with the header 'Content-Type: application/json'.",
                            code="invalid_content_type")
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raw = await read_bounded(request.stream(), request.headers.get("content-length"))
+        if raw is None:
             raise _too_large()
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large()
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
         except (ValueError, RecursionError) as exc:
             raise ApiError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
         if not isinstance(body, dict):
