@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from pubmedqa.backends.base import GenerationSettings, Variant
 from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, EvidenceSettings, ModelSettings
-from pubmedqa.data import SplitSettings, load_local, load_test_ids
+from pubmedqa.data import SplitSettings, load_records, load_test_ids
 from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.evidence import EvidenceSearch
@@ -35,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     data_dir = SplitSettings().data
-    records = load_local(data_dir)
-    test = [records[pubid] for pubid in load_test_ids(data_dir)][: args.limit]
+    records = load_records(data_dir)
+    test = [records[pubid] for pubid in load_test_ids(data_dir if Path(data_dir).is_dir() else None)][: args.limit]
     search = EvidenceSearch(EvidenceSettings(evidence="local", evidence_local_data=str(data_dir)))
     started = time.perf_counter()
     index = search.local_index()

@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import html
 import time
+from pathlib import Path
 
 import numpy as np
 
 from pubmedqa.config import EvidenceSettings
-from pubmedqa.data import SplitSettings, load_local, load_test_ids
+from pubmedqa.data import SplitSettings, load_records, load_test_ids
 from pubmedqa.evidence import EvidenceSearch
 from tests.fake_eutils import FakeEutils, pubmed_article
 
@@ -136,8 +137,8 @@ def main() -> None:
     parser.add_argument("--pubmed_queries", type=int, default=20)
     args = parser.parse_args()
 
-    records = load_local(args.data)
-    test_ids = load_test_ids(args.data)
+    records = load_records(args.data)
+    test_ids = load_test_ids(args.data if Path(args.data).is_dir() else None)
     pubids = test_ids if args.split == "test" else sorted(set(records) - set(test_ids))
     local_benchmark(args, records, pubids)
     pubmed_benchmark(args, records, pubids)

@@ -235,8 +235,9 @@ class EvidenceSettings:
     )
     evidence_max_query_chars: int = _setting(300, "Longest part of a question sent to PubMed (cut at a word).")
     evidence_local_data: str = _setting(
-        str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        "Folder with the PubMedQA ori_pqal.json whose abstracts the local index holds (skipped when absent).",
+        "hub",
+        "Where the local index gets PubMedQA's abstracts: 'hub' (qiaojin/PubMedQA through the datasets cache, "
+        "fetched on first use), a folder with ori_pqal.json, or '' (none); skipped with one log line when unavailable.",
     )
     evidence_local_files: str = _setting(
         "",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +27,14 @@ ARTIFICIAL_FILE = "ori_pqaa.json"  # its name in the PubMedQA repository
 # The official test ids (no labels), shipped so that the Hub copy, which has no split, can be split the same way.
 SHIPPED_TEST_IDS = PROJECT_ROOT / "assets" / "pubmedqa_test_ids.json"
 DEFAULT_SPLIT_SEED = 0
+#: Where the commands read PubMedQA from when no --data is given: a folder, or "hub" (the default).
+DATA_ENV = "PUBMEDQA_DATA"
+
+
+def default_data_source() -> str:
+    """``$PUBMEDQA_DATA`` when set (a folder with ``ori_pqal.json``), else ``hub``: qiaojin/PubMedQA through the
+    datasets cache, so a clone needs no data folder and a second run works offline."""
+    return os.environ.get(DATA_ENV, "").strip() or "hub"
 
 
 class DataFormatError(ValueError):
@@ -83,7 +92,7 @@ def _read_json(path: Path) -> Any:
         with path.open(encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
-        raise DataFormatError(f"{path} does not exist (set --data / PUBMEDQA_DATA to the PubMedQA folder, or use hub)") from None
+        raise DataFormatError(f"{path} does not exist (set --data / {DATA_ENV} to the PubMedQA folder, or use hub)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataFormatError(f"{path} is not valid JSON: {exc}") from None
 
@@ -144,18 +153,22 @@ def load_artificial(source: str | Path) -> dict[str, PubMedQARecord]:
     return load_local_file(path)
 
 
-def load_hub(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> dict[str, PubMedQARecord]:
+def hub_rows(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> Iterable[dict[str, Any]]:
+    """The rows of a Hub dataset's train split, through the datasets cache (downloaded once, then read offline)."""
     from datasets import load_dataset
 
-    logger.info("Loading %s (%s) from the Hugging Face Hub", repo_id, config)
+    logger.info("Loading %s (%s) from the Hugging Face Hub or its datasets cache", repo_id, config)
     try:
-        rows = load_dataset(repo_id, config, split="train")
+        return load_dataset(repo_id, config, split="train")
     except Exception as exc:  # offline, unknown repo, no access: one clear line instead of a traceback
         raise DataFormatError(
             f"could not load {repo_id} ({config}) from the Hub ({type(exc).__name__}); check the network, "
-            "or use local files (ori_pqal.json / ori_pqaa.json)"
+            f"or use local files (--data / {DATA_ENV}: a folder with ori_pqal.json)"
         ) from None
-    return records_from_hub_rows(rows)
+
+
+def load_hub(repo_id: str = HUB_DATASET, config: str = HUB_CONFIG) -> dict[str, PubMedQARecord]:
+    return records_from_hub_rows(hub_rows(repo_id, config))
 
 
 def load_records(source: str | Path) -> dict[str, PubMedQARecord]:
@@ -235,8 +248,9 @@ class SplitSettings:
     reuse a training run's split (calibration, decision probe, baseline) must be given the same values."""
 
     data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' for qiaojin/PubMedQA."},
+        default_factory=default_data_source,
+        metadata={"help": "Folder with ori_pqal.json (+ test_ground_truth.json), or 'hub' (the default) for "
+                          "qiaojin/PubMedQA, kept in the datasets cache."},
     )
     dev_size: int = field(default=50, metadata={"help": "Dev questions held out of the 500 non-test ones."})
     split_seed: int = field(default=DEFAULT_SPLIT_SEED, metadata={"help": "Seed of the stratified train/dev split."})

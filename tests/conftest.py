@@ -19,7 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("PUBMEDQA_DATA_DIR", REPO_ROOT.parent / "shared" / "data" / "pubmedqa"))
+# The product reads PubMedQA from the Hub by default; the tests read the local copy, named by the product's own
+# variables (CI sets PUBMEDQA_DATA; a developer's checkout beside ../shared needs nothing).
+DATA_DIR = Path(os.environ.get("PUBMEDQA_DATA") or REPO_ROOT.parent / "shared" / "data" / "pubmedqa")
+os.environ["PUBMEDQA_DATA"] = str(DATA_DIR)
+os.environ.setdefault("PUBMEDQA_EVIDENCE_LOCAL_DATA", str(DATA_DIR))
 
 _CORPUS = [
     "Answer the biomedical research question with yes, no or maybe, then explain the answer.",
@@ -187,5 +191,5 @@ def hub_calls(monkeypatch) -> list[tuple[str, str, dict]]:
 @pytest.fixture(scope="session")
 def pubmedqa_dir() -> Path:
     if not (DATA_DIR / "ori_pqal.json").is_file():
-        pytest.skip(f"PubMedQA data not found in {DATA_DIR} (set PUBMEDQA_DATA_DIR)")
+        pytest.skip(f"PubMedQA data not found in {DATA_DIR} (set PUBMEDQA_DATA)")
     return DATA_DIR

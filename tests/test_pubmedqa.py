@@ -1,4 +1,4 @@
-"""The PubMedQA loader and the official split, on the real PQA-L files in ../shared/data/pubmedqa."""
+"""The PubMedQA loader and the official split, on the real PQA-L files (the tests' copy, ``PUBMEDQA_DATA``)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,20 @@ def records(pubmedqa_dir):
     return load_local(pubmedqa_dir)
 
 
+def _hub_rows(raw: dict) -> list[dict]:
+    """``ori_pqal.json`` records as rows of qiaojin/PubMedQA (the schema of its pqa_labeled config)."""
+    return [
+        {
+            "pubid": int(pubid),
+            "question": item["QUESTION"],
+            "context": {"contexts": item["CONTEXTS"], "labels": item["LABELS"], "meshes": item.get("MESHES", [])},
+            "long_answer": item["LONG_ANSWER"],
+            "final_decision": item["final_decision"],
+        }
+        for pubid, item in raw.items()
+    ]
+
+
 def test_local_loader_reads_every_field(records):
     assert len(records) == 1000
     record = records["21645374"]
@@ -38,17 +52,7 @@ def test_local_loader_reads_every_field(records):
 
 def test_hub_rows_give_the_same_records_as_the_local_files(records, pubmedqa_dir):
     raw = json.loads((pubmedqa_dir / "ori_pqal.json").read_text())
-    rows = [  # the schema of qiaojin/PubMedQA, config pqa_labeled
-        {
-            "pubid": int(pubid),
-            "question": item["QUESTION"],
-            "context": {"contexts": item["CONTEXTS"], "labels": item["LABELS"], "meshes": item["MESHES"]},
-            "long_answer": item["LONG_ANSWER"],
-            "final_decision": item["final_decision"],
-        }
-        for pubid, item in raw.items()
-    ]
-    assert records_from_hub_rows(rows) == records
+    assert records_from_hub_rows(_hub_rows(raw)) == records
 
 
 def test_official_split_keeps_every_test_id_out_of_training(records, pubmedqa_dir):
@@ -124,11 +128,7 @@ def test_pqa_a_comes_from_the_hub_config_or_a_local_file(monkeypatch, tmp_path, 
 
     def fake_load_dataset(repo, config, split):
         asked.append((repo, config, split))
-        return [
-            {"pubid": int(k), "question": v["QUESTION"], "context": {"contexts": v["CONTEXTS"], "labels": v["LABELS"]},
-             "long_answer": v["LONG_ANSWER"], "final_decision": v["final_decision"]}
-            for k, v in raw.items()
-        ]
+        return _hub_rows(raw)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     from_hub = load_artificial("hub")
@@ -137,3 +137,53 @@ def test_pqa_a_comes_from_the_hub_config_or_a_local_file(monkeypatch, tmp_path, 
     assert load_artificial(tmp_path) == load_artificial(tmp_path / "ori_pqaa.json") == from_hub
     with pytest.raises(DataFormatError, match="does not exist"):
         load_artificial(tmp_path / "missing.json")
+
+
+def test_product_defaults_read_the_hub_dataset_not_a_folder_outside_the_project(monkeypatch, pubmedqa_dir):
+    """A user's clone has no ../shared: with nothing set, every command and the local evidence index read
+    qiaojin/PubMedQA (what the seed notebook loaded); the variable or flag names a folder instead."""
+    import dataclasses
+
+    import datasets
+
+    from pubmedqa.config import PROJECT_ROOT, BaseModelSettings, EvidenceSettings, ModelSettings, ServerSettings, parse_settings
+    from pubmedqa.data import SplitSettings
+    from pubmedqa.evaluation.runner import EvalArguments
+    from pubmedqa.evidence.local_index import load_local_corpus
+    from training.arguments import TrainArguments
+
+    monkeypatch.delenv("PUBMEDQA_DATA")
+    monkeypatch.delenv("PUBMEDQA_EVIDENCE_LOCAL_DATA", raising=False)
+    outside = str(PROJECT_ROOT.parent)
+    for cls in (BaseModelSettings, ModelSettings, ServerSettings, EvidenceSettings, SplitSettings, EvalArguments,
+                TrainArguments):
+        for value in dataclasses.asdict(cls()).values():
+            assert not (isinstance(value, str) and value.startswith(outside) and not value.startswith(str(PROJECT_ROOT))), (cls, value)
+    assert SplitSettings().data == EvalArguments().data == EvidenceSettings().evidence_local_data == "hub"
+    monkeypatch.setenv("PUBMEDQA_DATA", str(pubmedqa_dir))
+    assert SplitSettings().data == parse_settings([EvalArguments], [])[0].data == str(pubmedqa_dir)
+
+    raw = json.loads((pubmedqa_dir / "ori_pqal.json").read_text())
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, config, split: _hub_rows(raw))
+    from_hub = SplitSettings(data="hub").load_split()  # the shipped test ids split the Hub copy the official way
+    from_folder = SplitSettings(data=str(pubmedqa_dir)).load_split()
+    assert from_hub == from_folder and len(from_hub.test) == 500
+    hub_corpus = load_local_corpus(EvidenceSettings(evidence_local_data="hub"))
+    folder_corpus = load_local_corpus(EvidenceSettings(evidence_local_data=str(pubmedqa_dir)))
+    assert [a.pmid for a in hub_corpus.articles] == [a.pmid for a in folder_corpus.articles]
+    assert [a.context_text() for a in hub_corpus.articles] == [a.context_text() for a in folder_corpus.articles]
+
+
+def test_hub_index_offline_before_the_first_download_answers_without_pubmedqa(monkeypatch, caplog, tmp_path):
+    from pubmedqa.config import EvidenceSettings
+    from pubmedqa.evidence.local_index import load_local_corpus
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    extra = tmp_path / "mine.json"
+    extra.write_text(json.dumps([{"pmid": "1", "title": "T", "abstract": "Aspirin lowers the risk."}]))
+    with caplog.at_level("WARNING"):
+        corpus = load_local_corpus(EvidenceSettings(evidence_local_data="hub", evidence_local_files=str(extra)))
+    assert [a.pmid for a in corpus.articles] == ["1"]
+    assert [r.message for r in caplog.records if "PubMedQA" in r.message][0].startswith("Local index without")

@@ -11,6 +11,7 @@ Then, on the GPU machine: `python -m tools.gpu_check --wheels gpu_wheels` (see i
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dest", default=str(DEFAULT_WHEELS), help="Folder for the wheels (and data/ copy).")
     parser.add_argument(
-        "--data", default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        help="PubMedQA folder to copy into <dest>/pubmedqa ('' to skip).",
+        "--data", default=os.environ.get("PUBMEDQA_DATA", ""),
+        help="PubMedQA folder to copy into <dest>/pubmedqa (default: $PUBMEDQA_DATA; '' to skip).",
     )
     args = parser.parse_args(argv)
     dest = Path(args.dest)

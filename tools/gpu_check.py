@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wheels", default="", help="Folder of wheels to install first (tools.fetch_gpu_wheels).")
     parser.add_argument(
         "--data", default="",
-        help="PubMedQA folder (ori_pqal.json, test_ground_truth.json). Default: <wheels>/pubmedqa, else ../shared.",
+        help="PubMedQA folder (ori_pqal.json, test_ground_truth.json). Default: <wheels>/pubmedqa, else $PUBMEDQA_DATA.",
     )
     parser.add_argument("--output_dir", default=str(DEFAULT_OUTPUT), help="Model, adapter, results, installed wheels.")
     parser.add_argument("--verbose", action="store_true", help="The libraries' INFO logs and progress bars too.")
@@ -493,9 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundled = Path(args.wheels) / "pubmedqa" if args.wheels else None
     data = Path(args.data) if args.data else bundled if bundled and bundled.is_dir() else None
     if data is None:
-        from pubmedqa.data import SplitSettings
+        from pubmedqa.data import DATA_ENV
 
-        data = Path(SplitSettings.data)
+        data = Path(os.environ.get(DATA_ENV, "pubmedqa-data"))
     check = Check(dry_run=args.dry_run, data=data, output_dir=output_dir)
     print(f"[setup]  data     {data}; output {output_dir}", flush=True)
     failed = run_steps(check, STEPS) + (["wheels"] if setup_failed else [])

@@ -38,8 +38,8 @@ from pubmedqa.backends.base import (
     Variant,
 )
 from pubmedqa.backends.factory import create_backend
-from pubmedqa.config import PROJECT_ROOT, ModelSettings
-from pubmedqa.data import PubMedQARecord
+from pubmedqa.config import ModelSettings
+from pubmedqa.data import PubMedQARecord, default_data_source
 from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.evaluation.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
@@ -66,8 +66,9 @@ T = TypeVar("T")
 @dataclass
 class EvalArguments:
     data: str = field(
-        default=str(PROJECT_ROOT.parent / "shared" / "data" / "pubmedqa"),
-        metadata={"help": "Folder with ori_pqal.json + test_ground_truth.json, or 'hub' for qiaojin/PubMedQA."},
+        default_factory=default_data_source,
+        metadata={"help": "Folder with ori_pqal.json + test_ground_truth.json, or 'hub' (the default) for "
+                          "qiaojin/PubMedQA, kept in the datasets cache."},
     )
     limit: int = field(
         default=0, metadata={"help": "Evaluate a label-stratified sample of N test questions (0 = all 500)."}

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pubmedqa.config import EvidenceSettings
+from pubmedqa.data import DataFormatError, hub_rows
 from pubmedqa.evidence.articles import Article, ArticleParseError, articles_from_json, dedupe
 from pubmedqa.evidence.terms import index_terms
 
@@ -57,22 +58,48 @@ def _read_json(path: Path) -> Any:
         raise ArticleParseError(f"{path} is not readable JSON ({type(exc).__name__})") from None
 
 
+def _pubmedqa_abstracts(source: str) -> dict[str, Any] | None:
+    """PubMedQA's abstracts in the ``ori_pqal.json`` format, from a folder or (``hub``) qiaojin/PubMedQA through the
+    datasets cache; None (and one log line) when they cannot be had, e.g. offline before the first download."""
+    if source == "hub":
+        try:
+            rows = hub_rows()
+        except DataFormatError as exc:
+            logger.warning("Local index without PubMedQA's abstracts: %s", exc)
+            return None
+        return {str(row.get("pubid")): {"QUESTION": row.get("question"), "LONG_ANSWER": row.get("long_answer"),
+                                        "CONTEXTS": (row.get("context") or {}).get("contexts"),
+                                        "LABELS": (row.get("context") or {}).get("labels")} for row in rows}
+    path = Path(source) / PQAL_FILE
+    if not path.is_file():
+        logger.info("No %s in %s: the local index holds only evidence_local_files", PQAL_FILE, path.parent)
+        return None
+    try:
+        return _read_json(path)
+    except ArticleParseError as exc:
+        logger.warning("Local abstracts skipped: %s", exc)
+        return None
+
+
 def load_local_corpus(settings: EvidenceSettings) -> LocalCorpus:
-    """PubMedQA's abstracts (``ori_pqal.json`` in ``evidence_local_data``, when present) and those of
+    """PubMedQA's abstracts (``evidence_local_data``: a folder with ``ori_pqal.json``, or ``hub``) and those of
     ``evidence_local_files``. The PubMedQA file is read directly rather than through pubmedqa.data, whose records
-    leave out the YEAR a citation needs. A file that cannot be read is logged and skipped."""
+    leave out the YEAR a citation needs. A source that cannot be read is logged and skipped."""
     articles: list[Article] = []
     untitled: set[str] = set()
-    pqal = Path(settings.evidence_local_data) / PQAL_FILE if settings.evidence_local_data else None
-    sources = [pqal] if pqal is not None and pqal.is_file() else []
-    if pqal is not None and not sources:
-        logger.info("No %s in %s: the local index holds only evidence_local_files", PQAL_FILE, pqal.parent)
-    sources += [Path(p.strip()) for p in settings.evidence_local_files.split(",") if p.strip()]
-    n_pubmedqa = 0
-    for path in sources:
+    raws: list[tuple[Any, str]] = []
+    if settings.evidence_local_data:
+        pubmedqa = _pubmedqa_abstracts(settings.evidence_local_data)
+        raws += [] if pubmedqa is None else [(pubmedqa, f"PubMedQA ({settings.evidence_local_data})")]
+    for path in (Path(p.strip()) for p in settings.evidence_local_files.split(",") if p.strip()):
         try:
-            raw = _read_json(path)
-            loaded = articles_from_json(raw, str(path))
+            raws.append((_read_json(path), str(path)))
+        except ArticleParseError as exc:
+            logger.warning("Local abstracts skipped: %s", exc)
+    n_pubmedqa = 0
+    for raw, where in raws:
+        try:
+            loaded = articles_from_json(raw, where)
         except ArticleParseError as exc:
             logger.warning("Local abstracts skipped: %s", exc)
             continue
