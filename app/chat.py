@@ -1,4 +1,4 @@
-"""Chat requests: server-side validation of what a user (or an API caller) sends, then streaming from the backend.
+"""Chat requests: server-side validation of what a user (or an API caller) sends, then streaming from the engine.
 
 The Chat tab and the ``/chat`` API both go through :func:`stream_answer`, so both enforce the same limits.
 """
@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 from app.evidence import FoundEvidence, find_evidence, without_citation
 from pubmedqa import variants
-from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.engines.base import GenerationSettings, Engine, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, PromptInput, PromptTooLongError, Turn
@@ -70,12 +70,12 @@ def clean_text(value: Any, name: str, max_chars: int) -> str:
     return text
 
 
-def parse_variant(value: Any, backend: ModelBackend) -> Variant:
-    """The variant ``value`` names, or a UserInputError if it names none or the backend cannot serve it now."""
+def parse_variant(value: Any, engine: Engine) -> Variant:
+    """The variant ``value`` names, or a UserInputError if it names none or the engine cannot serve it now."""
     variant = variants.from_choice(value)
     if variant is None:
         raise UserInputError(f"Unknown model choice {value!r}: use {' or '.join(map(repr, variants.CHOICES))}.")
-    reason = backend.adapter_unavailable_reason()
+    reason = engine.adapter_unavailable_reason()
     if variant is Variant.TUNED and reason:
         raise UserInputError(f"The fine-tuned model is not available: {reason}.")
     return variant
@@ -148,16 +148,16 @@ def parse_question(question: Any, context: Any, limits: ServerSettings) -> tuple
     return question_text, clean_text(context, "context", limits.max_context_chars)
 
 
-def prepare_prompt(backend: ModelBackend, prompt_input: PromptInput, generation: GenerationSettings) -> FittedPrompt:
+def prepare_prompt(engine: Engine, prompt_input: PromptInput, generation: GenerationSettings) -> FittedPrompt:
     """The prompt fitted to the model's window; a question too long to fit is the user's to shorten."""
     try:
-        return backend.prepare(prompt_input, generation)
+        return engine.prepare(prompt_input, generation)
     except PromptTooLongError as exc:
         raise UserInputError(str(exc)) from None
 
 
 def stream_answer(
-    backend: ModelBackend,
+    engine: Engine,
     limits: ServerSettings,
     question: Any,
     context: Any,
@@ -171,16 +171,16 @@ def stream_answer(
     must change; the first update carries the notices (e.g. that the context was truncated). With ``evidence``
     holding an article, its abstract is the context and the finished answer cites it."""
     question_text, context_text = parse_question(question, context, limits)
-    chosen = parse_variant(variant, backend)
+    chosen = parse_variant(variant, engine)
     generation = parse_generation_settings(settings, limits)
     turns = history_to_turns(history, limits)
     if evidence is not None and evidence.article is not None:
         context_text = evidence.context
-    prompt = prepare_prompt(backend, PromptInput(question_text, context_text, turns), generation)
+    prompt = prepare_prompt(engine, PromptInput(question_text, context_text, turns), generation)
     notices = prompt.notices
     yield ChatUpdate("", notices, evidence)
     answer = ""
-    for answer in backend.stream(prompt, chosen, generation, cancel):
+    for answer in engine.stream(prompt, chosen, generation, cancel):
         yield ChatUpdate(answer, notices, evidence)
     if evidence is not None and answer and not (cancel is not None and cancel.is_set()):
         yield ChatUpdate(evidence.cite(answer), notices, evidence)

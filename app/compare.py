@@ -3,7 +3,7 @@
 Both answers are generated at the same time on one copy of the base weights, each with its own adapter setting, so
 both start within about a second and each side's timings are its own: the transformers engine decodes them as one
 batch whose rows select their adapter (PEFT ``adapter_names``), the llama.cpp engine on two contexts stepped in turn,
-a remote server as two concurrent requests (``ModelBackend.pair_mode`` says which).
+a remote server as two concurrent requests (``Engine.pair_mode`` says which).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 from app.chat import parse_generation_settings, parse_question, prepare_prompt
 from app.evidence import FoundEvidence
 from pubmedqa import variants
-from pubmedqa.backends.base import ModelBackend, Variant
+from pubmedqa.engines.base import Engine, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.prompts import PromptInput, parse_decision
@@ -55,7 +55,7 @@ class ComparisonUpdate:
 
 
 def stream_comparison(
-    backend: ModelBackend,
+    engine: Engine,
     limits: ServerSettings,
     question: Any,
     context: Any,
@@ -70,27 +70,27 @@ def stream_comparison(
     if evidence is not None and evidence.article is not None:
         context_text = evidence.context
     generation = parse_generation_settings(settings, limits)
-    prompt = prepare_prompt(backend, PromptInput(question_text, context_text), generation)
+    prompt = prepare_prompt(engine, PromptInput(question_text, context_text), generation)
     notices = list(prompt.notices)
     answering = [Variant.BASE]
-    if backend.load().adapter_loaded:
+    if engine.load().adapter_loaded:
         answering.append(Variant.TUNED)
     else:
-        notices.append(f"Only the base model can answer: {backend.adapter_unavailable_reason()}.")
+        notices.append(f"Only the base model can answer: {engine.adapter_unavailable_reason()}.")
     sides = [SideResult(variants.choice(variant)) for variant in answering]
     prompts = [prompt] * len(answering)
     start = time.perf_counter()
-    for texts in backend.stream_batch(prompts, answering, generation, cancel):
+    for texts in engine.stream_batch(prompts, answering, generation, cancel):
         _record_progress(sides, texts, time.perf_counter() - start)
-        yield ComparisonUpdate(sides, notices, backend.pair_mode, evidence=evidence)
-    for side, probabilities in zip(sides, backend.score_decisions(prompts, answering)):
-        side.n_tokens = backend.count_tokens(side.answer)
+        yield ComparisonUpdate(sides, notices, engine.pair_mode, evidence=evidence)
+    for side, probabilities in zip(sides, engine.score_decisions(prompts, answering)):
+        side.n_tokens = engine.count_tokens(side.answer)
         side.probabilities = probabilities
         side.decision = predicted_decision(probabilities)
         side.stated_decision = parse_decision(side.answer)
         if evidence is not None and not (cancel is not None and cancel.is_set()):
             side.answer = evidence.cite(side.answer)
-    yield ComparisonUpdate(sides, notices, backend.pair_mode, done=True, evidence=evidence)
+    yield ComparisonUpdate(sides, notices, engine.pair_mode, done=True, evidence=evidence)
 
 
 def _record_progress(sides: list[SideResult], texts: Sequence[str], elapsed_s: float) -> None:

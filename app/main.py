@@ -1,4 +1,4 @@
-"""Command-line entry point: parse settings, create the model backend, then serve the page at ``/`` and the
+"""Command-line entry point: parse settings, create the model engine, then serve the page at ``/`` and the
 OpenAI-compatible API at ``/v1`` from one process on one port (``python app.py``, also on a Space)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from app.access import OwnerAccess
 from app.http_limits import BoundedRequests
 from app.openai_api import API_KEY_ENV, create_app, uvicorn_config
 from app.ui.interface import build_app
-from pubmedqa.backends.base import ModelBackend
-from pubmedqa.backends.factory import create_backend
+from pubmedqa.engines.base import Engine
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import EvidenceSettings, ModelSettings, ServerSettings, parse_settings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.model_loading import ModelLoadError
@@ -29,12 +29,12 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 3
 
 
-def build_server(backend: ModelBackend, server: ServerSettings, search: EvidenceSearch | None = None) -> FastAPI:
+def build_server(engine: Engine, server: ServerSettings, search: EvidenceSearch | None = None) -> FastAPI:
     """The one ASGI app ``python app.py`` serves: the OpenAI-compatible API at ``/v1`` (:mod:`app.openai_api`) and
     the Gradio page mounted at ``/`` (Gradio's documented ``gr.mount_gradio_app``; its queue starts with the app).
-    Both use ``backend``, the limits in ``server`` and ``search`` for evidence (None: off)."""
-    demo = build_app(backend, server, search)
-    app = create_app(backend, server, page=demo, search=search)
+    Both use ``engine``, the limits in ``server`` and ``search`` for evidence (None: off)."""
+    demo = build_app(engine, server, search)
+    app = create_app(engine, server, page=demo, search=search)
     app.add_middleware(BoundedRequests)  # no file routes, bounded bodies: on every route, Gradio's included
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
@@ -64,20 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    backend = create_backend(model_settings)
+    engine = create_engine(model_settings)
     try:
-        backend.check_sources()
+        engine.check_sources()
     except ModelLoadError as exc:
         logger.error("%s", exc)
         return 2
     search = EvidenceSearch(evidence) if evidence.evidence != "off" else None
     try:
-        app = build_server(backend, server, search)
+        app = build_server(engine, server, search)
     except Exception:  # e.g. sign-in configured (hf_oauth) without its libraries: say so, traceback included
         logger.exception("The app could not start")
         return 1
     if server.preload:  # after the page is built, so that a start-up error is never interleaved with model loading
-        backend.load_in_background()
+        engine.load_in_background()
     url = f"http://{server.server_name}:{server.server_port}"
     key = f"key required: {API_KEY_ENV} is set" if os.environ.get(API_KEY_ENV) else f"open: set {API_KEY_ENV} for a key"
     logger.info("Serving the page at %s/ and the OpenAI-compatible API at %s/v1 (%s)", url, url, key)

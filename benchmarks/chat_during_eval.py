@@ -20,8 +20,8 @@ import sys
 import threading
 import time
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.factory import create_backend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
 from pubmedqa.prompts import PromptInput
@@ -42,15 +42,15 @@ def main() -> None:
     parser.add_argument("--gap_s", type=float, default=0.5, help="Pause between chat requests during the evaluation.")
     args = parser.parse_args()
 
-    backend = create_backend(ModelSettings())
-    backend.load()
-    batch_size = args.batch_size or (8 if backend.batches_rows else 1)  # as app/ui/evaluation_tab.py chooses
+    engine = create_engine(ModelSettings())
+    engine.load()
+    batch_size = args.batch_size or (8 if engine.batches_rows else 1)  # as app/ui/evaluation_tab.py chooses
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    prompt = backend.prepare(PromptInput(QUESTION), settings)
+    prompt = engine.prepare(PromptInput(QUESTION), settings)
 
     def ask() -> float:
         started = time.perf_counter()
-        backend.generate(prompt, Variant.TUNED, settings)
+        engine.generate(prompt, Variant.TUNED, settings)
         return time.perf_counter() - started
 
     ask()  # warm-up
@@ -59,7 +59,7 @@ def main() -> None:
     # Each batch runs from the moment give_way lets it start to the next call of give_way (its end).
     batch_starts: list[float] = []
     batches: list[float] = []
-    give_way = backend.give_way
+    give_way = engine.give_way
 
     def timed_give_way(*a, **k):
         if batch_starts:
@@ -67,10 +67,10 @@ def main() -> None:
         give_way(*a, **k)
         batch_starts.append(time.perf_counter())
 
-    backend.give_way = timed_give_way
+    engine.give_way = timed_give_way
     eval_args = EvalArguments(limit=200, batch_size=batch_size, max_new_tokens=64, bertscore_model="none",
                               output_dir="outputs/benchmarks/chat-during-eval")
-    threading.Thread(target=evaluate, args=(backend.settings, eval_args), kwargs={"backend": backend}, daemon=True).start()
+    threading.Thread(target=evaluate, args=(engine.settings, eval_args), kwargs={"engine": engine}, daemon=True).start()
     while len(batch_starts) < 2:
         time.sleep(0.1)
     during = []
@@ -84,7 +84,7 @@ def main() -> None:
     batch_alone = batches[first:started]  # every batch that ran while the chat requests came in
     longest = max(batch_alone)
     bound = longest + p95(alone)
-    print(f"engine: {backend.load().quantization}; chat answer: {args.max_new_tokens} tokens, fine-tuned")
+    print(f"engine: {engine.load().quantization}; chat answer: {args.max_new_tokens} tokens, fine-tuned")
     print(f"alone:   median {statistics.median(alone):.2f} s, p95 {p95(alone):.2f} s ({args.requests} requests)")
     print(f"evaluation batches ({batch_size} question(s), 64-token answers): mean {statistics.mean(batch_alone):.2f} s, "
           f"longest {longest:.2f} s")

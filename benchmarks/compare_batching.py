@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
 from pubmedqa.prompts import PromptInput
@@ -27,7 +27,7 @@ def _model_bytes(model) -> int:
 
 
 def memory_probe(adapter: str) -> dict[str, float]:
-    """In this process: load the base (as the backend does), measure, put the adapter on it with PEFT, measure
+    """In this process: load the base (as the engine does), measure, put the adapter on it with PEFT, measure
     again. Resident memory (RSS) and the model's tensor bytes, both before and after."""
     import gc
     import os
@@ -56,14 +56,14 @@ def _memory_in_fresh_process(adapter: str) -> dict[str, float]:
 
 def _time_pair(adapter: str, quantization: str, max_new_tokens: int, repeats: int) -> tuple[float, float, int]:
     """(mixed-batch seconds, sequential seconds, prompt tokens) with the base loaded in ``quantization``."""
-    backend = TransformersBackend(ModelSettings(adapter=adapter, quantization=quantization))
-    assert backend.load().adapter_loaded, f"no adapter loaded from {adapter}"
+    engine = TransformersEngine(ModelSettings(adapter=adapter, quantization=quantization))
+    assert engine.load().adapter_loaded, f"no adapter loaded from {adapter}"
     example = load_examples(key="dev_examples")[0]
     # Sampling-free and no stop sequence, so both ways generate exactly the same number of tokens.
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    prompt = backend.prepare(PromptInput(example["question"], example["context"]), settings)
-    backend.stop_sequences = lambda: ()  # measure full-length generations on both sides
-    backend.generate(prompt, Variant.BASE, settings)  # warm-up
+    prompt = engine.prepare(PromptInput(example["question"], example["context"]), settings)
+    engine.stop_sequences = lambda: ()  # measure full-length generations on both sides
+    engine.generate(prompt, Variant.BASE, settings)  # warm-up
 
     def timed(fn) -> float:
         times = []
@@ -73,8 +73,8 @@ def _time_pair(adapter: str, quantization: str, max_new_tokens: int, repeats: in
             times.append(time.perf_counter() - start)
         return min(times)
 
-    mixed = timed(lambda: backend.generate_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
-    sequential = timed(lambda: [backend.generate(prompt, v, settings) for v in (Variant.BASE, Variant.TUNED)])
+    mixed = timed(lambda: engine.generate_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
+    sequential = timed(lambda: [engine.generate(prompt, v, settings) for v in (Variant.BASE, Variant.TUNED)])
     return mixed, sequential, prompt.n_tokens
 
 

@@ -17,8 +17,8 @@ import time
 
 import psutil
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
 from pubmedqa.prompts import PromptInput
@@ -30,21 +30,21 @@ def _rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-def _pair(backend: LlamaCppBackend, prompt, settings: GenerationSettings) -> tuple[float, list[float | None], list[str]]:
+def _pair(engine: LlamaCppEngine, prompt, settings: GenerationSettings) -> tuple[float, list[float | None], list[str]]:
     """(total seconds, each side's first-token seconds from the start, the answers) of one side-by-side pair."""
     start = time.perf_counter()
     first: list[float | None] = [None, None]
     texts: list[str] = ["", ""]
-    for texts in backend.stream_batch([prompt, prompt], PAIR, settings):
+    for texts in engine.stream_batch([prompt, prompt], PAIR, settings):
         for side, text in enumerate(texts):
             if text and first[side] is None:
                 first[side] = time.perf_counter() - start
     return time.perf_counter() - start, first, texts
 
 
-def _in_turn(backend: LlamaCppBackend, prompt, settings: GenerationSettings) -> tuple[float, list[str]]:
+def _in_turn(engine: LlamaCppEngine, prompt, settings: GenerationSettings) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    texts = [backend.generate(prompt, variant, settings) for variant in PAIR]
+    texts = [engine.generate(prompt, variant, settings) for variant in PAIR]
     return time.perf_counter() - start, texts
 
 
@@ -56,21 +56,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=3, help="Dev questions measured (never the test set).")
     args = parser.parse_args(argv)
 
-    backend = LlamaCppBackend(ModelSettings(adapter=args.adapter, engine="llama.cpp"))
-    if not backend.load().adapter_loaded:
-        raise SystemExit(f"no adapter loaded from {args.adapter}: {backend.adapter_unavailable_reason()}")
+    engine = LlamaCppEngine(ModelSettings(adapter=args.adapter, engine="llama.cpp"))
+    if not engine.load().adapter_loaded:
+        raise SystemExit(f"no adapter loaded from {args.adapter}: {engine.adapter_unavailable_reason()}")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     examples = load_examples(key="dev_examples")[: args.examples]
-    prompts = [backend.prepare(PromptInput(e["question"], e["context"]), settings) for e in examples]
-    backend.generate(prompts[0], Variant.TUNED, settings)  # warm-up, on the one context
+    prompts = [engine.prepare(PromptInput(e["question"], e["context"]), settings) for e in examples]
+    engine.generate(prompts[0], Variant.TUNED, settings)  # warm-up, on the one context
     one_context_mb = _rss_mb()
-    _pair(backend, prompts[0], settings)  # creates the second context
+    _pair(engine, prompts[0], settings)  # creates the second context
     two_contexts_mb = _rss_mb()
 
     ratios, gaps = [], []
     for prompt in prompts:
-        pair_runs = [_pair(backend, prompt, settings) for _ in range(args.repeats)]
-        turn_runs = [_in_turn(backend, prompt, settings) for _ in range(args.repeats)]
+        pair_runs = [_pair(engine, prompt, settings) for _ in range(args.repeats)]
+        turn_runs = [_in_turn(engine, prompt, settings) for _ in range(args.repeats)]
         pair_s, first, pair_texts = min(pair_runs, key=lambda run: run[0])
         turn_s, turn_texts = min(turn_runs, key=lambda run: run[0])
         same = "same answers" if pair_texts == turn_texts else "ANSWERS DIFFER"

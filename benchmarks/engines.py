@@ -1,7 +1,7 @@
 """Benchmark: the llama.cpp engine vs the transformers 4-bit engine vs bare llama-cpp-python, side by side in one run
 on the same embedded model, prompt and settings (greedy). Prints the ratios the engine is held to:
 
-- a Chat answer (128 new tokens) to a PubMedQA prompt with its abstract through the backend interface: >= 4x the
+- a Chat answer (128 new tokens) to a PubMedQA prompt with its abstract through the engine interface: >= 4x the
   transformers 4-bit engine (fine-tuned), and >= 0.9x bare llama-cpp-python on the same (base) weights (the app's
   own overhead under 10 %);
 - the Compare pair (up to 256 tokens each): >= 3x today's mixed 4-bit batch;
@@ -25,9 +25,9 @@ import tempfile
 import time
 from typing import Any
 
-from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Engine, Variant
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
 from pubmedqa.embedded_model import embedded_gguf
@@ -40,13 +40,13 @@ def _example() -> PromptInput:
     return min((PromptInput(e["question"], e["context"]) for e in examples), key=lambda p: abs(len(p.context) / 4.3 - 400))
 
 
-def _stream_timing(backend: ModelBackend, prompts: list, variants: list[Variant], settings: GenerationSettings, repeats: int) -> tuple[float, float]:
+def _stream_timing(engine: Engine, prompts: list, variants: list[Variant], settings: GenerationSettings, repeats: int) -> tuple[float, float]:
     """(seconds to the first token, seconds per later token) of one stream_batch call, best of ``repeats``: what a
     user waits, whatever length the answer happens to have."""
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         started = time.perf_counter()
-        stamps = [time.perf_counter() - started for _ in backend.stream_batch(prompts, variants, settings)][:-1]
+        stamps = [time.perf_counter() - started for _ in engine.stream_batch(prompts, variants, settings)][:-1]
         if len(stamps) > 1:
             best = min(best, (stamps[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1)), key=lambda t: t[0] + 127 * t[1])
     return best
@@ -74,7 +74,7 @@ def _answer_s(timing: tuple[float, float], tokens: int) -> float:
     return timing[0] + (tokens - 1) * timing[1]
 
 
-def ready_probe(engine: str) -> dict[str, Any]:
+def ready_probe(engine_name: str) -> dict[str, Any]:
     """In this process: seconds to a loaded model + adapter on an empty cache folder (the GGUF is assembled from the
     installed package, as on a fresh machine), and resident memory with and without the adapter."""
     import psutil
@@ -82,8 +82,8 @@ def ready_probe(engine: str) -> dict[str, Any]:
     process = psutil.Process(os.getpid())
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
-        backend = LlamaCppBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), cache_dir=cache, engine=engine))
-        loaded = backend.load()
+        engine = LlamaCppEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), cache_dir=cache, engine=engine_name))
+        loaded = engine.load()
         seconds = time.perf_counter() - started
     return {"ready_s": seconds, "adapter_loaded": loaded.adapter_loaded, "rss_mb": process.memory_info().rss / 2**20}
 
@@ -91,8 +91,8 @@ def ready_probe(engine: str) -> dict[str, Any]:
 def base_memory_probe() -> dict[str, Any]:
     import psutil
 
-    backend = LlamaCppBackend(ModelSettings(adapter="none", engine="llama.cpp"))
-    backend.load()
+    engine = LlamaCppEngine(ModelSettings(adapter="none", engine="llama.cpp"))
+    engine.load()
     return {"rss_mb": psutil.Process(os.getpid()).memory_info().rss / 2**20}
 
 
@@ -107,18 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     adapter = str(SHIPPED_ADAPTER_DIR)
-    llama = LlamaCppBackend(ModelSettings(adapter=adapter, engine="llama.cpp"))
-    hf = TransformersBackend(ModelSettings(adapter=adapter, quantization="4bit", engine="transformers"))
+    llama = LlamaCppEngine(ModelSettings(adapter=adapter, engine="llama.cpp"))
+    hf = TransformersEngine(ModelSettings(adapter=adapter, quantization="4bit", engine="transformers"))
     chat, pair = GenerationSettings(max_new_tokens=128), GenerationSettings(max_new_tokens=256)
     inp = _example()
     rows = {}
-    for name, backend in (("llama.cpp engine", llama), ("transformers 4-bit", hf)):
-        prompt = backend.prepare(inp, chat)
+    for name, engine in (("llama.cpp engine", llama), ("transformers 4-bit", hf)):
+        prompt = engine.prepare(inp, chat)
         rows[name] = {
             "prompt_tokens": prompt.n_tokens,
-            "chat": _stream_timing(backend, [prompt], [Variant.TUNED], chat, args.repeats),
-            "chat_base": _stream_timing(backend, [prompt], [Variant.BASE], chat, args.repeats),
-            "pair": _stream_timing(backend, [prompt, prompt], [Variant.BASE, Variant.TUNED], pair, args.repeats),
+            "chat": _stream_timing(engine, [prompt], [Variant.TUNED], chat, args.repeats),
+            "chat_base": _stream_timing(engine, [prompt], [Variant.BASE], chat, args.repeats),
+            "pair": _stream_timing(engine, [prompt, prompt], [Variant.BASE, Variant.TUNED], pair, args.repeats),
         }
         print(name, json.dumps(rows[name]), flush=True)
     prompt = llama.prepare(inp, chat)

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import QUANTIZATION_CHOICES, ModelSettings
 from pubmedqa.data import load_records, load_test_ids, stratified_sample
 from pubmedqa.evaluation.runner import EvalArguments, in_batches
@@ -31,10 +31,10 @@ def main() -> None:
     data = EvalArguments().data
     records = load_records(data)
     questions = stratified_sample([records[i] for i in load_test_ids(data)], args.n, seed=0)
-    backend = TransformersBackend(ModelSettings(adapter="none", quantization=args.quantization))
-    loaded = backend.load()
+    engine = TransformersEngine(ModelSettings(adapter="none", quantization=args.quantization))
+    loaded = engine.load()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
-    budget = backend.prompt_budget(args.max_new_tokens)
+    budget = engine.prompt_budget(args.max_new_tokens)
     prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget) for r in questions]
 
     # (a) batched, as training.evaluate runs it: length-sorted batches, one generate call per batch whose first
@@ -42,7 +42,7 @@ def main() -> None:
     t0 = time.perf_counter()
     in_batches(
         prompts, args.batch_size,
-        lambda b: list(zip(*backend.generate_with_decisions(b, [Variant.BASE] * len(b), settings))), "batched",
+        lambda b: list(zip(*engine.generate_with_decisions(b, [Variant.BASE] * len(b), settings))), "batched",
     )
     batched = time.perf_counter() - t0
 
@@ -53,7 +53,7 @@ def main() -> None:
         ids = torch.tensor([tokenizer(prompt.text)["input_ids"]])
         with torch.inference_mode():
             loaded.model(input_ids=ids)  # every position's logits, as a plain forward call returns them
-        backend.generate(prompt, Variant.BASE, settings)
+        engine.generate(prompt, Variant.BASE, settings)
     sequential = time.perf_counter() - t0
 
     print(f"questions: {len(prompts)}, batch size {args.batch_size}, max new tokens {args.max_new_tokens}, "

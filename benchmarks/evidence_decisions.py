@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, EvidenceSettings, ModelSettings
 from pubmedqa.data import SplitSettings, load_records, load_test_ids
 from pubmedqa.decisions.options import predicted_decision
@@ -57,19 +57,19 @@ def main(argv: list[str] | None = None) -> None:
         "gold abstract": [r.context for r in test],
     }
 
-    backend = LlamaCppBackend(ModelSettings(adapter=args.adapter, engine="llama.cpp"))
-    if not backend.load().adapter_loaded:
-        raise SystemExit(f"no adapter loaded from {args.adapter}: {backend.adapter_unavailable_reason()}")
+    engine = LlamaCppEngine(ModelSettings(adapter=args.adapter, engine="llama.cpp"))
+    if not engine.load().adapter_loaded:
+        raise SystemExit(f"no adapter loaded from {args.adapter}: {engine.adapter_unavailable_reason()}")
     settings = GenerationSettings()
     gold = [r.final_decision for r in test]
     rows = []
     for condition, texts in contexts.items():
-        prompts = [backend.prepare(PromptInput(r.question, c), settings) for r, c in zip(test, texts)]
+        prompts = [engine.prepare(PromptInput(r.question, c), settings) for r, c in zip(test, texts)]
         for variant in (Variant.BASE, Variant.TUNED):
             scores = []
             for start in tqdm(range(0, len(prompts), 25), desc=f"{condition}, {variant.value}", unit="batch"):
                 batch = prompts[start : start + 25]
-                scores += backend.score_decisions(batch, [variant] * len(batch))
+                scores += engine.score_decisions(batch, [variant] * len(batch))
             metrics = decision_metrics(gold, [predicted_decision(s) for s in scores])
             counts = metrics["predicted_counts"]
             rows.append((condition, variant.value, metrics["accuracy"], metrics["macro_f1"],

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.decisions.options import predicted_decision
@@ -26,24 +26,24 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     args = parser.parse_args()
 
-    backend = LlamaCppBackend(ModelSettings(engine="llama.cpp"))
-    backend.load()
+    engine = LlamaCppEngine(ModelSettings(engine="llama.cpp"))
+    engine.load()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     dev = SplitSettings().load_split().dev[: args.n]
-    prompts = [backend.prepare(r.prompt_input(), settings) for r in dev]
+    prompts = [engine.prepare(r.prompt_input(), settings) for r in dev]
     print(f"{len(prompts)} dev questions, batches of {args.batch_size}, {args.max_new_tokens} new tokens; "
-          f"{backend.status_summary()}")
+          f"{engine.status_summary()}")
     for variant in (Variant.BASE, Variant.TUNED):
         t0 = time.perf_counter()
         together: tuple[list[str], list[dict[str, float]]] = ([], [])
         for start in range(0, len(prompts), args.batch_size):
             batch = prompts[start : start + args.batch_size]
-            answers, decisions = backend.generate_with_decisions(batch, [variant] * len(batch), settings)
+            answers, decisions = engine.generate_with_decisions(batch, [variant] * len(batch), settings)
             together[0].extend(answers)
             together[1].extend(decisions)
         seconds_together = time.perf_counter() - t0
         t0 = time.perf_counter()
-        alone = [backend.generate_with_decisions([p], [variant], settings) for p in prompts]
+        alone = [engine.generate_with_decisions([p], [variant], settings) for p in prompts]
         seconds_alone = time.perf_counter() - t0
         same_answers = sum(a == b[0][0] for a, b in zip(together[0], alone))
         same_decisions = sum(predicted_decision(a) == predicted_decision(b[1][0]) for a, b in zip(together[1], alone))

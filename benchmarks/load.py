@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from app.ui.interface import build_app
 from pubmedqa import variants
-from pubmedqa.backends.base import Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.data import load_examples
 
@@ -43,10 +43,10 @@ def main() -> None:
 
     from gradio_client import Client
 
-    backend = TransformersBackend(ModelSettings(base_model=args.base_model, adapter=args.adapter, quantization=args.quantization))
-    backend.load()
+    engine = TransformersEngine(ModelSettings(base_model=args.base_model, adapter=args.adapter, quantization=args.quantization))
+    engine.load()
     server = ServerSettings(queue_size=max(64, args.clients * args.requests), preload=False)
-    demo = build_app(backend, server)
+    demo = build_app(engine, server)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     questions = [ex["question"] for ex in load_examples() + load_examples(key="dev_examples")]
     started = time.monotonic()
@@ -73,7 +73,7 @@ def main() -> None:
                 if kind == "compare":
                     own.predict(question=question, max_new_tokens=args.max_new_tokens, api_name="/compare")
                 else:
-                    tuned = kind == "chat-tuned" and backend.load().adapter_loaded
+                    tuned = kind == "chat-tuned" and engine.load().adapter_loaded
                     model = variants.choice(Variant.TUNED if tuned else Variant.BASE)
                     own.predict(question=question, model=model, max_new_tokens=args.max_new_tokens, api_name="/chat")
                 results.append((kind, time.perf_counter() - t0))
@@ -93,7 +93,7 @@ def main() -> None:
         demo.close()
 
     chats = [s for kind, s in loaded if kind != "compare"]
-    print(f"model: {backend.status_message()}")
+    print(f"model: {engine.status_message()}")
     print(f"alone:      {len(alone)} short chat replies, p50 {statistics.median(alone):.2f} s, p95 {_percentile(alone, 0.95):.2f} s")
     print(f"under load: {args.clients} concurrent clients x {args.requests} requests ({len(loaded)} done, "
           f"{len(errors)} errors) in {wall:.1f} s = {len(loaded) / wall:.2f} requests/s")

@@ -1,5 +1,5 @@
 """Experiment: how decoding settings change the long answers, on the dev questions (never the test set). For each
-repetition penalty and token budget, base and fine-tuned answer the dev questions through the app's backend (greedy),
+repetition penalty and token budget, base and fine-tuned answer the dev questions through the app's engine (greedy),
 and the script prints, per variant: looping (some 3-word sequence 3+ times), ended by itself (EOS or a stop sequence
 before the limit), bare decisions (the answer is the decision word alone), mean words, Token-F1 and ROUGE-L
 against the abstract's conclusion — the figures the defaults
@@ -16,8 +16,8 @@ import itertools
 import json
 import time
 
-from pubmedqa.backends.base import DEFAULT_MIN_NEW_TOKENS, GenerationSettings, Variant
-from pubmedqa.backends.factory import create_backend
+from pubmedqa.engines.base import DEFAULT_MIN_NEW_TOKENS, GenerationSettings, Variant
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.evaluation.metrics import readability_metrics, text_metrics
@@ -36,22 +36,22 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = ModelSettings(engine=args.engine, **({"adapter": args.adapter} if args.adapter else {}))
-    backend = create_backend(settings)
-    backend.load()
+    engine = create_engine(settings)
+    engine.load()
     dev = SplitSettings().load_split().dev[: args.limit]
     references = [r.long_answer for r in dev]
     rows = []
-    print(f"{len(dev)} dev questions; {backend.status_summary()}")
+    print(f"{len(dev)} dev questions; {engine.status_summary()}")
     print(f"{'budget':>6} {'penalty':>7} {'min':>3} {'variant':<10} {'looping':>7} {'ended':>6} {'bare':>5} {'words':>5} "
           f"{'TokF1':>5} {'ROUGE-L':>7}  time")
     for budget, penalty, minimum in itertools.product(args.budgets, args.penalties, args.min_new_tokens):
         generation = GenerationSettings(max_new_tokens=budget, repetition_penalty=penalty, min_new_tokens=minimum)
-        prompts = [backend.prepare(r.prompt_input(), generation) for r in dev]
+        prompts = [engine.prepare(r.prompt_input(), generation) for r in dev]
         for variant in (Variant.BASE, Variant.TUNED):
             started = time.perf_counter()
-            answers = backend.generate_batch(prompts, [variant] * len(prompts), generation)
+            answers = engine.generate_batch(prompts, [variant] * len(prompts), generation)
             seconds = time.perf_counter() - started
-            ended = ended_by_itself(backend, answers, budget)
+            ended = ended_by_itself(engine, answers, budget)
             readable, text = readability_metrics(answers, ended), text_metrics(answers, references)
             words = sum(len(a.split()) for a in answers) / len(answers)
             bare = 100 * sum(len(a.split()) <= 1 for a in answers) / len(answers)  # the decision word alone

@@ -2,7 +2,7 @@
 snapshot of a Hub repo in the Hugging Face cache) and then read as files of one folder.
 
 This module owns the adapter's file names. What reads them lives with what it is about: the PEFT weights go to
-PEFT, the GGUF LoRA to ``pubmedqa.backends.gguf_lora``, the decision probe and calibration to
+PEFT, the GGUF LoRA to ``pubmedqa.gguf.lora``, the decision probe and calibration to
 ``pubmedqa.decisions.policy.DecisionPolicy.from_adapter``, the training record to :attr:`Adapter.metadata`.
 """
 

@@ -23,8 +23,8 @@ SHIPPED_ADAPTER_DIR = PROJECT_ROOT / "assets" / "adapter"
 EMBEDDED_MODEL = "embedded"
 QUANTIZATION_CHOICES = ("4bit", "8bit", "bf16", "none")
 ENGINE_CHOICES = ("auto", "llama.cpp", "transformers", "openai")
-#: The former --backend setting, kept as an alias: "openai" is now --engine openai.
-BACKEND_CHOICES = ("", "transformers", "openai")
+#: The variable of the former --backend setting, removed (see CHANGELOG.md): refused with the new spelling.
+REMOVED_BACKEND_ENV = "PUBMEDQA_BACKEND"
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
@@ -100,10 +100,6 @@ class ModelSettings(BaseModelSettings):
         "Hub GGUF always), transformers on a GPU or for a Hub/local transformers model.",
         choices=ENGINE_CHOICES,
     )
-    backend: str = _setting(
-        "", "Deprecated: '--backend openai' is '--engine openai' ('transformers' leaves --engine as it is).",
-        choices=BACKEND_CHOICES,
-    )
     base_url: str = _setting("", "URL of the OpenAI-compatible server, e.g. http://localhost:8000/v1 (engine openai).")
     remote_model: str = _setting("", "Model name of the base model on the server (engine openai).", aliases=["--model"])
     adapter_model: str = _setting(
@@ -120,14 +116,9 @@ class ModelSettings(BaseModelSettings):
             self.adapter = _default_adapter()
         if self.engine not in ENGINE_CHOICES:
             raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {self.engine!r}")
-        if self.backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {', '.join(c for c in BACKEND_CHOICES if c)}, got {self.backend!r}")
-        if self.backend:
-            logger.warning("--backend / PUBMEDQA_BACKEND is deprecated: use --engine / PUBMEDQA_ENGINE (openai, "
-                           "llama.cpp, transformers or auto)")
-            if self.backend == "openai":
-                self.engine = "openai"
-            self.backend = ""
+        if os.environ.get(REMOVED_BACKEND_ENV):
+            raise ValueError(f"{REMOVED_BACKEND_ENV} was removed: set PUBMEDQA_ENGINE (openai, llama.cpp, transformers "
+                             "or auto) instead, and unset it")
         if self.engine == "openai" and not (self.base_url and self.remote_model):
             raise ValueError(
                 "The openai engine needs --base_url (PUBMEDQA_BASE_URL) and --model (PUBMEDQA_REMOTE_MODEL)."

@@ -1,6 +1,6 @@
 """Loading a base model and its tokenizer from the configured source: the embedded Gemma, a Hub id or a folder.
 
-Shared by the backend (serving) and the training CLI, so both read the same weights the same way.
+Shared by the engine (serving) and the training CLI, so both read the same weights the same way.
 """
 
 from __future__ import annotations

@@ -110,29 +110,29 @@ def tiny_settings(tiny_model_dir, tiny_adapter_dir):
 
 
 @pytest.fixture
-def tiny_backend(tiny_settings):
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+def tiny_engine(tiny_settings):
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
-    return TransformersBackend(tiny_settings)
+    return TransformersEngine(tiny_settings)
 
 
-def embedded_llama_backend():
+def embedded_llama_engine():
     """The llama.cpp engine on the real embedded GGUF with the shipped adapter (no tiny GGUF exists; this one is
     small and fast); skips where llama-cpp-python is not installed."""
     pytest.importorskip("llama_cpp")
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 
-    return LlamaCppBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
+    return LlamaCppEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
 
 
 @pytest.fixture(params=["transformers", "llama.cpp"])
-def engine_backend(request, tiny_settings):
+def each_engine(request, tiny_settings):
     """Both in-process engines, for the tests of what users and API callers see: transformers on the tiny random
     model, llama.cpp on the embedded GGUF."""
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
-    return TransformersBackend(tiny_settings) if request.param == "transformers" else embedded_llama_backend()
+    return TransformersEngine(tiny_settings) if request.param == "transformers" else embedded_llama_engine()
 
 
 class JsonHandler(BaseHTTPRequestHandler):

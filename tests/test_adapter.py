@@ -54,7 +54,7 @@ def test_bad_adapters_are_refused_with_one_clear_line(monkeypatch, tmp_path):
 def test_an_engine_resolves_the_adapter_once_and_a_bad_one_leaves_the_base_serving(tiny_settings, monkeypatch):
     from dataclasses import replace
 
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
     resolved = []
     real = Adapter.resolve.__func__
@@ -64,11 +64,11 @@ def test_an_engine_resolves_the_adapter_once_and_a_bad_one_leaves_the_base_servi
         return real(cls, source)
 
     monkeypatch.setattr(Adapter, "resolve", classmethod(counting))
-    backend = TransformersBackend(tiny_settings)
-    assert backend.load().adapter_loaded and resolved == [tiny_settings.adapter]
-    assert backend.adapter.folder == Path(tiny_settings.adapter)
+    engine = TransformersEngine(tiny_settings)
+    assert engine.load().adapter_loaded and resolved == [tiny_settings.adapter]
+    assert engine.adapter.folder == Path(tiny_settings.adapter)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    broken = TransformersBackend(replace(tiny_settings, adapter="someone/not-there"))
+    broken = TransformersEngine(replace(tiny_settings, adapter="someone/not-there"))
     assert not broken.load().adapter_loaded
     assert "not-there" in broken.adapter_unavailable_reason() and "PUBMEDQA_ADAPTER" in broken.adapter_unavailable_reason()

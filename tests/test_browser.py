@@ -12,7 +12,7 @@ import time
 import pytest
 
 from app.ui.interface import build_app
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
 from tests.conftest import REPO_ROOT, serving
@@ -21,18 +21,18 @@ pytestmark = pytest.mark.browser
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 
 
-def _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir) -> TransformersBackend:
+def _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir) -> TransformersEngine:
     settings = ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
-    backend = TransformersBackend(settings)
-    backend.load()
-    return backend
+    engine = TransformersEngine(settings)
+    engine.load()
+    return engine
 
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     limits = ServerSettings(max_new_tokens_limit=256, votes_path=str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
-    with serving(build_app(backend, limits)) as url:
+    with serving(build_app(engine, limits)) as url:
         yield url
 
 
@@ -177,9 +177,9 @@ def _open_page(browser, url: str, viewport: dict | None = None):
 def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the_reason(
     browser, tiny_model_dir, tiny_adapter_dir, tmp_path
 ):
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     public = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(backend, public)) as url:
+    with serving(build_app(engine, public)) as url:
         context, page = _open_page(browser, url)
         page.get_by_role("tab", name="Evaluation").click()
         page.get_by_text("Run a new evaluation").click()
@@ -195,9 +195,9 @@ def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the
 
 def test_a_comparison_past_the_limit_is_refused_on_the_question_when_sent(browser, tiny_model_dir, tiny_adapter_dir,
                                                                           tmp_path):
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     public = ServerSettings(server_name="0.0.0.0", heavy_per_minute=1, votes_path=str(tmp_path / "votes.jsonl"))
-    with serving(build_app(backend, public)) as url:
+    with serving(build_app(engine, public)) as url:
         for viewport in ({"width": 1280, "height": 900}, PHONE):
             context, page = _open_page(browser, url, viewport)
             page.get_by_role("tab", name="Compare").click()
@@ -218,19 +218,19 @@ def test_a_comparison_past_the_limit_is_refused_on_the_question_when_sent(browse
 def test_chat_answers_while_an_evaluation_started_in_the_page_runs(
     browser, tiny_model_dir, tiny_adapter_dir, tmp_path, pubmedqa_dir
 ):
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     scored, batch_s = [], 1.0
-    original = backend.score_decisions
+    original = engine.score_decisions
 
     def slow_batch(*args, **kwargs):  # a CPU-sized evaluation batch holds the model for a while
-        with backend._model_lock:
+        with engine._model_lock:
             time.sleep(batch_s)
         scored.append(time.monotonic())
         return original(*args, **kwargs)
 
-    backend.score_decisions = slow_batch
+    engine.score_decisions = slow_batch
     local = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(backend, local)) as url:
+    with serving(build_app(engine, local)) as url:
         context, page = _open_page(browser, url)
         page.get_by_role("tab", name="Evaluation").click()
         page.get_by_text("Run a new evaluation").click()
@@ -284,18 +284,18 @@ def test_on_a_phone_the_model_choice_and_the_abstract_come_before_the_buttons(br
 
 @pytest.fixture
 def slow_app_url(tiny_model_dir, tiny_adapter_dir, tmp_path):
-    """The app on a backend that takes 0.3 s per token, so that Stop lands in the middle of an answer."""
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
-    original = backend.stream_batch
+    """The app on a engine that takes 0.3 s per token, so that Stop lands in the middle of an answer."""
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
+    original = engine.stream_batch
 
     def slow_stream_batch(*args, **kwargs):
         for texts in original(*args, **kwargs):
             time.sleep(0.3)
             yield texts
 
-    backend.stream_batch = slow_stream_batch
+    engine.stream_batch = slow_stream_batch
     limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(backend, limits)) as url:
+    with serving(build_app(engine, limits)) as url:
         yield url
 
 
@@ -325,10 +325,10 @@ def test_stop_marks_the_answer_as_stopped_in_chat_and_compare(browser, slow_app_
 def test_toasts_are_plain_text(browser, tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
     # A toast renders no Markdown: "**lab-org**" used to appear with its asterisks.
     monkeypatch.setenv("PUBMEDQA_ADMIN_KEY", "owner-key")
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     public = ServerSettings(server_name="0.0.0.0", owner="lab-org", votes_path=str(tmp_path / "votes.jsonl"),
                             eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(backend, public)) as url:
+    with serving(build_app(engine, public)) as url:
         context, page = _open_page(browser, url)
         page.get_by_role("tab", name="Compare").click()
         page.get_by_role("button", name="tie").click()  # a vote before any comparison
@@ -352,10 +352,10 @@ def evidence_app_url(tiny_model_dir, tiny_adapter_dir, tmp_path, pubmedqa_dir):
     from pubmedqa.config import EvidenceSettings
     from pubmedqa.evidence import EvidenceSearch
 
-    backend = _loaded_tiny_backend(tiny_model_dir, tiny_adapter_dir)
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
     search = EvidenceSearch(EvidenceSettings(evidence="local", evidence_local_data=str(pubmedqa_dir)))
     limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(backend, limits, search)) as url:
+    with serving(build_app(engine, limits, search)) as url:
         yield url
 
 

@@ -20,7 +20,7 @@ import pytest
 from app.ui import evaluation_tab
 from app.ui.evaluation_tab import NOT_RUN, SMALL_RUN_NOTE, examples_frame
 from app.ui.interface import build_app
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.evaluation.results import load_results
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
@@ -51,7 +51,7 @@ class SlowFakeEvaluation:
     def __init__(self, step_s: float = 0.6, steps: int = 5):
         self.step_s, self.steps, self.fail = step_s, steps, False
 
-    def __call__(self, settings: Any, args: Any, progress: Any = None, backend: Any = None) -> Path:
+    def __call__(self, settings: Any, args: Any, progress: Any = None, engine: Any = None) -> Path:
         for step, model in enumerate(("base", "tuned")):
             for i in range(1, self.steps + 1):
                 time.sleep(self.step_s)
@@ -65,10 +65,10 @@ class SlowFakeEvaluation:
 def dashboard(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     """The whole app on the tiny model, with its own temp folder (so that what page loads leave there can be
     counted) and a slow fake evaluation."""
-    backend = TransformersBackend(
+    engine = TransformersEngine(
         ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
     )
-    backend.load()
+    engine.load()
     temp_root, eval_dir = tmp_path_factory.mktemp("temp"), tmp_path_factory.mktemp("eval")
     fake = SlowFakeEvaluation()
     with pytest.MonkeyPatch.context() as patch:
@@ -76,7 +76,7 @@ def dashboard(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
         patch.delenv("GRADIO_TEMP_DIR", raising=False)  # Gradio's file cache: <temp>/gradio
         patch.setattr(evaluation_tab, "evaluate", fake)
         server = ServerSettings(votes_path=str(eval_dir / "votes.jsonl"), eval_dir=str(eval_dir / "runs"))
-        with serving(build_app(backend, server)) as url:
+        with serving(build_app(engine, server)) as url:
             yield {"url": url, "temp": temp_root, "eval_dir": eval_dir / "runs", "fake": fake}
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pubmedqa.adapter import CALIBRATION_FILE, Adapter
-from pubmedqa.backends.base import Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.fitting import fit_calibration
@@ -70,26 +70,26 @@ def calibrated_adapter(tiny_adapter_dir, tmp_path):
     return adapter
 
 
-def test_backend_calibrates_fine_tuned_rows_only(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
-    loaded = backend.load()
+def test_engine_calibrates_fine_tuned_rows_only(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    loaded = engine.load()
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), loaded.tokenizer, 512)
-    base, tuned = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    base, tuned = engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     raw_base, raw_tuned = loaded.policy.without_offsets([base, tuned], [False, True])
     assert raw_base == base  # a base row never had offsets
-    plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    plain = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
     plain_base, plain_tuned = plain.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     assert base == pytest.approx(plain_base) and raw_tuned == pytest.approx(plain_tuned, abs=1e-5)
     assert tuned["maybe"] > 0.99 and raw_tuned["maybe"] < 0.99  # a +30 offset wins whatever the random model says
-    assert "calibrated" in backend.status_message()
+    assert "calibrated" in engine.status_message()
 
 
 def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):
-    from pubmedqa.backends.base import GenerationSettings
+    from pubmedqa.engines.base import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=4)
-    calibrated = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
-    plain = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+    calibrated = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(calibrated_adapter), quantization="none"))
+    plain = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
     prompt = fit_prompt(PromptInput("Does aspirin reduce fever?"), calibrated.load().tokenizer, 512)
     variants = [Variant.BASE, Variant.TUNED]
     texts, decisions = calibrated.generate_with_decisions([prompt, prompt], variants, settings)

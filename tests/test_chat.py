@@ -14,8 +14,8 @@ LIMITS = ServerSettings(max_question_chars=300, max_context_chars=2000, max_new_
 SETTINGS = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 
 
-def _final(backend, question, context="", history=None, variant="base", settings=SETTINGS):
-    updates = list(stream_answer(backend, LIMITS, question, context, history, variant, settings))
+def _final(engine, question, context="", history=None, variant="base", settings=SETTINGS):
+    updates = list(stream_answer(engine, LIMITS, question, context, history, variant, settings))
     return updates[-1]
 
 
@@ -32,20 +32,20 @@ def _final(backend, question, context="", history=None, variant="base", settings
         ("Is it?", "", "base", {**SETTINGS, "temperature": "hot"}, "must be numbers"),
     ],
 )
-def test_bad_requests_get_a_message_saying_what_to_change(tiny_backend, question, context, variant, settings, message):
+def test_bad_requests_get_a_message_saying_what_to_change(tiny_engine, question, context, variant, settings, message):
     with pytest.raises(UserInputError, match=message):
-        _final(tiny_backend, question, context, variant=variant, settings=settings)
+        _final(tiny_engine, question, context, variant=variant, settings=settings)
 
 
-def test_control_characters_and_markup_are_answered_as_plain_text(engine_backend):
-    update = _final(engine_backend, "Is <script>alert(1)</script> \x00\x07 safe? 💊 安全吗?")
+def test_control_characters_and_markup_are_answered_as_plain_text(each_engine):
+    update = _final(each_engine, "Is <script>alert(1)</script> \x00\x07 safe? 💊 安全吗?")
     assert isinstance(update.answer, str)
 
 
-def test_too_long_context_is_truncated_and_the_user_is_told(engine_backend):
+def test_too_long_context_is_truncated_and_the_user_is_told(each_engine):
     context = "Patients received the drug. " * 70  # under the character limit, over the token budget
-    engine_backend.settings.max_input_tokens = 200
-    update = _final(engine_backend, "Did the drug work?", context)
+    each_engine.settings.max_input_tokens = 200
+    update = _final(each_engine, "Did the drug work?", context)
     assert any("truncated" in notice for notice in update.notices)
 
 
@@ -62,36 +62,36 @@ def test_gradio_history_with_content_parts_becomes_turns():
         history_to_turns("not a list", LIMITS)
 
 
-def test_history_changes_the_answer_context(engine_backend):
-    alone = _final(engine_backend, "Is B good?").answer
+def test_history_changes_the_answer_context(each_engine):
+    alone = _final(each_engine, "Is B good?").answer
     history = [{"role": "user", "content": "Is A good?"}, {"role": "assistant", "content": "yes. A is good."}]
-    with_history = _final(engine_backend, "Is B good?", history=history).answer
+    with_history = _final(each_engine, "Is B good?", history=history).answer
     assert alone != with_history
 
 
 @pytest.fixture
-def running_app(engine_backend):
-    with serving(build_app(engine_backend, LIMITS)) as url:
+def running_app(each_engine):
+    with serving(build_app(each_engine, LIMITS)) as url:
         yield url
 
 
-def test_chat_api_answers_streams_and_reports_bad_input(running_app, engine_backend):
+def test_chat_api_answers_streams_and_reports_bad_input(running_app, each_engine):
     from gradio_client import Client
 
     client = Client(running_app, verbose=False)
     question = "Does aspirin reduce the risk of myocardial infarction?"
     answer = client.predict(question=question, model="fine-tuned", max_new_tokens=8, api_name="/chat")
-    expected = _final(engine_backend, question, variant="fine-tuned").answer
+    expected = _final(each_engine, question, variant="fine-tuned").answer
     assert answer == expected and answer
 
     job = client.submit(question=question, max_new_tokens=8, api_name="/chat")
     outputs = list(job)
-    assert len(outputs) >= 2 and outputs[-1] == _final(engine_backend, question).answer
+    assert len(outputs) >= 2 and outputs[-1] == _final(each_engine, question).answer
 
     # The minimum answer length of the page's Generation settings reaches the model through the API too.
     no_early_end = {**SETTINGS, "min_new_tokens": 8}
     assert client.predict(question=question, max_new_tokens=8, min_new_tokens=8, api_name="/chat") == _final(
-        engine_backend, question, settings=no_early_end).answer
+        each_engine, question, settings=no_early_end).answer
     with pytest.raises(Exception, match="min new tokens must be between 0 and 64"):
         client.predict(question=question, min_new_tokens=65, api_name="/chat")
 

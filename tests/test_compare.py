@@ -10,8 +10,8 @@ from app.chat import UserInputError
 from app.compare import stream_comparison
 from app.ui.interface import build_app
 from app.votes import VoteError, VoteLog
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.prompts import PromptInput
 from tests.conftest import serving
@@ -24,15 +24,15 @@ def _limits(tmp_path) -> ServerSettings:
     return ServerSettings(max_new_tokens_limit=64, votes_path=str(tmp_path / "votes" / "votes.jsonl"))
 
 
-def test_comparison_gives_each_variant_its_own_answer(engine_backend, tmp_path):
-    updates = list(stream_comparison(engine_backend, _limits(tmp_path), QUESTION, "", SETTINGS))
+def test_comparison_gives_each_variant_its_own_answer(each_engine, tmp_path):
+    updates = list(stream_comparison(each_engine, _limits(tmp_path), QUESTION, "", SETTINGS))
     final = updates[-1]
-    assert final.done and final.mode == engine_backend.pair_mode
+    assert final.done and final.mode == each_engine.pair_mode
     base, tuned = final.sides
     settings = GenerationSettings(max_new_tokens=10)
-    prompt = engine_backend.prepare(PromptInput(QUESTION), settings)
-    assert base.answer == engine_backend.generate(prompt, Variant.BASE, settings)
-    assert tuned.answer == engine_backend.generate(prompt, Variant.TUNED, settings)
+    prompt = each_engine.prepare(PromptInput(QUESTION), settings)
+    assert base.answer == each_engine.generate(prompt, Variant.BASE, settings)
+    assert tuned.answer == each_engine.generate(prompt, Variant.TUNED, settings)
     assert base.answer != tuned.answer
     for side in final.sides:
         assert sum(side.probabilities.values()) == pytest.approx(1.0) and side.decision in side.probabilities
@@ -41,12 +41,12 @@ def test_comparison_gives_each_variant_its_own_answer(engine_backend, tmp_path):
 
 
 def test_without_adapter_only_the_base_side_answers_and_says_why(tiny_model_dir, tmp_path):
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
-    final = list(stream_comparison(backend, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none"))
+    final = list(stream_comparison(engine, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
     assert [s.variant for s in final.sides] == ["base"]
     assert any("Only the base model" in n for n in final.notices)
     with pytest.raises(UserInputError, match="type a question"):
-        list(stream_comparison(backend, _limits(tmp_path), " ", "", SETTINGS))
+        list(stream_comparison(engine, _limits(tmp_path), " ", "", SETTINGS))
 
 
 def test_votes_are_appended_and_summarised(tmp_path):
@@ -70,12 +70,12 @@ def test_unwritable_vote_file_gives_a_clear_error(tmp_path):
         VoteLog(blocker / "votes.jsonl").append("tie", {})
 
 
-def test_compare_api_returns_both_answers_and_their_metadata(engine_backend, tmp_path):
+def test_compare_api_returns_both_answers_and_their_metadata(each_engine, tmp_path):
     from gradio_client import Client
 
-    with serving(build_app(engine_backend, _limits(tmp_path))) as url:
+    with serving(build_app(each_engine, _limits(tmp_path))) as url:
         result = Client(url, verbose=False).predict(question=QUESTION, max_new_tokens=10, api_name="/compare")
-    expected = list(stream_comparison(engine_backend, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
+    expected = list(stream_comparison(each_engine, _limits(tmp_path), QUESTION, "", SETTINGS))[-1]
     assert result["base"]["answer"] == expected.sides[0].answer
     assert result["fine-tuned"]["answer"] == expected.sides[1].answer
     assert set(result["base"]) >= {"decision", "probabilities", "ttft_s", "tokens_per_s", "n_tokens"}

@@ -39,17 +39,19 @@ def test_bad_values_name_the_setting(monkeypatch):
         ModelSettings(quantization="3bit")
 
 
-def test_one_engine_choice_and_the_former_backend_flag_as_an_alias(monkeypatch, caplog):
-    from pubmedqa.backends.factory import create_backend
-    from pubmedqa.backends.remote import RemoteBackend
+def test_one_engine_choice_and_the_removed_backend_spelling_refused(monkeypatch):
+    from pubmedqa.engines.factory import create_engine
+    from pubmedqa.engines.openai_engine import OpenAIEngine
 
     remote = {"base_url": "http://127.0.0.1:9/v1", "remote_model": "pubmedqa-base"}
     (settings,) = parse_settings([ModelSettings], ["--engine", "openai", "--base_url", remote["base_url"],
                                                    "--model", remote["remote_model"]])
-    assert settings.engine == "openai" and isinstance(create_backend(settings), RemoteBackend)
+    assert settings.engine == "openai" and isinstance(create_engine(settings), OpenAIEngine)
+    with pytest.raises(ValueError, match="--backend"):
+        parse_settings([ModelSettings], ["--backend", "openai"])
     monkeypatch.setenv("PUBMEDQA_BACKEND", "openai")
-    (aliased,) = parse_settings([ModelSettings], ["--base_url", remote["base_url"], "--model", remote["remote_model"]])
-    assert aliased.engine == "openai" and "--backend / PUBMEDQA_BACKEND is deprecated" in caplog.text
-    assert ModelSettings(backend="transformers").engine == "auto"
+    with pytest.raises(ValueError, match="PUBMEDQA_BACKEND was removed: set PUBMEDQA_ENGINE"):
+        parse_settings([ModelSettings], [])
+    monkeypatch.delenv("PUBMEDQA_BACKEND")
     with pytest.raises(ValueError, match="openai engine needs --base_url"):
         ModelSettings(engine="openai")

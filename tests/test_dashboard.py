@@ -1,6 +1,6 @@
 """The Evaluation tab as a newcomer reads it: the per-example table's order, widths and row count, CSV files that
 name their filter and do not pile up, runs listed from disk at each refresh, the run button's progress line, the
-small-run note, the metric legend and phone-ready charts. No model: the shipped runs and a fake backend."""
+small-run note, the metric legend and phone-ready charts. No model: the shipped runs and a fake engine."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_nothing_shown_names_a_server_path(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ runs from disk
-class _FakeBackend:
+class _FakeEngine:
     settings = ModelSettings(adapter="fake-adapter")
     batches_rows = True
 
@@ -183,7 +183,7 @@ class _FakeBackend:
 def _tab_fns(tmp_path: Path, all_fns: bool = False, **server: Any) -> Any:
     """The tab's event functions by name (with ``all_fns``, all of them in a list)."""
     with gr.Blocks() as demo:
-        build_evaluation_tab(_FakeBackend(), ServerSettings(eval_dir=str(tmp_path / "eval"), **server))
+        build_evaluation_tab(_FakeEngine(), ServerSettings(eval_dir=str(tmp_path / "eval"), **server))
     if all_fns:
         return list(demo.fns.values())
     return {getattr(f, "name", ""): f for f in demo.fns.values()}
@@ -239,7 +239,7 @@ def test_the_run_button_is_disabled_while_running_and_comes_back_after_success_o
 def test_a_finished_small_run_selects_itself_and_says_it_is_too_small(tmp_path, monkeypatch):
     calls = []
 
-    def fake_evaluate(settings, args, progress=None, backend=None):
+    def fake_evaluate(settings, args, progress=None, engine=None):
         for fraction, message in ((0.25, "base: decisions"), (0.75, "tuned: decisions"), (1.0, "done")):
             progress(fraction, message)
         calls.append(args)
@@ -258,7 +258,7 @@ def test_a_finished_small_run_selects_itself_and_says_it_is_too_small(tmp_path, 
 
 
 def test_a_failed_run_is_a_plain_message_and_leaves_no_folder(tmp_path, monkeypatch):
-    def failing(settings, args, progress=None, backend=None):
+    def failing(settings, args, progress=None, engine=None):
         Path(args.output_dir).mkdir(parents=True)
         raise FileNotFoundError("PubMedQA data not found")
 

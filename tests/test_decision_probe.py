@@ -13,9 +13,9 @@ import torch
 
 from pubmedqa.adapter import PROBE_FILE, Adapter
 from pubmedqa.adapter_metadata import AdapterMetadata
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
-from pubmedqa.backends.transformers_passes import ProbeReader, left_pad
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
+from pubmedqa.engines.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
 from pubmedqa.decisions.fitting import ProbeFitError, fit_probe
@@ -51,8 +51,8 @@ def adapter_copy(upper_adapter_dir, tmp_path):
     return shutil.copytree(upper_adapter_dir, tmp_path / "adapter")
 
 
-def _backend(tiny_model_dir, adapter) -> TransformersBackend:
-    return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+def _engine(tiny_model_dir, adapter) -> TransformersEngine:
+    return TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
 
 
 def test_probe_depth_maps_to_a_layer_strictly_inside_the_model():
@@ -121,7 +121,7 @@ def test_a_probe_file_without_a_pooling_reads_the_mean_and_an_unknown_pooling_is
 
 
 def test_the_reader_averages_the_layer_over_real_tokens_only_and_keeps_the_last_one(tiny_model_dir, upper_adapter_dir):
-    loaded = _backend(tiny_model_dir, upper_adapter_dir).load()
+    loaded = _engine(tiny_model_dir, upper_adapter_dir).load()
     model, tokenizer = loaded.model, loaded.tokenizer
     short, long = tokenizer("Does aspirin help?")["input_ids"], tokenizer("Is coffee linked to heart failure in adults?")["input_ids"]
     ids, mask = left_pad(tokenizer, [short, long], torch.device("cpu"))
@@ -144,11 +144,11 @@ def test_the_reader_averages_the_layer_over_real_tokens_only_and_keeps_the_last_
 
 
 def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_model_dir, adapter_copy):
-    backend = _backend(tiny_model_dir, adapter_copy)
-    loaded = backend.load()
+    engine = _engine(tiny_model_dir, adapter_copy)
+    loaded = engine.load()
     prompts = [fit_prompt(PromptInput(q), loaded.tokenizer, 256) for q in QUESTIONS]
     variants = [Variant.BASE] * len(prompts) + [Variant.TUNED] * len(prompts)
-    before = backend.score_decisions(prompts * 2, variants)
+    before = engine.score_decisions(prompts * 2, variants)
     features = collect_features(loaded.model, loaded.tokenizer, [p.text for p in prompts], layer=1)
     rng = np.random.default_rng(1)
     probe = DecisionProbe(
@@ -156,7 +156,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     )
     probe.save(adapter_copy)
 
-    reloaded = _backend(tiny_model_dir, adapter_copy)
+    reloaded = _engine(tiny_model_dir, adapter_copy)
     assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in reloaded.status_message()
     after = reloaded.score_decisions(prompts * 2, variants, batch_size=4)
     expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
@@ -172,7 +172,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
         assert [got[o] for o in ANSWER_OPTIONS] == pytest.approx([want[o] for o in ANSWER_OPTIONS], abs=1e-4)
     bias = torch.tensor([0.0, 0.0, 40.0])  # "maybe" wins whatever the features say
     DecisionProbe(1, probe.weight, bias, {}, "mean+last").save(adapter_copy)
-    texts, decisions = _backend(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
+    texts, decisions = _engine(tiny_model_dir, adapter_copy).generate_with_decisions(prompts * 2, variants, settings)
     assert all(t.startswith("maybe") for t in texts[len(prompts):])
     assert all(max(d, key=d.get) == "maybe" for d in decisions[len(prompts):])
 
@@ -187,9 +187,9 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     assert probe.layer == 1 and probe.details["questions"] == 500
     calibration = load_calibration(Adapter.resolve(str(adapter_copy)))
     assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
-    backend = _backend(tiny_model_dir, adapter_copy)
-    assert backend.load().adapter_loaded
-    assert "decisions calibrated on train + dev (500 questions" in backend.status_message()
+    engine = _engine(tiny_model_dir, adapter_copy)
+    assert engine.load().adapter_loaded
+    assert "decisions calibrated on train + dev (500 questions" in engine.status_message()
 
     # Dev-only offsets would replace the out-of-fold ones: the dev calibration command points to this one instead.
     assert calibrate.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter_copy),
@@ -220,12 +220,12 @@ def test_an_unusable_probe_is_ignored_with_a_warning_and_the_adapter_still_serve
     tiny_model_dir, adapter_copy, caplog, write, message
 ):
     write(adapter_copy / PROBE_FILE)
-    backend = _backend(tiny_model_dir, adapter_copy)
-    loaded = backend.load()
+    engine = _engine(tiny_model_dir, adapter_copy)
+    loaded = engine.load()
     assert loaded.adapter_loaded and loaded.policy.probe is None
     assert message in caplog.text and "Ignoring the adapter's decision probe" in caplog.text
     prompt = fit_prompt(PromptInput(QUESTIONS[0]), loaded.tokenizer, 256)
-    assert isinstance(backend.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)
+    assert isinstance(engine.generate(prompt, Variant.TUNED, GenerationSettings(max_new_tokens=2)), str)
 
 
 def _small_pqa_l(pubmedqa_dir, folder, n):
@@ -245,7 +245,7 @@ def _small_pqa_l(pubmedqa_dir, folder, n):
 @pytest.mark.e2e
 def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_prefers(pubmedqa_dir, tmp_path, caplog):
     pytest.importorskip("llama_cpp")
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import SHIPPED_ADAPTER_DIR
     from pubmedqa.decisions.policy import DecisionPolicy
 
@@ -264,8 +264,8 @@ def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_pref
     assert (adapter / PROBE_FILE).read_bytes() == shared  # the training engine's pair is left as it was
 
     # llama.cpp serves with its own pair; the transformers engine keeps the shared one.
-    backend = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
-    policy = backend.load().policy
+    engine = LlamaCppEngine(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
+    policy = engine.load().policy
     assert torch.equal(policy.probe.weight, own.weight)
     assert policy.calibration == load_calibration(Adapter.resolve(str(adapter)), "llama.cpp")
     assert "(40 questions, Q4_K_M GGUF, llama.cpp)" in policy.calibration.fitted_on
@@ -277,7 +277,7 @@ def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_pref
     planted_probe = DecisionProbe(10, torch.zeros(3, 2 * 640), torch.tensor([0.0, 0.0, 30.0]), pooling="mean+last")
     planted_probe.save(adapter, "llama.cpp")
     (adapter / "decision_calibration.llama-cpp.json").unlink()
-    planted = LlamaCppBackend(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
+    planted = LlamaCppEngine(ModelSettings(adapter=str(adapter), engine="llama.cpp"))
     prompt = planted.prepare(PromptInput(QUESTIONS[2]), GenerationSettings(max_new_tokens=4))
     decided = planted.score_decisions([prompt], [Variant.TUNED])[0]
     assert max(decided, key=decided.get) == "maybe" and planted.load().policy.calibration is None

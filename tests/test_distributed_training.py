@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 
-from pubmedqa.backends.base import GenerationSettings, Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings
 from pubmedqa.prompts import PromptInput
 from tests.conftest import REPO_ROOT, free_port
@@ -39,6 +39,6 @@ def test_accelerate_launch_trains_with_two_processes_and_the_main_one_writes_the
         "README.md", "adapter_config.json", "adapter_model.safetensors", "decision_calibration.json",
         "decision_probe.safetensors", "dev_metrics.json", "pubmedqa_adapter.json", "training_args.json",
     ]
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
     settings = GenerationSettings(max_new_tokens=4)
-    assert backend.generate(backend.prepare(PromptInput("Does aspirin help?"), settings), Variant.TUNED, settings) is not None
+    assert engine.generate(engine.prepare(PromptInput("Does aspirin help?"), settings), Variant.TUNED, settings) is not None

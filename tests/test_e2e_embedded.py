@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from app.chat import stream_answer
-from pubmedqa.backends.factory import create_backend
-from pubmedqa.backends.llama_cpp_backend import llama_cpp_available
+from pubmedqa.engines.factory import create_engine
+from pubmedqa.engines.llama_cpp_engine import llama_cpp_available
 from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import REPO_ROOT, free_port
 
@@ -81,42 +81,42 @@ def test_app_refuses_to_start_with_a_missing_model_folder_and_names_the_setting(
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def embedded_backend(request):
-    return create_backend(ModelSettings(adapter="none", engine=request.param))
+def embedded_engine(request):
+    return create_engine(ModelSettings(adapter="none", engine=request.param))
 
 
-def test_real_model_answers_a_long_abstract_by_truncating_the_context(embedded_backend):
+def test_real_model_answers_a_long_abstract_by_truncating_the_context(embedded_engine):
     limits = ServerSettings()
     context = "Patients were randomised to aspirin or placebo and followed for five years. " * 200
-    updates = list(stream_answer(embedded_backend, limits, QUESTION, context, [], "base", GREEDY))
+    updates = list(stream_answer(embedded_engine, limits, QUESTION, context, [], "base", GREEDY))
     assert any("truncated" in notice for notice in updates[-1].notices)
     assert updates[-1].answer
 
 
-def test_real_model_keeps_a_multi_turn_conversation(embedded_backend):
+def test_real_model_keeps_a_multi_turn_conversation(embedded_engine):
     limits = ServerSettings()
-    first = list(stream_answer(embedded_backend, limits, QUESTION, "", [], "base", GREEDY))[-1].answer
+    first = list(stream_answer(embedded_engine, limits, QUESTION, "", [], "base", GREEDY))[-1].answer
     history = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first}]
-    second = list(stream_answer(embedded_backend, limits, "Is it safe for children?", "", history, "base", GREEDY))
+    second = list(stream_answer(embedded_engine, limits, "Is it safe for children?", "", history, "base", GREEDY))
     assert second[-1].answer and "Question:" not in second[-1].answer
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_shipped_adapter_makes_the_model_state_a_decision(engine):
-    from pubmedqa.backends.base import GenerationSettings, Variant
+@pytest.mark.parametrize("engine_name", ENGINES)
+def test_shipped_adapter_makes_the_model_state_a_decision(engine_name):
+    from pubmedqa.engines.base import GenerationSettings, Variant
     from pubmedqa.config import SHIPPED_ADAPTER_DIR
     from pubmedqa.prompts import PromptInput, parse_decision
 
     if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
         pytest.skip("no adapter shipped in assets/adapter yet")
-    backend = create_backend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine=engine))
+    engine = create_engine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine=engine_name))
     settings = GenerationSettings(max_new_tokens=40)
-    prompt = backend.prepare(PromptInput(QUESTION), settings)
-    assert backend.load().adapter_loaded
-    tuned = backend.generate(prompt, Variant.TUNED, settings)
+    prompt = engine.prepare(PromptInput(QUESTION), settings)
+    assert engine.load().adapter_loaded
+    tuned = engine.generate(prompt, Variant.TUNED, settings)
     assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
-    assert tuned != backend.generate(prompt, Variant.BASE, settings)
+    assert tuned != engine.generate(prompt, Variant.BASE, settings)
     # The shipped decision probe decides, and the answer opens with that decision.
-    assert backend.load().policy.probe is not None and "decision probe on layer 10" in backend.status_message()
-    (answer,), (decision,) = backend.generate_with_decisions([prompt], [Variant.TUNED], settings)
+    assert engine.load().policy.probe is not None and "decision probe on layer 10" in engine.status_message()
+    (answer,), (decision,) = engine.generate_with_decisions([prompt], [Variant.TUNED], settings)
     assert answer == tuned and parse_decision(answer) == max(decision, key=decision.get)

@@ -34,12 +34,12 @@ def local_search(pubmedqa_dir) -> EvidenceSearch:
 
 
 @pytest.fixture
-def served(tiny_backend, tmp_path):
+def served(tiny_engine, tmp_path):
     started = []
 
     def serve(search: EvidenceSearch | None, **settings) -> str:
         server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"), **settings)
-        v1_url, uvicorn_server = serve_in_thread(build_server(tiny_backend, server, search), server_class=AppServer)
+        v1_url, uvicorn_server = serve_in_thread(build_server(tiny_engine, server, search), server_class=AppServer)
         started.append(uvicorn_server)
         return v1_url.removesuffix("v1")
 
@@ -73,11 +73,11 @@ def test_pubmed_texts_are_shown_as_text_and_the_citation_leaves_the_history():
     assert history_to_turns(history, ServerSettings())[0].answer == "Yes. It does."
 
 
-def test_an_answer_from_evidence_uses_the_article_as_context_and_cites_it(tiny_backend, local_search, pubmedqa_dir):
+def test_an_answer_from_evidence_uses_the_article_as_context_and_cites_it(tiny_engine, local_search, pubmedqa_dir):
     record = load_local(pubmedqa_dir)[OWN]
     found = FoundEvidence(local_search.search(record.question))
     assert found.article.pmid == OWN and record.context in found.context
-    updates = list(stream_answer(tiny_backend, ServerSettings(), record.question, "", None, "base", SHORT,
+    updates = list(stream_answer(tiny_engine, ServerSettings(), record.question, "", None, "base", SHORT,
                                  evidence=found))
     assert updates[-1].answer.endswith(f"{CITATION_MARK} {OWN} (https://pubmed.ncbi.nlm.nih.gov/{OWN}/), 2011")
     assert without_citation(updates[-1].answer) == updates[-2].answer  # the model's own text, then the citation

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
-from pubmedqa.backends.gguf_lora import cached_gguf_lora
+from pubmedqa.gguf.lora import cached_gguf_lora
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, BaseModelSettings, ModelSettings
-from pubmedqa.gguf_source import gguf_file
+from pubmedqa.gguf.source import gguf_file
 from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, Turn, cut_at_stop, encode_prompt, render_prompt
 from training import export as export_cli
 from training.llama_cpp_tools import ExportError, find_converter
@@ -85,13 +85,13 @@ def raw_adapter(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tuned_engine(raw_adapter):
     pytest.importorskip("llama_cpp")
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 
-    backend = LlamaCppBackend(ModelSettings(adapter=str(raw_adapter), engine="llama.cpp"))
-    loaded = backend.load()
+    engine = LlamaCppEngine(ModelSettings(adapter=str(raw_adapter), engine="llama.cpp"))
+    loaded = engine.load()
     assert loaded.adapter_loaded
     assert loaded.policy.feature_layer is None and loaded.policy.calibration is None  # raw option logits
-    return backend
+    return engine
 
 
 def test_every_folder_has_its_files_and_a_card(merged_dir, lora_dir):
@@ -157,7 +157,7 @@ def test_gguf_lora_is_the_engines_own_conversion(lora_dir, tmp_path):
 
 def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engine):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from pubmedqa.backends.base import GenerationSettings, Variant
+    from pubmedqa.engines.base import GenerationSettings, Variant
 
     llm = llama_cpp.Llama(model_path=str(gguf_file("embedded")), n_ctx=1024, verbose=False,
                           lora_path=str(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf"))
@@ -174,8 +174,8 @@ def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engin
 # --------------------------------------------------- 3. quantised merged GGUF decides as the adapter (50 dev qs)
 def test_quantised_gguf_decides_as_the_adapter_on_the_dev_questions(gguf_dir, tuned_engine, pubmedqa_dir,
                                                                     record_property):
-    from pubmedqa.backends.base import GenerationSettings, Variant
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.base import GenerationSettings, Variant
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.data import SplitSettings, load_test_ids
     from pubmedqa.decisions.options import predicted_decision
 
@@ -183,7 +183,7 @@ def test_quantised_gguf_decides_as_the_adapter_on_the_dev_questions(gguf_dir, tu
     dev = split.dev
     assert len(dev) == 50 and not {r.pubid for r in dev} & set(load_test_ids(pubmedqa_dir))  # never a test question
     model_file = gguf_dir / "pubmedqa-gemma-3-270m-q4_k_m.gguf"
-    merged = LlamaCppBackend(ModelSettings(base_model=str(model_file), adapter="none", engine="llama.cpp"))
+    merged = LlamaCppEngine(ModelSettings(base_model=str(model_file), adapter="none", engine="llama.cpp"))
     assert merged.load().quantization.startswith("Q4_K_M")
 
     settings = GenerationSettings()
@@ -226,7 +226,7 @@ def test_quantised_gguf_keeps_the_base_tokenizer_and_has_a_modelfile(gguf_dir):
     # changes (layers 10-17, seven projections each), kept at Q8_0 so the fine-tuning survives quantisation.
     import gguf
 
-    from pubmedqa.backends.gguf_lora import adapter_target_tensors
+    from pubmedqa.gguf.lora import adapter_target_tensors
 
     changed = set(adapter_target_tensors(Adapter.resolve(str(SHIPPED_ADAPTER_DIR)), gguf_file("embedded")))
     assert len(changed) == 56

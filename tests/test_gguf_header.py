@@ -1,4 +1,4 @@
-"""The one GGUF header reader (``pubmedqa.gguf_header``) on small files written by gguf-py, and the header splice it
+"""The one GGUF header reader (``pubmedqa.gguf.header``) on small files written by gguf-py, and the header splice it
 serves (``training.llama_cpp_tools.adopt_tokenizer``): a converted model takes the base GGUF's tokenizer, its tensors
 unchanged."""
 
@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from pubmedqa.gguf_header import read_gguf_header
+from pubmedqa.gguf.header import read_gguf_header
 from training.llama_cpp_tools import ExportError, adopt_tokenizer
 
 

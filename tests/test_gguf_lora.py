@@ -1,4 +1,4 @@
-"""The PEFT -> GGUF LoRA conversion (pubmedqa/backends/gguf_lora.py) and its CLI, on the real embedded Gemma 3 270M GGUF
+"""The PEFT -> GGUF LoRA conversion (pubmedqa/gguf/lora.py) and its CLI, on the real embedded Gemma 3 270M GGUF
 and the shipped adapter; the llama.cpp load/generate check runs only where llama-cpp-python is installed."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter, AdapterError
-from pubmedqa.backends import gguf_lora
-from pubmedqa.backends.gguf_lora import (
+from pubmedqa.gguf import lora as gguf_lora
+from pubmedqa.gguf.lora import (
     SOURCE_HASH_KEY,
     LoraConversionError,
     adapter_source_hash,

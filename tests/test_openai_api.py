@@ -16,7 +16,7 @@ import pytest
 from app.chat import stream_answer
 from app.main import AppServer, build_server
 from app.openai_api import ADAPTER_MODEL_NAME, API_KEY_ENV, BASE_MODEL_NAME, AdmissionQueue, ApiError, serve_in_thread
-from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.prompts import FittedPrompt, PromptInput
 
@@ -28,17 +28,17 @@ QUESTION = "Does metformin lower mortality in elderly patients?"
 CONTEXT = "We studied 120 patients with diabetes and hypertension in a randomized controlled trial."
 
 
-def _backend(tiny_model_dir, adapter):
-    """As conftest's ``tiny_backend`` (the tiny random model and its adapter), shared by this module's servers."""
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+def _engine(tiny_model_dir, adapter):
+    """As conftest's ``tiny_engine`` (the tiny random model and its adapter), shared by this module's servers."""
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
-    return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+    return TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
 
 
 @contextlib.contextmanager
-def app_server(backend, limits: ServerSettings = LIMITS) -> Iterator[tuple[str, object]]:
+def app_server(engine, limits: ServerSettings = LIMITS) -> Iterator[tuple[str, object]]:
     """The page and the API on one free localhost port, built as app.main builds them; yields (root URL, app)."""
-    app = build_server(backend, limits)
+    app = build_server(engine, limits)
     url, server = serve_in_thread(app, server_class=AppServer)
     try:
         yield url.removesuffix("/v1"), app
@@ -51,15 +51,15 @@ def client_for(root: str, key: str = "unused") -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir, tiny_adapter_dir):
-    backend = _backend(tiny_model_dir, tiny_adapter_dir)
-    backend.load()
-    return backend
+def engine(tiny_model_dir, tiny_adapter_dir):
+    engine = _engine(tiny_model_dir, tiny_adapter_dir)
+    engine.load()
+    return engine
 
 
 @pytest.fixture(scope="module")
-def served(backend):
-    with app_server(backend) as (root, app):
+def served(engine):
+    with app_server(engine) as (root, app):
         yield root, app
 
 
@@ -73,9 +73,9 @@ def client(root):
     return client_for(root)
 
 
-def _page_answer(backend, question, context="", history=None, variant="base", max_new_tokens=12, **extra) -> str:
+def _page_answer(engine, question, context="", history=None, variant="base", max_new_tokens=12, **extra) -> str:
     settings = {"max_new_tokens": max_new_tokens, **GREEDY, **extra}
-    return list(stream_answer(backend, LIMITS, question, context, history or [], variant, settings))[-1].answer
+    return list(stream_answer(engine, LIMITS, question, context, history or [], variant, settings))[-1].answer
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -86,7 +86,7 @@ def test_models_lists_base_and_fine_tuned(client):
 
 
 def test_without_an_adapter_only_the_base_model_is_served(tiny_model_dir):
-    with app_server(_backend(tiny_model_dir, "none")) as (root, _):
+    with app_server(_engine(tiny_model_dir, "none")) as (root, _):
         client = client_for(root)
         assert [m.id for m in client.models.list().data] == [BASE_MODEL_NAME]
         with pytest.raises(openai.NotFoundError, match="no adapter"):
@@ -100,9 +100,9 @@ def test_without_an_adapter_only_the_base_model_is_served(tiny_model_dir):
 @pytest.mark.parametrize(
     ("model", "variant"), [(BASE_MODEL_NAME, "base"), (ADAPTER_MODEL_NAME, "fine-tuned"), ("tuned", "fine-tuned")]
 )
-def test_chat_completion_is_the_pages_answer_in_the_one_prompt_format(backend, client, model, variant):
+def test_chat_completion_is_the_pages_answer_in_the_one_prompt_format(engine, client, model, variant):
     earlier = "Is aspirin useful after a heart attack?"
-    reply = _page_answer(backend, earlier, CONTEXT, variant=variant)
+    reply = _page_answer(engine, earlier, CONTEXT, variant=variant)
     messages = [
         {"role": "system", "content": CONTEXT},  # the abstract
         {"role": "user", "content": earlier},
@@ -111,42 +111,42 @@ def test_chat_completion_is_the_pages_answer_in_the_one_prompt_format(backend, c
     ]
     response = client.chat.completions.create(model=model, messages=messages, max_tokens=12, **GREEDY)
     history = [{"role": "user", "content": earlier}, {"role": "assistant", "content": reply}]
-    assert response.choices[0].message.content == _page_answer(backend, QUESTION, CONTEXT, history, variant)
+    assert response.choices[0].message.content == _page_answer(engine, QUESTION, CONTEXT, history, variant)
     assert response.choices[0].message.role == "assistant" and response.model == model
     assert response.choices[0].finish_reason in ("stop", "length")
-    prompt = backend.prepare(PromptInput(QUESTION, CONTEXT, ()), GenerationSettings(max_new_tokens=12))
+    prompt = engine.prepare(PromptInput(QUESTION, CONTEXT, ()), GenerationSettings(max_new_tokens=12))
     assert response.usage.prompt_tokens > prompt.n_tokens  # the earlier turn is in the prompt too
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
-def test_the_context_field_is_the_abstract_too(backend, client):
+def test_the_context_field_is_the_abstract_too(engine, client):
     response = client.chat.completions.create(
         model=BASE_MODEL_NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=12,
         extra_body={"context": CONTEXT}, **GREEDY,
     )
-    assert response.choices[0].message.content == _page_answer(backend, QUESTION, CONTEXT)
+    assert response.choices[0].message.content == _page_answer(engine, QUESTION, CONTEXT)
 
 
-def test_repetition_penalty_is_passed_on_as_vllm_takes_it(backend, client):
+def test_repetition_penalty_is_passed_on_as_vllm_takes_it(engine, client):
     response = client.chat.completions.create(
         model=BASE_MODEL_NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=24,
         extra_body={"repetition_penalty": 1.5}, **GREEDY,
     )
-    expected = _page_answer(backend, QUESTION, max_new_tokens=24, repetition_penalty=1.5)
+    expected = _page_answer(engine, QUESTION, max_new_tokens=24, repetition_penalty=1.5)
     assert response.choices[0].message.content == expected
 
 
-def test_completion_takes_a_raw_prompt(backend, client):
-    prompt = backend.prepare(PromptInput(QUESTION, CONTEXT), GenerationSettings(max_new_tokens=10)).text
+def test_completion_takes_a_raw_prompt(engine, client):
+    prompt = engine.prepare(PromptInput(QUESTION, CONTEXT), GenerationSettings(max_new_tokens=10)).text
     response = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt, max_tokens=10, **GREEDY)
-    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=10, repetition_penalty=1.0, min_new_tokens=0))
+    expected = engine.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=10, repetition_penalty=1.0, min_new_tokens=0))
     assert response.choices[0].text == expected and expected
     echoed = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt, max_tokens=10, echo=True, **GREEDY)
     assert echoed.choices[0].text == prompt + expected
-    assert response.usage.prompt_tokens == backend.count_tokens(prompt)
+    assert response.usage.prompt_tokens == engine.count_tokens(prompt)
 
 
-def test_streamed_chat_sends_the_answer_in_deltas_then_done(backend, client):
+def test_streamed_chat_sends_the_answer_in_deltas_then_done(engine, client):
     stream = client.chat.completions.create(
         model=ADAPTER_MODEL_NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=24, stream=True,
         stream_options={"include_usage": True}, **GREEDY,
@@ -154,17 +154,17 @@ def test_streamed_chat_sends_the_answer_in_deltas_then_done(backend, client):
     chunks = list(stream)
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) >= 2  # it streamed
-    assert "".join(deltas) == _page_answer(backend, QUESTION, variant="fine-tuned", max_new_tokens=24)
+    assert "".join(deltas) == _page_answer(engine, QUESTION, variant="fine-tuned", max_new_tokens=24)
     finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finished in (["stop"], ["length"])
     assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
 
 
-def test_streamed_completion_and_the_raw_sse(backend, root, client):
-    prompt = backend.prepare(PromptInput(QUESTION), GenerationSettings(max_new_tokens=16)).text
+def test_streamed_completion_and_the_raw_sse(engine, root, client):
+    prompt = engine.prepare(PromptInput(QUESTION), GenerationSettings(max_new_tokens=16)).text
     texts = [c.choices[0].text for c in client.completions.create(
         model=BASE_MODEL_NAME, prompt=prompt, max_tokens=16, stream=True, **GREEDY)]
-    expected = backend.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=16, repetition_penalty=1.0, min_new_tokens=0))
+    expected = engine.generate(FittedPrompt(prompt, 0), Variant.BASE, GenerationSettings(max_new_tokens=16, repetition_penalty=1.0, min_new_tokens=0))
     assert "".join(texts) == expected
     with httpx.stream("POST", f"{root}/v1/chat/completions", timeout=60, json={
         "model": BASE_MODEL_NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4, "stream": True,
@@ -174,7 +174,7 @@ def test_streamed_completion_and_the_raw_sse(backend, root, client):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
-def test_logprobs_of_the_answer_and_of_the_first_tokens(backend, client):
+def test_logprobs_of_the_answer_and_of_the_first_tokens(engine, client):
     response = client.chat.completions.create(
         model=ADAPTER_MODEL_NAME, messages=[{"role": "user", "content": QUESTION}], max_tokens=20, logprobs=True,
         top_logprobs=3, extra_body={"repetition_penalty": 1.0},  # whole tokens here: no half of a UTF-8 character
@@ -184,8 +184,8 @@ def test_logprobs_of_the_answer_and_of_the_first_tokens(backend, client):
     tokens = choice.logprobs.content
     assert tokens and "".join(t.token for t in tokens).strip() == choice.message.content
     assert all(t.logprob is not None and t.logprob <= 0 for t in tokens)  # all scored, past one pass's 16 tokens
-    prompt = backend.prepare(PromptInput(QUESTION), GenerationSettings(max_new_tokens=20))
-    _, following = backend.token_logprobs(prompt.text, Variant.TUNED, top=3)
+    prompt = engine.prepare(PromptInput(QUESTION), GenerationSettings(max_new_tokens=20))
+    _, following = engine.token_logprobs(prompt.text, Variant.TUNED, top=3)
     assert {t.token: t.logprob for t in tokens[0].top_logprobs} == pytest.approx(following)
 
     completion = client.completions.create(
@@ -200,9 +200,9 @@ def test_logprobs_of_the_answer_and_of_the_first_tokens(backend, client):
 
 
 # ------------------------------------------------------------------------------------ the key, the errors
-def test_the_key_is_required_when_set_and_the_page_stays_open(backend, monkeypatch):
+def test_the_key_is_required_when_set_and_the_page_stays_open(engine, monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "sk-test-key-123")
-    with app_server(backend) as (root, _):
+    with app_server(engine) as (root, _):
         for wrong in ("sk-wrong", "sk-test-key-1234", "sk-test-key-12"):
             with pytest.raises(openai.AuthenticationError) as failure:
                 client_for(root, wrong).models.list()
@@ -223,7 +223,7 @@ def _error(response: httpx.Response, status: int) -> dict:
     return error
 
 
-def test_malformed_requests_get_openai_errors_and_the_app_keeps_serving(backend, root, client):
+def test_malformed_requests_get_openai_errors_and_the_app_keeps_serving(engine, root, client):
     user = [{"role": "user", "content": QUESTION}]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4o", messages=user)
@@ -259,7 +259,7 @@ def test_malformed_requests_get_openai_errors_and_the_app_keeps_serving(backend,
 
 
 # ----------------------------------------------------------------------------------- the page, the queue
-def test_the_page_is_served_on_the_same_port_and_its_queue_works(backend, root, client):
+def test_the_page_is_served_on_the_same_port_and_its_queue_works(engine, root, client):
     from gradio_client import Client
 
     page = httpx.get(f"{root}/")
@@ -271,16 +271,16 @@ def test_the_page_is_served_on_the_same_port_and_its_queue_works(backend, root, 
 
 
 @contextlib.contextmanager
-def _held_model(backend, monkeypatch) -> Iterator[threading.Event]:
+def _held_model(engine, monkeypatch) -> Iterator[threading.Event]:
     """Generation waits until the yielded event is set (a long answer that holds the model)."""
     gate = threading.Event()
-    original = backend.stream_batch
+    original = engine.stream_batch
 
     def held(*args, **kwargs):
         gate.wait(60)
         yield from original(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "stream_batch", held)
+    monkeypatch.setattr(engine, "stream_batch", held)
     try:
         yield gate
     finally:
@@ -294,9 +294,9 @@ def _wait_for(condition, timeout_s: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_beyond_the_queue_requests_get_429_and_the_app_recovers(backend, monkeypatch):
+def test_beyond_the_queue_requests_get_429_and_the_app_recovers(engine, monkeypatch):
     limits = ServerSettings(max_new_tokens_limit=64, concurrency_limit=1, queue_size=1)
-    with app_server(backend, limits) as (root, app), _held_model(backend, monkeypatch) as gate:
+    with app_server(engine, limits) as (root, app), _held_model(engine, monkeypatch) as gate:
         queue = app.state.openai_api.queue
         client = client_for(root)
 
@@ -321,9 +321,9 @@ def test_beyond_the_queue_requests_get_429_and_the_app_recovers(backend, monkeyp
         assert queue._admitted == 0
 
 
-def test_a_client_that_leaves_frees_its_place(backend, monkeypatch):
+def test_a_client_that_leaves_frees_its_place(engine, monkeypatch):
     limits = ServerSettings(max_new_tokens_limit=64, concurrency_limit=1, queue_size=0)
-    with app_server(backend, limits) as (root, app), _held_model(backend, monkeypatch) as gate:
+    with app_server(engine, limits) as (root, app), _held_model(engine, monkeypatch) as gate:
         queue = app.state.openai_api.queue
         body = {"model": BASE_MODEL_NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6,
                 "stream": True}
@@ -353,11 +353,11 @@ def test_the_pages_waiting_events_count_towards_the_api_queue():
 
 
 # ---------------------------------------------------------------------------------------- python app.py
-def test_python_app_py_serves_the_page_and_the_api_on_one_port(backend, monkeypatch):
+def test_python_app_py_serves_the_page_and_the_api_on_one_port(engine, monkeypatch):
     import app.main as main_module
 
     served = {}
-    monkeypatch.setattr(main_module, "create_backend", lambda settings: backend)
+    monkeypatch.setattr(main_module, "create_engine", lambda settings: engine)
     monkeypatch.setattr(main_module.AppServer, "run", lambda self: served.update(
         app=self.config.app, host=self.config.host, port=self.config.port))
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")

@@ -52,25 +52,25 @@ def fast_rate_limits(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir, tiny_adapter_dir):
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+def engine(tiny_model_dir, tiny_adapter_dir):
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
-    backend = TransformersBackend(
+    engine = TransformersEngine(
         ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none")
     )
-    backend.load()
-    return backend
+    engine.load()
+    return engine
 
 
 @pytest.fixture(scope="module")
-def serve(backend, tmp_path_factory):
+def serve(engine, tmp_path_factory):
     """Serve the app (page and /v1) with ``search`` and server settings; yields an ``openai`` client factory."""
     started = []
 
     def start(search: EvidenceSearch | None, **settings) -> openai.OpenAI:
         folder = tmp_path_factory.mktemp("app")
         server = ServerSettings(votes_path=str(folder / "votes.jsonl"), eval_dir=str(folder / "eval"), **settings)
-        url, uvicorn_server = serve_in_thread(build_server(backend, server, search), server_class=AppServer)
+        url, uvicorn_server = serve_in_thread(build_server(engine, server, search), server_class=AppServer)
         started.append(uvicorn_server)
         return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 
@@ -126,7 +126,7 @@ def _pubmed_down() -> Iterator[str]:
 
 # ------------------------------------------------------------------------------------------------ "on"
 @pytest.mark.parametrize("evidence", ["on", True, " ON "])
-def test_on_answers_from_the_article_found_and_cites_it(backend, client, local_search, searches, question, evidence):
+def test_on_answers_from_the_article_found_and_cites_it(engine, client, local_search, searches, question, evidence):
     reply = _ask(client, question, evidence=evidence)
     content = reply.choices[0].message.content
     assert content.endswith(f"\n\n{CITATION}")
@@ -143,7 +143,7 @@ def test_on_answers_from_the_article_found_and_cites_it(backend, client, local_s
     assert "citations" not in by_hand.model_extra
     # ...and the usage is that answer's: the citation line is not counted.
     assert reply.usage.model_dump() == by_hand.usage.model_dump()
-    assert reply.usage.completion_tokens == backend.count_tokens(without_citation(content))
+    assert reply.usage.completion_tokens == engine.count_tokens(without_citation(content))
 
 
 def test_on_replaces_a_context_given_with_the_articles(client, searches, question):

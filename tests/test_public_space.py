@@ -19,7 +19,7 @@ from app.ui.evaluation_tab import show_run
 from app.ui.interface import build_app
 from app.rate_limits import PerMinuteLimiter, visitor_key
 from app.votes import VoteError, VoteLog
-from pubmedqa.backends.model_lock import ModelLock
+from pubmedqa.engines.model_lock import ModelLock
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
 from tests.conftest import REPO_ROOT, serving
@@ -61,9 +61,9 @@ def _evaluation_handler(demo: gr.Blocks):
     return start
 
 
-def test_a_visitor_of_a_public_app_sees_the_control_disabled_and_the_route_refuses(tiny_backend, tmp_path):
+def test_a_visitor_of_a_public_app_sees_the_control_disabled_and_the_route_refuses(tiny_engine, tmp_path):
     server = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path))
-    demo = build_app(tiny_backend, server)
+    demo = build_app(tiny_engine, server)
     [button] = [b for b in demo.blocks.values() if isinstance(b, gr.Button) and b.value == "Run evaluation"]
     assert button.interactive is False
     start = _evaluation_handler(demo)
@@ -73,10 +73,10 @@ def test_a_visitor_of_a_public_app_sees_the_control_disabled_and_the_route_refus
     assert list(tmp_path.iterdir()) == []  # nothing ran, nothing written
 
 
-def test_with_an_admin_key_only_its_holder_can_start_one(tiny_backend, tmp_path, monkeypatch):
+def test_with_an_admin_key_only_its_holder_can_start_one(tiny_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PUBMEDQA_ADMIN_KEY", "owner-key")
     server = ServerSettings(server_name="0.0.0.0", votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path))
-    start = _evaluation_handler(build_app(tiny_backend, server))
+    start = _evaluation_handler(build_app(tiny_engine, server))
     with pytest.raises(gr.Error, match="Wrong admin key"):
         start.fn(10, False, "not-the-key", None)
     assert list(tmp_path.iterdir()) == []
@@ -145,24 +145,24 @@ def test_background_work_lets_waiting_requests_go_first():
     lock.release()
 
 
-def test_a_chat_answers_while_an_evaluation_runs(tiny_backend, pubmedqa_dir, tmp_path, monkeypatch):
+def test_a_chat_answers_while_an_evaluation_runs(tiny_engine, pubmedqa_dir, tmp_path, monkeypatch):
     from gradio_client import Client
 
     batch_s = 0.3
-    original = tiny_backend.generate_with_decisions
+    original = tiny_engine.generate_with_decisions
 
     def slow_batch(*args, **kwargs):  # a CPU-sized batch: it holds the model for a while
-        with tiny_backend._model_lock:
+        with tiny_engine._model_lock:
             time.sleep(batch_s)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_backend, "generate_with_decisions", slow_batch)
+    monkeypatch.setattr(tiny_engine, "generate_with_decisions", slow_batch)
     server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
-    with serving(build_app(tiny_backend, server)) as url:
+    with serving(build_app(tiny_engine, server)) as url:
         client = Client(url, verbose=False)
         args = EvalArguments(data=str(pubmedqa_dir), limit=40, batch_size=2, max_new_tokens=4, bertscore_model="none",
                              output_dir=str(tmp_path / "eval" / "run"))
-        evaluation = threading.Thread(target=evaluate, args=(tiny_backend.settings, args), kwargs={"backend": tiny_backend})
+        evaluation = threading.Thread(target=evaluate, args=(tiny_engine.settings, args), kwargs={"engine": tiny_engine})
         evaluation.start()
         time.sleep(1.0)
         waits = []
@@ -261,12 +261,12 @@ def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkey
     assert [line["question"] for line in lines] == ["first", "third"]
 
 
-def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_backend, tmp_path):
+def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_engine, tmp_path):
     from app.ui.visitor_guard import VisitorGuard
     from app.ui.compare_tab import CompareHandlers
 
     server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), max_comment_chars=20, votes_per_minute=2)
-    handlers = CompareHandlers(tiny_backend, server, [], VoteLog(server.votes_path), VisitorGuard(server, public=False))
+    handlers = CompareHandlers(tiny_engine, server, [], VoteLog(server.votes_path), VisitorGuard(server, public=False))
     request = type("Request", (), {"session_hash": "visitor-1"})()
     with pytest.raises(gr.Error, match="at most 20 characters"):
         handlers.vote("tie", "x" * 21, {"question": "q"}, request)

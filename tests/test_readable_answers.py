@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from app.chat import UserInputError, parse_generation_settings
-from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.metrics import is_looping, readability_metrics
 from pubmedqa.prompts import PromptInput
@@ -37,29 +37,29 @@ def test_the_repetition_penalty_is_validated_where_requests_come_in():
     assert parse_generation_settings({"repetition_penalty": 1.3}, ServerSettings()).repetition_penalty == 1.3
 
 
-def _most_repeated(backend, text: str) -> int:
-    ids = backend.load().tokenizer(text, add_special_tokens=False)["input_ids"]
+def _most_repeated(engine, text: str) -> int:
+    ids = engine.load().tokenizer(text, add_special_tokens=False)["input_ids"]
     return max(Counter(ids).values()) if ids else 0
 
 
-def test_the_penalty_curbs_repeats_and_leaves_the_decision_and_first_token_alone(engine_backend):
-    backend = engine_backend
+def test_the_penalty_curbs_repeats_and_leaves_the_decision_and_first_token_alone(each_engine):
+    engine = each_engine
     question = PromptInput("Is laparoscopic surgery safe for elderly patients with colorectal cancer?")
     plain = GenerationSettings(max_new_tokens=48, repetition_penalty=1.0)
     penalised = GenerationSettings(max_new_tokens=48, repetition_penalty=1.5)
-    prompt = backend.prepare(question, plain)
+    prompt = engine.prepare(question, plain)
     for variant in (Variant.BASE, Variant.TUNED):
-        (free, ), (free_decision, ) = backend.generate_with_decisions([prompt], [variant], plain)
-        (curbed, ), (curbed_decision, ) = backend.generate_with_decisions([prompt], [variant], penalised)
+        (free, ), (free_decision, ) = engine.generate_with_decisions([prompt], [variant], plain)
+        (curbed, ), (curbed_decision, ) = engine.generate_with_decisions([prompt], [variant], penalised)
         assert curbed_decision == pytest.approx(free_decision, abs=1e-5)  # scored before any penalty
-        if backend.engine == "llama.cpp":  # a real model: the penalty never makes it repeat more
-            assert _most_repeated(backend, curbed) <= _most_repeated(backend, free)
+        if engine.name == "llama.cpp":  # a real model: the penalty never makes it repeat more
+            assert _most_repeated(engine, curbed) <= _most_repeated(engine, free)
     # The prompt's tokens are not penalised: the first token is the model's own even under a strong penalty.
     one = GenerationSettings(max_new_tokens=1, repetition_penalty=1.0)
     strong = GenerationSettings(max_new_tokens=1, repetition_penalty=2.0)
-    assert backend.generate(prompt, Variant.BASE, one) == backend.generate(prompt, Variant.BASE, strong)
+    assert engine.generate(prompt, Variant.BASE, one) == engine.generate(prompt, Variant.BASE, strong)
     # The tiny random model repeats itself constantly: there the penalty must visibly bite.
-    if backend.engine == "transformers":
-        free = backend.generate(prompt, Variant.BASE, plain)
-        curbed = backend.generate(prompt, Variant.BASE, penalised)
-        assert _most_repeated(backend, curbed) < _most_repeated(backend, free)
+    if engine.name == "transformers":
+        free = engine.generate(prompt, Variant.BASE, plain)
+        curbed = engine.generate(prompt, Variant.BASE, penalised)
+        assert _most_repeated(engine, curbed) < _most_repeated(engine, free)

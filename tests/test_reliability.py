@@ -13,9 +13,9 @@ import pytest
 from app.chat import UserInputError, stream_answer
 from app.compare import stream_comparison
 from app.ui.interface import build_app
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
-from tests.conftest import embedded_llama_backend, serving
+from tests.conftest import embedded_llama_engine, serving
 
 LIMITS = ServerSettings(
     max_question_chars=500, max_context_chars=4000, max_new_tokens_limit=64, queue_size=64, max_history_messages=20
@@ -24,25 +24,25 @@ SHORT = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 0.95, "seed": 0}
 QUESTIONS = [f"Does treatment number {i} reduce mortality in patients with condition {i * 7}?" for i in range(24)]
 
 
-def _alone_chat(backend, question, variant):
-    return list(stream_answer(backend, LIMITS, question, "", None, variant, SHORT))[-1].answer
+def _alone_chat(engine, question, variant):
+    return list(stream_answer(engine, LIMITS, question, "", None, variant, SHORT))[-1].answer
 
 
-def _alone_compare(backend, question):
-    last = list(stream_comparison(backend, LIMITS, question, "", SHORT))[-1]
+def _alone_compare(engine, question):
+    last = list(stream_comparison(engine, LIMITS, question, "", SHORT))[-1]
     return {side.variant: side.answer for side in last.sides}
 
 
 @pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
-def backend(request, tiny_model_dir, tiny_adapter_dir):
+def engine(request, tiny_model_dir, tiny_adapter_dir):
     if request.param == "llama.cpp":
-        return embedded_llama_backend()
-    return TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
+        return embedded_llama_engine()
+    return TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(tiny_adapter_dir), quantization="none"))
 
 
 @pytest.fixture(scope="module")
-def app_url(backend):
-    with serving(build_app(backend, LIMITS)) as url:
+def app_url(engine):
+    with serving(build_app(engine, LIMITS)) as url:
         yield url
 
 
@@ -53,12 +53,12 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
-def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(backend, client):
+def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(engine, client):
     # 16 Chat jobs (base and fine-tuned alternating) and 8 Compare jobs, all in flight at once.
     chats = [(q, "base" if i % 2 else "fine-tuned") for i, q in enumerate(QUESTIONS[:16])]
     compares = QUESTIONS[16:]
-    expected_chat = [_alone_chat(backend, q, v) for q, v in chats]
-    expected_compare = [_alone_compare(backend, q) for q in compares]
+    expected_chat = [_alone_chat(engine, q, v) for q, v in chats]
+    expected_compare = [_alone_compare(engine, q) for q in compares]
 
     jobs = [client.submit(question=q, model=v, max_new_tokens=6, api_name="/chat") for q, v in chats]
     jobs += [client.submit(question=q, max_new_tokens=6, api_name="/compare") for q in compares]
@@ -70,11 +70,11 @@ def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(backend, cli
     assert len(set(expected_chat)) > 1  # distinct questions really give distinct answers, so crossing would show
 
 
-def test_a_full_queue_says_busy_and_the_app_recovers(backend):
+def test_a_full_queue_says_busy_and_the_app_recovers(engine):
     from gradio_client import Client
 
     limits = ServerSettings(max_new_tokens_limit=64, queue_size=1)
-    with serving(build_app(backend, limits)) as url:
+    with serving(build_app(engine, limits)) as url:
         client = Client(url, verbose=False)
         jobs = [client.submit(question=q, max_new_tokens=64, api_name="/chat") for q in QUESTIONS[:8]]
         outcomes = []
@@ -87,7 +87,7 @@ def test_a_full_queue_says_busy_and_the_app_recovers(backend):
         assert refused and all("queue is full" in str(o).lower() for o in refused)
         assert any(isinstance(o, str) for o in outcomes)
         assert client.predict(question=QUESTIONS[0], max_new_tokens=6, api_name="/chat") == _alone_chat(
-            backend, QUESTIONS[0], "base"
+            engine, QUESTIONS[0], "base"
         )
 
 
@@ -120,7 +120,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("kwargs, message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
-def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(backend, client, kwargs, message):
+def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(engine, client, kwargs, message):
     call = {"max_new_tokens": 6, **kwargs}
     if message is None:
         answer = client.predict(**call, api_name="/chat")
@@ -129,7 +129,7 @@ def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(backen
         with pytest.raises(Exception, match=message):
             client.predict(**call, api_name="/chat")
     assert client.predict(question=QUESTIONS[1], max_new_tokens=6, api_name="/chat") == _alone_chat(
-        backend, QUESTIONS[1], "base"
+        engine, QUESTIONS[1], "base"
     )
 
 
@@ -137,7 +137,7 @@ def test_bad_input_gets_a_message_or_an_answer_and_the_next_request_works(backen
     "body",
     [b"not json", b'{"data": "not a list"}', b'{"data": []}', b'{"data": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}', b"{}"],
 )
-def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(backend, client, app_url, body):
+def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(engine, client, app_url, body):
     response = httpx.post(f"{app_url}gradio_api/call/chat", content=body, headers={"Content-Type": "application/json"})
     if response.status_code == 200:  # accepted into the queue: the event stream must end with an error
         event_id = response.json()["event_id"]
@@ -146,19 +146,19 @@ def test_malformed_raw_api_payloads_are_refused_and_the_app_keeps_serving(backen
     else:
         assert 400 <= response.status_code < 500
     assert client.predict(question=QUESTIONS[2], max_new_tokens=6, api_name="/chat") == _alone_chat(
-        backend, QUESTIONS[2], "base"
+        engine, QUESTIONS[2], "base"
     )
 
 
-def test_compare_pressed_many_times_at_once_answers_each(backend, client):
+def test_compare_pressed_many_times_at_once_answers_each(engine, client):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: client.predict(question=QUESTIONS[3], max_new_tokens=6, api_name="/compare"), range(4)))
-    expected = _alone_compare(backend, QUESTIONS[3])
+    expected = _alone_compare(engine, QUESTIONS[3])
     assert all({"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} == expected for r in results)
 
 
 def test_question_over_the_token_budget_gets_a_message(tiny_model_dir):
-    small = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none",
+    small = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter="none", quantization="none",
                                               max_input_tokens=40))
     with pytest.raises(UserInputError, match="too long"):
         list(stream_answer(small, LIMITS, "Does " + "very " * 80 + "long aspirin help?", "", None, "base", SHORT))
@@ -167,11 +167,11 @@ def test_question_over_the_token_budget_gets_a_message(tiny_model_dir):
 def test_adapter_folder_deleted_while_serving_keeps_both_variants(tiny_model_dir, tiny_adapter_dir, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
-    before = _alone_chat(backend, QUESTIONS[4], "fine-tuned")
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(adapter), quantization="none"))
+    before = _alone_chat(engine, QUESTIONS[4], "fine-tuned")
     shutil.rmtree(adapter)  # the weights are already in memory
-    assert _alone_chat(backend, QUESTIONS[4], "fine-tuned") == before
-    assert _alone_chat(backend, QUESTIONS[4], "base")
+    assert _alone_chat(engine, QUESTIONS[4], "fine-tuned") == before
+    assert _alone_chat(engine, QUESTIONS[4], "base")
 
 
 def test_model_load_failure_is_shown_and_the_rest_of_the_app_serves(tmp_path):
@@ -180,11 +180,11 @@ def test_model_load_failure_is_shown_and_the_rest_of_the_app_serves(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    backend = TransformersBackend(ModelSettings(base_model=str(broken), adapter="none", quantization="none"))
-    with serving(build_app(backend, LIMITS)) as url:
+    engine = TransformersEngine(ModelSettings(base_model=str(broken), adapter="none", quantization="none"))
+    with serving(build_app(engine, LIMITS)) as url:
         client = Client(url, verbose=False)
         for _ in range(2):  # the failure is reported every time, not only to the first caller
             with pytest.raises(Exception, match="Could not load model .*PUBMEDQA_BASE_MODEL"):
                 client.predict(question="Is it?", max_new_tokens=6, api_name="/chat")
-        assert "failed" in backend.status_message().lower()
+        assert "failed" in engine.status_message().lower()
         assert httpx.get(url, timeout=10).status_code == 200  # the page (with the Evaluation tab) still serves

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pubmedqa.backends.transformers_passes as scoring
-from pubmedqa.backends.transformers_backend import ADAPTER_NAME, BASE_ADAPTER_NAME
+import pubmedqa.engines.transformers_passes as scoring
+from pubmedqa.engines.transformers_engine import ADAPTER_NAME, BASE_ADAPTER_NAME
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, encode_prompt, render_prompt
 
 QUESTIONS = ["Does aspirin help?", "Is ultrasound equal to X-ray in pediatric fracture diagnosis?", "Do moles exist?"]
@@ -24,8 +24,8 @@ def _naive(model, tokenizer, prompt: str, options: list[list[int]]) -> list[floa
 
 
 @pytest.fixture
-def loaded(tiny_backend):
-    return tiny_backend.load()
+def loaded(tiny_engine):
+    return tiny_engine.load()
 
 
 def test_batched_scores_match_one_prompt_at_a_time_full_logits(loaded):

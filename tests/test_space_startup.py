@@ -100,7 +100,7 @@ def test_an_import_error_at_start_is_printed_with_its_traceback(tmp_path):
 
 LOAD_WITHOUT_DUP2 = """
 import logging, os
-from pubmedqa.backends.llama_cpp_logging import route_llama_logs
+from pubmedqa.engines.llama_cpp_logging import route_llama_logs
 from pubmedqa.config import ModelSettings
 from pubmedqa.embedded_model import embedded_gguf
 path = str(embedded_gguf(ModelSettings().cache_dir))

@@ -4,7 +4,7 @@ adapter is served on other base weights than it was trained on."""
 from __future__ import annotations
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.backends.status import plain_precision, precision_mismatch, precision_setting, short_name
+from pubmedqa.engines.status import plain_precision, precision_mismatch, precision_setting, short_name
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 
 
@@ -35,9 +35,9 @@ def test_what_training_records_it_loaded_reads_back_as_the_setting_that_loads_it
     ]
 
 
-def test_the_status_line_is_plain_and_the_details_stay_available(tiny_backend):
-    tiny_backend.load()
-    summary, details = tiny_backend.status_summary(), tiny_backend.status_message()
+def test_the_status_line_is_plain_and_the_details_stay_available(tiny_engine):
+    tiny_engine.load()
+    summary, details = tiny_engine.status_summary(), tiny_engine.status_message()
     assert summary.startswith("Ready · ") and "fine-tuned adapter loaded" in summary
     assert "/" not in summary and "/" not in details.split(";")[0]  # the base folder by name only
     assert "LoRA adapter loaded" in details

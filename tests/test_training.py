@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.backends.base import Variant
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import Variant
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import BaseModelSettings, ModelSettings
 from pubmedqa.data import load_local, load_test_ids, official_split
 from pubmedqa.decisions.calibration import load_calibration
@@ -112,14 +112,14 @@ def test_trained_adapter_folder_is_complete_and_loads_in_the_app(trained_adapter
     evaluated_steps = [entry["step"] for entry in metrics["log_history"] if "eval_selection_score" in entry]
     assert evaluated_steps[-1] == metrics["log_history"][-1]["step"]  # the finished model competes for "best"
 
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
-    from pubmedqa.backends.base import GenerationSettings
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(trained_adapter), quantization="none"))
+    from pubmedqa.engines.base import GenerationSettings
     from pubmedqa.prompts import PromptInput
 
     settings = GenerationSettings(max_new_tokens=8)
-    prompt = backend.prepare(PromptInput("Does aspirin help?"), settings)
-    assert backend.load().adapter_loaded
-    assert isinstance(backend.generate(prompt, Variant.TUNED, settings), str)
+    prompt = engine.prepare(PromptInput("Does aspirin help?"), settings)
+    assert engine.load().adapter_loaded
+    assert isinstance(engine.generate(prompt, Variant.TUNED, settings), str)
     assert metrics["log_history"][-1]["train_loss"] > 0
 
 
@@ -318,8 +318,8 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
     # After PQA-A the adapter's own decision counts: LoRA on every layer, and no probe in its place.
     assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] is None
     assert not (out / "decision_probe.safetensors").exists() and "No decision probe: LoRA trains every" in caplog.text
-    backend = TransformersBackend(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
-    assert backend.load().adapter_loaded
+    engine = TransformersEngine(ModelSettings(base_model=str(tiny_model_dir), adapter=str(out), quantization="none"))
+    assert engine.load().adapter_loaded
 
     # The second phase continued the first phase's adapter instead of starting a fresh one.
     from safetensors.torch import load_file

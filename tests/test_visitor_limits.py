@@ -17,7 +17,7 @@ SHORT = {"max_new_tokens": 4, "temperature": 0.0}
 
 
 @pytest.fixture
-def served(tiny_backend, tmp_path, monkeypatch):
+def served(tiny_engine, tmp_path, monkeypatch):
     """``build_server`` (page + /v1 on one port, as ``python app.py`` serves them) for given settings."""
     started = []
 
@@ -25,7 +25,7 @@ def served(tiny_backend, tmp_path, monkeypatch):
         if api_key:
             monkeypatch.setenv("PUBMEDQA_API_KEY", api_key)
         server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"), **settings)
-        v1_url, uvicorn_server = serve_in_thread(build_server(tiny_backend, server), server_class=AppServer)
+        v1_url, uvicorn_server = serve_in_thread(build_server(tiny_engine, server), server_class=AppServer)
         started.append(uvicorn_server)
         return v1_url.removesuffix("v1")
 

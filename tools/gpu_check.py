@@ -4,10 +4,10 @@
   model    - a Llama (hidden 256, 4 layers) and a byte-level BPE tokenizer trained on the PubMedQA texts, saved.
   train    - `training.train.train` on it: QLoRA (bitsandbytes NF4, bf16 compute, prepare_model_for_kbit_training,
              TRL on CUDA, device_map="auto"), 30 steps; the loss must go down.
-  compare  - the adapter loaded back by the app's TransformersBackend (4-bit, CUDA): it lowers the answer loss of
+  compare  - the adapter loaded back by the app's TransformersEngine (4-bit, CUDA): it lowers the answer loss of
              training pairs, and the Compare tab's mixed-adapter batch (base row + fine-tuned row, PEFT
              adapter_names) gives the same greedy tokens as each row generated alone.
-  evaluate - `pubmedqa.evaluation.runner.evaluate` on 20 test questions through that backend; a results folder.
+  evaluate - `pubmedqa.evaluation.runner.evaluate` on 20 test questions through that engine; a results folder.
   memory   - peak GPU memory (torch.cuda.max_memory_allocated) and the mixed batch's tokens/s.
 
 On the GPU machine (no network; PyTorch, transformers, PEFT and accelerate installed), after fetching the missing
@@ -133,7 +133,7 @@ class Check:
     model_dir: Path | None = None
     adapter_dir: Path | None = None
     train_args: Any = None
-    backend: Any = None
+    engine: Any = None
     batch_speed: str = ""
     peaks: dict[str, float] = field(default_factory=dict)
 
@@ -263,7 +263,7 @@ def _answer_loss(model: Any, tokenizer: Any, examples: list[dict[str, str]]) -> 
 
 @contextlib.contextmanager
 def recorded_generations(model: Any) -> Iterator[list[Any]]:
-    """Keep what each ``generate`` call of ``model`` returns, with its per-step scores; the backend drops it."""
+    """Keep what each ``generate`` call of ``model`` returns, with its per-step scores; the engine drops it."""
     calls: list[Any] = []
     original = model.generate
 
@@ -308,43 +308,43 @@ def compare_rows(batch: Any, alone: Sequence[Any], options: Sequence[int]) -> tu
     return ok, "; ".join(notes)
 
 
-def _load_backend(check: Check, adapter: Path | None) -> tuple[Any, str]:
-    """The app's backend on the tiny model, and how its base weights were really loaded."""
+def _load_engine(check: Check, adapter: Path | None) -> tuple[Any, str]:
+    """The app's engine on the tiny model, and how its base weights were really loaded."""
     import torch
 
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+    from pubmedqa.engines.transformers_engine import TransformersEngine
     from pubmedqa.config import ModelSettings
 
     settings = ModelSettings(
         base_model=str(check.model_dir), adapter=str(adapter) if adapter else "none",
         quantization=check.quantization, engine="transformers",
     )
-    backend = TransformersBackend(settings)
-    loaded = backend.load()
+    engine = TransformersEngine(settings)
+    loaded = engine.load()
     device = loaded.model.get_input_embeddings().weight.device
     if check.dry_run:
-        return backend, f"{loaded.quantization} on {device}"
+        return engine, f"{loaded.quantization} on {device}"
     import bitsandbytes as bnb
 
     layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     kinds = {(m.weight.quant_type, m.compute_dtype, m.weight.device.type) for m in layers}
     if loaded.quantization != "4bit" or kinds != {("nf4", torch.bfloat16, "cuda")}:
-        raise RuntimeError(f"the backend loaded {loaded.quantization!r}: {len(layers)} 4-bit layers of kinds {kinds}")
-    return backend, f"{len(layers)} layers NF4 with bf16 compute on {device}"
+        raise RuntimeError(f"the engine loaded {loaded.quantization!r}: {len(layers)} 4-bit layers of kinds {kinds}")
+    return engine, f"{len(layers)} layers NF4 with bf16 compute on {device}"
 
 
 def step_compare(check: Check) -> str:
     import torch
 
-    from pubmedqa.backends.base import GenerationSettings, Variant
+    from pubmedqa.engines.base import GenerationSettings, Variant
     from pubmedqa.decisions.options import single_token_options
     from training.sft_data import build_examples
 
-    backend, weights = _load_backend(check, check.adapter_dir)
-    check.backend = backend
-    loaded = backend.load()
+    engine, weights = _load_engine(check, check.adapter_dir)
+    check.engine = engine
+    loaded = engine.load()
     if not loaded.adapter_loaded:
-        raise RuntimeError(f"adapter not loaded: {backend.adapter_unavailable_reason()}")
+        raise RuntimeError(f"adapter not loaded: {engine.adapter_unavailable_reason()}")
     records = check.train_args.load_split().train[:8]  # pairs the adapter was trained on
     examples = build_examples(records, loaded.tokenizer, 768)
     with loaded.model.disable_adapter():
@@ -354,14 +354,14 @@ def step_compare(check: Check) -> str:
         raise RuntimeError(f"the adapter does not lower its training pairs' loss: {base_loss:.3f} -> {tuned_loss:.3f}")
 
     settings = GenerationSettings(max_new_tokens=16)
-    prompt = backend.prepare(records[0].prompt_input(), settings)
+    prompt = engine.prepare(records[0].prompt_input(), settings)
     variants = [Variant.BASE, Variant.TUNED]
     with recorded_generations(loaded.model) as calls:
-        alone_texts = [backend.generate(prompt, v, settings) for v in variants]  # also the warm-up
+        alone_texts = [engine.generate(prompt, v, settings) for v in variants]  # also the warm-up
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        batch_texts = backend.generate_batch([prompt, prompt], variants, settings)
+        batch_texts = engine.generate_batch([prompt, prompt], variants, settings)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -383,12 +383,12 @@ def step_evaluate(check: Check) -> str:
 
     # Without a trained adapter the base model alone still goes through the evaluation.
     adapter = check.adapter_dir if check.adapter_dir and (check.adapter_dir / CONFIG_FILE).is_file() else None
-    backend = check.backend or _load_backend(check, adapter)[0]
+    engine = check.engine or _load_engine(check, adapter)[0]
     args = EvalArguments(
         data=str(check.data), limit=20, output_dir=str(check.output_dir / "eval"), bertscore_model="none",
         max_new_tokens=16,
     )
-    run_dir = evaluate(backend.settings, args, backend=backend)
+    run_dir = evaluate(engine.settings, args, engine=engine)
     results = load_results(run_dir)
     n, models = results.results["run"]["n"], results.results["models"]
     expected = ["base", "tuned"] if adapter else ["base"]

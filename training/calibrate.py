@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pubmedqa.adapter import PROBE_FILE
-from pubmedqa.backends.base import Variant
+from pubmedqa.engines.base import Variant
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, SplitSettings
 from pubmedqa.decisions.fitting import fit_calibration
@@ -34,7 +34,7 @@ class CalibrateArguments(SplitSettings):
 
 def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -> Path:
     split = args.load_split()
-    backend, loaded = load_adapter_to_fit(model_settings, "calibration")
+    engine, loaded = load_adapter_to_fit(model_settings, "calibration")
     if loaded.policy.probe is not None:
         raise ValueError(
             f"{model_settings.adapter_source} decides with its decision probe: refit the probe and its offsets (out of "
@@ -44,11 +44,11 @@ def calibrate_adapter(model_settings: ModelSettings, args: CalibrateArguments) -
     # Dev only: on training questions the adapter is over-confident, and offsets fitted there over-correct (tried:
     # fitted on train + dev, test accuracy fell from 55.4 % to 49.2 %).
     questions = split.dev
-    prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, backend.prompt_budget(1)) for r in questions]
+    prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, engine.prompt_budget(1)) for r in questions]
     probabilities = in_batches(
         prompts, args.batch_size,
         lambda batch: loaded.policy.without_offsets(
-            backend.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch)), [True] * len(batch)
+            engine.score_decisions(batch, [Variant.TUNED] * len(batch), len(batch)), [True] * len(batch)
         ),
         "dev: decisions",
     )

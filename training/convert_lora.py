@@ -9,7 +9,7 @@ app uses a shipped ``adapter_model.gguf`` only while that hash matches (else it 
 after retraining to ship the GGUF LoRA with the adapter, so the app needs no conversion at start.
 
 The base GGUF may be a Gemma (1, 2, 3), Llama-family (``llama``: Llama, Mistral, ...) or Qwen2 model; for Llama the
-B factors of the Q/K projections get llama.cpp's row permutation (``pubmedqa/backends/gguf_lora.py``). Another
+B factors of the Q/K projections get llama.cpp's row permutation (``pubmedqa/gguf/lora.py``). Another
 architecture is refused (exit code 2, the reason on stderr).
 
 Exit codes: 0 written, 2 bad input (one line on stderr saying why).
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pubmedqa.adapter import GGUF_FILE, Adapter, AdapterError
-from pubmedqa.backends.gguf_lora import LoraConversionError, convert_adapter
+from pubmedqa.gguf.lora import LoraConversionError, convert_adapter
 from pubmedqa.config import EMBEDDED_MODEL
-from pubmedqa.gguf_source import SYNTAX, gguf_file
+from pubmedqa.gguf.source import SYNTAX, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger("training.convert_lora")

@@ -9,9 +9,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pubmedqa.backends.base import LoadedModel, ModelBackend
-from pubmedqa.backends.factory import create_backend
-from pubmedqa.backends.transformers_passes import option_scores
+from pubmedqa.engines.base import LoadedModel, Engine
+from pubmedqa.engines.factory import create_engine
+from pubmedqa.engines.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import PubMedQARecord
 from pubmedqa.decisions.calibration import DecisionCalibration
@@ -62,13 +62,13 @@ def local_adapter_dir(model_settings: ModelSettings, what: str) -> Path:
 
 
 def load_adapter_to_fit(
-    model_settings: ModelSettings, what: str, backend_factory: Callable[[ModelSettings], ModelBackend] = create_backend
-) -> tuple[ModelBackend, LoadedModel]:
+    model_settings: ModelSettings, what: str, engine_factory: Callable[[ModelSettings], Engine] = create_engine
+) -> tuple[Engine, LoadedModel]:
     """Load a local adapter folder as the app does (same quantization) for a command that writes its ``what`` into
     it, with a clear error where that cannot work."""
     local_adapter_dir(model_settings, what)
-    backend = backend_factory(model_settings)
-    loaded = backend.load()
+    engine = engine_factory(model_settings)
+    loaded = engine.load()
     if not loaded.adapter_loaded:
-        raise ModelLoadError(f"No {what} can be fitted: {backend.adapter_unavailable_reason()}")
-    return backend, loaded
+        raise ModelLoadError(f"No {what} can be fitted: {engine.adapter_unavailable_reason()}")
+    return engine, loaded

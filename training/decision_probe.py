@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from pubmedqa.adapter import CALIBRATION_FILE
 from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
-from pubmedqa.backends.factory import resolve_engine
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.factory import resolve_engine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
 from pubmedqa.decisions.fitting import DEFAULT_OFFSETS, DEFAULT_POOLING, OFFSET_OBJECTIVES, ProbeFitError, fit_probe
@@ -75,9 +75,9 @@ def collect_llama_features(
     description."""
     import llama_cpp  # noqa: F401 - a clear ImportError before anything loads
 
-    from pubmedqa.backends.llama_cpp_backend import GgufTokenizer, file_type
-    from pubmedqa.backends.llama_cpp_features import open_llama, prompt_features
-    from pubmedqa.gguf_source import gguf_file
+    from pubmedqa.engines.llama_cpp_engine import GgufTokenizer, file_type
+    from pubmedqa.engines.llama_cpp_features import open_llama, prompt_features
+    from pubmedqa.gguf.source import gguf_file
 
     llm, reader = open_llama(str(gguf_file(model_settings.base_model, model_settings.cache_dir)), budget + 16, os.cpu_count(), layer)
     try:
@@ -129,7 +129,7 @@ def engine_features(model_settings: ModelSettings, args: ProbeArguments) -> Engi
     if engine == "llama.cpp":
         features, gold, weights = collect_llama_features(model_settings, records, metadata.probe_layer, metadata.prompt_budget)
     else:
-        _, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersBackend)
+        _, loaded = load_adapter_to_fit(model_settings, "decision probe", TransformersEngine)
         prompts, gold = labelled_prompts(records, loaded.tokenizer, metadata.prompt_budget)
         features = collect_features(loaded.model, loaded.tokenizer, prompts, metadata.probe_layer, args.batch_size)
         weights = loaded.quantization

@@ -10,7 +10,7 @@ and quantised as one GGUF file with an Ollama Modelfile.
 * ``merged``: the base model in float32 (transformers), the adapter attached with PEFT and merged
   (``merge_and_unload``), saved as safetensors in the base checkpoint's own dtype, with the tokenizer.
 * ``gguf-lora``: the adapter as the GGUF LoRA llama.cpp loads with ``--lora`` — the same conversion the app's
-  llama.cpp engine uses (``pubmedqa/backends/gguf_lora.py``), plus a Modelfile for Ollama's ``ADAPTER``.
+  llama.cpp engine uses (``pubmedqa/gguf/lora.py``), plus a Modelfile for Ollama's ``ADAPTER``.
 * ``gguf``: the merged model converted by llama.cpp's ``convert_hf_to_gguf.py`` (in the checkpoint's own float type)
   and quantised by llama.cpp (``--quant q4_k_m`` by default, ``q8_0``, ``f16``), the tensors the adapter changed kept
   at Q8_0 (``--adapter_tensor_type``), plus an Ollama Modelfile whose template is the project's prompt format
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pubmedqa.adapter import CALIBRATION_FILE, PROBE_FILE, Adapter
-from pubmedqa.backends.gguf_lora import (
+from pubmedqa.gguf.lora import (
     LoraConversionError,
     adapter_source_hash,
     adapter_target_tensors,
@@ -47,7 +47,7 @@ from pubmedqa.backends.gguf_lora import (
 from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, ModelSettings, parse_settings
 from pubmedqa.embedded_model import CHECKPOINT_NAME
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from pubmedqa.gguf_source import gguf_file, parse_hub_gguf
+from pubmedqa.gguf.source import gguf_file, parse_hub_gguf
 from pubmedqa.model_loading import ModelLoadError, load_tokenizer, looks_like_path
 from pubmedqa.prompts import uses_chat_template
 from training.export_cards import ExportInfo, export_card
@@ -242,7 +242,7 @@ def _info(args: ExportArguments, adapter: Adapter, **values: Any) -> ExportInfo:
 
 
 def _num_ctx() -> tuple[int, int]:
-    from pubmedqa.backends.base import GenerationSettings
+    from pubmedqa.engines.base import GenerationSettings
 
     max_new_tokens = GenerationSettings().max_new_tokens
     return ModelSettings.__dataclass_fields__["max_input_tokens"].default + max_new_tokens, max_new_tokens

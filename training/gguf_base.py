@@ -3,7 +3,7 @@
 llama.cpp serves the GGUF, but the trainer needs transformers weights, and the very ones the GGUF was converted from:
 a LoRA fits the weights it was trained on. The embedded model keeps its own converted checkpoint
 (``pubmedqa.embedded_model``); any other GGUF base gets ``--train_base_model``, or what the GGUF itself (or its Hub
-repo's card) says it was converted from (``pubmedqa.gguf_source.transformers_checkpoint``).
+repo's card) says it was converted from (``pubmedqa.gguf.source.transformers_checkpoint``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import logging
 
 from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings
-from pubmedqa.gguf_source import UnknownCheckpointError, is_gguf_base, resolve_gguf, transformers_checkpoint
+from pubmedqa.gguf.source import UnknownCheckpointError, is_gguf_base, resolve_gguf, transformers_checkpoint
 from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger("training.train")  # a step of the training script: logged under its name

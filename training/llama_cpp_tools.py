@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pubmedqa.gguf_header import GgufHeader, read_gguf_header
+from pubmedqa.gguf.header import GgufHeader, read_gguf_header
 
 logger = logging.getLogger(__name__)
 

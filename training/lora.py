@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pubmedqa.backends.transformers_passes import decoder_layers
+from pubmedqa.engines.transformers_passes import decoder_layers
 from pubmedqa.decisions.probe import probe_layer
 from pubmedqa.model_loading import BaseModel
 from training.arguments import TrainArguments

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from transformers import TrainerCallback
 
-from pubmedqa.backends.transformers_passes import score_options
+from pubmedqa.engines.transformers_passes import score_options
 from pubmedqa.evaluation.metrics import probability_metrics
 from training.arguments import TrainArguments
 from training.sft_data import PQALExamples, balanced_class_weights, sft_dataset

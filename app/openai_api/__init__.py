@@ -12,7 +12,7 @@ streamed (server-sent events, ending with ``data: [DONE]``) or not, with ``logpr
   string field ``context`` is accepted too (appended after the system text). Over-long conversations and contexts
   are fitted to the model's window as on the page (``notices`` in the response says so).
 - **Completions** take a raw prompt (a string, or a list of up to :data:`MAX_PROMPTS` strings), as vLLM does: what
-  the remote backend (:mod:`pubmedqa.backends.remote`) sends, ``echo`` with ``logprobs`` included.
+  the remote engine (:mod:`pubmedqa.engines.openai_engine`) sends, ``echo`` with ``logprobs`` included.
 - **Limits** are the page's (:class:`pubmedqa.config.ServerSettings`): question, context and history lengths,
   ``max_tokens`` up to ``max_new_tokens_limit``; ``concurrency_limit`` requests generate at once and at most
   ``queue_size`` wait, counting the page's waiting events; beyond that, 429. Bodies over :data:`MAX_BODY_BYTES` get

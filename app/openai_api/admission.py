@@ -12,7 +12,7 @@ from app.openai_api.errors import ApiError
 class AdmissionQueue:
     """The API's side of the page's queue: ``concurrency_limit`` requests generate at once, and a request that has to
     wait is refused (429) when ``queue_size`` are waiting already, the page's waiting events included. The model
-    itself serialises generation between page and API (the backend's lock)."""
+    itself serialises generation between page and API (the engine's lock)."""
 
     def __init__(self, concurrency_limit: int, queue_size: int, page_waiting: Callable[[], int] = lambda: 0):
         self.concurrency_limit = max(1, concurrency_limit)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from app.chat import UserInputError
-from pubmedqa.backends.base import AdapterUnavailableError, BackendError
+from pubmedqa.engines.base import AdapterUnavailableError, EngineError
 from pubmedqa.model_loading import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ModelLoadError):
         return ApiError(503, f"The model is not available: {exc}", code="model_unavailable")
-    if isinstance(exc, BackendError):
-        return ApiError(502, str(exc), code="backend_error")
+    if isinstance(exc, EngineError):
+        return ApiError(502, str(exc), code="engine_error")
     logger.error("API request failed", exc_info=exc)
     return ApiError(500, f"Generation failed ({type(exc).__name__}). Please try again.")

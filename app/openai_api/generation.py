@@ -14,13 +14,13 @@ from app.openai_api.errors import ApiError
 from app.openai_api.logprobs import chat_logprobs, completion_logprobs
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import Producer
-from pubmedqa.backends.base import GenerationSettings, ModelBackend
+from pubmedqa.engines.base import GenerationSettings, Engine
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, stable_prefix
 
 
 def chat_work(
-    backend: ModelBackend, req: ChatRequest, job: Producer, search: EvidenceSearch | None = None
+    engine: Engine, req: ChatRequest, job: Producer, search: EvidenceSearch | None = None
 ) -> Iterator[tuple[str, Any]]:
     """Ready with the fitted prompt (:class:`FittedPrompt`); done with the answer, its finish reason, token count,
     log-probabilities and, when the request asked for evidence, the citations (``FoundEvidence.as_dict``): the
@@ -29,26 +29,26 @@ def chat_work(
     prompt_input = req.prompt_input
     if found is not None and found.article is not None:
         prompt_input = replace(prompt_input, context=found.context)
-    prompt = prepare_prompt(backend, prompt_input, req.generation)
+    prompt = prepare_prompt(engine, prompt_input, req.generation)
     yield "ready", prompt
     answer = ""
-    for answer in backend.stream(prompt, req.variant, req.generation, job.cancel_event()):
+    for answer in engine.stream(prompt, req.variant, req.generation, job.cancel_event()):
         yield "text", _visible(answer, req.stops, final=False)
     if job.stopped:
         return
     answer = _visible(answer, req.stops, final=True)
-    reason, n_tokens = _finish_reason(backend, answer, req.generation)
-    logprobs = chat_logprobs(backend, prompt.text, answer, req.variant, req.top_logprobs) if req.logprobs else None
+    reason, n_tokens = _finish_reason(engine, answer, req.generation)
+    logprobs = chat_logprobs(engine, prompt.text, answer, req.variant, req.top_logprobs) if req.logprobs else None
     done = {"text": answer, "finish_reason": reason, "completion_tokens": n_tokens, "logprobs": logprobs}
     if found is not None:  # "answer": the model's own text, which a stream sends before the citation line
         done |= {"text": found.cite(answer), "answer": answer, "citations": found.as_dict()}
     yield "done", done
 
 
-def completion_work(backend: ModelBackend, req: CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
+def completion_work(engine: Engine, req: CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
     """Ready with the prompts' token counts (400 if one does not fit); done with one choice per prompt."""
-    budget = backend.prompt_budget(req.generation.max_new_tokens)
-    counts = [backend.count_tokens(p) for p in req.prompts]
+    budget = engine.prompt_budget(req.generation.max_new_tokens)
+    counts = [engine.count_tokens(p) for p in req.prompts]
     for n in counts:
         if n > budget:
             raise ApiError(400, f"The prompt has {n:,} tokens; with max_tokens={req.generation.max_new_tokens} "
@@ -57,7 +57,7 @@ def completion_work(backend: ModelBackend, req: CompletionRequest, job: Producer
     prompts = [FittedPrompt(text=p, n_tokens=n) for p, n in zip(req.prompts, counts)]
     texts = [""] * len(prompts)
     variants = [req.variant] * len(prompts)
-    for texts in backend.stream_batch(prompts, variants, req.generation, job.cancel_event()):
+    for texts in engine.stream_batch(prompts, variants, req.generation, job.cancel_event()):
         if req.stream:
             yield "text", _visible(texts[0], req.stops, final=False)
     if job.stopped:
@@ -65,9 +65,9 @@ def completion_work(backend: ModelBackend, req: CompletionRequest, job: Producer
     choices = []
     for index, (prompt, text) in enumerate(zip(req.prompts, texts)):
         text = _visible(text, req.stops, final=True)
-        reason, n_tokens = _finish_reason(backend, text, req.generation)
+        reason, n_tokens = _finish_reason(engine, text, req.generation)
         choices.append({"index": index, "text": (prompt + text) if req.echo and not req.stream else text,
-                        "logprobs": completion_logprobs(backend, req, prompt, text), "finish_reason": reason,
+                        "logprobs": completion_logprobs(engine, req, prompt, text), "finish_reason": reason,
                         "completion_tokens": n_tokens})
     yield "done", choices
 
@@ -80,7 +80,7 @@ def _visible(text: str, stops: Sequence[str], final: bool) -> str:
     return cut if final else stable_prefix(cut, stops)
 
 
-def _finish_reason(backend: ModelBackend, text: str, generation: GenerationSettings) -> tuple[str, int]:
+def _finish_reason(engine: Engine, text: str, generation: GenerationSettings) -> tuple[str, int]:
     """``length`` if the answer used its whole token budget, else ``stop``; and its token count."""
-    n_tokens = backend.count_tokens(text)
+    n_tokens = engine.count_tokens(text)
     return ("length" if n_tokens >= generation.max_new_tokens else "stop"), n_tokens

@@ -1,5 +1,5 @@
 """Log-probabilities in OpenAI's shapes, from the engine's scoring of the last tokens of a text
-(:meth:`ModelBackend.token_logprobs`). Blocking: runs on the request's producer thread."""
+(:meth:`Engine.token_logprobs`). Blocking: runs on the request's producer thread."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from typing import Any
 
 from app.openai_api.errors import ApiError
 from app.openai_api.parsing import CompletionRequest
-from pubmedqa.backends.base import ModelBackend, Variant
+from pubmedqa.engines.base import Engine, Variant
 from pubmedqa.prompts import answer_prefix
 
 # (token text, offset, log-probability or None where the engine did not score it)
 Scored = list[tuple[str, int, float | None]]
 
 
-def chat_logprobs(backend: ModelBackend, prompt: str, answer: str, variant: Variant, top: int) -> dict[str, Any]:
+def chat_logprobs(engine: Engine, prompt: str, answer: str, variant: Variant, top: int) -> dict[str, Any]:
     """A chat choice's ``logprobs``: ``answer``'s tokens, the first with its ``top`` alternatives."""
-    tokens, following = _generated_logprobs(backend, prompt, answer, variant, top)
+    tokens, following = _generated_logprobs(engine, prompt, answer, variant, top)
     return {"content": [
         {"token": t, "logprob": v, "bytes": list(t.encode()),
          "top_logprobs": [{"token": a, "logprob": p, "bytes": list(a.encode())} for a, p in following.items()]
@@ -28,7 +28,7 @@ def chat_logprobs(backend: ModelBackend, prompt: str, answer: str, variant: Vari
 
 
 def completion_logprobs(
-    backend: ModelBackend, req: CompletionRequest, prompt: str, text: str
+    engine: Engine, req: CompletionRequest, prompt: str, text: str
 ) -> dict[str, Any] | None:
     """A completion choice's ``logprobs``: with ``echo`` the prompt's tokens (the last 16 scored, where the answer
     options are; null before them), otherwise the generated ones."""
@@ -36,9 +36,9 @@ def completion_logprobs(
         return None
     if req.echo:
         with _engine_scores():
-            tokens, _ = backend.token_logprobs(prompt, req.variant, top=req.logprobs)
+            tokens, _ = engine.token_logprobs(prompt, req.variant, top=req.logprobs)
         return _completion_shape(tokens, None)
-    tokens, following = _generated_logprobs(backend, prompt, text, req.variant, req.logprobs)
+    tokens, following = _generated_logprobs(engine, prompt, text, req.variant, req.logprobs)
     tops = ([following] + [{} for _ in tokens[1:]] if tokens else []) if req.logprobs else [{} for _ in tokens]
     return _completion_shape(tokens, tops)
 
@@ -49,26 +49,26 @@ def _completion_shape(tokens: Scored, tops: list[dict[str, float | None]] | None
 
 
 def _generated_logprobs(
-    backend: ModelBackend, context: str, answer: str, variant: Variant, top: int
+    engine: Engine, context: str, answer: str, variant: Variant, top: int
 ) -> tuple[Scored, dict[str, Any]]:
     """The tokens of ``answer`` (text, offset in the answer, log-probability) as the model scores them after
     ``context``, and the ``top`` most likely first tokens after ``context``."""
     with _engine_scores():
-        following = backend.token_logprobs(context, variant, top=top)[1] if top else {}
+        following = engine.token_logprobs(context, variant, top=top)[1] if top else {}
         following = {token: _finite(value) for token, value in following.items()}
         if not answer:
             return [], following
-        text = context + answer_prefix(backend.load().tokenizer) + answer
-        pieces, _ = backend.token_logprobs(text, variant)
+        text = context + answer_prefix(engine.load().tokenizer) + answer
+        pieces, _ = engine.token_logprobs(text, variant)
         tokens = [(piece, at) for piece, at, _ in pieces if at >= len(context)]
-        scored = _score_all(backend, text, variant, pieces, [at for _, at in tokens])
+        scored = _score_all(engine, text, variant, pieces, [at for _, at in tokens])
     answer_start = len(text) - len(answer)
     scored_tokens = [(piece, max(0, at - answer_start), _finite(scored.get(at))) for piece, at in tokens]
     return scored_tokens, following
 
 
 def _score_all(
-    backend: ModelBackend, text: str, variant: Variant, pieces: Scored, offsets: list[int]
+    engine: Engine, text: str, variant: Variant, pieces: Scored, offsets: list[int]
 ) -> dict[int, float]:
     """The log-probabilities of the tokens of ``text`` at ``offsets``, given the engine's first pass (``pieces``).
     A pass scores only the last 16 tokens, so earlier ones are scored on shorter prefixes of ``text``: one pass
@@ -81,7 +81,7 @@ def _score_all(
         if cut >= end:
             break
         end = cut
-        more, _ = backend.token_logprobs(text[:cut], variant)
+        more, _ = engine.token_logprobs(text[:cut], variant)
         new = {at: value for _, at, value in more if value is not None and at not in scored}
         if not new:
             break

@@ -1,4 +1,4 @@
-"""The models the API serves: their names and aliases (from :data:`pubmedqa.variants.NAMES`), whether the backend can
+"""The models the API serves: their names and aliases (from :data:`pubmedqa.variants.NAMES`), whether the engine can
 serve one now, and the model cards of ``GET /v1/models``."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 from app.chat import UserInputError, parse_variant
 from app.openai_api.errors import ApiError
 from pubmedqa import variants
-from pubmedqa.backends.base import LoadedModel, ModelBackend, Variant
+from pubmedqa.engines.base import LoadedModel, Engine, Variant
 
 # The names come from the one table of variant names (pubmedqa.variants.NAMES).
 BASE_MODEL_NAME = variants.NAMES[Variant.BASE].model_name
@@ -22,8 +22,8 @@ class ServedModels:
     """The base model under ``base_name`` and, while the LoRA adapter is loaded, the tuned one under
     ``adapter_name`` (each also under its :data:`MODEL_ALIASES`)."""
 
-    def __init__(self, backend: ModelBackend, base_name: str, adapter_name: str):
-        self.backend, self.base_name, self.adapter_name = backend, base_name, adapter_name
+    def __init__(self, engine: Engine, base_name: str, adapter_name: str):
+        self.engine, self.base_name, self.adapter_name = engine, base_name, adapter_name
 
     def resolve(self, body: dict[str, Any]) -> tuple[str, Variant]:
         """The request's ``model`` and the variant it names; 404 if it names none, or the adapter is unavailable."""
@@ -34,14 +34,14 @@ class ServedModels:
                            f"{self.base_name!r} and {self.adapter_name!r}.", param="model", code="model_not_found")
         variant = names.get(model) or MODEL_ALIASES[model]
         try:
-            parse_variant(variants.choice(variant), self.backend)  # the page's check: no adapter, or it failed to load
+            parse_variant(variants.choice(variant), self.engine)  # the page's check: no adapter, or it failed to load
         except UserInputError as exc:
             raise self._no_adapter(model, str(exc)) from None
         return model, variant
 
     def require(self, model: str, variant: Variant) -> None:
         """Load the model (blocking) and check that it serves ``variant``."""
-        if not self.backend.load().adapter_loaded and variant is Variant.TUNED:
+        if not self.engine.load().adapter_loaded and variant is Variant.TUNED:
             raise self._no_adapter(model)
 
     def cards(self, loaded: LoadedModel) -> list[dict[str, Any]]:
@@ -50,6 +50,6 @@ class ServedModels:
                  "max_model_len": loaded.context_window} for name in served]
 
     def _no_adapter(self, model: str, reason: str = "") -> ApiError:
-        reason = reason or f"The fine-tuned model is not available: {self.backend.adapter_unavailable_reason()}."
+        reason = reason or f"The fine-tuned model is not available: {self.engine.adapter_unavailable_reason()}."
         return ApiError(404, f"The model {model!r} does not exist: no adapter is loaded. {reason}", param="model",
                         code="model_not_found")

@@ -9,18 +9,18 @@ from typing import Any
 
 from app.chat import UserInputError, history_to_turns, parse_evidence_mode, parse_generation_settings, parse_question
 from app.openai_api.errors import ApiError
-from pubmedqa.backends.base import GenerationSettings, Variant
+from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.prompts import PromptInput
 
-MAX_PROMPTS = 4  # prompts in one /v1/completions request (the remote backend sends 3: one per answer option)
+MAX_PROMPTS = 4  # prompts in one /v1/completions request (the remote engine sends 3: one per answer option)
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 # A raw prompt may hold the instruction and earlier turns beside the question and the context.
 PROMPT_OVERHEAD_CHARS = 4000
 _ROLES = {"system", "developer", "user", "assistant"}
 # The page's defaults for chat; for raw completions a missing repetition_penalty or min_tokens means off, as on vLLM
-# (the remote backend sends them only when they are on).
+# (the remote engine sends them only when they are on).
 CHAT_DEFAULTS = GenerationSettings()
 COMPLETION_DEFAULTS = replace(GenerationSettings(), repetition_penalty=1.0, min_new_tokens=0)
 
@@ -188,7 +188,7 @@ def _generation(
         "temperature": _field(body, "temperature", (int, float), "a number", defaults.temperature),
         "top_p": _field(body, "top_p", (int, float), "a number", defaults.top_p),
         "seed": _field(body, "seed", (int,), "an integer", defaults.seed),
-        # vLLM's and TGI's extension of the OpenAI API, which the remote backend sends
+        # vLLM's and TGI's extension of the OpenAI API, which the remote engine sends
         "repetition_penalty": _field(body, "repetition_penalty", (int, float), "a number", defaults.repetition_penalty),
         "min_new_tokens": _field(body, "min_tokens", (int,), "an integer", defaults.min_new_tokens),  # vLLM's
     }

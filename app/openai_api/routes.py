@@ -25,20 +25,20 @@ from app.openai_api.parsing import ChatRequest, CompletionRequest, parse_chat, p
 from app.openai_api.responses import chat_body, chat_events, completion_body, completion_events, response_meta
 from app.openai_api.streaming import ClientGone, EventStream, Producer, last_item, unless_gone
 from app.rate_limits import PerMinuteLimiter, visitor_key
-from pubmedqa.backends.base import ModelBackend
+from pubmedqa.engines.base import Engine
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
 
 
 class OpenAiApi:
-    """The handlers behind the routes, over one backend, the page's limits and the shared queue."""
+    """The handlers behind the routes, over one engine, the page's limits and the shared queue."""
 
     def __init__(
-        self, backend: ModelBackend, limits: ServerSettings, queue: AdmissionQueue, api_key: str | None,
+        self, engine: Engine, limits: ServerSettings, queue: AdmissionQueue, api_key: str | None,
         models: ServedModels, allow_echo: bool, search: EvidenceSearch | None = None,
     ):
-        self.backend, self.limits, self.queue, self.models, self.allow_echo = backend, limits, queue, models, allow_echo
+        self.engine, self.limits, self.queue, self.models, self.allow_echo = engine, limits, queue, models, allow_echo
         self._key = api_key or None
         self.search = search
         # As on the page: a public app's visitors each start a few evidence searches a minute (the owner's NCBI quota).
@@ -48,7 +48,7 @@ class OpenAiApi:
     async def list_models(self, request: Request, model: str | None = None) -> Response:
         """The served models' cards, or the card of ``model``."""
         self.authorise(request)
-        loaded = await anyio.to_thread.run_sync(self.backend.load)
+        loaded = await anyio.to_thread.run_sync(self.engine.load)
         cards = self.models.cards(loaded)
         if model is None:
             return JSONResponse({"object": "list", "data": cards})
@@ -142,9 +142,9 @@ class OpenAiApi:
     def _work(self, req: ChatRequest | CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
         self.models.require(req.model, req.variant)  # blocking: here, on the producer's thread
         if isinstance(req, ChatRequest):
-            yield from chat_work(self.backend, req, job, self.search)
+            yield from chat_work(self.engine, req, job, self.search)
         else:
-            yield from completion_work(self.backend, req, job)
+            yield from completion_work(self.engine, req, job)
 
     @staticmethod
     def _events(
@@ -167,7 +167,7 @@ def _too_large() -> ApiError:
 
 
 def create_app(
-    backend: ModelBackend,
+    engine: Engine,
     limits: ServerSettings | None = None,
     *,
     page: Any = None,
@@ -177,17 +177,17 @@ def create_app(
     allow_echo: bool = True,
     search: EvidenceSearch | None = None,
 ) -> FastAPI:
-    """A FastAPI app with the OpenAI-compatible API at ``/v1`` over ``backend``, checked against ``limits`` (the
+    """A FastAPI app with the OpenAI-compatible API at ``/v1`` over ``engine``, checked against ``limits`` (the
     page's :class:`ServerSettings`). ``page``: the Gradio Blocks served beside it (:func:`app.main.build_server`
     mounts it at ``/``), whose waiting events count towards the queue. ``api_key``: the key clients must send
     (default: ``PUBMEDQA_API_KEY`` from the environment; none: open). ``allow_echo=False`` refuses ``echo`` with
-    ``logprobs`` as TGI does (for the remote backend's tests). ``search``: the app's
+    ``logprobs`` as TGI does (for the remote engine's tests). ``search``: the app's
     :class:`pubmedqa.evidence.EvidenceSearch` for the ``evidence`` extension field (None: evidence is off)."""
     limits = limits or ServerSettings()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     queue = AdmissionQueue(limits.concurrency_limit, limits.queue_size, lambda: page_queue_length(page))
-    api = OpenAiApi(backend, limits, queue, api_key, ServedModels(backend, base_name, adapter_name), allow_echo,
+    api = OpenAiApi(engine, limits, queue, api_key, ServedModels(engine, base_name, adapter_name), allow_echo,
                     search)
 
     v1 = FastAPI(title="PubMedQA OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)

@@ -1,4 +1,4 @@
-"""Bridging the blocking backend to the event loop: a producer thread whose items arrive as an async iterator,
+"""Bridging the blocking engine to the event loop: a producer thread whose items arrive as an async iterator,
 awaiting work only while the client is still there, and the server-sent event stream of a streamed answer."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Producer:
         threading.Thread(target=self._run, args=(work,), name="openai-api", daemon=True).start()
 
     def cancel_event(self) -> threading.Event:
-        """A fresh cancel flag for one backend call (a backend sets its flag when its stream ends), set on stop."""
+        """A fresh cancel flag for one engine call (a engine sets its flag when its stream ends), set on stop."""
         event = threading.Event()
         with self._lock:
             self._events.append(event)

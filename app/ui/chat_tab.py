@@ -37,7 +37,7 @@ from app.ui.evidence_panel import (
 )
 from app.ui.visitor_guard import VisitorGuard, register_api
 from pubmedqa import variants
-from pubmedqa.backends.base import GenerationSettings, LoadState, ModelBackend, Variant
+from pubmedqa.engines.base import GenerationSettings, LoadState, Engine, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
@@ -55,14 +55,14 @@ def as_written(history: Any) -> Any:
             for m in history]
 
 
-def variant_update(backend: ModelBackend) -> dict[str, Any]:
-    """The model choice as the backend allows it now: fine-tuned only once an adapter is really loaded."""
-    reason = backend.adapter_unavailable_reason()
+def variant_update(engine: Engine) -> dict[str, Any]:
+    """The model choice as the engine allows it now: fine-tuned only once an adapter is really loaded."""
+    reason = engine.adapter_unavailable_reason()
     if reason:
         return gr.update(
             interactive=False, value=variants.choice(variants.DEFAULT), info=f"Fine-tuned unavailable: {reason}."
         )
-    if backend.state is LoadState.READY:
+    if engine.state is LoadState.READY:
         return gr.update(
             interactive=True, info=f"Same base weights; {variants.choice(Variant.TUNED)!r} adds the LoRA adapter."
         )
@@ -150,7 +150,7 @@ def _question_box(limits: ServerSettings) -> gr.Textbox:
 
 
 def _variant_radio() -> gr.Radio:
-    # Starts disabled: the page's status poll enables it once the backend can say which variants it serves.
+    # Starts disabled: the page's status poll enables it once the engine can say which variants it serves.
     return gr.Radio(
         choices=list(variants.CHOICES), value=variants.choice(variants.DEFAULT), label="Model", interactive=False,
         elem_id="chat-model",
@@ -172,10 +172,10 @@ class ChatHandlers:
     """The Chat tab's event handlers; one cancel flag per browser session, so Stop and Clear reach only it."""
 
     def __init__(
-        self, backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard,
+        self, engine: Engine, limits: ServerSettings, guard: VisitorGuard,
         evidence: EvidenceHandlers | None = None,
     ) -> None:
-        self.backend = backend
+        self.engine = engine
         self.limits = limits
         self.guard = guard
         self.evidence = evidence or EvidenceHandlers(None, limits, guard)
@@ -209,7 +209,7 @@ class ChatHandlers:
                  found: FoundEvidence | None, variant: str, settings: dict[str, Any],
                  request: gr.Request) -> ChatUpdates:
         original = list(history or []) if isinstance(history, list) else []
-        waiting = LOADING if self.backend.state is not LoadState.READY else WAITING
+        waiting = LOADING if self.engine.state is not LoadState.READY else WAITING
         pending = original + [{"role": "user", "content": literal_markdown(message)},
                               {"role": "assistant", "content": waiting}]
         yield pending, "", "", *UNCHANGED
@@ -220,7 +220,7 @@ class ChatHandlers:
             yield pending, gr.skip(), gr.skip(), *shown(evidence)
         cancel = self.cancels.start(session_id(request))
         updates = stream_answer(
-            self.backend, self.limits, message, context_text, as_written(history), variant, settings, cancel, evidence
+            self.engine, self.limits, message, context_text, as_written(history), variant, settings, cancel, evidence
         )
         try:
             for update in run_guarded(updates):
@@ -231,7 +231,7 @@ class ChatHandlers:
             yield original, message, "", *UNCHANGED  # give the question back: nothing typed is lost
             raise
         self.cancels.finish(session_id(request), cancel)
-        if cancel.is_set():  # stopped while the backend was finishing its last token: say so
+        if cancel.is_set():  # stopped while the engine was finishing its last token: say so
             pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
             yield pending, gr.skip(), gr.skip(), *UNCHANGED
 
@@ -279,17 +279,17 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
 
 
 def build_chat_tab(
-    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
+    engine: Engine, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
     search: EvidenceSearch | None = None,
 ) -> ChatTab:
     ui = _layout(limits, examples, search)
-    handlers = ChatHandlers(backend, limits, guard, EvidenceHandlers(search, limits, guard))
+    handlers = ChatHandlers(engine, limits, guard, EvidenceHandlers(search, limits, guard))
     _wire(ui, handlers, limits.concurrency_limit)
     return ChatTab(variant=ui.variant, end_session=handlers.end_session)
 
 
 def register_chat_api(
-    backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
+    engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
 ) -> None:
     """The ``/chat`` endpoint for scripts (gradio_client): same validation, limits and model as the Chat tab."""
 
@@ -315,7 +315,7 @@ def register_chat_api(
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         with guard.heavy_job(request, compare=False, context=context):  # key and limits: checked when sent
             found = api_evidence(search, guard, limits, question, context, evidence, request)
-            updates = stream_answer(backend, limits, question, context, history, model, settings, evidence=found)
+            updates = stream_answer(engine, limits, question, context, history, model, settings, evidence=found)
             for update in run_guarded(updates):
                 yield update.answer
 

@@ -12,7 +12,7 @@ import gradio as gr
 
 from app.chat import UserInputError
 from app.rate_limits import log_refusal
-from pubmedqa.backends.base import AdapterUnavailableError, BackendError, GenerationSettings
+from pubmedqa.engines.base import AdapterUnavailableError, EngineError, GenerationSettings
 from pubmedqa.config import ServerSettings
 from pubmedqa.model_loading import ModelLoadError
 
@@ -86,7 +86,7 @@ def run_guarded(updates: Iterator[T]) -> Iterator[T]:
     (logged with its traceback), so a failing request never takes the app down."""
     try:
         yield from updates
-    except (UserInputError, AdapterUnavailableError, BackendError, ModelLoadError) as exc:
+    except (UserInputError, AdapterUnavailableError, EngineError, ModelLoadError) as exc:
         raise user_error(str(exc)) from None
     except Exception as exc:
         logger.exception("Generation failed")

@@ -39,7 +39,7 @@ from app.ui.evidence_panel import (
 from app.ui.visitor_guard import VisitorGuard, register_api
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa import variants
-from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
+from pubmedqa.engines.base import GenerationSettings, Engine, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
@@ -152,9 +152,9 @@ def _answer_panel(variant: Variant, elem_id: str) -> AnswerPanel:
 class CompareHandlers:
     """The Compare tab's event handlers; one cancel flag per browser session, so Stop reaches only it."""
 
-    def __init__(self, backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]],
+    def __init__(self, engine: Engine, limits: ServerSettings, examples: list[dict[str, str]],
                  votes: VoteLog, guard: VisitorGuard, evidence: EvidenceHandlers | None = None) -> None:
-        self.backend = backend
+        self.engine = engine
         self.limits = limits
         self.guard = guard
         self.evidence = evidence or EvidenceHandlers(None, limits, guard)
@@ -191,7 +191,7 @@ class CompareHandlers:
         cancel = self.cancels.start(session_id(request))
         update: ComparisonUpdate | None = None
         updates = stream_comparison(
-            self.backend, self.limits, question_text, context_text, settings, cancel, evidence
+            self.engine, self.limits, question_text, context_text, settings, cancel, evidence
         )
         for update in run_guarded(updates):
             base = update.sides[0]
@@ -211,7 +211,7 @@ class CompareHandlers:
                      sides: list[SideResult]) -> dict[str, Any]:
         return {
             "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
-            "base_model": self.backend.settings.base_model, "adapter": self.backend.settings.adapter_source,
+            "base_model": self.engine.settings.base_model, "adapter": self.engine.settings.adapter_source,
             "answers": {side.variant: side.answer for side in sides},
         }
 
@@ -271,17 +271,17 @@ def _vote_for(handlers: CompareHandlers, choice: str):
 
 
 def build_compare_tab(
-    backend: ModelBackend, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
+    engine: Engine, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
     search: EvidenceSearch | None = None,
 ) -> None:
     votes = VoteLog(limits.votes_path, limits.votes_repo, limits.max_votes_mb << 20)
     ui = _layout(limits, examples, vote_summary_markdown(votes), search)
-    handlers = CompareHandlers(backend, limits, examples, votes, guard, EvidenceHandlers(search, limits, guard))
+    handlers = CompareHandlers(engine, limits, examples, votes, guard, EvidenceHandlers(search, limits, guard))
     _wire(ui, handlers, limits.concurrency_limit)
 
 
 def register_compare_api(
-    backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
+    engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
 ) -> None:
     """The ``/compare`` endpoint for scripts (gradio_client): same validation, limits and model as the Compare tab."""
 
@@ -298,7 +298,7 @@ def register_compare_api(
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         with guard.heavy_job(request, compare=True):  # key and limits: checked when sent
             found = api_evidence(search, guard, limits, question, context, evidence, request)
-            *_, last = run_guarded(stream_comparison(backend, limits, question, context, settings, evidence=found))
+            *_, last = run_guarded(stream_comparison(engine, limits, question, context, settings, evidence=found))
         result = {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
         return result | ({"evidence": found.as_dict()} if found is not None else {})
 

@@ -25,8 +25,8 @@ from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
 from app.literal_text import literal_markdown
 from app.ui.common import user_error
 from pubmedqa import variants
-from pubmedqa.backends.base import ModelBackend
-from pubmedqa.backends.status import shown_source
+from pubmedqa.engines.base import Engine
+from pubmedqa.engines.status import shown_source
 from pubmedqa.config import ServerSettings
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
@@ -346,10 +346,10 @@ class EvaluationTab:
     shown: list[Any]  # what :func:`show_run` fills, in its order
 
 
-def build_evaluation_tab(backend: ModelBackend, server: ServerSettings) -> None:
+def build_evaluation_tab(engine: Engine, server: ServerSettings) -> None:
     catalogue = RunCatalogue(server.eval_dir, server.max_eval_runs)
     access = OwnerAccess.from_settings(server)
-    _wire(_layout(catalogue, access), backend, catalogue, CsvExports(), access)
+    _wire(_layout(catalogue, access), engine, catalogue, CsvExports(), access)
 
 
 def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
@@ -444,18 +444,18 @@ def _csv(exports: CsvExports | None, entry: EvalRun, filter_name: str, frame: pd
         return None
 
 
-def run_evaluation(backend: ModelBackend, catalogue: RunCatalogue, n: float, with_answers: bool,
+def run_evaluation(engine: Engine, catalogue: RunCatalogue, n: float, with_answers: bool,
                    progress: gr.Progress) -> tuple[Any, str]:
-    """A new run through the app's own backend (no second copy of the model); the selector then shows it, and the
+    """A new run through the app's own engine (no second copy of the model); the selector then shows it, and the
     line beside the button says it is done."""
     # Visitors wait at most for one evaluation batch: one question where batching gains nothing (llama.cpp).
-    batch_size = EvalArguments.batch_size if backend.batches_rows else 1
+    batch_size = EvalArguments.batch_size if engine.batches_rows else 1
     args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()),
                          batch_size=batch_size)
-    models = ["base", "tuned"] if backend.settings.adapter_source else ["base"]
+    models = ["base", "tuned"] if engine.settings.adapter_source else ["base"]
     tracker = EvalProgress(args.limit, models)
     try:
-        run_dir = evaluate(backend.settings, args, backend=backend,
+        run_dir = evaluate(engine.settings, args, engine=engine,
                            progress=lambda f, m: progress(f, desc=tracker.line(f, m)))
     except Exception as exc:  # missing data folder, adapter gone, full disk...: say so, keep the app serving
         logger.exception("Evaluation failed")
@@ -469,7 +469,7 @@ def run_evaluation(backend: ModelBackend, catalogue: RunCatalogue, n: float, wit
     return gr.update(choices=catalogue.choices(), value=catalogue.own_key(run_dir)), done
 
 
-def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, exports: CsvExports,
+def _wire(tab: EvaluationTab, engine: Engine, catalogue: RunCatalogue, exports: CsvExports,
           access: OwnerAccess) -> None:
     def refresh(key: str | None, filter_name: str) -> tuple[Any, ...]:
         # The runs are listed from disk on every refresh: one started here, by this visitor or another, shows up
@@ -491,7 +491,7 @@ def _wire(tab: EvaluationTab, backend: ModelBackend, catalogue: RunCatalogue, ex
               progress: gr.Progress = gr.Progress()) -> tuple[Any, str]:
         if refusal := access.refusal(profile, key):  # checked here too: a disabled button is no protection
             raise user_error(refusal)
-        return run_evaluation(backend, catalogue, n, with_answers, progress)
+        return run_evaluation(engine, catalogue, n, with_answers, progress)
 
     def allowed(profile: gr.OAuthProfile | None) -> Any:
         return gr.update(interactive=access.needs_key or access.refusal(profile) is None)

@@ -14,7 +14,7 @@ from app.ui.visitor_guard import VisitorGuard
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
-from pubmedqa.backends.base import LoadState, ModelBackend
+from pubmedqa.engines.base import LoadState, Engine
 from pubmedqa.config import ServerSettings
 from pubmedqa.data import load_examples
 from pubmedqa.evidence import EvidenceSearch
@@ -26,21 +26,21 @@ DISCLAIMER = (
 )
 
 
-def _status_markdown(backend: ModelBackend) -> str:
-    return f"**Model status:** {backend.status_summary()}"
+def _status_markdown(engine: Engine) -> str:
+    return f"**Model status:** {engine.status_summary()}"
 
 
-def build_app(backend: ModelBackend, limits: ServerSettings, search: EvidenceSearch | None = None) -> gr.Blocks:
+def build_app(engine: Engine, limits: ServerSettings, search: EvidenceSearch | None = None) -> gr.Blocks:
     """The page; ``search`` finds evidence for questions (None: evidence is off)."""
     guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
     # Gradio keeps a copy of each file it serves (the dashboard's CSVs): drop copies a day old, checked hourly.
     with PageBlocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
-        status, details = _header(backend)
-        chat = _tabs(backend, limits, guard, search)
-        register_chat_api(backend, limits, guard, search)
-        register_compare_api(backend, limits, guard, search)
+        status, details = _header(engine)
+        chat = _tabs(engine, limits, guard, search)
+        register_chat_api(engine, limits, guard, search)
+        register_compare_api(engine, limits, guard, search)
         register_evidence_api(search, limits, guard)
-        _poll_model_status(demo, backend, status, details, chat)
+        _poll_model_status(demo, engine, status, details, chat)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
     # try again" instead of unbounded waiting.
@@ -48,35 +48,35 @@ def build_app(backend: ModelBackend, limits: ServerSettings, search: EvidenceSea
     return demo
 
 
-def _header(backend: ModelBackend) -> tuple[gr.Markdown, gr.Markdown]:
+def _header(engine: Engine) -> tuple[gr.Markdown, gr.Markdown]:
     gr.Markdown(f"# {TITLE}\nBiomedical yes/no/maybe question answering, base model vs LoRA fine-tuned.")
     gr.Markdown(DISCLAIMER)
-    status = gr.Markdown(_status_markdown(backend), elem_id="model-status")
+    status = gr.Markdown(_status_markdown(engine), elem_id="model-status")
     with gr.Accordion("Model details", open=False):
-        details = gr.Markdown(backend.status_message(), elem_id="model-details")
+        details = gr.Markdown(engine.status_message(), elem_id="model-details")
     return status, details
 
 
-def _tabs(backend: ModelBackend, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None) -> ChatTab:
+def _tabs(engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None) -> ChatTab:
     with gr.Tabs():
         with gr.Tab("Chat"):
-            chat = build_chat_tab(backend, limits, load_examples(), guard, search)
+            chat = build_chat_tab(engine, limits, load_examples(), guard, search)
         with gr.Tab("Compare"):
-            build_compare_tab(backend, limits, load_examples(key="dev_examples"), guard, search)
+            build_compare_tab(engine, limits, load_examples(key="dev_examples"), guard, search)
         with gr.Tab("Evaluation"):
-            build_evaluation_tab(backend, limits)
+            build_evaluation_tab(engine, limits)
     return chat
 
 
 def _poll_model_status(
-    demo: gr.Blocks, backend: ModelBackend, status: gr.Markdown, details: gr.Markdown, chat: ChatTab
+    demo: gr.Blocks, engine: Engine, status: gr.Markdown, details: gr.Markdown, chat: ChatTab
 ) -> None:
     # Poll the loader until the model is ready (or failed), so the page shows progress instead of hanging.
     timer = gr.Timer(2.0)
 
     def refresh() -> tuple[str, str, Any, Any]:
-        settled = backend.state in (LoadState.READY, LoadState.FAILED)
-        return _status_markdown(backend), backend.status_message(), variant_update(backend), gr.Timer(active=not settled)
+        settled = engine.state in (LoadState.READY, LoadState.FAILED)
+        return _status_markdown(engine), engine.status_message(), variant_update(engine), gr.Timer(active=not settled)
 
     outputs = [status, details, chat.variant, timer]
     timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")

@@ -1,5 +1,5 @@
 """The answer options as a model sees them: their token ids after the shared prompt, and the decision that option
-scores make. Engine-agnostic: every backend and the training code score options through these."""
+scores make. Engine-agnostic: every engine and the training code score options through these."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Evaluate the base model and the fine-tuned one (same base, adapter on/off through the backend) on the official
+"""Evaluate the base model and the fine-tuned one (same base, adapter on/off through the engine) on the official
 PubMedQA test set, and write a run folder (see :mod:`pubmedqa.evaluation.results`).
 
     python -m training.evaluate                          # all 500 test questions, shipped adapter
     python -m training.evaluate --limit 100 --output_dir outputs/eval-100
     python -m training.evaluate --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-7B-Instruct
 
-It runs through whatever backend ``--engine`` picks (llama.cpp on a CPU by default, transformers, or a remote
+It runs through whatever engine ``--engine`` picks (llama.cpp on a CPU by default, transformers, or a remote
 ``openai`` server), or through the app's already loaded one, which then lets visitors' requests go first between
 batches. Questions go in batches of similar length, and each batch is one pass on the in-process engines: greedy
 long answers whose first step also gives the yes/no/maybe decision (a remote server scores the options in requests of
@@ -29,15 +29,15 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from pubmedqa.backends.base import (
+from pubmedqa.engines.base import (
     DEFAULT_MIN_NEW_TOKENS,
     DEFAULT_REPETITION_PENALTY,
     GenerationSettings,
     LoadedModel,
-    ModelBackend,
+    Engine,
     Variant,
 )
-from pubmedqa.backends.factory import create_backend
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import PubMedQARecord, default_data_source
 from pubmedqa.decisions.options import predicted_decision
@@ -131,7 +131,7 @@ class VariantRun:
     per-example lines hold under ``key``."""
 
     key: str
-    probabilities: list[dict[str, float]]  # as the backend's decision policy decides them
+    probabilities: list[dict[str, float]]  # as the engine's decision policy decides them
     answers: list[str] | None  # None: decisions only
     ended: list[bool] | None = None  # per answer: ended by itself (EOS or a stop sequence) before the token limit
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -154,21 +154,21 @@ def evaluate(
     model_settings: ModelSettings,
     args: EvalArguments,
     progress: Progress | None = None,
-    backend: ModelBackend | None = None,
+    engine: Engine | None = None,
     task: Task = PUBMEDQA,
 ) -> Path:
     """Run the evaluation and return the run folder. ``progress(fraction, message)`` is called as work advances;
-    pass the app's ``backend`` to evaluate through the already loaded model instead of loading a second copy."""
+    pass the app's ``engine`` to evaluate through the already loaded model instead of loading a second copy."""
     started = time.perf_counter()
     report = progress or (lambda fraction, message: None)
     run_dir = Path(args.output_dir or f"outputs/eval/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     questions = task.documents(args.data, args.limit, args.sample_seed)
     judge = _make_judge(args)
-    backend = backend or create_backend(model_settings)
-    loaded = backend.load()
-    variants = _variants(model_settings, backend)
-    budget = backend.prompt_budget(args.max_new_tokens)
+    engine = engine or create_engine(model_settings)
+    loaded = engine.load()
+    variants = _variants(model_settings, engine)
+    budget = engine.prompt_budget(args.max_new_tokens)
     prompts = [fit_prompt(task.doc_to_prompt(r), loaded.tokenizer, budget) for r in questions]
     gold = [task.doc_to_target(r) for r in questions]
     timings: dict[str, float] = {}
@@ -178,7 +178,7 @@ def evaluate(
         def step_progress(fraction: float, message: str, step: int = step) -> None:
             report((step + fraction) / len(variants), message)
 
-        run = _decide_and_answer(backend, prompts, variant, args, timings, step_progress)
+        run = _decide_and_answer(engine, prompts, variant, args, timings, step_progress)
         run.metrics = _decision_metrics(task, run, gold, loaded.policy, variant)
         write_predictions(run_dir, run.key, {r.pubid: d for r, d in zip(questions, run.decisions)})
         if run.answers is not None:
@@ -199,17 +199,17 @@ def evaluate(
     return run_dir
 
 
-def _variants(model_settings: ModelSettings, backend: ModelBackend) -> list[Variant]:
+def _variants(model_settings: ModelSettings, engine: Engine) -> list[Variant]:
     """Base, and fine-tuned when an adapter is configured (refused, with the reason, when it did not load)."""
     if not model_settings.adapter_source:
         return [Variant.BASE]
-    if not backend.load().adapter_loaded:
-        raise ModelLoadError(f"The adapter cannot be evaluated: {backend.adapter_unavailable_reason()}")
+    if not engine.load().adapter_loaded:
+        raise ModelLoadError(f"The adapter cannot be evaluated: {engine.adapter_unavailable_reason()}")
     return [Variant.BASE, Variant.TUNED]
 
 
 def _decide_and_answer(
-    backend: ModelBackend, prompts: list[FittedPrompt], variant: Variant, args: EvalArguments,
+    engine: Engine, prompts: list[FittedPrompt], variant: Variant, args: EvalArguments,
     timings: dict[str, float], progress: Progress,
 ) -> VariantRun:
     """The variant's decisions (as the app serves them; :func:`_decision_metrics` also scores them without the
@@ -219,11 +219,11 @@ def _decide_and_answer(
     )
 
     def run(batch: list[FittedPrompt]) -> list[tuple[str | None, dict[str, float]]]:
-        backend.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
+        engine.give_way()  # in the app, visitors' requests go first: they wait at most for one batch
         if args.long_answers:  # one pass per batch: the decision comes from the generation's first step
-            answers, scores = backend.generate_with_decisions(batch, [variant] * len(batch), settings)
+            answers, scores = engine.generate_with_decisions(batch, [variant] * len(batch), settings)
             return list(zip(answers, scores))
-        return [(None, s) for s in backend.score_decisions(batch, [variant] * len(batch), len(batch))]
+        return [(None, s) for s in engine.score_decisions(batch, [variant] * len(batch), len(batch))]
 
     key = NAMES[variant].results_key
     task = "decisions and answers" if args.long_answers else "decisions"
@@ -232,15 +232,15 @@ def _decide_and_answer(
     rows = in_batches(prompts, args.batch_size, run, message, lambda fraction: progress(fraction, message))
     timings[f"{key}_{task.replace(' ', '_')}_s"] = time.perf_counter() - t0
     answers = [a for a, _ in rows] if args.long_answers else None
-    ended = ended_by_itself(backend, answers, args.max_new_tokens) if answers is not None else None
+    ended = ended_by_itself(engine, answers, args.max_new_tokens) if answers is not None else None
     return VariantRun(key, [p for _, p in rows], answers, ended)
 
 
-def ended_by_itself(backend: ModelBackend, answers: Sequence[str], max_new_tokens: int) -> list[bool]:
+def ended_by_itself(engine: Engine, answers: Sequence[str], max_new_tokens: int) -> list[bool]:
     """Per answer, whether it ended before the token limit (EOS or a stop sequence). An answer that used its whole
     budget hit the limit; the budget less one allows for the whitespace answers are stripped of, so an answer ending in
     its very last token counts as cut off (never the reverse)."""
-    return [backend.count_tokens(a) < max_new_tokens - 1 for a in answers]
+    return [engine.count_tokens(a) < max_new_tokens - 1 for a in answers]
 
 
 def _decision_metrics(

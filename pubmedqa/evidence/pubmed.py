@@ -266,7 +266,7 @@ class PubMedClient:
             ids = result.get("idlist", [])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise EvidenceUnavailable(BAD_RESPONSE) from None
-        if "ERROR" in result:  # e.g. a backend failure reported with HTTP 200
+        if "ERROR" in result:  # e.g. a engine failure reported with HTTP 200
             logger.warning("PubMed esearch reported an error: %s", self._redact(str(result["ERROR"]))[:200])
             raise EvidenceUnavailable(BAD_RESPONSE)
         return [str(pmid) for pmid in ids if str(pmid).isdigit()]

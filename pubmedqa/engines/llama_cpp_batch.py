@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pubmedqa.backends.base import GenerationSettings
+from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.prompts import cut_at_stop
 
 if TYPE_CHECKING:
     import torch
 
-    from pubmedqa.backends.llama_cpp_features import HiddenStateReader
+    from pubmedqa.engines.llama_cpp_features import HiddenStateReader
 
 #: Rows decoded together: beyond this, a step is compute-bound and grows with the rows (measured on 2 cores).
 PARALLEL_ROWS = 8
@@ -74,7 +74,7 @@ class BatchDecoder:
     def __init__(self, llm: Any, n_batch: int, context: Any = None):
         import llama_cpp
 
-        from pubmedqa.backends.llama_cpp_native import new_batch
+        from pubmedqa.engines.llama_cpp_native import new_batch
 
         self._llm = llm
         self._context = context
@@ -86,7 +86,7 @@ class BatchDecoder:
     @property
     def context(self) -> Any:
         """The ``llama_cpp._internals.LlamaContext`` decoded into (what a llama.cpp sampler reads from)."""
-        from pubmedqa.backends.llama_cpp_native import main_context
+        from pubmedqa.engines.llama_cpp_native import main_context
 
         return self._context or main_context(self._llm)
 

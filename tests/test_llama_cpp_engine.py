@@ -8,14 +8,14 @@ import threading
 
 import pytest
 
-from pubmedqa.backends.base import GenerationSettings, LoadState, Variant
-from pubmedqa.backends.factory import create_backend, resolve_engine
+from pubmedqa.engines.base import GenerationSettings, LoadState, Variant
+from pubmedqa.engines.factory import create_engine, resolve_engine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import PromptInput, cut_at_stop, parse_decision
 
 llama_cpp = pytest.importorskip("llama_cpp")
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend  # noqa: E402
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -28,140 +28,140 @@ GREEDY = GenerationSettings(max_new_tokens=24, repetition_penalty=1.0, min_new_t
 
 
 @pytest.fixture(scope="module")
-def backend() -> LlamaCppBackend:
-    backend = LlamaCppBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
-    backend.load()
-    return backend
+def engine() -> LlamaCppEngine:
+    engine = LlamaCppEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
+    engine.load()
+    return engine
 
 
-def _prompt(backend, question: str = QUESTIONS[0], settings: GenerationSettings = GREEDY):
-    return backend.prepare(PromptInput(question), settings)
+def _prompt(engine, question: str = QUESTIONS[0], settings: GenerationSettings = GREEDY):
+    return engine.prepare(PromptInput(question), settings)
 
 
-def test_the_adapter_changes_the_answer_and_switching_back_restores_the_base_exactly(backend):
-    prompt = _prompt(backend)
-    base = backend.generate(prompt, Variant.BASE, GREEDY)
-    tuned = backend.generate(prompt, Variant.TUNED, GREEDY)
+def test_the_adapter_changes_the_answer_and_switching_back_restores_the_base_exactly(engine):
+    prompt = _prompt(engine)
+    base = engine.generate(prompt, Variant.BASE, GREEDY)
+    tuned = engine.generate(prompt, Variant.TUNED, GREEDY)
     assert base and tuned and base != tuned
     assert parse_decision(tuned) in ("yes", "no", "maybe")
-    assert backend.generate(prompt, Variant.BASE, GREEDY) == base
+    assert engine.generate(prompt, Variant.BASE, GREEDY) == base
     # Mixed rows in one call give each row its own variant.
-    assert backend.generate_batch([prompt, prompt], [Variant.TUNED, Variant.BASE], GREEDY) == [tuned, base]
-    status = backend.status_message()
+    assert engine.generate_batch([prompt, prompt], [Variant.TUNED, Variant.BASE], GREEDY) == [tuned, base]
+    status = engine.status_message()
     assert "llama.cpp" in status and "Q4_K_M" in status and "decision probe on layer 10" in status
 
 
-def test_a_compare_pair_streams_both_answers_side_by_side_as_each_would_be_alone(backend):
+def test_a_compare_pair_streams_both_answers_side_by_side_as_each_would_be_alone(engine):
     settings = GenerationSettings(max_new_tokens=32)
-    prompt = _prompt(backend, QUESTIONS[1], settings)
-    alone = [backend.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
-    updates = list(backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
+    prompt = _prompt(engine, QUESTIONS[1], settings)
+    alone = [engine.generate(prompt, variant, settings) for variant in (Variant.BASE, Variant.TUNED)]
+    updates = list(engine.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings))
     assert updates[-1] == alone
     # The fine-tuned answer starts while the base one is still growing (not after it, as in turn).
     both_started = next(i for i, (base, tuned) in enumerate(updates) if base and tuned)
     assert updates[both_started][0] != alone[0] and len(updates[both_started][0].split()) <= 2
     # The pair's one-pass decisions are those of scoring each row.
-    answers, decided = backend.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
+    answers, decided = engine.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
     assert answers == alone
-    for got, want in zip(decided, backend.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])):
+    for got, want in zip(decided, engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])):
         assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_stop_ends_both_answers_of_a_pair(backend):
+def test_stop_ends_both_answers_of_a_pair(engine):
     settings = GenerationSettings(max_new_tokens=200, min_new_tokens=200)
-    prompt = _prompt(backend, QUESTIONS[2], settings)
+    prompt = _prompt(engine, QUESTIONS[2], settings)
     cancel = threading.Event()
     seen = []
-    for texts in backend.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings, cancel):
+    for texts in engine.stream_batch([prompt, prompt], [Variant.BASE, Variant.TUNED], settings, cancel):
         seen.append(texts)
         if all(len(t.split()) >= 3 for t in texts):
             cancel.set()
     assert all(0 < len(t.split()) < 60 for t in seen[-1])
     # The model is free again: a chat answer follows at once.
-    assert backend.generate(prompt, Variant.BASE, GREEDY)
+    assert engine.generate(prompt, Variant.BASE, GREEDY)
 
 
-def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision(backend):
-    prompts = [_prompt(backend, q) for q in QUESTIONS]
+def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision(engine):
+    prompts = [_prompt(engine, q) for q in QUESTIONS]
     variants = [Variant.BASE, Variant.TUNED, Variant.TUNED]
-    scored = backend.score_decisions(prompts, variants)
-    answers, decided = backend.generate_with_decisions(prompts, variants, GREEDY)
+    scored = engine.score_decisions(prompts, variants)
+    answers, decided = engine.generate_with_decisions(prompts, variants, GREEDY)
     for got, want in zip(decided, scored):
         assert got == pytest.approx(want, abs=1e-5)
     for answer, decision in zip(answers[1:], decided[1:]):
         assert parse_decision(answer) == max(decision, key=decision.get)
     # Without the calibration's offsets the fine-tuned rows differ; the base row never has any.
-    raw = backend.load().policy.without_offsets(scored, [v is Variant.TUNED for v in variants])
+    raw = engine.load().policy.without_offsets(scored, [v is Variant.TUNED for v in variants])
     assert raw[0] == scored[0] and raw[1] != pytest.approx(scored[1])
 
 
-def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(backend):
-    from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS
+def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(engine):
+    from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS
 
     # More rows than are decoded together (two groups), of different lengths, with the default repetition penalty.
     settings = GenerationSettings(max_new_tokens=24)
-    prompts = [_prompt(backend, q, settings) for q in QUESTIONS * 3]
+    prompts = [_prompt(engine, q, settings) for q in QUESTIONS * 3]
     assert len(prompts) > PARALLEL_ROWS
     for variant in (Variant.BASE, Variant.TUNED):
-        answers, decisions = backend.generate_with_decisions(prompts, [variant] * len(prompts), settings)
-        assert backend.generate_with_decisions(prompts, [variant] * len(prompts), settings) == (answers, decisions)
+        answers, decisions = engine.generate_with_decisions(prompts, [variant] * len(prompts), settings)
+        assert engine.generate_with_decisions(prompts, [variant] * len(prompts), settings) == (answers, decisions)
         for prompt, answer, decision in zip(prompts, answers, decisions):
-            [alone], [alone_decision] = backend.generate_with_decisions([prompt], [variant], settings)
+            [alone], [alone_decision] = engine.generate_with_decisions([prompt], [variant], settings)
             # The same greedy loop: a row decoded alone through the batched path gives the one-row answer exactly;
             # with other rows, llama.cpp's multi-row kernels round differently, so answers may part after a near-tie,
             # but the decision (the first step, read off each prompt's own decode) is the same.
-            assert backend._answer_together([prompt], variant, settings)[0] == [alone]
+            assert engine._answer_together([prompt], variant, settings)[0] == [alone]
             assert decision == pytest.approx(alone_decision, abs=1e-4)
             assert answer.split()[0] == alone.split()[0]
 
 
-def test_one_decode_loop_serves_one_sequence_in_turn_and_refuses_to_sample_several(backend):
-    from pubmedqa.backends.llama_cpp_batch import DecodeLoop
+def test_one_decode_loop_serves_one_sequence_in_turn_and_refuses_to_sample_several(engine):
+    from pubmedqa.engines.llama_cpp_batch import DecodeLoop
 
     # The streamed path's loop of one sequence takes the waiting rows one after the other (a finished row's sequence
     # takes the next prompt): each answer is the one the row gets alone, and every step yields the rows that grew.
-    prompts = [_prompt(backend, q) for q in QUESTIONS[:2]]
-    alone = [backend.generate(p, Variant.BASE, GREEDY) for p in prompts]
-    loaded = backend.load()
+    prompts = [_prompt(engine, q) for q in QUESTIONS[:2]]
+    alone = [engine.generate(p, Variant.BASE, GREEDY) for p in prompts]
+    loaded = engine.load()
 
     def start(row: int, sequence: int):
-        length, logits, _ = backend._start_row(loaded, backend._rows, None, prompts[row], False, sequence)
+        length, logits, _ = engine._start_row(loaded, engine._rows, None, prompts[row], False, sequence)
         return length, logits
 
-    stops = backend.stop_sequences()
-    loop = DecodeLoop(backend._rows, start, range(2), GREEDY, loaded.tokenizer.decode, stops)
-    with backend._model_lock:
-        backend._select(Variant.BASE)
+    stops = engine.stop_sequences()
+    loop = DecodeLoop(engine._rows, start, range(2), GREEDY, loaded.tokenizer.decode, stops)
+    with engine._model_lock:
+        engine._select(Variant.BASE)
         steps = list(loop)
     assert [cut_at_stop(loop.answers[row].text, stops)[0].strip() for row in range(2)] == alone
     assert all(len(grown) <= 1 for grown in steps)
     assert sum(map(len, steps)) == sum(len(answer.tokens) for answer in loop.answers.values())
     with pytest.raises(ValueError, match="one row at a time"):
-        DecodeLoop(backend._rows, start, range(2), GREEDY, str, (), sampler=object(), sequences=2)
+        DecodeLoop(engine._rows, start, range(2), GREEDY, str, (), sampler=object(), sequences=2)
 
 
-def test_an_answer_goes_on_past_its_decision_word(backend, pubmedqa_dir):
+def test_an_answer_goes_on_past_its_decision_word(engine, pubmedqa_dir):
     from pubmedqa.data import SplitSettings
 
     # A dev question the shipped adapter, left free, answers with its decision alone.
     record = SplitSettings(data=str(pubmedqa_dir)).load_split().dev[0]
     free = GenerationSettings(max_new_tokens=24, min_new_tokens=0)
-    prompt = backend.prepare(record.prompt_input(), free)
-    assert len(backend.generate(prompt, Variant.TUNED, free).split()) == 1
+    prompt = engine.prepare(record.prompt_input(), free)
+    assert len(engine.generate(prompt, Variant.TUNED, free).split()) == 1
     default = GenerationSettings(max_new_tokens=24)
-    explained = backend.generate(prompt, Variant.TUNED, default)
+    explained = engine.generate(prompt, Variant.TUNED, default)
     assert parse_decision(explained) and len(explained.split()) > 3
     # The same in the evaluation's rows-together path.
-    answers, _ = backend.generate_with_decisions([prompt, prompt], [Variant.TUNED] * 2, default)
+    answers, _ = engine.generate_with_decisions([prompt, prompt], [Variant.TUNED] * 2, default)
     assert all(parse_decision(a) and len(a.split()) > 3 for a in answers)
 
 
 def test_option_scores_rank_the_options_as_the_transformers_engine_does():
-    from pubmedqa.backends.transformers_backend import TransformersBackend
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
-    llama = LlamaCppBackend(ModelSettings(adapter="none", engine="llama.cpp"))
+    llama = LlamaCppEngine(ModelSettings(adapter="none", engine="llama.cpp"))
     # The transformers engine on the GGUF's own dequantised weights: the same model, another runtime.
-    hf = TransformersBackend(ModelSettings(adapter="none", quantization="none", engine="transformers"))
+    hf = TransformersEngine(ModelSettings(adapter="none", quantization="none", engine="transformers"))
     for question in QUESTIONS:
         inp = PromptInput(question)
         (ours,) = llama.score_decisions([llama.prepare(inp, GREEDY)], [Variant.BASE])
@@ -170,41 +170,41 @@ def test_option_scores_rank_the_options_as_the_transformers_engine_does():
         assert ours == pytest.approx(theirs, abs=0.05)
 
 
-def test_stop_ends_the_stream_within_one_token(backend):
+def test_stop_ends_the_stream_within_one_token(engine):
     settings = GenerationSettings(max_new_tokens=200)
-    prompt = _prompt(backend, settings=settings)
+    prompt = _prompt(engine, settings=settings)
     cancel = threading.Event()
     seen = []
-    for text in backend.stream(prompt, Variant.BASE, settings, cancel):
+    for text in engine.stream(prompt, Variant.BASE, settings, cancel):
         seen.append(text)
         if len(seen) == 3:
             cancel.set()
     assert len(seen) <= 5  # the tokens already decoded when Stop came, and the final value
     # The context is free again for the next request.
-    assert backend.generate(prompt, Variant.BASE, GREEDY)
+    assert engine.generate(prompt, Variant.BASE, GREEDY)
 
 
-def test_a_stop_sequence_ends_the_answer_before_it(backend, monkeypatch):
-    prompt = _prompt(backend)
-    full = backend.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
+def test_a_stop_sequence_ends_the_answer_before_it(engine, monkeypatch):
+    prompt = _prompt(engine)
+    full = engine.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
     word = full.split()[3]
-    monkeypatch.setattr(backend, "stop_sequences", lambda: (" " + word,))
-    cut = backend.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
+    monkeypatch.setattr(engine, "stop_sequences", lambda: (" " + word,))
+    cut = engine.generate(prompt, Variant.BASE, GenerationSettings(max_new_tokens=40))
     assert cut == full[: full.index(" " + word)].strip()
 
 
-def test_sampling_follows_the_seed(backend):
-    prompt = _prompt(backend)
+def test_sampling_follows_the_seed(engine):
+    prompt = _prompt(engine)
     sampled = GenerationSettings(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7)
-    first = backend.generate(prompt, Variant.BASE, sampled)
-    assert backend.generate(prompt, Variant.BASE, sampled) == first
-    others = {backend.generate(prompt, Variant.BASE, GenerationSettings(16, 1.0, 0.95, seed)) for seed in range(4)}
+    first = engine.generate(prompt, Variant.BASE, sampled)
+    assert engine.generate(prompt, Variant.BASE, sampled) == first
+    others = {engine.generate(prompt, Variant.BASE, GenerationSettings(16, 1.0, 0.95, seed)) for seed in range(4)}
     assert len(others) > 1
 
 
-def test_token_logprobs_score_the_last_tokens_as_the_openai_api_needs(backend):
-    text = backend.prepare(PromptInput(QUESTIONS[1]), GREEDY).text + " yes"
-    tokens, following = backend.token_logprobs(text, Variant.TUNED, top=5)
+def test_token_logprobs_score_the_last_tokens_as_the_openai_api_needs(engine):
+    text = engine.prepare(PromptInput(QUESTIONS[1]), GREEDY).text + " yes"
+    tokens, following = engine.token_logprobs(text, Variant.TUNED, top=5)
     assert tokens[-1][0].strip() == "yes" and tokens[-1][2] < 0 and tokens[0][2] is None
     assert "".join(piece for piece, _, _ in tokens[1:]) == text
     assert len(following) == 5 and all(v <= 0 for v in following.values())
@@ -215,9 +215,9 @@ def test_auto_engine_is_llama_cpp_for_the_embedded_model_on_a_cpu_and_transforme
     assert resolve_engine(ModelSettings(base_model=str(tiny_model_dir))) == ("transformers", None)
     with pytest.raises(ValueError, match="runs a GGUF file"):
         resolve_engine(ModelSettings(base_model=str(tiny_model_dir), engine="llama.cpp"))
-    monkeypatch.setattr("pubmedqa.backends.factory.llama_cpp_available", lambda: False)
-    fallback = create_backend(ModelSettings(base_model=str(tiny_model_dir), adapter="none", engine="auto"))
-    assert type(fallback).__name__ == "TransformersBackend"
+    monkeypatch.setattr("pubmedqa.engines.factory.llama_cpp_available", lambda: False)
+    fallback = create_engine(ModelSettings(base_model=str(tiny_model_dir), adapter="none", engine="auto"))
+    assert type(fallback).__name__ == "TransformersEngine"
     engine, note = resolve_engine(ModelSettings(engine="llama.cpp"))
     assert engine == "transformers" and "llama-cpp-python is not installed" in note
 
@@ -225,16 +225,16 @@ def test_auto_engine_is_llama_cpp_for_the_embedded_model_on_a_cpu_and_transforme
 def test_a_file_that_is_not_a_gguf_model_gets_one_clear_line(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"not a model at all")
-    backend = LlamaCppBackend(ModelSettings(base_model=str(fake), adapter="none", engine="llama.cpp"))
+    engine = LlamaCppEngine(ModelSettings(base_model=str(fake), adapter="none", engine="llama.cpp"))
     with pytest.raises(ModelLoadError, match="could not be loaded by llama.cpp"):
-        backend.load()
-    assert backend.state is LoadState.FAILED
+        engine.load()
+    assert engine.state is LoadState.FAILED
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
-        LlamaCppBackend(ModelSettings(base_model=str(tmp_path / "missing.gguf"), engine="llama.cpp")).check_sources()
+        LlamaCppEngine(ModelSettings(base_model=str(tmp_path / "missing.gguf"), engine="llama.cpp")).check_sources()
 
 
 def test_an_adapter_of_another_model_leaves_the_base_serving_and_says_why(tiny_adapter_dir):
-    backend = LlamaCppBackend(ModelSettings(adapter=str(tiny_adapter_dir), engine="llama.cpp"))
-    loaded = backend.load()
-    assert not loaded.adapter_loaded and "could not be loaded on llama.cpp" in backend.adapter_unavailable_reason()
-    assert backend.generate(_prompt(backend), Variant.BASE, GREEDY)
+    engine = LlamaCppEngine(ModelSettings(adapter=str(tiny_adapter_dir), engine="llama.cpp"))
+    loaded = engine.load()
+    assert not loaded.adapter_loaded and "could not be loaded on llama.cpp" in engine.adapter_unavailable_reason()
+    assert engine.generate(_prompt(engine), Variant.BASE, GREEDY)

@@ -275,7 +275,7 @@ def transformers_checkpoint(gguf: ResolvedGguf) -> str:
     ``general.base_model.*``, so for an Instruct model it names the model it was fine-tuned *from*, whose weights differ.
     Raises :class:`UnknownCheckpointError` when nothing qualifies.
     """
-    from pubmedqa.gguf_header import read_gguf_header
+    from pubmedqa.gguf.header import read_gguf_header
 
     try:
         values = read_gguf_header(gguf.path).values

@@ -1,12 +1,12 @@
-"""The llama.cpp backend: the base model's 4-bit GGUF file served in this process by llama-cpp-python, the fastest
+"""The llama.cpp engine: the base model's 4-bit GGUF file served in this process by llama-cpp-python, the fastest
 engine on a CPU (about five times the transformers 4-bit engine on 2 cores, see ``benchmarks/engines.py``).
 
 One model is loaded once and one context serves one request at a time. The LoRA adapter is loaded beside it (a
-GGUF LoRA derived from the PEFT adapter folder, ``gguf_lora.py``) and switched per row: on for fine-tuned, off for
+GGUF LoRA derived from the PEFT adapter folder, ``pubmedqa/gguf/lora.py``) and switched per row: on for fine-tuned, off for
 base, with the KV cache cleared in between, since a prompt cached under the other variant would be wrong. A Compare
 pair is the exception: its fine-tuned answer decodes on a second context over the same weights, whose LoRA stays on,
 so both answers stream side by side (one token of each in turn). Every answer is decoded by the one loop of
-``llama_cpp_batch.py`` (:class:`~pubmedqa.backends.llama_cpp_batch.DecodeLoop`): an evaluation batch of one variant
+``llama_cpp_batch.py`` (:class:`~pubmedqa.engines.llama_cpp_batch.DecodeLoop`): an evaluation batch of one variant
 as up to ``PARALLEL_ROWS`` rows decoded together, a streamed answer as a loop of one row, a Compare pair as a loop on
 each context stepped in turn; decision scoring is the loop's prompt phase alone. The fine-tuned rows' yes/no/maybe
 is decided by the adapter's decision policy, from the last position's logits and the probe's features read during
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
+from pubmedqa.engines.base import GenerationSettings, LoadedModel, Engine, Variant
+from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from pubmedqa.gguf_source import check_gguf, gguf_file
+from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
 
@@ -96,11 +96,11 @@ class GgufTokenizer:
         )
 
 
-class LlamaCppBackend(ModelBackend):
+class LlamaCppEngine(Engine):
     """Loads the GGUF once; generates for base or fine-tuned per row, one request at a time."""
 
     pair_mode = "two llama.cpp contexts on the one model (LoRA off / on), the two answers decoded side by side"
-    engine = "llama.cpp"
+    name = "llama.cpp"
     batches_rows = False
 
     def __init__(self, settings: ModelSettings):
@@ -119,8 +119,8 @@ class LlamaCppBackend(ModelBackend):
     def _load(self) -> LoadedModel:
         import llama_cpp
 
-        from pubmedqa.backends.llama_cpp_features import open_llama
-        from pubmedqa.backends.llama_cpp_native import check_bindings
+        from pubmedqa.engines.llama_cpp_features import open_llama
+        from pubmedqa.engines.llama_cpp_native import check_bindings
 
         started = time.perf_counter()
         try:
@@ -129,7 +129,7 @@ class LlamaCppBackend(ModelBackend):
             raise ModelLoadError(str(exc)) from exc
         path = gguf_file(self.settings.base_model, self.settings.cache_dir)
         adapter = self.resolve_adapter()
-        policy = DecisionPolicy.from_adapter(adapter, self.engine)
+        policy = DecisionPolicy.from_adapter(adapter, self.name)
         try:
             llm, reader = open_llama(
                 str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), policy.feature_layer,
@@ -159,7 +159,7 @@ class LlamaCppBackend(ModelBackend):
         variant says why."""
         import llama_cpp
 
-        from pubmedqa.backends.gguf_lora import cached_gguf_lora
+        from pubmedqa.gguf.lora import cached_gguf_lora
 
         try:
             lora_path = cached_gguf_lora(adapter, base_path, self.settings.cache_dir)
@@ -182,7 +182,7 @@ class LlamaCppBackend(ModelBackend):
         """Switch the LoRA for ``variant`` and start from an empty KV cache (a cached prompt belongs to one variant)."""
         import llama_cpp
 
-        from pubmedqa.backends.llama_cpp_native import main_context
+        from pubmedqa.engines.llama_cpp_native import main_context
 
         lora_on = variant is Variant.TUNED
         if lora_on != self._lora_on:
@@ -205,7 +205,7 @@ class LlamaCppBackend(ModelBackend):
         self._require_adapter(variants)
         options = single_token_options(loaded.tokenizer)
         if options is None:
-            raise NotImplementedError("the llama.cpp backend scores one-token answer options only")
+            raise NotImplementedError("the llama.cpp engine scores one-token answer options only")
         columns = [ids[0] for ids in options]
         tuned = [v is Variant.TUNED for v in variants]
         scores, features = [], []
@@ -267,7 +267,7 @@ class LlamaCppBackend(ModelBackend):
     ) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None for the
         first, and before the last ``tail`` tokens), and the ``top`` most likely next tokens: what an
-        OpenAI-compatible server returns for ``echo`` and ``logprobs``, as the transformers backend gives it."""
+        OpenAI-compatible server returns for ``echo`` and ``logprobs``, as the transformers engine gives it."""
         loaded = self.load()
         self._require_adapter([variant])
         tokenizer = loaded.tokenizer
@@ -411,8 +411,8 @@ class LlamaCppBackend(ModelBackend):
         llama.cpp, and switching it makes llama.cpp re-plan its compute graph: too slow at every token)."""
         import llama_cpp
 
-        from pubmedqa.backends.llama_cpp_features import reader_for
-        from pubmedqa.backends.llama_cpp_native import second_context
+        from pubmedqa.engines.llama_cpp_features import reader_for
+        from pubmedqa.engines.llama_cpp_native import second_context
 
         if self._pair is None:
             layer = self.load().policy.feature_layer
@@ -449,7 +449,7 @@ class LlamaCppBackend(ModelBackend):
 def _sampler(settings: GenerationSettings) -> Any:
     """llama.cpp's sampler chain for a sampled answer (top-p, temperature, seeded); None for a greedy one, which the
     decode loop chooses itself (the highest logit, as llama.cpp's greedy sampler would)."""
-    from pubmedqa.backends.llama_cpp_native import new_sampler
+    from pubmedqa.engines.llama_cpp_native import new_sampler
 
     return new_sampler(settings.temperature, settings.top_p, settings.seed) if settings.temperature > 0 else None
 

@@ -2,7 +2,7 @@
 
 A fine-tuned model's yes/no/maybe comes from the decision probe (:mod:`pubmedqa.decisions.probe`): a logistic
 regression on the output of decoder layer ``layer - 1`` over the prompt (its mean, and its last token's). The
-transformers engine reads it with a forward hook (:class:`pubmedqa.backends.transformers_passes.ProbeReader`); here
+transformers engine reads it with a forward hook (:class:`pubmedqa.engines.transformers_passes.ProbeReader`); here
 llama.cpp hands the same tensor (its graph names it ``l_out-{layer - 1}``) to the context's eval callback while it
 decodes the prompt, so the features cost no second pass over the prompt.
 
@@ -30,7 +30,7 @@ import llama_cpp
 import numpy as np
 import torch
 
-from pubmedqa.backends.llama_cpp_native import TensorHeader, ggml_base, replace_context
+from pubmedqa.engines.llama_cpp_native import TensorHeader, ggml_base, replace_context
 from pubmedqa.decisions.probe import pooled_features
 
 GGML_TYPE_F32 = 0
@@ -125,7 +125,7 @@ class HiddenStateReader:
             rows = np.empty((n_tokens, n_embd), dtype=np.float32)
             if lib.ggml_nbytes(tensor) != rows.nbytes:
                 raise ValueError(f"tensor holds {lib.ggml_nbytes(tensor)} bytes, expected {rows.nbytes}")
-            # Through the backend rather than tensor->data, so a GPU-resident tensor is copied back too.
+            # Through the engine rather than tensor->data, so a GPU-resident tensor is copied back too.
             lib.ggml_backend_tensor_get(tensor, rows.ctypes.data, 0, rows.nbytes)
             total = rows.sum(axis=0, dtype=np.float64)
             self._sum = total if self._sum is None else self._sum + total

@@ -1,6 +1,6 @@
 """Forward passes of a transformers model for the decision: option scores at the last position (``logits_to_keep``),
 the decision probe's features read by a hook in the same pass, and token log-probabilities. Used by the transformers
-backend and by training (dev scoring, probe features)."""
+engine and by training (dev scoring, probe features)."""
 
 from __future__ import annotations
 

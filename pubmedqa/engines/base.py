@@ -1,7 +1,7 @@
 """The one interface every tab, the API and the evaluation use to reach a model, whatever engine runs it.
 
-Implementations live beside it, one per engine (``--engine``): ``llama_cpp_backend.py`` (``llama.cpp``: the GGUF file
-in this process, the CPU default), ``transformers_backend.py`` (``transformers``: PEFT in this process, the GPU/QLoRA
+Implementations live beside it, one per engine (``--engine``): ``llama_cpp_engine.py`` (``llama.cpp``: the GGUF file
+in this process, the CPU default), ``transformers_engine.py`` (``transformers``: PEFT in this process, the GPU/QLoRA
 path) and ``remote.py`` (``openai``: an OpenAI-compatible server such as vLLM or TGI); ``factory.py`` picks one and
 this module knows none of them. It holds what they share: the two variants, the request types, the load-once state
 machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``. How a fine-tuned decision is
@@ -19,8 +19,8 @@ from enum import Enum
 from typing import Any, Iterator, Sequence
 
 from pubmedqa.adapter import Adapter, AdapterError
-from pubmedqa.backends.model_lock import ModelLock
-from pubmedqa.backends.status import precision_in_words, precision_mismatch, short_name, shown_source
+from pubmedqa.engines.model_lock import ModelLock
+from pubmedqa.engines.status import precision_in_words, precision_mismatch, short_name, shown_source
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import ModelLoadError
@@ -49,7 +49,7 @@ class AdapterUnavailableError(RuntimeError):
     """The fine-tuned variant was asked for but no adapter is loaded; the message says why."""
 
 
-class BackendError(RuntimeError):
+class EngineError(RuntimeError):
     """The model server failed a request (unreachable, refused, timed out); the message says what to check."""
 
     def __init__(self, message: str, status: int | None = None):
@@ -112,7 +112,7 @@ class LoadedModel:
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)  # how the fine-tuned variant decides
 
 
-class ModelBackend(ABC):
+class Engine(ABC):
     """Loads once (lazily or in a background thread), then answers several prompts per call, each row with its own
     variant (base or fine-tuned). A Compare pair is one call with a base row and a fine-tuned row, both streaming at
     once: the transformers engine decodes them as one batch whose rows select their adapter (PEFT ``adapter_names``),
@@ -122,8 +122,10 @@ class ModelBackend(ABC):
 
     #: How Compare produces its pair (see above), shown in the tab's info line.
     pair_mode: str = ""
-    #: What runs the model in this process ('' for a remote server, whose weights this app cannot see).
-    engine: str = ""
+    #: The engine's name, as ``--engine`` spells it.
+    name: str = ""
+    #: Whether this process sees the weights the adapter is served on (not a remote server's).
+    serves_weights_here: bool = True
     #: Whether the rows of one call are computed together (a batch); if not, they run one after another and a larger
     #: call gains nothing, so background work can hand the model back after every row.
     batches_rows: bool = True
@@ -207,9 +209,9 @@ class ModelBackend(ABC):
             except Exception as exc:  # any library error becomes one readable message
                 self._fail(f"{type(exc).__name__}: {exc}")
                 raise ModelLoadError(self._error) from exc
-            if self._loaded.adapter_loaded and self.engine and self.adapter is not None:
+            if self._loaded.adapter_loaded and self.serves_weights_here and self.adapter is not None:
                 self.precision_note = precision_mismatch(
-                    self.settings, self.adapter, self._loaded.quantization, self.engine
+                    self.settings, self.adapter, self._loaded.quantization, self.name
                 )
                 if self.precision_note:
                     logger.warning("Note: %s", self.precision_note)
@@ -360,5 +362,5 @@ class ModelBackend(ABC):
         settings: GenerationSettings,
     ) -> tuple[list[str], list[dict[str, float]]]:
         """Answers and yes/no/maybe probabilities of several prompts (what the evaluation needs of each question).
-        Here, two passes; a backend that can read the decision off the generation's own first step overrides it."""
+        Here, two passes; a engine that can read the decision off the generation's own first step overrides it."""
         return self.generate_batch(prompts, variants, settings), self.score_decisions(prompts, variants, len(prompts))

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from pubmedqa.adapter import Adapter, AdapterError
-from pubmedqa.backends.base import BackendError, GenerationSettings, LoadedModel, ModelBackend, Variant
+from pubmedqa.engines.base import EngineError, GenerationSettings, LoadedModel, Engine, Variant
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.model_loading import load_tokenizer
@@ -36,10 +36,12 @@ TOP_LOGPROBS = 20  # the most vLLM and OpenAI return; options outside it count a
 MAX_PARALLEL_REQUESTS = 32
 
 
-class RemoteBackend(ModelBackend):
+class OpenAIEngine(Engine):
     """Base and fine-tuned are two model names on one server; requests for both run concurrently."""
 
     pair_mode = "two concurrent requests to the model server (base and adapter model names)"
+    name = "openai"
+    serves_weights_here = False  # the server's weights, which this app cannot see
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
@@ -72,7 +74,7 @@ class RemoteBackend(ModelBackend):
             logger.warning("The server at %s does not list %r; requests for the base model may fail.", s.base_url, s.remote_model)
         policy = DecisionPolicy.from_adapter(self._local_adapter() if adapter_loaded else None, reads_hidden_states=False)
         seconds = time.perf_counter() - started
-        logger.info("Remote backend ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
+        logger.info("Remote engine ready: %s at %s (adapter model: %s)", s.remote_model, s.base_url, s.adapter_model or "none")
         return LoadedModel(
             None, tokenizer, f"{s.remote_model} at {s.base_url}", "served remotely", window, adapter_loaded, seconds,
             policy,
@@ -104,11 +106,11 @@ class RemoteBackend(ModelBackend):
         return self.settings.adapter_model if variant is Variant.TUNED else self.settings.remote_model
 
     def _call(self, **request: Any) -> Any:
-        """One completions request; any client error becomes a BackendError with a readable message."""
+        """One completions request; any client error becomes a EngineError with a readable message."""
         try:
             return self._client.completions.create(**request)
         except Exception as exc:
-            raise BackendError(_describe(exc, self.settings), getattr(exc, "status_code", None)) from None
+            raise EngineError(_describe(exc, self.settings), getattr(exc, "status_code", None)) from None
 
     # ---------------------------------------------------------------------------------------- generation
     def score_decisions(
@@ -127,7 +129,7 @@ class RemoteBackend(ModelBackend):
         if self._echo_supported:
             try:
                 logprobs = self._option_loglikelihoods(prompt.text, variant)
-            except BackendError as exc:
+            except EngineError as exc:
                 if exc.status not in (400, 422):  # not a refusal of echo: a real failure
                     raise
                 logger.warning("The server cannot echo prompt log-probabilities (%s); using top log-probabilities.", exc)
@@ -150,7 +152,7 @@ class RemoteBackend(ModelBackend):
             lp = choice.logprobs
             picked = [v for v, at in zip(lp.token_logprobs, lp.text_offset) if len(text) <= at < end and v is not None]
             if not picked:
-                raise BackendError("The model server returned no log-probabilities for the answer options.")
+                raise EngineError("The model server returned no log-probabilities for the answer options.")
             result[option] = sum(picked)
         return result
 
@@ -208,7 +210,7 @@ class RemoteBackend(ModelBackend):
                 finally:
                     stream.close()
             except Exception as exc:  # includes a connection dropped mid-stream
-                updates.put((row, exc if isinstance(exc, BackendError) else BackendError(_describe(exc, self.settings))))
+                updates.put((row, exc if isinstance(exc, EngineError) else EngineError(_describe(exc, self.settings))))
             finally:
                 updates.put((row, None))
 

@@ -20,6 +20,9 @@ logger = logging.getLogger("llama.cpp")
 # own callback still maps the older order, which made INFO lines warnings.
 _LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _CONTINUE = 5
+# Warnings that are llama.cpp's bookkeeping, one per tensor, not a fault: a LoRA over weights repacked for the CPU
+# keeps its own tensors in the plain CPU buffer ("lora for 'blk.0.attn_q.weight' cannot use buft 'CPU_REPACK'").
+_ROUTINE_WARNINGS = ("cannot use buft",)
 _callback: Any = None  # kept referenced: llama.cpp holds only the raw function pointer
 _pending = {"level": logging.DEBUG, "text": ""}
 
@@ -31,7 +34,8 @@ def _log_line(level: int, text: bytes, _user_data: Any) -> None:
     if _pending["text"].endswith("\n"):  # llama.cpp sends a line in pieces
         line, _pending["text"] = _pending["text"].rstrip(), ""
         if line:
-            logger.log(_pending["level"], "%s", line)
+            routine = _pending["level"] == logging.WARNING and any(text in line for text in _ROUTINE_WARNINGS)
+            logger.log(logging.DEBUG if routine else _pending["level"], "%s", line)
 
 
 def route_llama_logs() -> None:

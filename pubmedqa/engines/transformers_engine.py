@@ -1,10 +1,10 @@
-"""The local backend: the model runs in this process with transformers, the LoRA adapter with PEFT.
+"""The local engine: the model runs in this process with transformers, the LoRA adapter with PEFT.
 
 It loads the base model once (lazily, or in a background thread), puts the LoRA adapter on top with PEFT, and
 selects base or fine-tuned *per call* (PEFT ``adapter_names``), so no request can flip a switch under another one
 and a single batch can mix base and adapter rows. There is exactly one copy of the base weights. The adapter's decision
 policy (``pubmedqa/decisions/policy.py``) decides the fine-tuned rows' yes/no/maybe from the option scores and the
-probe's features that this backend reads in its own forward passes (``transformers_passes.py``).
+probe's features that this engine reads in its own forward passes (``transformers_passes.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from pubmedqa.adapter import CONFIG_FILE, Adapter
-from pubmedqa.backends.base import GenerationSettings, LoadedModel, ModelBackend, Variant
-from pubmedqa.backends.transformers_passes import (
+from pubmedqa.engines.base import GenerationSettings, LoadedModel, Engine, Variant
+from pubmedqa.engines.transformers_passes import (
     ProbeReader,
     decoder_layers,
     first_step_logits_are_raw,
@@ -40,14 +40,14 @@ ADAPTER_NAME = "tuned"
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
-class TransformersBackend(ModelBackend):
+class TransformersEngine(Engine):
     """Loads and owns the model; generates for any tab, for base or fine-tuned, safely across threads.
 
     PEFT's per-call adapter selection works through forward hooks registered on the shared LoRA layers, and sampling
     seeds the global RNG: one generation at a time (the model lock) keeps requests from crossing."""
 
     pair_mode = "one batched generation with per-row adapters (PEFT adapter_names)"
-    engine = "transformers"
+    name = "transformers"
 
     def check_sources(self) -> None:
         check_base_source(self.settings)

@@ -1,10 +1,10 @@
-"""Benchmark: the remote (OpenAI-compatible server) backend vs the in-process one, on the same model, in one run.
+"""Benchmark: the remote (OpenAI-compatible server) engine vs the in-process one, on the same model, in one run.
 
-The server is :mod:`app.openai_api` wrapping the very backend the in-process side uses (on localhost), so the
+The server is :mod:`app.openai_api` wrapping the very engine the in-process side uses (on localhost), so the
 ratios show what the protocol and the request pattern cost; against vLLM or TGI on a GPU, continuous batching
 changes the picture (see docs/export.md, "Scaling out").
 
-    python -m benchmarks.remote_backend [--n 32] [--max_new_tokens 32] [--batch_size 16]
+    python -m benchmarks.openai_engine [--n 32] [--max_new_tokens 32] [--batch_size 16]
 """
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ import time
 
 from app.compare import stream_comparison
 from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
-from pubmedqa.backends.base import GenerationSettings, ModelBackend, Variant
-from pubmedqa.backends.remote import RemoteBackend
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import GenerationSettings, Engine, Variant
+from pubmedqa.engines.openai_engine import OpenAIEngine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from pubmedqa.data import load_examples, load_records, load_test_ids, stratified_sample
 from pubmedqa.evaluation.runner import EvalArguments, in_batches
 from pubmedqa.prompts import fit_prompt
 
 
-def _evaluation(backend: ModelBackend, prompts, batch_size: int, settings: GenerationSettings) -> float:
+def _evaluation(engine: Engine, prompts, batch_size: int, settings: GenerationSettings) -> float:
     """Decisions and long answers for base and fine-tuned, as training.evaluate runs them."""
     start = time.perf_counter()
     for variant in (Variant.BASE, Variant.TUNED):
-        in_batches(prompts, batch_size, lambda b, v=variant: backend.score_decisions(b, [v] * len(b), len(b)), "decisions")
-        in_batches(prompts, batch_size, lambda b, v=variant: backend.generate_batch(b, [v] * len(b), settings), "answers")
+        in_batches(prompts, batch_size, lambda b, v=variant: engine.score_decisions(b, [v] * len(b), len(b)), "decisions")
+        in_batches(prompts, batch_size, lambda b, v=variant: engine.generate_batch(b, [v] * len(b), settings), "answers")
     return time.perf_counter() - start
 
 
@@ -40,21 +40,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    local = TransformersBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
+    local = TransformersEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR)))
     local.load()
     url, server = serve_in_thread(create_app(local))
-    remote = RemoteBackend(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="openai", base_url=url,
+    remote = OpenAIEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="openai", base_url=url,
                                          remote_model=BASE_MODEL_NAME, adapter_model=ADAPTER_MODEL_NAME))
     remote.load()
     limits = ServerSettings()
     example = load_examples(key="dev_examples")[0]
     compare_settings = {"max_new_tokens": args.max_new_tokens}
 
-    def compare_latency(backend: ModelBackend) -> float:
+    def compare_latency(engine: Engine) -> float:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            for _update in stream_comparison(backend, limits, example["question"], example["context"], compare_settings):
+            for _update in stream_comparison(engine, limits, example["question"], example["context"], compare_settings):
                 pass
             times.append(time.perf_counter() - start)
         return min(times)

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
-from pubmedqa.gguf_header import GgufHeader, read_gguf_header
+from pubmedqa.gguf.header import GgufHeader, read_gguf_header
 
 logger = logging.getLogger(__name__)
 

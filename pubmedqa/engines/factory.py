@@ -6,13 +6,13 @@ import logging
 
 import torch
 
-from pubmedqa.backends.base import ModelBackend
-from pubmedqa.backends.llama_cpp_backend import LlamaCppBackend, llama_cpp_available
-from pubmedqa.backends.llama_cpp_logging import route_llama_logs
-from pubmedqa.backends.remote import RemoteBackend
-from pubmedqa.backends.transformers_backend import TransformersBackend
+from pubmedqa.engines.base import Engine
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine, llama_cpp_available
+from pubmedqa.engines.llama_cpp_logging import route_llama_logs
+from pubmedqa.engines.openai_engine import OpenAIEngine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
-from pubmedqa.gguf_source import SYNTAX, is_gguf_base
+from pubmedqa.gguf.source import SYNTAX, is_gguf_base
 
 logger = logging.getLogger(__name__)
 
@@ -24,37 +24,37 @@ def resolve_engine(settings: ModelSettings) -> tuple[str, str | None]:
     # Only the embedded GGUF has a transformers twin (converted once, embedded_model.py); any other GGUF base, local or
     # on the Hub, runs on llama.cpp alone, GPU or not.
     gguf_only = gguf_base and settings.base_model != EMBEDDED_MODEL
-    engine = settings.engine
-    if engine == "openai":
-        return engine, None
-    if engine == "auto":
-        engine = "llama.cpp" if gguf_only or (gguf_base and not torch.cuda.is_available()) else "transformers"
-    if engine == "llama.cpp" and not gguf_base:
+    name = settings.engine
+    if name == "openai":
+        return name, None
+    if name == "auto":
+        name = "llama.cpp" if gguf_only or (gguf_base and not torch.cuda.is_available()) else "transformers"
+    if name == "llama.cpp" and not gguf_base:
         raise ValueError(
             f"--engine llama.cpp runs a GGUF file: set --base_model to 'embedded', a .gguf path or a Hub GGUF "
             f"({SYNTAX}), not {settings.base_model!r}"
         )
-    if engine == "transformers" and gguf_only:
+    if name == "transformers" and gguf_only:
         raise ValueError(
             f"--engine transformers loads a transformers model, and {settings.base_model!r} is a GGUF file: run it with "
             "--engine llama.cpp (or auto), or set --base_model to the transformers model it was converted from"
         )
-    if engine == "llama.cpp" and not llama_cpp_available():
+    if name == "llama.cpp" and not llama_cpp_available():
         if gguf_only:
             raise ValueError(f"{settings.base_model!r} is a GGUF file, which needs llama-cpp-python: pip install -r requirements.txt")
         return "transformers", "llama-cpp-python is not installed (pip install -r requirements.txt), so transformers runs the model"
-    return engine, None
+    return name, None
 
 
-def create_backend(settings: ModelSettings) -> ModelBackend:
-    """The backend of the engine the settings name (see :func:`resolve_engine`): in process, or a remote server."""
-    engine, note = resolve_engine(settings)
-    if engine == "openai":
-        return RemoteBackend(settings)
-    if engine == "llama.cpp":
+def create_engine(settings: ModelSettings) -> Engine:
+    """The engine the settings name (see :func:`resolve_engine`): in process, or a remote server."""
+    name, note = resolve_engine(settings)
+    if name == "openai":
+        return OpenAIEngine(settings)
+    if name == "llama.cpp":
         route_llama_logs()
-    backend: ModelBackend = LlamaCppBackend(settings) if engine == "llama.cpp" else TransformersBackend(settings)
+    engine: Engine = LlamaCppEngine(settings) if name == "llama.cpp" else TransformersEngine(settings)
     if note:
         logger.warning("%s", note)
-        backend.notice = note
-    return backend
+        engine.notice = note
+    return engine
