@@ -11,10 +11,11 @@ from typing import Any, Iterator, Sequence
 
 from app.evidence import FoundEvidence, find_evidence, without_citation
 from pubmedqa import variants
-from pubmedqa.engines.base import GenerationSettings, Engine, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import Engine, GenerationSettings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, PromptInput, PromptTooLongError, Turn
+from pubmedqa.variants import Variant
 
 _CONTROL_CHARS = {c: None for c in range(32) if chr(c) not in "\n\t"} | {0x7F: None}
 

@@ -16,10 +16,11 @@ from typing import Any, Iterator, Sequence
 from app.chat import parse_generation_settings, parse_question, prepare_prompt
 from app.evidence import FoundEvidence
 from pubmedqa import variants
-from pubmedqa.engines.base import Engine, Variant
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision
+from pubmedqa.engines.base import Engine
 from pubmedqa.prompts import PromptInput, parse_decision
+from pubmedqa.variants import Variant
 
 
 @dataclass

@@ -20,11 +20,12 @@ import sys
 import threading
 import time
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 QUESTION = "Does regular aspirin use reduce the risk of colorectal cancer?"
 

@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 
 def _model_bytes(model) -> int:

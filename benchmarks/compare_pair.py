@@ -17,11 +17,12 @@ import time
 
 import psutil
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 PAIR = [Variant.BASE, Variant.TUNED]
 

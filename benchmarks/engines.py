@@ -25,13 +25,14 @@ import tempfile
 import time
 from typing import Any
 
-from pubmedqa.engines.base import GenerationSettings, Engine, Variant
-from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.data import load_examples
 from pubmedqa.embedded_model import embedded_gguf
+from pubmedqa.engines.base import Engine, GenerationSettings
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import PromptInput, encode_prompt
+from pubmedqa.variants import Variant
 
 
 def _example() -> PromptInput:

@@ -12,12 +12,13 @@ import time
 
 import torch
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import QUANTIZATION_CHOICES, ModelSettings
 from pubmedqa.data import load_records, load_test_ids, stratified_sample
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.evaluation.runner import EvalArguments, in_batches
 from pubmedqa.prompts import fit_prompt
+from pubmedqa.variants import Variant
 
 
 def main() -> None:

@@ -19,14 +19,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, EvidenceSettings, ModelSettings
 from pubmedqa.data import SplitSettings, load_records, load_test_ids
 from pubmedqa.decisions.options import predicted_decision
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 
 def main(argv: list[str] | None = None) -> None:

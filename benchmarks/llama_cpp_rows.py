@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.decisions.options import predicted_decision
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
+from pubmedqa.variants import Variant
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from app.ui.interface import build_app
 from pubmedqa import variants
-from pubmedqa.engines.base import Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.data import load_examples
+from pubmedqa.engines.transformers_engine import TransformersEngine
+from pubmedqa.variants import Variant
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -14,13 +14,14 @@ import time
 
 from app.compare import stream_comparison
 from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
-from pubmedqa.engines.base import GenerationSettings, Engine, Variant
-from pubmedqa.engines.openai_engine import OpenAIEngine
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from pubmedqa.data import load_examples, load_records, load_test_ids, stratified_sample
+from pubmedqa.engines.base import Engine, GenerationSettings
+from pubmedqa.engines.openai_engine import OpenAIEngine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.evaluation.runner import EvalArguments, in_batches
 from pubmedqa.prompts import fit_prompt
+from pubmedqa.variants import Variant
 
 
 def _evaluation(engine: Engine, prompts, batch_size: int, settings: GenerationSettings) -> float:

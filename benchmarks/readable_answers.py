@@ -16,12 +16,13 @@ import itertools
 import json
 import time
 
-from pubmedqa.engines.base import DEFAULT_MIN_NEW_TOKENS, GenerationSettings, Variant
-from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
+from pubmedqa.engines.base import DEFAULT_MIN_NEW_TOKENS, GenerationSettings
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.evaluation.metrics import readability_metrics, text_metrics
 from pubmedqa.evaluation.runner import ended_by_itself
+from pubmedqa.variants import Variant
 
 
 def main() -> None:

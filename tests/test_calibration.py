@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from pubmedqa.adapter import CALIBRATION_FILE, Adapter
-from pubmedqa.engines.base import Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.fitting import fit_calibration
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import PromptInput, fit_prompt
+from pubmedqa.variants import Variant
 
 
 def test_offsets_move_the_decision_and_keep_a_distribution():

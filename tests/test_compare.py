@@ -10,10 +10,11 @@ from app.chat import UserInputError
 from app.compare import stream_comparison
 from app.ui.interface import build_app
 from app.votes import VoteError, VoteLog
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 from tests.conftest import serving
 
 SETTINGS = {"max_new_tokens": 10, "temperature": 0.0, "top_p": 0.95, "seed": 0}

@@ -13,14 +13,15 @@ import torch
 
 from pubmedqa.adapter import PROBE_FILE, Adapter
 from pubmedqa.adapter_metadata import AdapterMetadata
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
-from pubmedqa.engines.transformers_passes import ProbeReader, left_pad
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import load_calibration
 from pubmedqa.decisions.fitting import ProbeFitError, fit_probe
 from pubmedqa.decisions.probe import DecisionProbe, ProbeError, load_probe, probe_layer
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
+from pubmedqa.engines.transformers_passes import ProbeReader, left_pad
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
+from pubmedqa.variants import Variant
 from training import calibrate, decision_probe
 from training.decision_features import collect_features
 
@@ -245,9 +246,9 @@ def _small_pqa_l(pubmedqa_dir, folder, n):
 @pytest.mark.e2e
 def test_the_cli_fits_a_probe_on_llama_cpp_features_which_that_engine_alone_prefers(pubmedqa_dir, tmp_path, caplog):
     pytest.importorskip("llama_cpp")
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import SHIPPED_ADAPTER_DIR
     from pubmedqa.decisions.policy import DecisionPolicy
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 
     adapter = tmp_path / "adapter"
     shutil.copytree(SHIPPED_ADAPTER_DIR, adapter)

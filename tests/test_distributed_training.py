@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 
-from pubmedqa.engines.base import GenerationSettings, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 from tests.conftest import REPO_ROOT, free_port
 
 

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 
 from app.chat import stream_answer
+from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.engines.factory import create_engine
 from pubmedqa.engines.llama_cpp_engine import llama_cpp_available
-from pubmedqa.config import ModelSettings, ServerSettings
 from tests.conftest import REPO_ROOT, free_port
 
 pytestmark = pytest.mark.e2e
@@ -103,9 +103,10 @@ def test_real_model_keeps_a_multi_turn_conversation(embedded_engine):
 
 @pytest.mark.parametrize("engine_name", ENGINES)
 def test_shipped_adapter_makes_the_model_state_a_decision(engine_name):
-    from pubmedqa.engines.base import GenerationSettings, Variant
     from pubmedqa.config import SHIPPED_ADAPTER_DIR
+    from pubmedqa.engines.base import GenerationSettings
     from pubmedqa.prompts import PromptInput, parse_decision
+    from pubmedqa.variants import Variant
 
     if not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
         pytest.skip("no adapter shipped in assets/adapter yet")

@@ -193,7 +193,7 @@ def test_dashboard_builds_its_figures_and_table_from_a_results_file(tiny_run):
 
 def test_shipped_runs_load_and_their_keys_are_the_variants_stored_names():
     from pubmedqa import variants
-    from pubmedqa.engines.base import Variant
+    from pubmedqa.variants import Variant
     from tests.conftest import REPO_ROOT
 
     # The one table of names (pubmedqa/variants.py) holds the key the runner writes, a stored format every shipped

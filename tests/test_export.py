@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter
-from pubmedqa.gguf.lora import cached_gguf_lora
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, BaseModelSettings, ModelSettings
+from pubmedqa.gguf.lora import cached_gguf_lora
 from pubmedqa.gguf.source import gguf_file
 from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, Turn, cut_at_stop, encode_prompt, render_prompt
 from training import export as export_cli
@@ -157,7 +157,8 @@ def test_gguf_lora_is_the_engines_own_conversion(lora_dir, tmp_path):
 
 def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engine):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from pubmedqa.engines.base import GenerationSettings, Variant
+    from pubmedqa.engines.base import GenerationSettings
+    from pubmedqa.variants import Variant
 
     llm = llama_cpp.Llama(model_path=str(gguf_file("embedded")), n_ctx=1024, verbose=False,
                           lora_path=str(lora_dir / "pubmedqa-gemma-3-270m-lora-f16.gguf"))
@@ -174,10 +175,11 @@ def test_gguf_lora_on_llama_cpp_answers_as_the_engine_does(lora_dir, tuned_engin
 # --------------------------------------------------- 3. quantised merged GGUF decides as the adapter (50 dev qs)
 def test_quantised_gguf_decides_as_the_adapter_on_the_dev_questions(gguf_dir, tuned_engine, pubmedqa_dir,
                                                                     record_property):
-    from pubmedqa.engines.base import GenerationSettings, Variant
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.data import SplitSettings, load_test_ids
     from pubmedqa.decisions.options import predicted_decision
+    from pubmedqa.engines.base import GenerationSettings
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
+    from pubmedqa.variants import Variant
 
     split = SplitSettings(data=str(pubmedqa_dir)).load_split()
     dev = split.dev

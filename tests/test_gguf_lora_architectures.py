@@ -58,9 +58,9 @@ import pytest
 import torch
 
 from pubmedqa.adapter import Adapter
+from pubmedqa.config import ModelSettings
 from pubmedqa.gguf import lora as gguf_lora
 from pubmedqa.gguf.lora import LoraConversionError, cached_gguf_lora, convert_adapter, read_base_gguf
-from pubmedqa.config import ModelSettings
 from training.llama_cpp_tools import find_converter, run_converter
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -619,10 +619,11 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
     reads."""
     from transformers import AutoTokenizer
 
-    from pubmedqa.engines.base import GenerationSettings, Variant
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.decisions.options import single_token_options
+    from pubmedqa.engines.base import GenerationSettings
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.prompts import PromptInput
+    from pubmedqa.variants import Variant
 
     tiny = tiny_base(architecture)
     adapter_dir = trained_lora(architecture).adapter_dir

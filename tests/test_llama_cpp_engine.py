@@ -8,11 +8,12 @@ import threading
 
 import pytest
 
-from pubmedqa.engines.base import GenerationSettings, LoadState, Variant
-from pubmedqa.engines.factory import create_engine, resolve_engine
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+from pubmedqa.engines.base import GenerationSettings, LoadState
+from pubmedqa.engines.factory import create_engine, resolve_engine
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import PromptInput, cut_at_stop, parse_decision
+from pubmedqa.variants import Variant
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine  # noqa: E402

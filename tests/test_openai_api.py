@@ -16,9 +16,10 @@ import pytest
 from app.chat import stream_answer
 from app.main import AppServer, build_server
 from app.openai_api import ADAPTER_MODEL_NAME, API_KEY_ENV, BASE_MODEL_NAME, AdmissionQueue, ApiError, serve_in_thread
-from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.prompts import FittedPrompt, PromptInput
+from pubmedqa.variants import Variant
 
 LIMITS = ServerSettings(
     max_question_chars=500, max_context_chars=4000, max_new_tokens_limit=64, max_history_messages=6, queue_size=8

@@ -14,10 +14,11 @@ import pytest
 from app.chat import stream_answer
 from app.compare import stream_comparison
 from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
-from pubmedqa.engines.base import EngineError, GenerationSettings, LoadState, Variant
-from pubmedqa.engines.openai_engine import OpenAIEngine
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.base import EngineError, GenerationSettings, LoadState
+from pubmedqa.engines.openai_engine import OpenAIEngine
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 from tests.conftest import JsonHandler, free_port
 
 QUESTIONS = [

@@ -8,10 +8,11 @@ from collections import Counter
 import pytest
 
 from app.chat import UserInputError, parse_generation_settings
-from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.evaluation.metrics import is_looping, readability_metrics
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 
 def test_looping_is_some_three_word_sequence_said_three_times():

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.engines.base import Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import BaseModelSettings, ModelSettings
 from pubmedqa.data import load_local, load_test_ids, official_split
 from pubmedqa.decisions.calibration import load_calibration
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import encode_prompt, first_sentence, format_answer
+from pubmedqa.variants import Variant
 from tests.conftest import build_tiny_tokenizer
 from training import train as train_cli
 from training import trainer as sft_trainer

@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pubmedqa.engines.base import AdapterUnavailableError, GenerationSettings, LoadState, Variant
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings
+from pubmedqa.engines.base import AdapterUnavailableError, GenerationSettings, LoadState
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import PromptInput, encode_prompt
+from pubmedqa.variants import Variant
 
 GREEDY = GenerationSettings(max_new_tokens=12, repetition_penalty=1.0, min_new_tokens=0)  # plain greedy, as model.generate decodes
 QUESTIONS = [f"Does treatment {i} reduce mortality in patients with diabetes?" for i in range(6)]

@@ -312,8 +312,8 @@ def _load_engine(check: Check, adapter: Path | None) -> tuple[Any, str]:
     """The app's engine on the tiny model, and how its base weights were really loaded."""
     import torch
 
-    from pubmedqa.engines.transformers_engine import TransformersEngine
     from pubmedqa.config import ModelSettings
+    from pubmedqa.engines.transformers_engine import TransformersEngine
 
     settings = ModelSettings(
         base_model=str(check.model_dir), adapter=str(adapter) if adapter else "none",
@@ -336,8 +336,9 @@ def _load_engine(check: Check, adapter: Path | None) -> tuple[Any, str]:
 def step_compare(check: Check) -> str:
     import torch
 
-    from pubmedqa.engines.base import GenerationSettings, Variant
     from pubmedqa.decisions.options import single_token_options
+    from pubmedqa.engines.base import GenerationSettings
+    from pubmedqa.variants import Variant
     from training.sft_data import build_examples
 
     engine, weights = _load_engine(check, check.adapter_dir)

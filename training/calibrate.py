@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Sequence
 
 from pubmedqa.adapter import PROBE_FILE
-from pubmedqa.engines.base import Variant
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, SplitSettings
 from pubmedqa.decisions.fitting import fit_calibration
 from pubmedqa.evaluation.runner import in_batches
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import fit_prompt
+from pubmedqa.variants import Variant
 from training.decision_features import load_adapter_to_fit
 
 logger = logging.getLogger("training.calibrate")

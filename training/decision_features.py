@@ -9,15 +9,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pubmedqa.engines.base import LoadedModel, Engine
-from pubmedqa.engines.factory import create_engine
-from pubmedqa.engines.transformers_passes import option_scores
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import PubMedQARecord
 from pubmedqa.decisions.calibration import DecisionCalibration
 from pubmedqa.decisions.fitting import DEFAULT_POOLING, ProbeFitError, fit_probe
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.probe import DecisionProbe
+from pubmedqa.engines.base import Engine, LoadedModel
+from pubmedqa.engines.factory import create_engine
+from pubmedqa.engines.transformers_passes import option_scores
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import fit_prompt
 

@@ -14,7 +14,7 @@ from app.openai_api.errors import ApiError
 from app.openai_api.logprobs import chat_logprobs, completion_logprobs
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import Producer
-from pubmedqa.engines.base import GenerationSettings, Engine
+from pubmedqa.engines.base import Engine, GenerationSettings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, stable_prefix
 

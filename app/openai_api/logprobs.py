@@ -9,8 +9,9 @@ from typing import Any
 
 from app.openai_api.errors import ApiError
 from app.openai_api.parsing import CompletionRequest
-from pubmedqa.engines.base import Engine, Variant
+from pubmedqa.engines.base import Engine
 from pubmedqa.prompts import answer_prefix
+from pubmedqa.variants import Variant
 
 # (token text, offset, log-probability or None where the engine did not score it)
 Scored = list[tuple[str, int, float | None]]

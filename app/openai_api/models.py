@@ -9,7 +9,8 @@ from typing import Any
 from app.chat import UserInputError, parse_variant
 from app.openai_api.errors import ApiError
 from pubmedqa import variants
-from pubmedqa.engines.base import LoadedModel, Engine, Variant
+from pubmedqa.engines.base import Engine, LoadedModel
+from pubmedqa.variants import Variant
 
 # The names come from the one table of variant names (pubmedqa.variants.NAMES).
 BASE_MODEL_NAME = variants.NAMES[Variant.BASE].model_name

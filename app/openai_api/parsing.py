@@ -9,9 +9,10 @@ from typing import Any
 
 from app.chat import UserInputError, history_to_turns, parse_evidence_mode, parse_generation_settings, parse_question
 from app.openai_api.errors import ApiError
-from pubmedqa.engines.base import GenerationSettings, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 
 MAX_PROMPTS = 4  # prompts in one /v1/completions request (the remote engine sends 3: one per answer option)
 MAX_STOP_SEQUENCES = 4

@@ -37,9 +37,10 @@ from app.ui.evidence_panel import (
 )
 from app.ui.visitor_guard import VisitorGuard, register_api
 from pubmedqa import variants
-from pubmedqa.engines.base import GenerationSettings, LoadState, Engine, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import Engine, GenerationSettings, LoadState
 from pubmedqa.evidence import EvidenceSearch
+from pubmedqa.variants import Variant
 
 # (conversation, question box, notice, evidence list, article choice, evidence state, context box) as it grows
 ChatUpdates = Iterator[tuple[Any, Any, Any, Any, Any, Any, Any]]

@@ -39,9 +39,10 @@ from app.ui.evidence_panel import (
 from app.ui.visitor_guard import VisitorGuard, register_api
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa import variants
-from pubmedqa.engines.base import GenerationSettings, Engine, Variant
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import Engine, GenerationSettings
 from pubmedqa.evidence import EvidenceSearch
+from pubmedqa.variants import Variant
 
 # (base answer, fine-tuned answer, base stats, fine-tuned stats, notices, the record a vote refers to, evidence list,
 # article choice, evidence state, context box)

@@ -14,9 +14,9 @@ from app.ui.visitor_guard import VisitorGuard
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
-from pubmedqa.engines.base import LoadState, Engine
 from pubmedqa.config import ServerSettings
 from pubmedqa.data import load_examples
+from pubmedqa.engines.base import Engine, LoadState
 from pubmedqa.evidence import EvidenceSearch
 
 TITLE = "PubMedQA chatbot"

@@ -28,15 +28,16 @@ import numpy as np
 import torch
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.engines.base import GenerationSettings, LoadedModel, Engine, Variant
-from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
+from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
+from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
+from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from pubmedqa.adapter import Adapter, AdapterError
-from pubmedqa.engines.base import EngineError, GenerationSettings, LoadedModel, Engine, Variant
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
+from pubmedqa.engines.base import Engine, EngineError, GenerationSettings, LoadedModel
 from pubmedqa.model_loading import load_tokenizer
 from pubmedqa.prompts import ANSWER_OPTIONS, FittedPrompt, answer_prefix, cut_at_stop, stable_prefix
+from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
 

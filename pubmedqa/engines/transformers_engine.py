@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from pubmedqa.adapter import CONFIG_FILE, Adapter
-from pubmedqa.engines.base import GenerationSettings, LoadedModel, Engine, Variant
+from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
+from pubmedqa.variants import Variant
 from pubmedqa.engines.transformers_passes import (
     ProbeReader,
     decoder_layers,
