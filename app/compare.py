@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from app.chat import parse_generation_settings, parse_question, prepare_prompt
 from app.evidence import FoundEvidence
+from app.validation import parse_generation_settings, parse_question, prepare_prompt
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.decisions.options import predicted_decision

@@ -1,5 +1,5 @@
-"""Evidence for a question as the Chat and Compare tabs and the APIs use it: the articles found, the one whose
-abstract becomes the answer's context, and the line that cites it under the answer.
+"""Evidence for a question as the Chat and Compare tabs and the APIs use it: when a request searches (its evidence
+mode), the articles found, the one whose abstract becomes the answer's context, and the line that cites it.
 
 The search itself (PubMed or the local index, faults, rate of requests to NCBI) is :mod:`pubmedqa.evidence`; this
 module decides what a request gets from it. Both answers of a Compare use the same evidence.
@@ -55,6 +55,23 @@ class FoundEvidence:
             "used_pmid": article.pmid if article is not None else None,
             "citations": self.result.citations(),
         }
+
+
+#: A request's evidence option: no search, a search only for a question without a context, or always a search (the
+#: best article found becomes the context).
+EVIDENCE_MODES = ("off", "auto", "on")
+
+
+def wants_search(mode: str, context: str) -> bool:
+    """Whether a request with evidence ``mode`` and ``context`` searches: 'auto' only when there is no context."""
+    return mode == "on" or (mode == "auto" and not context.strip())
+
+
+def evidence_for(search: EvidenceSearch | None, question: str, context: str, mode: str) -> FoundEvidence | None:
+    """The evidence a request asked for, or None (no search configured, or its mode does not search)."""
+    if search is None or not wants_search(mode, context):
+        return None
+    return find_evidence(search, question)
 
 
 def find_evidence(search: EvidenceSearch, question: str) -> FoundEvidence:

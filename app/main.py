@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import gradio as gr
 import uvicorn
@@ -16,10 +15,11 @@ from fastapi import FastAPI
 from app.access import OwnerAccess
 from app.http_limits import BoundedRequests
 from app.openai_api import API_KEY_ENV, create_app, uvicorn_config
+from app.rate_limits import EvidenceQuota
 from app.ui.interface import build_app
+from pubmedqa.config import EvidenceSettings, ModelSettings, ServerSettings, parse_settings
 from pubmedqa.engines.base import Engine
 from pubmedqa.engines.factory import create_engine
-from pubmedqa.config import EvidenceSettings, ModelSettings, ServerSettings, parse_settings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.model_loading import ModelLoadError
 
@@ -33,8 +33,9 @@ def build_server(engine: Engine, server: ServerSettings, search: EvidenceSearch 
     """The one ASGI app ``python app.py`` serves: the OpenAI-compatible API at ``/v1`` (:mod:`app.openai_api`) and
     the Gradio page mounted at ``/`` (Gradio's documented ``gr.mount_gradio_app``; its queue starts with the app).
     Both use ``engine``, the limits in ``server`` and ``search`` for evidence (None: off)."""
-    demo = build_app(engine, server, search)
-    app = create_app(engine, server, page=demo, search=search)
+    quota = EvidenceQuota(server.evidence_per_minute, OwnerAccess.from_settings(server).public)  # page and /v1 alike
+    demo = build_app(engine, server, search, quota)
+    app = create_app(engine, server, page=demo, search=search, evidence_quota=quota)
     app.add_middleware(BoundedRequests)  # no file routes, bounded bodies: on every route, Gradio's included
     return gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,

@@ -160,3 +160,23 @@ class InFlightLimiter:
                 self._jobs[key] = [job for job in self._jobs[key] if job[0] != session]
                 if not self._jobs[key]:
                     del self._jobs[key]
+
+
+class EvidenceQuota:
+    """The evidence searches each visitor of a public app may start a minute (the owner's NCBI quota), one budget
+    for the page, ``/chat``, ``/compare``, ``/evidence`` and ``/v1`` alike; no limit on a private app."""
+
+    def __init__(self, per_minute: int, public: bool):
+        self.per_minute = per_minute
+        self._limiter = PerMinuteLimiter(per_minute) if public else None
+
+    def allow(self, visitor: str) -> bool:
+        """Whether ``visitor`` may search now; an allowed search counts."""
+        return self._limiter is None or self._limiter.allow(visitor)
+
+    def wait_s(self, visitor: str) -> float:
+        return self._limiter.wait_s(visitor) if self._limiter is not None else 0.0
+
+    def message(self, visitor: str) -> str:
+        return (f"At most {self.per_minute} evidence searches a minute per visitor on this public app; the next in "
+                f"{self.wait_s(visitor):.0f} s.")

@@ -120,8 +120,8 @@ def embedded_llama_engine():
     """The llama.cpp engine on the real embedded GGUF with the shipped adapter (no tiny GGUF exists; this one is
     small and fast); skips where llama-cpp-python is not installed."""
     pytest.importorskip("llama_cpp")
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 
     return LlamaCppEngine(ModelSettings(adapter=str(SHIPPED_ADAPTER_DIR), engine="llama.cpp"))
 

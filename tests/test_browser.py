@@ -12,8 +12,8 @@ import time
 import pytest
 
 from app.ui.interface import build_app
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
 from tests.conftest import REPO_ROOT, serving
 

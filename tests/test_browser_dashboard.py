@@ -20,8 +20,8 @@ import pytest
 from app.ui import evaluation_tab
 from app.ui.evaluation_tab import NOT_RUN, SMALL_RUN_NOTE, examples_frame
 from app.ui.interface import build_app
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.evaluation.results import load_results
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, PHONE, TIMEOUT_MS, require_browser
 from tests.conftest import REPO_ROOT, serving

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.chat import UserInputError, history_to_turns, stream_answer
+from app.chat import stream_answer
 from app.ui.interface import build_app
+from app.validation import UserInputError, history_to_turns
 from pubmedqa.config import ServerSettings
 from pubmedqa.prompts import Turn
 from tests.conftest import serving

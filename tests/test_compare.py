@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from app.chat import UserInputError
 from app.compare import stream_comparison
 from app.ui.interface import build_app
+from app.validation import UserInputError
 from app.votes import VoteError, VoteLog
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.engines.base import GenerationSettings

@@ -10,10 +10,11 @@ import socket
 import pytest
 from markdown_it import MarkdownIt
 
-from app.chat import history_to_turns, stream_answer
+from app.chat import stream_answer
 from app.evidence import CITATION_MARK, FoundEvidence, evidence_markdown, without_citation
 from app.main import AppServer, build_server
 from app.openai_api import serve_in_thread
+from app.validation import history_to_turns
 from pubmedqa.config import EvidenceSettings, ServerSettings
 from pubmedqa.data import load_local
 from pubmedqa.evidence import EvidenceSearch, parse_pubmed_xml, pubmed

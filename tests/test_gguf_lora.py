@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pubmedqa.adapter import CONFIG_FILE, GGUF_FILE, WEIGHTS_FILE, Adapter, AdapterError
+from pubmedqa.embedded_model import embedded_gguf
 from pubmedqa.gguf import lora as gguf_lora
 from pubmedqa.gguf.lora import (
     SOURCE_HASH_KEY,
@@ -22,7 +23,6 @@ from pubmedqa.gguf.lora import (
     convert_adapter,
     read_base_gguf,
 )
-from pubmedqa.embedded_model import embedded_gguf
 from training import convert_lora
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "adapter"

@@ -231,8 +231,8 @@ def test_a_missing_local_file_is_one_clear_line(tmp_path):
 
 
 def test_the_engine_choice_delegates_to_the_same_test(monkeypatch, tiny_model_dir):
-    from pubmedqa.engines import factory
     from pubmedqa.config import ModelSettings
+    from pubmedqa.engines import factory
 
     monkeypatch.setattr(factory, "llama_cpp_available", lambda: True)  # no llama.cpp import in this file
     spec = "owner/repo:Q4_K_M"
@@ -427,8 +427,8 @@ def test_a_parent_model_or_nothing_is_one_error_naming_the_flag(tmp_path):
 
 
 def test_start_up_checks_a_hub_gguf_without_downloading_it_and_refuses_a_missing_file(hub, tiny_repo, tmp_path):
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import ModelSettings
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
 
     # The page comes up first; the download is the model's own load's (a wrong local path still fails at once).
     LlamaCppEngine(ModelSettings(base_model=f"{OWNER}:Q4_K_M", adapter="none", engine="llama.cpp")).check_sources()

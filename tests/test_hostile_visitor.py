@@ -183,6 +183,24 @@ def test_forged_forwarded_headers_do_not_reset_a_visitors_limits(space, tmp_path
     assert _client(url, "198.51.100.2").predict(question="Is it?", api_name="/compare", **SHORT)["base"]["answer"]
 
 
+def test_the_page_and_v1_spend_one_budget_of_evidence_searches(space, pubmedqa_dir):
+    """One visitor, one quota of searches a minute, whichever way in: the page's /evidence API and /v1 alike."""
+    search = EvidenceSearch(EvidenceSettings(evidence="local", evidence_local_data=str(pubmedqa_dir)))
+    url = space(search, evidence_per_minute=2)
+    visitor = {"X-Forwarded-For": f"10.1.2.3, {PROXY_HOP}"}
+    body = {"model": "pubmedqa-base", "max_tokens": 2, "evidence": "on",
+            "messages": [{"role": "user", "content": "Does aspirin reduce the risk of stroke?"}]}
+    question = body["messages"][0]["content"]
+    assert _client(url, visitor["X-Forwarded-For"]).predict(question, api_name="/evidence")["citations"]
+    assert httpx.post(url + "v1/chat/completions", json=body, headers=visitor, timeout=60).status_code == 200
+    refused = httpx.post(url + "v1/chat/completions", json=body, headers=visitor, timeout=60)
+    assert refused.status_code == 429 and "At most 2 evidence searches a minute" in refused.text
+    with pytest.raises(Exception, match="At most 2 evidence searches a minute per visitor"):
+        _client(url, visitor["X-Forwarded-For"]).predict(question, api_name="/evidence")
+    other = {"X-Forwarded-For": f"10.1.2.3, 198.51.100.77"}  # another machine behind the proxy
+    assert httpx.post(url + "v1/chat/completions", json=body, headers=other, timeout=60).status_code == 200
+
+
 def test_without_a_proxy_the_forwarded_header_is_ignored(space):
     url = space(trusted_proxy_hops=0, heavy_per_minute=1)
     assert _client(url, "203.0.113.1").predict(question="Is it?", api_name="/compare", **SHORT)["base"]["answer"]

@@ -18,8 +18,8 @@ def test_the_pinned_llama_cpp_python_has_every_internal_the_engine_uses():
 
 
 def test_a_missing_internal_is_named_and_the_engine_says_so_at_load(monkeypatch):
-    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.config import ModelSettings
+    from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine
     from pubmedqa.model_loading import ModelLoadError
 
     monkeypatch.delattr(llama_internals.LlamaSampler, "add_dist")

@@ -15,12 +15,12 @@ from starlette.datastructures import Headers
 
 from app.access import OwnerAccess
 from app.eval_runs import RunCatalogue, UnknownRunError
+from app.rate_limits import PerMinuteLimiter, visitor_key
 from app.ui.evaluation_tab import show_run
 from app.ui.interface import build_app
-from app.rate_limits import PerMinuteLimiter, visitor_key
 from app.votes import VoteError, VoteLog
-from pubmedqa.engines.model_lock import ModelLock
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.model_lock import ModelLock
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
 from tests.conftest import REPO_ROOT, serving
 
@@ -262,8 +262,8 @@ def test_a_full_disk_refuses_the_vote_and_loses_no_earlier_vote(tmp_path, monkey
 
 
 def test_a_long_comment_and_a_burst_of_votes_are_refused_in_the_compare_tab(tiny_engine, tmp_path):
-    from app.ui.visitor_guard import VisitorGuard
     from app.ui.compare_tab import CompareHandlers
+    from app.ui.visitor_guard import VisitorGuard
 
     server = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), max_comment_chars=20, votes_per_minute=2)
     handlers = CompareHandlers(tiny_engine, server, [], VoteLog(server.votes_path), VisitorGuard(server, public=False))

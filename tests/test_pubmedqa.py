@@ -146,7 +146,14 @@ def test_product_defaults_read_the_hub_dataset_not_a_folder_outside_the_project(
 
     import datasets
 
-    from pubmedqa.config import PROJECT_ROOT, BaseModelSettings, EvidenceSettings, ModelSettings, ServerSettings, parse_settings
+    from pubmedqa.config import (
+        PROJECT_ROOT,
+        BaseModelSettings,
+        EvidenceSettings,
+        ModelSettings,
+        ServerSettings,
+        parse_settings,
+    )
     from pubmedqa.data import SplitSettings
     from pubmedqa.evaluation.runner import EvalArguments
     from pubmedqa.evidence.local_index import load_local_corpus

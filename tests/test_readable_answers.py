@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from app.chat import UserInputError, parse_generation_settings
+from app.validation import UserInputError, parse_generation_settings
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.evaluation.metrics import is_looping, readability_metrics

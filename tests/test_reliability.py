@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app.chat import UserInputError, stream_answer
+from app.chat import stream_answer
 from app.compare import stream_comparison
 from app.ui.interface import build_app
-from pubmedqa.engines.transformers_engine import TransformersEngine
+from app.validation import UserInputError
 from pubmedqa.config import ModelSettings, ServerSettings
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from tests.conftest import embedded_llama_engine, serving
 
 LIMITS = ServerSettings(

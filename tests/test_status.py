@@ -4,8 +4,8 @@ adapter is served on other base weights than it was trained on."""
 from __future__ import annotations
 
 from pubmedqa.adapter import Adapter
-from pubmedqa.engines.status import plain_precision, precision_mismatch, precision_setting, short_name
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+from pubmedqa.engines.status import plain_precision, precision_mismatch, precision_setting, short_name
 
 
 def test_precisions_and_names_are_said_in_plain_words():

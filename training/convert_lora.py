@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pubmedqa.adapter import GGUF_FILE, Adapter, AdapterError
-from pubmedqa.gguf.lora import LoraConversionError, convert_adapter
 from pubmedqa.config import EMBEDDED_MODEL
+from pubmedqa.gguf.lora import LoraConversionError, convert_adapter
 from pubmedqa.gguf.source import SYNTAX, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 

@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 
 from pubmedqa.adapter import CALIBRATION_FILE
 from pubmedqa.adapter_metadata import AdapterMetadata, AdapterMetadataError
-from pubmedqa.engines.factory import resolve_engine
-from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.config import ModelSettings, parse_settings
 from pubmedqa.data import DataFormatError, PubMedQARecord, SplitSettings
 from pubmedqa.decisions.fitting import DEFAULT_OFFSETS, DEFAULT_POOLING, OFFSET_OBJECTIVES, ProbeFitError, fit_probe
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy_files import engine_file
 from pubmedqa.decisions.probe import POOLINGS, DecisionProbe
+from pubmedqa.engines.factory import resolve_engine
+from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import encode_prompt
 from training.decision_features import collect_features, labelled_prompts, load_adapter_to_fit, local_adapter_dir

@@ -38,15 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from pubmedqa.adapter import CALIBRATION_FILE, PROBE_FILE, Adapter
+from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, ModelSettings, parse_settings
+from pubmedqa.embedded_model import CHECKPOINT_NAME
+from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.gguf.lora import (
     LoraConversionError,
     adapter_source_hash,
     adapter_target_tensors,
     convert_adapter,
 )
-from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings, ModelSettings, parse_settings
-from pubmedqa.embedded_model import CHECKPOINT_NAME
-from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.gguf.source import gguf_file, parse_hub_gguf
 from pubmedqa.model_loading import ModelLoadError, load_tokenizer, looks_like_path
 from pubmedqa.prompts import uses_chat_template

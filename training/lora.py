@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pubmedqa.engines.transformers_passes import decoder_layers
 from pubmedqa.decisions.probe import probe_layer
+from pubmedqa.engines.transformers_passes import decoder_layers
 from pubmedqa.model_loading import BaseModel
 from training.arguments import TrainArguments
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from app.chat import UserInputError
+from app.validation import UserInputError
 from pubmedqa.engines.base import AdapterUnavailableError, EngineError
 from pubmedqa.model_loading import ModelLoadError
 

@@ -9,11 +9,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from app.chat import evidence_for, prepare_prompt
+from app.evidence import evidence_for
 from app.openai_api.errors import ApiError
 from app.openai_api.logprobs import chat_logprobs, completion_logprobs
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import Producer
+from app.validation import prepare_prompt
 from pubmedqa.engines.base import Engine, GenerationSettings
 from pubmedqa.evidence import EvidenceSearch
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, stable_prefix

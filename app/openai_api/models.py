@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app.chat import UserInputError, parse_variant
 from app.openai_api.errors import ApiError
+from app.validation import UserInputError, parse_variant
 from pubmedqa import variants
 from pubmedqa.engines.base import Engine, LoadedModel
 from pubmedqa.variants import Variant

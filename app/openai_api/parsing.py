@@ -7,8 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from app.chat import UserInputError, history_to_turns, parse_evidence_mode, parse_generation_settings, parse_question
+from app.evidence import wants_search
 from app.openai_api.errors import ApiError
+from app.validation import (
+    UserInputError,
+    history_to_turns,
+    parse_evidence_mode,
+    parse_generation_settings,
+    parse_question,
+)
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.prompts import PromptInput
@@ -42,7 +49,7 @@ class ChatRequest:
     @property
     def searches(self) -> bool:
         """Whether this request searches for evidence (``auto`` only for a question without context)."""
-        return self.evidence == "on" or (self.evidence == "auto" and not self.prompt_input.context)
+        return wants_search(self.evidence, self.prompt_input.context)
 
 
 @dataclass(frozen=True)

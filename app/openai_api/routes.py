@@ -24,11 +24,10 @@ from app.openai_api.models import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, ServedMod
 from app.openai_api.parsing import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from app.openai_api.responses import chat_body, chat_events, completion_body, completion_events, response_meta
 from app.openai_api.streaming import ClientGone, EventStream, Producer, last_item, unless_gone
-from app.rate_limits import PerMinuteLimiter, visitor_key
-from pubmedqa.engines.base import Engine
+from app.rate_limits import EvidenceQuota, visitor_key
 from pubmedqa.config import ServerSettings
+from pubmedqa.engines.base import Engine
 from pubmedqa.evidence import EvidenceSearch
-
 
 
 class OpenAiApi:
@@ -36,14 +35,12 @@ class OpenAiApi:
 
     def __init__(
         self, engine: Engine, limits: ServerSettings, queue: AdmissionQueue, api_key: str | None,
-        models: ServedModels, allow_echo: bool, search: EvidenceSearch | None = None,
+        models: ServedModels, allow_echo: bool, search: EvidenceSearch | None, evidence_quota: EvidenceQuota,
     ):
         self.engine, self.limits, self.queue, self.models, self.allow_echo = engine, limits, queue, models, allow_echo
         self._key = api_key or None
         self.search = search
-        # As on the page: a public app's visitors each start a few evidence searches a minute (the owner's NCBI quota).
-        public = OwnerAccess.from_settings(limits).public
-        self._searches = PerMinuteLimiter(limits.evidence_per_minute) if public else None
+        self.evidence_quota = evidence_quota  # the page's: one budget of searches per visitor
 
     async def list_models(self, request: Request, model: str | None = None) -> Response:
         """The served models' cards, or the card of ``model``."""
@@ -97,16 +94,13 @@ class OpenAiApi:
             raise ApiError(400, "Evidence search is off on this app (PUBMEDQA_EVIDENCE=off).", param="evidence")
 
     def check_search_limit(self, request: Request) -> None:
-        """429 past a public app's per-visitor search limit (the page's, :class:`app.ui.visitor_guard.VisitorGuard`); an
-        allowed search counts."""
-        if self.search is None or self._searches is None:
+        """429 past a public app's per-visitor search limit (the page's budget); an allowed search counts."""
+        if self.search is None:
             return
         visitor = visitor_key(request, self.limits.trusted_proxy_hops)
-        if not self._searches.allow(visitor):
-            wait = self._searches.wait_s(visitor)
-            raise ApiError(429, f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on "
-                           f"this public app; the next in {wait:.0f} s (or send the request with "
-                           '"evidence": "off").',
+        if not self.evidence_quota.allow(visitor):
+            wait = self.evidence_quota.wait_s(visitor)
+            raise ApiError(429, self.evidence_quota.message(visitor) + ' Send the request with "evidence": "off".',
                            param="evidence", code="rate_limit_exceeded", type_="rate_limit_error",
                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
@@ -176,19 +170,23 @@ def create_app(
     adapter_name: str = ADAPTER_MODEL_NAME,
     allow_echo: bool = True,
     search: EvidenceSearch | None = None,
+    evidence_quota: EvidenceQuota | None = None,
 ) -> FastAPI:
     """A FastAPI app with the OpenAI-compatible API at ``/v1`` over ``engine``, checked against ``limits`` (the
     page's :class:`ServerSettings`). ``page``: the Gradio Blocks served beside it (:func:`app.main.build_server`
     mounts it at ``/``), whose waiting events count towards the queue. ``api_key``: the key clients must send
     (default: ``PUBMEDQA_API_KEY`` from the environment; none: open). ``allow_echo=False`` refuses ``echo`` with
     ``logprobs`` as TGI does (for the remote engine's tests). ``search``: the app's
-    :class:`pubmedqa.evidence.EvidenceSearch` for the ``evidence`` extension field (None: evidence is off)."""
+    :class:`pubmedqa.evidence.EvidenceSearch` for the ``evidence`` extension field (None: evidence is off), and
+    ``evidence_quota`` the page's budget of searches per visitor (default: one of its own)."""
     limits = limits or ServerSettings()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     queue = AdmissionQueue(limits.concurrency_limit, limits.queue_size, lambda: page_queue_length(page))
+    if evidence_quota is None:
+        evidence_quota = EvidenceQuota(limits.evidence_per_minute, OwnerAccess.from_settings(limits).public)
     api = OpenAiApi(engine, limits, queue, api_key, ServedModels(engine, base_name, adapter_name), allow_echo,
-                    search)
+                    search, evidence_quota)
 
     v1 = FastAPI(title="PubMedQA OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 

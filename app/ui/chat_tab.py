@@ -11,21 +11,9 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from app.chat import message_text, stream_answer
+from app.chat import stream_answer
 from app.evidence import FoundEvidence
 from app.literal_text import from_literal_markdown, literal_markdown
-from app.ui.common import (
-    MODEL_EVENTS,
-    SessionCancels,
-    SettingsControls,
-    build_settings_controls,
-    generation_settings,
-    mark_stopped,
-    notices_markdown,
-    run_guarded,
-    session_id,
-    user_error,
-)
 from app.ui.evidence_panel import (
     UNCHANGED,
     EvidenceHandlers,
@@ -35,7 +23,11 @@ from app.ui.evidence_panel import (
     shown,
     wire_evidence_panel,
 )
+from app.ui.sessions import MODEL_EVENTS, SessionCancels, mark_stopped, session_id
+from app.ui.settings_controls import SettingsControls, build_settings_controls, generation_settings
+from app.ui.user_messages import notices_markdown, run_guarded, user_error
 from app.ui.visitor_guard import VisitorGuard, register_api
+from app.validation import message_text
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadState

@@ -15,18 +15,6 @@ from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.evidence import FoundEvidence
 from app.literal_text import literal_markdown
 from app.rate_limits import PerMinuteLimiter
-from app.ui.common import (
-    MODEL_EVENTS,
-    SessionCancels,
-    SettingsControls,
-    build_settings_controls,
-    generation_settings,
-    mark_stopped,
-    notices_markdown,
-    run_guarded,
-    session_id,
-    user_error,
-)
 from app.ui.evidence_panel import (
     UNCHANGED,
     EvidenceHandlers,
@@ -36,6 +24,9 @@ from app.ui.evidence_panel import (
     shown,
     wire_evidence_panel,
 )
+from app.ui.sessions import MODEL_EVENTS, SessionCancels, mark_stopped, session_id
+from app.ui.settings_controls import SettingsControls, build_settings_controls, generation_settings
+from app.ui.user_messages import notices_markdown, run_guarded, user_error
 from app.ui.visitor_guard import VisitorGuard, register_api
 from app.votes import VOTE_CHOICES, VoteError, VoteLog, context_hash
 from pubmedqa import variants

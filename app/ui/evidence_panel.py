@@ -14,10 +14,17 @@ from urllib.parse import urlparse
 
 import gradio as gr
 
-from app.chat import UserInputError, clean_text, evidence_for, parse_evidence_mode, parse_question
-from app.evidence import FoundEvidence, article_choices, evidence_markdown, find_evidence
-from app.ui.common import user_error
+from app.evidence import (
+    FoundEvidence,
+    article_choices,
+    evidence_for,
+    evidence_markdown,
+    find_evidence,
+    wants_search,
+)
+from app.ui.user_messages import user_error
 from app.ui.visitor_guard import VisitorGuard
+from app.validation import UserInputError, clean_text, parse_evidence_mode, parse_question
 from pubmedqa.config import ServerSettings
 from pubmedqa.evidence import EvidenceSearch
 
@@ -99,7 +106,7 @@ class EvidenceHandlers:
         when ``auto`` and the box is empty. Returns (evidence, whether it is a new search to show, a notice)."""
         if found is not None and found.article is not None and context.strip() == found.context.strip():
             return found, False, None
-        if self.search is None or not auto or context.strip():
+        if self.search is None or not wants_search("auto" if auto else "off", context):
             return None, False, None
         if not self.guard.allow_evidence(request):
             return None, False, self.guard.evidence_limit_message(request) + " Answering without evidence."
@@ -124,13 +131,13 @@ def api_evidence(
     search: EvidenceSearch | None, guard: VisitorGuard, limits: ServerSettings, question: Any, context: Any,
     mode: Any, request: gr.Request | None,
 ) -> FoundEvidence | None:
-    """The evidence an API request's ``evidence`` option asks for (see :func:`app.chat.parse_evidence_mode`)."""
+    """The evidence an API request's ``evidence`` option asks for (see :func:`app.validation.parse_evidence_mode`)."""
     try:
         mode = parse_evidence_mode(mode)
         question_text, context_text = parse_question(question, context, limits)
     except UserInputError as exc:
         raise user_error(str(exc)) from None
-    if mode == "off" or (mode == "auto" and context_text):
+    if not wants_search(mode, context_text):
         return None
     if search is None:
         if mode == "on":

@@ -8,12 +8,13 @@ from typing import Any
 import gradio as gr
 
 from app.access import API_KEY_ENV, OwnerAccess
+from app.rate_limits import EvidenceQuota
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
-from app.ui.page_blocks import PageBlocks
-from app.ui.visitor_guard import VisitorGuard
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
+from app.ui.page_blocks import PageBlocks
+from app.ui.visitor_guard import VisitorGuard
 from pubmedqa.config import ServerSettings
 from pubmedqa.data import load_examples
 from pubmedqa.engines.base import Engine, LoadState
@@ -30,9 +31,13 @@ def _status_markdown(engine: Engine) -> str:
     return f"**Model status:** {engine.status_summary()}"
 
 
-def build_app(engine: Engine, limits: ServerSettings, search: EvidenceSearch | None = None) -> gr.Blocks:
-    """The page; ``search`` finds evidence for questions (None: evidence is off)."""
-    guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV))
+def build_app(
+    engine: Engine, limits: ServerSettings, search: EvidenceSearch | None = None,
+    evidence_quota: EvidenceQuota | None = None,
+) -> gr.Blocks:
+    """The page; ``search`` finds evidence for questions (None: evidence is off), ``evidence_quota`` the visitors'
+    budget of searches, shared with ``/v1`` when the server passes both the same one."""
+    guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV), evidence_quota)
     # Gradio keeps a copy of each file it serves (the dashboard's CSVs): drop copies a day old, checked hourly.
     with PageBlocks(title=TITLE, delete_cache=(3600, 86400)) as demo:
         status, details = _header(engine)

@@ -22,8 +22,9 @@ import gradio as gr
 from gradio.context import get_blocks_context
 
 from app.access import bearer_key_matches
-from app.rate_limits import InFlightLimiter, PerMinuteLimiter, log_refusal, visitor_key
-from app.ui.common import session_id, user_error
+from app.rate_limits import EvidenceQuota, InFlightLimiter, PerMinuteLimiter, log_refusal, visitor_key
+from app.ui.sessions import session_id
+from app.ui.user_messages import user_error
 from pubmedqa.config import ServerSettings
 
 API_KEY_MESSAGE = ("This API needs a key: send the header 'Authorization: Bearer <key>' (with gradio_client: "
@@ -33,11 +34,12 @@ API_KEY_MESSAGE = ("This API needs a key: send the header 'Authorization: Bearer
 class VisitorGuard:
     """Per-visitor limits of a public app (``public``), and the API key of the /chat, /compare and /evidence APIs."""
 
-    def __init__(self, limits: ServerSettings, public: bool, api_key: str | None = None):
+    def __init__(self, limits: ServerSettings, public: bool, api_key: str | None = None,
+                 evidence: EvidenceQuota | None = None):
         self.limits = limits
         self._heavy_rate = PerMinuteLimiter(limits.heavy_per_minute) if public else None
         self._heavy_jobs = InFlightLimiter(limits.heavy_in_flight) if public else None
-        self._evidence = PerMinuteLimiter(limits.evidence_per_minute) if public else None
+        self.evidence = evidence or EvidenceQuota(limits.evidence_per_minute, public)  # shared with /v1
         self._api_key = api_key or None
 
     def visitor(self, request: Any) -> str:
@@ -46,12 +48,10 @@ class VisitorGuard:
     def allow_evidence(self, request: gr.Request | None) -> bool:
         """Whether this visitor may search for evidence now (on a public app, ``evidence_per_minute`` searches a
         minute each, so that one visitor cannot spend the owner's NCBI quota); an allowed search counts."""
-        return self._evidence is None or self._evidence.allow(self.visitor(request))
+        return self.evidence.allow(self.visitor(request))
 
     def evidence_limit_message(self, request: gr.Request | None) -> str:
-        wait = self._evidence.wait_s(self.visitor(request)) if self._evidence is not None else 0
-        return (f"At most {self.limits.evidence_per_minute} evidence searches a minute per visitor on this public "
-                f"app; the next in {wait:.0f} s.")
+        return self.evidence.message(self.visitor(request))
 
     def check_api_caller(self, request: gr.Request | None) -> None:
         if refusal := self._key_refusal(request):

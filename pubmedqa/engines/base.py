@@ -19,10 +19,10 @@ from enum import Enum
 from typing import Any, Iterator, Sequence
 
 from pubmedqa.adapter import Adapter, AdapterError
-from pubmedqa.engines.model_lock import ModelLock
-from pubmedqa.engines.status import precision_in_words, precision_mismatch, short_name, shown_source
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
+from pubmedqa.engines.model_lock import ModelLock
+from pubmedqa.engines.status import precision_in_words, precision_mismatch, short_name, shown_source
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import (
     STOP_SEQUENCES,

@@ -6,12 +6,12 @@ import logging
 
 import torch
 
+from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.engines.base import Engine
 from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine, llama_cpp_available
 from pubmedqa.engines.llama_cpp_logging import route_llama_logs
 from pubmedqa.engines.openai_engine import OpenAIEngine
 from pubmedqa.engines.transformers_engine import TransformersEngine
-from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.gguf.source import SYNTAX, is_gguf_base
 
 logger = logging.getLogger(__name__)

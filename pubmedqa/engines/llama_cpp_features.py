@@ -30,8 +30,8 @@ import llama_cpp
 import numpy as np
 import torch
 
-from pubmedqa.engines.llama_cpp_native import TensorHeader, ggml_base, replace_context
 from pubmedqa.decisions.probe import pooled_features
+from pubmedqa.engines.llama_cpp_native import TensorHeader, ggml_base, replace_context
 
 GGML_TYPE_F32 = 0
 

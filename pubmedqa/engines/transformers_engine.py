@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from pubmedqa.adapter import CONFIG_FILE, Adapter
+from pubmedqa.decisions.options import single_token_options
+from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
-from pubmedqa.variants import Variant
 from pubmedqa.engines.transformers_passes import (
     ProbeReader,
     decoder_layers,
@@ -30,10 +31,9 @@ from pubmedqa.engines.transformers_passes import (
     option_scores,
     text_logprobs,
 )
-from pubmedqa.decisions.options import single_token_options
-from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
+from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
 

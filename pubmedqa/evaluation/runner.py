@@ -29,19 +29,19 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from pubmedqa.engines.base import (
-    DEFAULT_MIN_NEW_TOKENS,
-    DEFAULT_REPETITION_PENALTY,
-    GenerationSettings,
-    LoadedModel,
-    Engine,
-    Variant,
-)
-from pubmedqa.engines.factory import create_engine
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import PubMedQARecord, default_data_source
 from pubmedqa.decisions.options import predicted_decision
 from pubmedqa.decisions.policy import DecisionPolicy
+from pubmedqa.engines.base import (
+    DEFAULT_MIN_NEW_TOKENS,
+    DEFAULT_REPETITION_PENALTY,
+    Engine,
+    GenerationSettings,
+    LoadedModel,
+    Variant,
+)
+from pubmedqa.engines.factory import create_engine
 from pubmedqa.evaluation.bertscore import DEFAULT_LAYERS, DEFAULT_MODEL, bertscore
 from pubmedqa.evaluation.judge import Judge, summarize_grades
 from pubmedqa.evaluation.metrics import readability_metrics
