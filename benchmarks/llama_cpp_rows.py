@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from app import model_status
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.decisions.options import predicted_decision
@@ -33,7 +34,7 @@ def main() -> None:
     dev = SplitSettings().load_split().dev[: args.n]
     prompts = [engine.prepare(r.prompt_input(), settings) for r in dev]
     print(f"{len(prompts)} dev questions, batches of {args.batch_size}, {args.max_new_tokens} new tokens; "
-          f"{engine.status_summary()}")
+          f"{model_status.summary(engine)}")
     for variant in (Variant.BASE, Variant.TUNED):
         t0 = time.perf_counter()
         together: tuple[list[str], list[dict[str, float]]] = ([], [])

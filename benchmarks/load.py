@@ -16,6 +16,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from app import model_status
 from app.ui.interface import build_app
 from pubmedqa import variants
 from pubmedqa.config import ModelSettings, ServerSettings
@@ -93,7 +94,7 @@ def main() -> None:
         demo.close()
 
     chats = [s for kind, s in loaded if kind != "compare"]
-    print(f"model: {engine.status_message()}")
+    print(f"model: {model_status.details(engine)}")
     print(f"alone:      {len(alone)} short chat replies, p50 {statistics.median(alone):.2f} s, p95 {_percentile(alone, 0.95):.2f} s")
     print(f"under load: {args.clients} concurrent clients x {args.requests} requests ({len(loaded)} done, "
           f"{len(errors)} errors) in {wall:.1f} s = {len(loaded) / wall:.2f} requests/s")

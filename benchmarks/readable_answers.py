@@ -16,6 +16,7 @@ import itertools
 import json
 import time
 
+from app import model_status
 from pubmedqa.config import ModelSettings
 from pubmedqa.data import SplitSettings
 from pubmedqa.engines.base import DEFAULT_MIN_NEW_TOKENS, GenerationSettings
@@ -42,7 +43,7 @@ def main() -> None:
     dev = SplitSettings().load_split().dev[: args.limit]
     references = [r.long_answer for r in dev]
     rows = []
-    print(f"{len(dev)} dev questions; {engine.status_summary()}")
+    print(f"{len(dev)} dev questions; {model_status.summary(engine)}")
     print(f"{'budget':>6} {'penalty':>7} {'min':>3} {'variant':<10} {'looping':>7} {'ended':>6} {'bare':>5} {'words':>5} "
           f"{'TokF1':>5} {'ROUGE-L':>7}  time")
     for budget, penalty, minimum in itertools.product(args.budgets, args.penalties, args.min_new_tokens):

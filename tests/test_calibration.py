@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from app import model_status
 from pubmedqa.adapter import CALIBRATION_FILE, Adapter
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
@@ -81,7 +82,7 @@ def test_engine_calibrates_fine_tuned_rows_only(tiny_model_dir, tiny_adapter_dir
     plain_base, plain_tuned = plain.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     assert base == pytest.approx(plain_base) and raw_tuned == pytest.approx(plain_tuned, abs=1e-5)
     assert tuned["maybe"] > 0.99 and raw_tuned["maybe"] < 0.99  # a +30 offset wins whatever the random model says
-    assert "calibrated" in engine.status_message()
+    assert "calibrated" in model_status.details(engine)
 
 
 def test_fine_tuned_answers_start_with_the_calibrated_decision(tiny_model_dir, tiny_adapter_dir, calibrated_adapter):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from app import model_status
 from pubmedqa.adapter import PROBE_FILE, Adapter
 from pubmedqa.adapter_metadata import AdapterMetadata
 from pubmedqa.config import ModelSettings
@@ -158,7 +159,7 @@ def test_the_probe_decides_the_tuned_rows_in_scoring_and_generation_alike(tiny_m
     probe.save(adapter_copy)
 
     reloaded = _engine(tiny_model_dir, adapter_copy)
-    assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in reloaded.status_message()
+    assert reloaded.load().policy.probe is not None and "decision probe on layer 1" in model_status.details(reloaded)
     after = reloaded.score_decisions(prompts * 2, variants, batch_size=4)
     expected = torch.softmax(probe.logits(torch.from_numpy(features)), dim=1).numpy()
     tuned = np.array([[p[o] for o in ANSWER_OPTIONS] for p in after[len(prompts):]])
@@ -190,7 +191,7 @@ def test_the_probe_cli_fits_on_train_and_dev_and_writes_probe_and_calibration(
     assert calibration.fitted_on == "train + dev (500 questions, none (float32)), out of fold"
     engine = _engine(tiny_model_dir, adapter_copy)
     assert engine.load().adapter_loaded
-    assert "decisions calibrated on train + dev (500 questions" in engine.status_message()
+    assert "decisions calibrated on train + dev (500 questions" in model_status.details(engine)
 
     # Dev-only offsets would replace the out-of-fold ones: the dev calibration command points to this one instead.
     assert calibrate.main(["--base_model", str(tiny_model_dir), "--quantization", "none", "--adapter", str(adapter_copy),

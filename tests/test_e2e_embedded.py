@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from app import model_status
 from app.chat import stream_answer
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.engines.factory import create_engine
@@ -118,6 +119,6 @@ def test_shipped_adapter_makes_the_model_state_a_decision(engine_name):
     assert parse_decision(tuned) in ("yes", "no", "maybe"), tuned
     assert tuned != engine.generate(prompt, Variant.BASE, settings)
     # The shipped decision probe decides, and the answer opens with that decision.
-    assert engine.load().policy.probe is not None and "decision probe on layer 10" in engine.status_message()
+    assert engine.load().policy.probe is not None and "decision probe on layer 10" in model_status.details(engine)
     (answer,), (decision,) = engine.generate_with_decisions([prompt], [Variant.TUNED], settings)
     assert answer == tuned and parse_decision(answer) == max(decision, key=decision.get)

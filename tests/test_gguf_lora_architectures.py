@@ -57,6 +57,7 @@ import numpy as np
 import pytest
 import torch
 
+from app import model_status
 from pubmedqa.adapter import Adapter
 from pubmedqa.config import ModelSettings
 from pubmedqa.gguf import lora as gguf_lora
@@ -635,7 +636,7 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
 
     engine, plain = served(str(adapter_dir)), served("none")
     loaded = engine.load()
-    assert loaded.adapter_loaded, engine.status_message()
+    assert loaded.adapter_loaded, model_status.details(engine)
     settings = GenerationSettings(max_new_tokens=12)  # greedy (temperature 0), the app's other defaults
     question = PromptInput(QUESTION, CONTEXT)
     prompt = engine.prepare(question, settings)
@@ -661,7 +662,7 @@ def test_compare_on_the_llama_cpp_engine_gives_the_base_and_the_fine_tuned_answe
         loaded.tokenizer(prompt.text + " " + option)["input_ids"][-1:] for option in ("no", "maybe")
     ]
     if architecture != "llama":  # decided by the probe the training run fitted (default probe depth)
-        assert loaded.policy.feature_layer == 1 and "decision probe on layer 1" in engine.status_message()
+        assert loaded.policy.feature_layer == 1 and "decision probe on layer 1" in model_status.details(engine)
     scored = engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     answers, decided = engine.generate_with_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED], settings)
     assert answers == alone

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from app import model_status
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
 from pubmedqa.engines.base import GenerationSettings, LoadState
 from pubmedqa.engines.factory import create_engine, resolve_engine
@@ -48,7 +49,7 @@ def test_the_adapter_changes_the_answer_and_switching_back_restores_the_base_exa
     assert engine.generate(prompt, Variant.BASE, GREEDY) == base
     # Mixed rows in one call give each row its own variant.
     assert engine.generate_batch([prompt, prompt], [Variant.TUNED, Variant.BASE], GREEDY) == [tuned, base]
-    status = engine.status_message()
+    status = model_status.details(engine)
     assert "llama.cpp" in status and "Q4_K_M" in status and "decision probe on layer 10" in status
 
 

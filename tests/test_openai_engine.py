@@ -11,6 +11,7 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 
+from app import model_status
 from app.chat import stream_answer
 from app.compare import stream_comparison
 from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME, create_app, serve_in_thread
@@ -74,7 +75,7 @@ def test_streamed_chat_through_the_server_equals_the_in_process_answer(local, se
         assert streamed[-1] == _answer(local, question, variant)[-1]
         growing = [a for a in streamed if a]
         assert len(growing) >= 2 and all(b.startswith(a) for a, b in zip(growing, growing[1:]))  # it streamed
-    assert engine.state is LoadState.READY and "served remotely" in engine.status_message()
+    assert engine.state is LoadState.READY and "served remotely" in model_status.details(engine)
 
 
 def test_two_model_names_give_base_and_fine_tuned_answers(local, server_url, tiny_model_dir):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from app import model_status
 from app.chat import stream_answer
 from app.compare import stream_comparison
 from app.ui.interface import build_app
@@ -187,5 +188,5 @@ def test_model_load_failure_is_shown_and_the_rest_of_the_app_serves(tmp_path):
         for _ in range(2):  # the failure is reported every time, not only to the first caller
             with pytest.raises(Exception, match="Could not load model .*PUBMEDQA_BASE_MODEL"):
                 client.predict(question="Is it?", max_new_tokens=6, api_name="/chat")
-        assert "failed" in engine.status_message().lower()
+        assert "failed" in model_status.details(engine).lower()
         assert httpx.get(url, timeout=10).status_code == 200  # the page (with the Evaluation tab) still serves

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from app import model_status
 from pubmedqa.config import ModelSettings
 from pubmedqa.engines.base import AdapterUnavailableError, GenerationSettings, LoadState
 from pubmedqa.engines.transformers_engine import TransformersEngine
@@ -125,7 +126,7 @@ def test_missing_base_model_directory_names_the_setting(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         engine.load()
     assert engine.state is LoadState.FAILED
-    assert "does not exist" in engine.status_message()
+    assert "does not exist" in model_status.details(engine)
 
 
 def test_adapter_directory_without_config_names_the_setting(tiny_model_dir, tmp_path):

@@ -23,11 +23,11 @@ from gradio.components.plot import PlotData
 from app.access import OwnerAccess
 from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
 from app.literal_text import literal_markdown
+from app.model_status import shown_source
 from app.ui.user_messages import user_error
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import Engine
-from pubmedqa.engines.status import shown_source
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
 

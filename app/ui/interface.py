@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from app import model_status
 from app.access import API_KEY_ENV, OwnerAccess
 from app.rate_limits import EvidenceQuota
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
@@ -28,7 +29,7 @@ DISCLAIMER = (
 
 
 def _status_markdown(engine: Engine) -> str:
-    return f"**Model status:** {engine.status_summary()}"
+    return f"**Model status:** {model_status.summary(engine)}"
 
 
 def build_app(
@@ -58,7 +59,7 @@ def _header(engine: Engine) -> tuple[gr.Markdown, gr.Markdown]:
     gr.Markdown(DISCLAIMER)
     status = gr.Markdown(_status_markdown(engine), elem_id="model-status")
     with gr.Accordion("Model details", open=False):
-        details = gr.Markdown(engine.status_message(), elem_id="model-details")
+        details = gr.Markdown(model_status.details(engine), elem_id="model-details")
     return status, details
 
 
@@ -81,7 +82,7 @@ def _poll_model_status(
 
     def refresh() -> tuple[str, str, Any, Any]:
         settled = engine.state in (LoadState.READY, LoadState.FAILED)
-        return _status_markdown(engine), engine.status_message(), variant_update(engine), gr.Timer(active=not settled)
+        return _status_markdown(engine), model_status.details(engine), variant_update(engine), gr.Timer(active=not settled)
 
     outputs = [status, details, chat.variant, timer]
     timer.tick(refresh, None, outputs, queue=False, api_visibility="private", show_progress="hidden")

@@ -2,16 +2,15 @@
 
 Implementations live beside it, one per engine (``--engine``): ``llama_cpp_engine.py`` (``llama.cpp``: the GGUF file
 in this process, the CPU default), ``transformers_engine.py`` (``transformers``: PEFT in this process, the GPU/QLoRA
-path) and ``remote.py`` (``openai``: an OpenAI-compatible server such as vLLM or TGI); ``factory.py`` picks one and
-this module knows none of them. It holds what they share: the two variants, the request types, the load-once state
-machine, prompt fitting and the single-prompt conveniences built on ``stream_batch``. How a fine-tuned decision is
-made is the adapter's decision policy's, held in ``LoadedModel``.
+path) and ``openai_engine.py`` (``openai``: an OpenAI-compatible server such as vLLM or TGI); ``factory.py`` picks one and
+this module knows none of them. It holds what they share: the request types, the load-once state machine, prompt
+fitting and the single-prompt conveniences built on ``stream_batch``. How a fine-tuned decision is made is the
+adapter's decision policy's, held in ``LoadedModel``; how the page describes the model's state, :mod:`app.model_status`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -22,15 +21,13 @@ from pubmedqa.adapter import Adapter, AdapterError
 from pubmedqa.config import ModelSettings
 from pubmedqa.decisions.policy import DecisionPolicy
 from pubmedqa.engines.model_lock import ModelLock
-from pubmedqa.engines.status import precision_in_words, precision_mismatch, short_name, shown_source
+from pubmedqa.engines.precision import precision_mismatch
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import (
     STOP_SEQUENCES,
     FittedPrompt,
     PromptInput,
-    cut_at_stop,
     fit_prompt,
-    stable_prefix,
     uses_chat_template,
 )
 from pubmedqa.variants import Variant
@@ -153,32 +150,15 @@ class Engine(ABC):
     def state(self) -> LoadState:
         return self._state
 
-    def status_summary(self) -> str:
-        """The model's state in plain words, for the page's status line (the details are in :meth:`status_message`)."""
-        if self._state is not LoadState.READY or self._loaded is None:
-            return self.status_message()
-        loaded = self._loaded
-        if loaded.adapter_loaded:
-            adapter = "fine-tuned adapter loaded"
-        else:
-            adapter = "base model only" if not self.settings.adapter_source else "fine-tuned adapter not loaded"
-        more = " · see details" if self.notice or self.precision_note or not loaded.adapter_loaded else ""
-        return f"Ready · {short_name(loaded.description)}, {precision_in_words(loaded.quantization)} · {adapter}{more}"
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The loaded model, or None before loading ends (see :attr:`state`)."""
+        return self._loaded
 
-    def status_message(self) -> str:
-        """The model's state with its technical details."""
-        if self._state is LoadState.READY and self._loaded is not None:
-            loaded = self._loaded
-            adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({self.adapter_unavailable_reason()})"
-            if loaded.policy.status():
-                adapter += f", {loaded.policy.status()}"
-            notes = "".join(f" Note: {note}." for note in (self.notice, self.precision_note) if note)
-            return f"Ready: {shown_source(loaded.description)}, {loaded.quantization}; {adapter}.{notes}"
-        if self._state is LoadState.FAILED:
-            return f"Model failed to load: {self._error}"
-        if self._state is LoadState.LOADING:
-            return "Loading the model… (the first start converts the embedded model, about a minute)"
-        return "The model loads on first use."
+    @property
+    def error(self) -> str | None:
+        """Why loading failed (state FAILED), else None."""
+        return self._error
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._load_quietly, name="model-loader", daemon=True)
@@ -302,33 +282,6 @@ class Engine(ABC):
         """Wait while other requests hold or wait for the model: what background work (an evaluation in the app) calls
         between its batches, so that visitors' requests go first."""
         self._model_lock.wait_until_idle(cancel)
-
-    def _drain(
-        self,
-        updates: queue.Queue[list[str] | None],
-        worker: threading.Thread,
-        cancel: threading.Event,
-        failure: list[BaseException],
-        rows: int,
-    ) -> Iterator[list[str]]:
-        """What an in-process engine's ``stream_batch`` yields while its ``worker`` thread generates: every row's text
-        so far (cut at a stop sequence, without a half-written one) after each update the worker queues, until it
-        queues None; then the final texts, or the worker's exception."""
-        stops = self.stop_sequences()
-        texts = [""] * rows
-        ended = False
-        try:
-            while (update := updates.get()) is not None:
-                texts = update
-                yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
-            ended = True
-        finally:
-            if not ended:  # the consumer closed the stream (Stop button, user left): end the worker too
-                cancel.set()  # (only then: the caller reads a set flag as "stopped")
-            worker.join(timeout=5)  # the worker notices within one token; don't leave it running behind us
-        if failure:
-            raise failure[0]
-        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
 
     def stream(
         self,

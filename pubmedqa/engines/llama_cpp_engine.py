@@ -34,6 +34,7 @@ from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
 from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
+from pubmedqa.engines.worker_stream import drain
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
@@ -342,7 +343,7 @@ class LlamaCppEngine(Engine):
 
         worker = threading.Thread(target=run, name="llama-cpp-generate", daemon=True)
         worker.start()
-        yield from self._drain(updates, worker, cancel, failure, len(prompts))
+        yield from drain(updates, worker, cancel, failure, len(prompts), self.stop_sequences())
 
     def _answer(
         self,

@@ -31,6 +31,7 @@ from pubmedqa.engines.transformers_passes import (
     option_scores,
     text_logprobs,
 )
+from pubmedqa.engines.worker_stream import drain
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
 from pubmedqa.variants import Variant
@@ -210,7 +211,7 @@ class TransformersEngine(Engine):
             name="generate", daemon=True,
         )
         worker.start()
-        yield from self._drain(streamer.queue, worker, cancel, failure, len(prompts))
+        yield from drain(streamer.queue, worker, cancel, failure, len(prompts), self.stop_sequences())
 
     @staticmethod
     def _first_step_decision(

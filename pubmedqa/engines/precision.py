@@ -1,16 +1,13 @@
-"""How a loaded model is described to people: one plain line for the page, and whether the adapter is served on the
-base precision it was trained on (an adapter trained on full-precision weights and served on NF4 4-bit answers
-differently: it loops far more)."""
+"""Whether the adapter is served on the base precision it was trained on (an adapter trained on full-precision
+weights and served on NF4 4-bit answers differently: it loops far more), and precisions in plain words."""
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 from pubmedqa.adapter import Adapter
 from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
-from pubmedqa.model_loading import looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -23,27 +20,6 @@ def plain_precision(quantization: str) -> str:
         bits = re.match(r"[QqIiFf][Qq]?(\d+)", quantization)
         return f"{bits.group(1)}-bit GGUF" if bits else "GGUF"
     return _PLAIN_PRECISION.get(quantization.split(" ")[0], quantization)
-
-
-def precision_in_words(quantization: str) -> str:
-    """The precision for a newcomer: '4-bit GGUF' -> 'weights compressed to 4 bits'."""
-    plain = plain_precision(quantization)
-    bits = re.match(r"(\d+)-bit", plain)
-    if bits:
-        return f"weights compressed to {bits.group(1)} bits"
-    return {"bf16": "16-bit weights", "full precision": "full-precision weights"}.get(plain, plain)
-
-
-def shown_source(source: str | None) -> str:
-    """A model or adapter source as a public page may show it: a folder by its name only, never its server path."""
-    if not source:
-        return "none"
-    return Path(source).name if looks_like_path(source) else source
-
-
-def short_name(description: str) -> str:
-    """A model's name without the parenthesised details (a folder by its name only)."""
-    return shown_source(description.split(" (")[0])
 
 
 def precision_setting(loaded: str) -> str:

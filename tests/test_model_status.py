@@ -3,9 +3,11 @@ adapter is served on other base weights than it was trained on."""
 
 from __future__ import annotations
 
+from app import model_status
+from app.model_status import short_name
 from pubmedqa.adapter import Adapter
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
-from pubmedqa.engines.status import plain_precision, precision_mismatch, precision_setting, short_name
+from pubmedqa.engines.precision import plain_precision, precision_mismatch, precision_setting
 
 
 def test_precisions_and_names_are_said_in_plain_words():
@@ -37,7 +39,7 @@ def test_what_training_records_it_loaded_reads_back_as_the_setting_that_loads_it
 
 def test_the_status_line_is_plain_and_the_details_stay_available(tiny_engine):
     tiny_engine.load()
-    summary, details = tiny_engine.status_summary(), tiny_engine.status_message()
+    summary, details = model_status.summary(tiny_engine), model_status.details(tiny_engine)
     assert summary.startswith("Ready · ") and "fine-tuned adapter loaded" in summary
     assert "/" not in summary and "/" not in details.split(";")[0]  # the base folder by name only
     assert "LoRA adapter loaded" in details
