@@ -38,7 +38,7 @@ def main() -> None:
     budget = engine.prompt_budget(args.max_new_tokens)
     prompts = [fit_prompt(r.prompt_input(), loaded.tokenizer, budget) for r in questions]
 
-    # (a) batched, as training.evaluate runs it: length-sorted batches, one generate call per batch whose first
+    # (a) batched, as scripts.evaluate runs it: length-sorted batches, one generate call per batch whose first
     # step also gives the option scores (one pass over each prompt)
     t0 = time.perf_counter()
     in_batches(

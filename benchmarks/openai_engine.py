@@ -25,7 +25,7 @@ from pubmedqa.variants import Variant
 
 
 def _evaluation(engine: Engine, prompts, batch_size: int, settings: GenerationSettings) -> float:
-    """Decisions and long answers for base and fine-tuned, as training.evaluate runs them."""
+    """Decisions and long answers for base and fine-tuned, as scripts.evaluate runs them."""
     start = time.perf_counter()
     for variant in (Variant.BASE, Variant.TUNED):
         in_batches(prompts, batch_size, lambda b, v=variant: engine.score_decisions(b, [v] * len(b), len(b)), "decisions")

@@ -1,5 +1,5 @@
 """Not a speed test: which features the decision probe should read and how its decision offsets are chosen, by nested
-cross-validation on the 500 non-test questions (how ``training.decision_probe``'s defaults ``--pooling`` and
+cross-validation on the 500 non-test questions (how ``scripts.decision_probe``'s defaults ``--pooling`` and
 ``--offsets`` were chosen).
 
 The probe's own out-of-fold figures flatter it: its decision offsets are fitted on the very out-of-fold scores they
@@ -34,7 +34,7 @@ from pubmedqa.decisions.options import option_probabilities, predicted_decision
 from pubmedqa.decisions.probe import POOLINGS
 from pubmedqa.evaluation.metrics import decision_metrics
 from pubmedqa.prompts import ANSWER_OPTIONS
-from training.decision_probe import ProbeArguments, engine_features
+from scripts.decision_probe import ProbeArguments, engine_features
 
 
 @dataclass

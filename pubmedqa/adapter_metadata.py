@@ -38,7 +38,7 @@ class AdapterMetadata:
         path = Path(directory).expanduser() / ADAPTER_METADATA_FILE
         if not path.is_file():
             raise AdapterMetadataError(
-                f"{directory} has no {ADAPTER_METADATA_FILE}: it was not written by `python -m training.train`, "
+                f"{directory} has no {ADAPTER_METADATA_FILE}: it was not written by `python -m scripts.train`, "
                 "which records the probe's layer and prompt budget there"
             )
         try:

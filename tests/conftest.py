@@ -97,7 +97,7 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(path)
-    # As `training.train` records an adapter on every layer: no layer left for a decision probe.
+    # As `scripts.train` records an adapter on every layer: no layer left for a decision probe.
     AdapterMetadata(probe_layer=None, prompt_budget=2048, base_quantization="none").save(path)
     return path
 

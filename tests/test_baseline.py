@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from pubmedqa.data import PubMedQARecord
-from training import baseline
+from scripts import baseline
 
 
 def _record(pubid: str, decision: str, cue: str) -> PubMedQARecord:

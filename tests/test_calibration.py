@@ -114,7 +114,7 @@ def test_adapter_without_calibration_scores_raw(tiny_adapter_dir):
 
 
 def test_calibrate_cli_fits_on_the_dev_questions(tiny_model_dir, tiny_adapter_dir, pubmedqa_dir, tmp_path):
-    from training.calibrate import main
+    from scripts.calibrate import main
 
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)

@@ -23,7 +23,7 @@ from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.engines.transformers_passes import ProbeReader, left_pad
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptInput, fit_prompt
 from pubmedqa.variants import Variant
-from training import calibrate, decision_probe
+from scripts import calibrate, decision_probe
 from training.decision_features import collect_features
 
 QUESTIONS = [
@@ -35,7 +35,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def upper_adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter on the tiny model's upper layer only, as `training.train` makes them (--probe_depth)."""
+    """A LoRA adapter on the tiny model's upper layer only, as `scripts.train` makes them (--probe_depth)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -9,13 +9,13 @@ import gradio
 import yaml
 
 from tests.conftest import REPO_ROOT
-from training import deploy
+from scripts import deploy
 
 
 def test_upload_list_holds_the_app_and_never_tests_caches_outputs_or_secrets(tmp_path):
     for name in [
         "app.py", "README.md", "requirements.txt", "pubmedqa/engines/base.py", "app/ui/chat_tab.py",
-        "docs/security.md", "assets/examples.json", "assets/adapter/adapter_config.json", "training/train.py",
+        "docs/security.md", "assets/examples.json", "assets/adapter/adapter_config.json", "scripts/train.py",
         "tests/test_x.py", "benchmarks/b.py", "outputs/eval/run/results.json", "app/__pycache__/x.pyc", ".env",
         ".git/config", "app/.secrets", "assets/hf_token.txt", "assets/adapter/checkpoint-30/adapter_model.safetensors",
         "notes.txt",
@@ -25,7 +25,7 @@ def test_upload_list_holds_the_app_and_never_tests_caches_outputs_or_secrets(tmp
         path.write_text("x")
     assert deploy.app_files(tmp_path) == [
         "README.md", "app.py", "app/ui/chat_tab.py", "assets/adapter/adapter_config.json",
-        "assets/examples.json", "docs/security.md", "pubmedqa/engines/base.py", "requirements.txt", "training/train.py",
+        "assets/examples.json", "docs/security.md", "pubmedqa/engines/base.py", "requirements.txt", "scripts/train.py",
     ]
 
 

@@ -20,7 +20,7 @@ def test_accelerate_launch_trains_with_two_processes_and_the_main_one_writes_the
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "training/accelerate/ddp.yaml",
         "--num_processes", "2", "--main_process_port", str(free_port()),
-        "-m", "training.train", "--base_model", str(tiny_model_dir), "--data", str(pubmedqa_dir),
+        "-m", "scripts.train", "--base_model", str(tiny_model_dir), "--data", str(pubmedqa_dir),
         "--output_dir", str(out), "--limit_train", "16", "--max_steps", "6", "--eval_steps", "3", "--logging_steps", "1",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
         "--max_length", "768",

@@ -1,4 +1,4 @@
-"""``python -m training.export`` on the real embedded Gemma 3 270M and the shipped adapter: each format exported once
+"""``python -m scripts.export`` on the real embedded Gemma 3 270M and the shipped adapter: each format exported once
 (module fixtures) and checked against what the project itself runs — the merged checkpoint against base + adapter in
 transformers, the GGUF LoRA against the app's llama.cpp engine, the quantised GGUF's decisions against the adapter's
 on 50 dev questions — plus bad input, interrupted exports, the Hub upload and the Ollama Modelfile's template."""
@@ -18,7 +18,7 @@ from pubmedqa.config import SHIPPED_ADAPTER_DIR, BaseModelSettings, ModelSetting
 from pubmedqa.gguf.lora import cached_gguf_lora
 from pubmedqa.gguf.source import gguf_file
 from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, Turn, cut_at_stop, encode_prompt, render_prompt
-from training import export as export_cli
+from scripts import export as export_cli
 from training.llama_cpp_tools import ExportError, find_converter
 
 pytestmark = pytest.mark.e2e

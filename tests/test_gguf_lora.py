@@ -23,7 +23,7 @@ from pubmedqa.gguf.lora import (
     convert_adapter,
     read_base_gguf,
 )
-from training import convert_lora
+from scripts import convert_lora
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "adapter"
 LAYERS = range(10, 18)

@@ -13,7 +13,7 @@ before the adapter is saved, since the GGUF LoRA stores them as f16: the compari
 that rounding.
 
 Trained adapters: for each architecture a second adapter is trained by the project's own run
-(``training.train.train`` with ``--base_model <the .gguf> --train_base_model <its transformers folder>``) for three
+(``scripts.train.train`` with ``--base_model <the .gguf> --train_base_model <its transformers folder>``) for three
 optimizer steps on 12 PubMedQA-like questions written here (2 more are the "official test" ones it leaves out):
 Gemma 3 and Qwen2 at the default probe depth (LoRA on layer 1, a decision probe and offsets fitted), Llama with
 ``--probe_depth 0`` (LoRA on both layers). A trained adapter must move the output by ``MIN_EFFECT`` before it is
@@ -117,7 +117,7 @@ RECORDS = [
      "Surgery was not better.", "no"),
 ]
 TEST_IDS = ["9000013", "9000014"]
-# Architectures whose adapter is trained here by ``training.train`` (on its transformers twin of the GGUF): all three.
+# Architectures whose adapter is trained here by ``scripts.train`` (on its transformers twin of the GGUF): all three.
 TRAINED = ["gemma3", "llama", "qwen2"]
 # The texts the tiny Qwen2's byte-level BPE is trained on, the answer options among them as words of their own.
 BPE_TEXTS = CORPUS * 20 + [" ".join(record[1:]) for record in RECORDS] * 5 + [" yes no maybe"] * 50
@@ -141,7 +141,7 @@ def sentencepiece_model() -> bytes:
 
 
 def transformers_tokenizer(processor: Any, space_prefix: bool) -> Any:
-    """The same vocabulary as a transformers tokenizer (what ``training.train`` loads with the model): BPE with byte
+    """The same vocabulary as a transformers tokenizer (what ``scripts.train`` loads with the model): BPE with byte
     fallback on SentencePiece's pieces and merges, built without protobuf (which reading ``tokenizer.model`` would
     need). ``space_prefix``: whether a text starts with a word boundary, as llama.cpp's Llama and Qwen2 tokenizers
     add one and its Gemma one does not."""
@@ -359,7 +359,7 @@ def write_pubmedqa_like_data(folder: Path) -> Path:
 
 @dataclass
 class TrainedLora:
-    """An adapter trained by ``training.train`` on a tiny base's transformers twin, and what transformers + PEFT
+    """An adapter trained by ``scripts.train`` on a tiny base's transformers twin, and what transformers + PEFT
     compute with it for the tiny base's ``ids``."""
 
     adapter_dir: Path
@@ -367,7 +367,7 @@ class TrainedLora:
 
 
 def train_lora(tiny: TinyBase, data: Path, folder: Path) -> TrainedLora:
-    """Three optimizer steps of the project's training run, as ``python -m training.train --base_model <the .gguf>
+    """Three optimizer steps of the project's training run, as ``python -m scripts.train --base_model <the .gguf>
     --train_base_model <its transformers folder>`` does them: LoRA on every linear layer of the decoder layers above
     the probe's (Gemma 3 and Qwen2: the default probe depth, so the layer-1 LoRA and a decision probe; Llama:
     ``--probe_depth 0``, LoRA on both layers and no probe), lr 1e-2 (its first step is the cosine schedule's warm-up
@@ -375,7 +375,7 @@ def train_lora(tiny: TinyBase, data: Path, folder: Path) -> TrainedLora:
     after the warm-up step, its LoRA B still zero, could win a tie on three dev questions."""
     from pubmedqa.config import BaseModelSettings
     from training.arguments import TrainArguments
-    from training.train import train
+    from scripts.train import train
 
     args = TrainArguments(
         data=str(data), output_dir=str(folder), train_base_model=str(tiny.hf_dir), dev_size=3, max_steps=3,

@@ -1,4 +1,4 @@
-"""The GPU check (tools/gpu_check.py) in its CPU dry run, so the script the GPU machine runs cannot rot, and its
+"""The GPU check (scripts/gpu_check.py) in its CPU dry run, so the script the GPU machine runs cannot rot, and its
 wheel selection and failure reporting, which only a broken GPU run would otherwise exercise."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tools import gpu_check
-from tools.fetch_gpu_wheels import pinned_versions
+from scripts.fetch_gpu_wheels import pinned_versions
 
 
 def test_dry_run_passes_every_step_and_writes_a_results_folder(pubmedqa_dir, tmp_path, capsys):

@@ -31,7 +31,7 @@ def test_the_shipped_adapter_is_served_on_its_training_weights_by_default_and_no
 
 
 def test_what_training_records_it_loaded_reads_back_as_the_setting_that_loads_it():
-    # training.train records the precision it really loaded, e.g. 'none (float32)' for --quantization none.
+    # scripts.train records the precision it really loaded, e.g. 'none (float32)' for --quantization none.
     assert [precision_setting(q) for q in ("none (float32)", "none (bf16)", "none (bf16 fallback)", "4bit")] == [
         "none", "bf16", "bf16", "4bit"
     ]

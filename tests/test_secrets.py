@@ -71,19 +71,19 @@ def test_no_secret_reaches_any_output_or_file(tiny_model_dir, tiny_adapter_dir, 
     outputs = [_serve_app_and_use_it(tiny_model_dir, tiny_adapter_dir, tmp_path)]
     closed_port = free_port()  # nothing listens there: the judge is "down"
     outputs.append(_run(
-        ["training.evaluate", "--base_model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir),
+        ["scripts.evaluate", "--base_model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir),
          "--quantization", "none", "--data", str(pubmedqa_dir), "--limit", "3", "--max_new_tokens", "4",
          "--bertscore_model", "none", "--judge_base_url", f"http://127.0.0.1:{closed_port}/v1", "--judge_model", "judge",
          "--judge_timeout", "2", "--output_dir", str(tmp_path / "eval")],
         tmp_path,
     ))
     outputs.append(_run(
-        ["training.train", "--base_model", str(tiny_model_dir), "--quantization", "none", "--data", str(pubmedqa_dir),
+        ["scripts.train", "--base_model", str(tiny_model_dir), "--quantization", "none", "--data", str(pubmedqa_dir),
          "--limit_train", "4", "--max_steps", "1", "--dev_size", "10", "--lora_r", "2", "--max_length", "512",
          "--output_dir", str(tmp_path / "adapter"), "--push_to_hub", "someone/pubmedqa-lora"],
         tmp_path,
     ))
-    outputs.append(_run(["training.deploy", "--space_id", "someone/space", "--dry_run"], tmp_path))
+    outputs.append(_run(["scripts.deploy", "--space_id", "someone/space", "--dry_run"], tmp_path))
 
     assert (tmp_path / "eval" / "results.json").is_file() and (tmp_path / "adapter" / "README.md").is_file()
     assert "someone/pubmedqa-lora" in outputs[2] and "someone/space" in outputs[3]  # the push failed, the dry run ran

@@ -15,7 +15,7 @@ from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import encode_prompt, first_sentence, format_answer
 from pubmedqa.variants import Variant
 from tests.conftest import build_tiny_tokenizer
-from training import train as train_cli
+from scripts import train as train_cli
 from training import trainer as sft_trainer
 from training.arguments import TrainArguments
 from training.run_record import ids_hash
@@ -136,7 +136,7 @@ def test_train_cli_refuses_a_probe_depth_outside_the_model(tmp_path, caplog):
 
 
 def test_push_without_network_fails_in_one_line_without_the_token(tiny_adapter_dir, monkeypatch, capsys, caplog):
-    from training import push
+    from scripts import push
 
     monkeypatch.setenv("HF_TOKEN", "hf_FAKE_SECRET_do_not_print")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -202,7 +202,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(tiny_model_dir, p
 
 
 def test_push_uploads_the_adapter_folder_without_checkpoints(trained_adapter, hub_calls):
-    from training import push
+    from scripts import push
 
     url = push.push_adapter(trained_adapter, "someone/pubmedqa-lora", private=True)
     assert url.endswith("someone/pubmedqa-lora")
@@ -271,7 +271,7 @@ def test_model_card_cli_puts_test_results_on_the_card_and_refuses_a_broken_run(t
     from huggingface_hub import ModelCard
 
     from pubmedqa.evaluation.results import SCHEMA_VERSION, write_json_atomic
-    from training.model_card import main as card_main
+    from scripts.model_card import main as card_main
 
     adapter = tmp_path / "adapter"
     shutil.copytree(trained_adapter, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
@@ -307,7 +307,7 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
     _write_pqa_a(tmp_path / "ori_pqaa.json", pubmedqa_dir, 12, extra_ids=[test_id])
     out = tmp_path / "run"
     settings = BaseModelSettings(base_model=str(tiny_model_dir), quantization="none")
-    with caplog.at_level("INFO", logger="training.train"):
+    with caplog.at_level("INFO", logger="scripts.train"):
         train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), pqa_a_epochs=1.0))  # the folder form
     info = json.loads((out / "training_args.json").read_text())["pqa_a_phase"]
     assert (info["questions"], info["dropped_pqa_l_ids"]) == (12, 1)
@@ -334,7 +334,7 @@ def test_optional_pqa_a_phase_trains_first_and_drops_pqa_l_test_ids(tiny_model_d
 
     # --resume continues the PQA-L phase without training on PQA-A again.
     caplog.clear()
-    with caplog.at_level("INFO", logger="training.train"):
+    with caplog.at_level("INFO", logger="scripts.train"):
         train_cli.train(settings, _tiny_args(pubmedqa_dir, out, pqa_a=str(tmp_path), max_steps=4, resume=True))
     assert "the PQA-A phase is done" in caplog.text and "PQA-A phase: 12 questions" not in caplog.text
     resumed = json.loads((out / "training_args.json").read_text())

@@ -1,1 +1,1 @@
-"""Command-line checks of the deployment paths that are neither the app, training nor benchmarks: the GPU check."""
+"""The old spellings of ``scripts.gpu_check`` and ``scripts.fetch_gpu_wheels``, kept for one release."""

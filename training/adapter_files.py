@@ -24,7 +24,7 @@ from training.trainer import dev_probabilities, dev_summary
 if TYPE_CHECKING:
     from peft import LoraConfig
 
-logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
+logger = logging.getLogger("scripts.train")  # every step of the script logs under the script's name
 
 
 @dataclass(frozen=True)

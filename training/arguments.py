@@ -1,4 +1,4 @@
-"""The fine-tuning script's own settings (``python -m training.train --help``): data split, LoRA, optimisation,
+"""The fine-tuning script's own settings (``python -m scripts.train --help``): data split, LoRA, optimisation,
 checkpoint selection and the decision policy fitted after training. Every step of the script reads them from here."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class TrainArguments(SplitSettings):
         metadata={
             "help": "LoRA trains only the decoder layers above this fraction of the model's depth (0.55: layers 10-17 "
             "of Gemma 3 270M's 18), so the hidden states there stay the base model's and the decision probe reads "
-            "features that no training label has shaped (see training/decision_probe.py). 0: LoRA on every layer, "
+            "features that no training label has shaped (see scripts/decision_probe.py). 0: LoRA on every layer, "
             "and no probe. Default: 0.55, or 0 with --pqa_a (after 211k artificial questions the adapter's own "
             "decision is the one to trust, and it needs every layer)."
         },

@@ -15,7 +15,7 @@ from pubmedqa.config import EMBEDDED_MODEL, BaseModelSettings
 from pubmedqa.gguf.source import UnknownCheckpointError, is_gguf_base, resolve_gguf, transformers_checkpoint
 from pubmedqa.model_loading import ModelLoadError
 
-logger = logging.getLogger("training.train")  # a step of the training script: logged under its name
+logger = logging.getLogger("scripts.train")  # a step of the training script: logged under its name
 
 FLAG = "--train_base_model"
 

@@ -1,4 +1,4 @@
-"""llama.cpp's own tools for ``python -m training.export --format gguf``: its ``convert_hf_to_gguf.py`` (a transformers
+"""llama.cpp's own tools for ``python -m scripts.export --format gguf``: its ``convert_hf_to_gguf.py`` (a transformers
 checkpoint into an f16 GGUF) and its quantiser (``llama_model_quantize``, through llama-cpp-python).
 
 pip installs llama-cpp-python without llama.cpp's Python scripts, but its source distribution carries them (with the

@@ -1,22 +1,32 @@
-"""The adapter's model card (README.md with Hub metadata), written next to the adapter weights."""
+"""The project's model cards (README.md with Hub metadata): the adapter's, written next to its weights by training,
+and each export folder's (``python -m scripts.export``): what the files are, the prompt format they expect, and how
+to run them. Both carry the same Hub metadata (:func:`card_metadata`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from pubmedqa.adapter import Adapter, AdapterError
+from pubmedqa.adapter import Adapter
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.probe import DecisionProbe, load_probe
-from pubmedqa.evaluation.results import ResultsError, load_results
+from pubmedqa.prompts import STOP_SEQUENCES, PromptInput, render_prompt
+from training.ollama import DISCLAIMER
 
-logger = logging.getLogger("training.model_card")
+logger = logging.getLogger(__name__)
+
+
+def card_metadata(base_model: str | None, library_name: str, license: str, tags: list[str], **more: Any) -> ModelCardData:
+    """The Hub metadata every card of the project carries, with what is particular to this one."""
+    return ModelCardData(
+        base_model=base_model, library_name=library_name, license=license, datasets=["qiaojin/PubMedQA"],
+        language=["en"], pipeline_tag="text-generation",
+        tags=["lora", *tags, "pubmedqa", "biomedical", "question-answering"], **more,
+    )
 
 _TEMPLATE = """---
 {{ card_data }}
@@ -26,7 +36,7 @@ _TEMPLATE = """---
 
 A {{ method }} adapter that makes **{{ base_model }}** answer biomedical research questions from
 [PubMedQA](https://pubmedqa.github.io) with a decision (**yes / no / maybe**) followed by a short explanation.
-Trained with the PubMedQA chatbot project's `python -m training.train` (the same prompt format serves it in the
+Trained with the PubMedQA chatbot project's `python -m scripts.train` (the same prompt format serves it in the
 project's Gradio app).
 
 > ⚠️ Research artefact, **not medical advice**. Do not use it for diagnosis or treatment decisions.
@@ -73,13 +83,13 @@ with offsets {{ engine_calibration.log_offsets }} chosen out of fold {{ chosen[e
 {{ "%.3f"|format(engine_probe.details.cross_validated.macro_f1) }}).
 {% endif %}
 {% if test %}## Results on the official test set ({{ test.n }} questions{{ test.sample }})
-`python -m training.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):
+`python -m scripts.evaluate` ({{ test.quantization }}{% if test.calibrated %}; fine-tuned decisions calibrated{% endif %}):
 
 | | accuracy | macro-F1 | Token-F1 | ROUGE-L | BERTScore F1 |
 |---|---|---|---|---|---|
 {% for row in test.rows %}| {{ row.name }} | {{ row.accuracy }} | {{ row.macro_f1 }} | {{ row.token_f1 }} | {{ row.rougeL }} | {{ row.bertscore_f1 }} |
 {% endfor %}
-{% else %}Test-set results come from `python -m training.evaluate` (see the project's Evaluation tab).
+{% else %}Test-set results come from `python -m scripts.evaluate` (see the project's Evaluation tab).
 {% endif %}
 ## Use
 ```python
@@ -106,15 +116,9 @@ def write_model_card(
     """Write README.md into ``output_dir``; ``test_results`` is an evaluation run's results.json, if there is one."""
     args = run["train_arguments"]
     adapter = Adapter(str(output_dir), Path(output_dir))  # the folder being written (its files may not all be there)
-    card_data = ModelCardData(
-        base_model=run["base_model_canonical"] if not Path(run["base_model_canonical"]).exists() else None,
-        library_name="peft",
-        datasets=["qiaojin/PubMedQA"],
-        license="mit",
-        language=["en"],
-        pipeline_tag="text-generation",
-        tags=["lora", "peft", "pubmedqa", "biomedical", "question-answering"],
-        metrics=["accuracy", "f1"],
+    card_data = card_metadata(
+        run["base_model_canonical"] if not Path(run["base_model_canonical"]).exists() else None,
+        library_name="peft", license="mit", tags=["peft"], metrics=["accuracy", "f1"],
     )
     recipe = {
         "method": run["method"],
@@ -147,7 +151,7 @@ def write_model_card(
         probe=probe,
         engine_probe=load_probe(adapter, "llama.cpp"),
         engine_calibration=load_calibration(adapter, "llama.cpp"),
-        chosen={  # by the offsets' objective (training/calibrate.py)
+        chosen={  # by the offsets' objective (scripts/calibrate.py)
             "score": "for the best (accuracy + macro-F1) / 2",
             "shares": "so that each decision is predicted about as often as it is the gold one",
         },
@@ -185,26 +189,196 @@ def _test_summary(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Rewrite an adapter folder's card from its own files, e.g. after `training.calibrate` or an evaluation run."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("adapter_dir", type=Path)
-    parser.add_argument("--results", type=Path, help="An evaluation run folder whose results.json goes on the card.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run = json.loads((args.adapter_dir / "training_args.json").read_text())
-        dev = json.loads((args.adapter_dir / "dev_metrics.json").read_text())
-        results = load_results(args.results).results if args.results else None
-        adapter = Adapter.resolve(str(args.adapter_dir))
-    except (OSError, json.JSONDecodeError, ResultsError, AdapterError) as exc:
-        logger.error("Cannot write the card: %s", exc)
-        return 2
-    path = write_model_card(args.adapter_dir, run, dev["before_training"], dev["after_training"],
-                            load_calibration(adapter), results, load_probe(adapter))
-    logger.info("Wrote %s", path)
-    return 0
+# ----------------------------------------------------------------------------------------- export folders
+EXAMPLE = PromptInput(
+    question="Do preoperative statins reduce atrial fibrillation after coronary artery bypass grafting?",
+    context="<the abstract, optional>",
+)
+
+
+@dataclass
+class ExportInfo:
+    """What an export folder holds, for its card."""
+
+    format: str  # merged | gguf-lora | gguf
+    adapter: str  # as given (folder or Hub id)
+    adapter_sha256: str
+    base_description: str  # e.g. "Gemma 3 270M (base, pretrained; ...)"
+    base_hub_id: str | None  # the base's Hub id for the card's metadata, when there is one
+    files: list[str] = field(default_factory=list)  # the files written, model file first
+    quantization: str = ""  # e.g. "Q4_K_M", "F16 (LoRA factors)", "float32 safetensors"
+    base_gguf_name: str = ""  # gguf-lora: the base GGUF file the LoRA applies to
+    base_gguf_hint: str = ""  # gguf-lora: how to get that file
+    chat_template: bool = False  # the base renders the prompt through its chat template
+    decision_files: list[str] = field(default_factory=list)  # the adapter's probe/calibration, not exported
+
+
+def _stops() -> str:
+    return ", ".join(f"`{stop!r}`" for stop in STOP_SEQUENCES)
+
+
+def _prompt_section(info: ExportInfo) -> str:
+    if info.chat_template:
+        return (
+            "## Prompt format\n\nThe base model has a chat template: the project's prompt goes through it as one user "
+            "message (the instruction, the optional context, then the question; see `pubmedqa/prompts.py`, "
+            "`chat_messages`). Generation stops at the template's end-of-turn token.\n"
+        )
+    example = render_prompt(EXAMPLE, None)
+    return (
+        "## Prompt format\n\nThe model was tuned on the PubMedQA chatbot project's one prompt format "
+        "(`pubmedqa/prompts.py`); ask it the same way, leaving out the `Context:` block when there is no abstract:\n\n"
+        f"```text\n{example}\n```\n\n"
+        "It answers with the decision first (`yes`, `no` or `maybe`), then a sentence or two. A base model runs on "
+        f"into an invented next question, so cut the answer at the stop sequences {_stops()}.\n"
+    )
+
+
+def _decision_note(info: ExportInfo) -> str:
+    if not info.decision_files:
+        return ""
+    return (
+        f"\nThe adapter also ships {', '.join(f'`{n}`' for n in info.decision_files)}, which the project's app uses to "
+        "decide yes/no/maybe; they are not part of this export, so here the model's own first token is the decision.\n"
+    )
+
+
+def _usage(info: ExportInfo) -> str:
+    model_file = info.files[0] if info.files else ""
+    stops_json = "[" + ", ".join('"' + s.replace("\n", "\\n") + '"' for s in STOP_SEQUENCES) + "]"
+    if info.format == "merged":
+        return f"""## How to run it
+
+**transformers**
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+prompt = "..."  # the prompt format above
+ids = tokenizer(prompt, return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=128, do_sample=False, stop_strings={stops_json}, tokenizer=tokenizer)
+print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+**vLLM** (an OpenAI-compatible server; the project's app can use it with `--engine openai`)
+
+```bash
+vllm serve PATH_OR_REPO --served-model-name pubmedqa
+curl http://localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "pubmedqa", "prompt": "...", "max_tokens": 128, "temperature": 0, "stop": {stops_json}}}'
+```
+
+**The project's app**: `python app.py --base_model PATH --adapter none --engine transformers --quantization none`.
+"""
+    if info.format == "gguf-lora":
+        return f"""## How to run it
+
+The file is a llama.cpp LoRA adapter: it is applied on top of the base model's GGUF file, `{info.base_gguf_name}`
+({info.base_gguf_hint}). Use that very base: a LoRA fits the weights it was trained on.
+
+**llama.cpp**
+
+```bash
+llama-server -m {info.base_gguf_name} --lora {model_file}
+curl http://localhost:8080/completion -H 'Content-Type: application/json' \\
+  -d '{{"prompt": "...", "n_predict": 128, "temperature": 0, "stop": {stops_json}}}'
+```
+
+**llama-cpp-python**
+
+```python
+from llama_cpp import Llama
+
+llm = Llama(model_path="{info.base_gguf_name}", lora_path="{model_file}")
+print(llm.create_completion(prompt, max_tokens=128, temperature=0, stop={stops_json})["choices"][0]["text"])
+```
+
+**Ollama**: put `{info.base_gguf_name}` next to the `Modelfile` (its `FROM` line), then
+`ollama create pubmedqa -f Modelfile && ollama run pubmedqa "<question>"`.
+
+**The project's app** converts the PEFT adapter itself: `python app.py --adapter {info.adapter}`.
+"""
+    return f"""## How to run it
+
+**Ollama** (the `Modelfile` next to the model renders the prompt format above from the chat: each user message is a
+question, a system message is the abstract)
+
+```bash
+ollama create pubmedqa -f Modelfile
+ollama run pubmedqa "Do preoperative statins reduce atrial fibrillation after coronary artery bypass grafting?"
+```
+
+**llama.cpp**
+
+```bash
+llama-server -m {model_file}
+curl http://localhost:8080/completion -H 'Content-Type: application/json' \\
+  -d '{{"prompt": "...", "n_predict": 128, "temperature": 0, "stop": {stops_json}}}'
+```
+
+**llama-cpp-python**
+
+```python
+from llama_cpp import Llama
+
+llm = Llama(model_path="{model_file}")
+print(llm.create_completion(prompt, max_tokens=128, temperature=0, stop={stops_json})["choices"][0]["text"])
+```
+
+**The project's app** (llama.cpp engine, no adapter: it is merged in): `python app.py --base_model {model_file} --adapter none`.
+"""
+
+
+_TITLES = {
+    "merged": "merged model (transformers, safetensors)",
+    "gguf-lora": "LoRA adapter as a GGUF LoRA (llama.cpp)",
+    "gguf": "merged model as a quantised GGUF (llama.cpp, Ollama)",
+}
+
+
+def export_card(info: ExportInfo) -> str:
+    """The README.md text (Hub metadata header included) for an export folder."""
+    data = card_metadata(
+        info.base_hub_id,
+        library_name={"merged": "transformers", "gguf-lora": "gguf", "gguf": "gguf"}[info.format],
+        # An adapter on its own is the project's (MIT); merged weights carry the base model's licence.
+        license="mit" if info.format == "gguf-lora" else "other",
+        tags={"merged": ["merged"], "gguf-lora": ["gguf", "llama.cpp"], "gguf": ["gguf", "llama.cpp", "ollama"]}[
+            info.format],
+    )
+    files = "\n".join(f"- `{name}`" for name in info.files)
+    licence = "" if info.format == "gguf-lora" else (
+        "\nThe weights are the base model's with the adapter merged in, so the base model's licence and terms of "
+        "use apply to them.\n")
+    return f"""---
+{data.to_yaml()}
+---
+
+# PubMedQA: {_TITLES[info.format]}
+
+The PubMedQA chatbot project's fine-tuned model: **{info.base_description}** with the LoRA adapter `{info.adapter}`,
+which answers biomedical research questions with a decision (**yes / no / maybe**) and a short explanation.
+Exported with `python -m scripts.export --format {info.format}`.
+
+> ⚠️ {DISCLAIMER} Do not use it for diagnosis or treatment decisions.
+
+| | |
+|---|---|
+| format | {info.format} |
+| quantisation | {info.quantization} |
+| base model | {info.base_description} |
+| adapter | `{info.adapter}` (sha256 of its config and weights `{info.adapter_sha256[:16]}`) |
+
+Files:
+{files}
+{licence}{_decision_note(info)}
+{_prompt_section(info)}
+{_usage(info)}"""
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from scripts.moved import run_moved
+
+    run_moved("training.model_card", "scripts.model_card")

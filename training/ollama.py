@@ -103,7 +103,7 @@ def modelfile(gguf_name: str, *, adapter_name: str | None = None, description: s
     """The Modelfile text: FROM the GGUF next to it (and ADAPTER, for a GGUF LoRA), the template, the stop sequences
     and greedy decoding, as the app answers by default."""
     lines = [
-        "# Ollama Modelfile written by `python -m training.export` (PubMedQA chatbot project).",
+        "# Ollama Modelfile written by `python -m scripts.export` (PubMedQA chatbot project).",
         f"# {DISCLAIMER}",
         f"# {description}" if description else None,
         "#",

@@ -15,7 +15,7 @@ from training.arguments import TrainArguments
 from training.sft_data import build_examples
 from training.trainer import build_trainer, sft_config, train_interruptibly
 
-logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
+logger = logging.getLogger("scripts.train")  # every step of the script logs under the script's name
 
 PQA_A_RECORD = "pqa_a/phase.json"  # what the PQA-A phase used, kept for --resume of the PQA-L phase
 

@@ -13,7 +13,7 @@ from pubmedqa.decisions.options import option_token_ids
 from pubmedqa.prompts import ANSWER_OPTIONS, PromptTooLongError, fit_prompt, format_completion, training_answer
 from training.arguments import TrainArguments
 
-logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
+logger = logging.getLogger("scripts.train")  # every step of the script logs under the script's name
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pubmedqa.evaluation.metrics import probability_metrics
 from training.arguments import TrainArguments
 from training.sft_data import PQALExamples, balanced_class_weights, sft_dataset
 
-logger = logging.getLogger("training.train")  # every step of the script logs under the script's name
+logger = logging.getLogger("scripts.train")  # every step of the script logs under the script's name
 
 
 def dev_probabilities(model: Any, tokenizer: Any, prompts: list[str]) -> list[dict[str, float]]:

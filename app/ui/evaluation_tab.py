@@ -34,7 +34,7 @@ from pubmedqa.evaluation.runner import EvalArguments, evaluate
 logger = logging.getLogger(__name__)
 
 EVALUATION_EVENTS = "evaluation"  # its own concurrency group: Chat and Compare keep answering while one runs
-JUDGE_HOWTO = "`python -m training.evaluate --judge_base_url URL --judge_model NAME`"
+JUDGE_HOWTO = "`python -m scripts.evaluate --judge_base_url URL --judge_model NAME`"
 COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
 LABELS = {key: variants.choice(variant) for key, variant in variants.RESULTS_KEYS.items()}  # results keys -> UI
 FILTERS = {
@@ -416,7 +416,7 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
     with ``exports``, the shown examples as a CSV to download."""
     empty = (None,) * 6 + ("", gr.update(value=pd.DataFrame()), gr.update(value=None), "")
     if not key:
-        return ("No evaluation results yet: run `python -m training.evaluate` or use *Run a new evaluation* below.",) + empty
+        return ("No evaluation results yet: run `python -m scripts.evaluate` or use *Run a new evaluation* below.",) + empty
     try:
         entry = catalogue.resolve(key)
         run = load_results(entry.path)

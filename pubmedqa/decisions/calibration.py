@@ -2,7 +2,7 @@
 
 A small model's option likelihoods carry a strong prior (Gemma 3 270M almost never says "maybe"). Adding one offset
 per option before the softmax moves the decision boundary without touching the model; the offsets are fitted on
-the dev questions (``training/calibrate.py``) or out of fold with a probe (``training/decision_probe.py``), and applied
+the dev questions (``scripts/calibrate.py``) or out of fold with a probe (``scripts/decision_probe.py``), and applied
 by the adapter's decision policy (``policy.py``) alone, so that every engine, the evaluation and the app agree.
 """
 

@@ -1,6 +1,6 @@
 """Fitting an adapter's decision policy: the decision probe (a regression on hidden states) and the decision offsets,
 from features or option probabilities an engine read off labelled questions. The commands that read those
-(``training/decision_probe.py``, ``training/calibrate.py``, ``training/train.py`` at its end) and the recipe benchmark
+(``scripts/decision_probe.py``, ``scripts/calibrate.py``, ``scripts/train.py`` at its end) and the recipe benchmark
 (``benchmarks/probe_recipe.py``) call these; the policy (``policy.py``) applies what they fit.
 """
 

@@ -52,7 +52,7 @@ class DecisionPolicy:
         if policy.probe is not None and not reads_hidden_states:
             return policy.without_probe(
                 "this engine cannot read hidden states; fit offsets for its own scores with `python -m "
-                "training.calibrate` on a copy of the adapter without its probe"
+                "scripts.calibrate` on a copy of the adapter without its probe"
             )
         return policy
 

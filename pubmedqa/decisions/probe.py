@@ -3,9 +3,9 @@
 Why: tuned on 450 questions, a small model's yes/no/maybe logits barely rank unseen questions (Gemma 3 270M: pairwise
 AUC about 0.51 on test), while a regularised logistic regression on its middle layers' hidden states does better.
 The probe is that regression. Training puts LoRA only on the decoder layers above the probe's depth (``python -m
-training.train --probe_depth``), so the hidden states the probe reads are the base model's for every row of a
+scripts.train --probe_depth``), so the hidden states the probe reads are the base model's for every row of a
 batch, base or fine-tuned: no training label has shaped them, which lets the probe be cross-validated honestly on
-all 500 non-test questions (see ``training/decision_probe.py``), and it costs no extra pass, the answer's own
+all 500 non-test questions (see ``scripts/decision_probe.py``), and it costs no extra pass, the answer's own
 forward pass computes them.
 
 How an engine applies it is the decision policy's (``policy.py``); this module is the probe itself and its file.
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 #: What a probe reads of its layer's output over the prompt: the mean over the tokens, or that mean followed by the
-#: prompt's last token (chosen by nested cross-validation on the non-test questions; see ``training/decision_probe.py``).
+#: prompt's last token (chosen by nested cross-validation on the non-test questions; see ``scripts/decision_probe.py``).
 #: Every engine hands over both, as one row of ``[mean | last]`` (:func:`pooled_features`); the probe takes its part.
 POOLINGS = ("mean", "mean+last")
 

@@ -222,7 +222,7 @@ class Engine(ABC):
         if self._adapter_error:
             return self._adapter_error
         if not self.settings.adapter_source:
-            return "no adapter configured: train one with `python -m training.train` or set PUBMEDQA_ADAPTER"
+            return "no adapter configured: train one with `python -m scripts.train` or set PUBMEDQA_ADAPTER"
         return None
 
     def prompt_budget(self, max_new_tokens: int) -> int:

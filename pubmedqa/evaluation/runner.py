@@ -1,9 +1,9 @@
 """Evaluate the base model and the fine-tuned one (same base, adapter on/off through the engine) on the official
 PubMedQA test set, and write a run folder (see :mod:`pubmedqa.evaluation.results`).
 
-    python -m training.evaluate                          # all 500 test questions, shipped adapter
-    python -m training.evaluate --limit 100 --output_dir outputs/eval-100
-    python -m training.evaluate --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-7B-Instruct
+    python -m scripts.evaluate                          # all 500 test questions, shipped adapter
+    python -m scripts.evaluate --limit 100 --output_dir outputs/eval-100
+    python -m scripts.evaluate --judge_base_url http://localhost:8000/v1 --judge_model Qwen/Qwen2.5-7B-Instruct
 
 It runs through whatever engine ``--engine`` picks (llama.cpp on a CPU by default, transformers, or a remote
 ``openai`` server), or through the app's already loaded one, which then lets visitors' requests go first between
