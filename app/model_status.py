@@ -28,7 +28,8 @@ def details(engine: Engine) -> str:
     """The model's state with its technical details."""
     loaded = engine.loaded
     if engine.state is LoadState.READY and loaded is not None:
-        adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({engine.adapter_unavailable_reason()})"
+        reason = engine.adapter_unavailable_reason()
+        adapter = "LoRA adapter loaded" if loaded.adapter_loaded else f"no adapter ({reason})"
         if loaded.policy.status():
             adapter += f", {loaded.policy.status()}"
         notes = "".join(f" Note: {note}." for note in (engine.notice, engine.precision_note) if note)

@@ -58,6 +58,7 @@ MODEL_ALIASES: dict[str, Variant] = {
 }
 #: An evaluation run's keys (``results.json`` models, ``examples.jsonl``, ``predictions_<key>.json``) -> variant.
 RESULTS_KEYS: dict[str, Variant] = {names.results_key: variant for variant, names in NAMES.items()}
+BASE_KEY, TUNED_KEY = NAMES[Variant.BASE].results_key, NAMES[Variant.TUNED].results_key
 
 
 def choice(variant: Variant) -> str:

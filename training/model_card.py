@@ -11,6 +11,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from pubmedqa import variants
 from pubmedqa.adapter import Adapter
 from pubmedqa.decisions.calibration import DecisionCalibration, load_calibration
 from pubmedqa.decisions.probe import DecisionProbe, load_probe
@@ -174,7 +175,7 @@ def _test_summary(results: dict[str, Any]) -> dict[str, Any]:
 
     rows = []
     tuned = "with this adapter and its decision probe" if results["run"].get("decision_probe") else "with this adapter"
-    for key, name in (("base", "base model"), ("tuned", tuned)):
+    for key, name in ((variants.BASE_KEY, "base model"), (variants.TUNED_KEY, tuned)):
         m = results["models"].get(key)
         if m:
             rows.append({

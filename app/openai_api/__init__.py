@@ -6,7 +6,7 @@ streamed (server-sent events, ending with ``data: [DONE]``) or not, with ``logpr
 
 - **Models.** ``pubmedqa-base`` and, while the LoRA adapter is loaded, ``pubmedqa-tuned``; ``base``, ``tuned`` and
   ``fine-tuned`` are accepted as aliases.
-- **Chat** turns the messages into the project's one prompt format through :mod:`app.chat`, as the Chat tab does:
+- **Chat** turns the messages into the project's one prompt format through :mod:`app.validation`, as the Chat tab does:
   the last message is the question (a ``user`` message), earlier ``user``/``assistant`` pairs are the
   conversation, and the text of ``system`` (or ``developer``) messages is the abstract/context; a non-standard
   string field ``context`` is accepted too (appended after the system text). Over-long conversations and contexts

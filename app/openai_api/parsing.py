@@ -173,7 +173,7 @@ def _generation(
     body: dict[str, Any], limits: ServerSettings, token_fields: Sequence[str], defaults: GenerationSettings
 ) -> GenerationSettings:
     """The generation settings of a request, checked against the page's limits
-    (:func:`app.chat.parse_generation_settings`). The first of ``token_fields`` given sets the token budget."""
+    (:func:`app.validation.parse_generation_settings`). The first of ``token_fields`` given sets the token budget."""
     max_tokens, token_field = min(defaults.max_new_tokens, limits.max_new_tokens_limit), token_fields[-1]
     for name in token_fields:
         value = _field(body, name, (int,), "an integer")

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 EVALUATION_EVENTS = "evaluation"  # its own concurrency group: Chat and Compare keep answering while one runs
 JUDGE_HOWTO = "`python -m scripts.evaluate --judge_base_url URL --judge_model NAME`"
-COLORS = {"base": "#9aa5b1", "tuned": "#e8590c"}
+COLORS = {variants.BASE_KEY: "#9aa5b1", variants.TUNED_KEY: "#e8590c"}
 LABELS = {key: variants.choice(variant) for key, variant in variants.RESULTS_KEYS.items()}  # results keys -> UI
 FILTERS = {
     "all questions": lambda b, t, g: True,
@@ -194,11 +194,11 @@ def examples_frame(run: RunResults, filter_name: str = "all questions") -> pd.Da
     keep = FILTERS.get(filter_name, FILTERS["all questions"])
     rows = []
     for example in run.examples:
-        base, tuned = example.get("base", {}), example.get("tuned", {})
+        base, tuned = example.get(variants.BASE_KEY, {}), example.get(variants.TUNED_KEY, {})
         if not keep(base.get("decision"), tuned.get("decision"), example["gold"]):
             continue
         row: dict[str, Any] = {"id": example["id"], "gold": example["gold"]}
-        outputs = [(key, out) for key, out in (("base", base), ("tuned", tuned)) if out]
+        outputs = [(key, out) for key, out in ((variants.BASE_KEY, base), (variants.TUNED_KEY, tuned)) if out]
         for key, out in outputs:
             row[f"{key} decision"] = out.get("decision")
         for key, out in outputs:
@@ -217,7 +217,8 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with the page's names (fine-tuned, not tuned; the conclusion, not the reference): what the table
     shows and the CSV holds."""
     def header(column: str) -> str:
-        column = column.replace("tuned ", f"{LABELS['tuned']} ", 1) if column.startswith("tuned ") else column
+        tuned = f"{variants.TUNED_KEY} "
+        column = column.replace(tuned, f"{LABELS[variants.TUNED_KEY]} ", 1) if column.startswith(tuned) else column
         return {"reference": "abstract's conclusion"}.get(column, column)
 
     return frame.rename(columns=header)
@@ -423,9 +424,9 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
     except (UnknownRunError, ResultsError) as exc:
         return (f"⚠️ Cannot show this run: {exc}",) + empty
     frame = shown_frame(examples_frame(run, filter_name))
-    has_tuned = "tuned" in run.model_keys
+    has_tuned = variants.TUNED_KEY in run.model_keys
     figures = [decision_figure(run), text_figure(run), readable_figure(run), judge_figure(run),
-               confusion_figure(run, "base"), confusion_figure(run, "tuned") if has_tuned else None]
+               confusion_figure(run, variants.BASE_KEY), confusion_figure(run, variants.TUNED_KEY) if has_tuned else None]
     return (
         run_summary(run, entry.label), *map(plot_value, figures),
         row_count(len(frame), len(run.examples), filter_name),
@@ -452,7 +453,7 @@ def run_evaluation(engine: Engine, catalogue: RunCatalogue, n: float, with_answe
     batch_size = EvalArguments.batch_size if engine.batches_rows else 1
     args = EvalArguments(limit=int(n), long_answers=bool(with_answers), output_dir=str(catalogue.new_run_dir()),
                          batch_size=batch_size)
-    models = ["base", "tuned"] if engine.settings.adapter_source else ["base"]
+    models = [variants.BASE_KEY, variants.TUNED_KEY] if engine.settings.adapter_source else [variants.BASE_KEY]
     tracker = EvalProgress(args.limit, models)
     try:
         run_dir = evaluate(engine.settings, args, engine=engine,

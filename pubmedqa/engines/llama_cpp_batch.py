@@ -1,21 +1,12 @@
 """The llama.cpp engine's one decode loop: every answer (a Chat answer, a side of a Compare pair, the rows of an
 evaluation batch) is a row of a :class:`DecodeLoop` on a :class:`BatchDecoder`'s context.
 
-One answer at a time, each decoding step reads all the weights (262k-row output matrix included) for one token, so
-a CPU decodes at its memory bandwidth (about 65 tokens/s for Gemma 3 270M on 2 cores). So the rows of a loop keep
-their own sequence in the KV cache (the context has one cell stream per sequence, ``n_seq_max``) and every step
-decodes the last token of each unfinished row in a single ``llama_decode``: the weights are read once per step for
-all of them; a sequence whose answer ends takes the next waiting row's prompt at once, so the steps stay full. An
-evaluation batch is a loop of up to :data:`PARALLEL_ROWS` rows; a streamed answer is a loop of one row, and a
-Compare pair one loop on each of two contexts, stepped in turn (a loop yields after every step). The prompts are
-decoded one by one, each into an emptied sequence (:meth:`BatchDecoder.read_prompt`, also all that decision
-scoring decodes), which keeps the decision probe's features per prompt (``llama_cpp_features.py``) and costs
-nothing: a long prompt is compute-bound already.
-
-Every step of every row follows the same rules: the first step's logits come with the decision processor applied
-(by the loop's row start), every step then gets :func:`constrain_step` (the answer-only repetition penalty, the
-minimum length) and takes the highest logit (greedy) or llama.cpp's sampler's choice (top-p and temperature); an
-answer ends at an end of generation token, a stop sequence or the token limit.
+Each row keeps its own sequence in the KV cache and every step decodes the last token of each unfinished row in one
+``llama_decode``, so the weights are read once per step for all rows; a row that ends hands its sequence to the next
+waiting prompt. Prompts are read one by one into an emptied sequence (:meth:`BatchDecoder.read_prompt`, all that
+decision scoring decodes), which keeps the probe's features per prompt. Every step of every row follows the same
+rules: the decision processor on the first step, :func:`constrain_step` on each, greedy or llama.cpp's sampler. Why
+rows are batched and how far it pays: docs/hardware.md ("The llama.cpp engine's decode loop").
 """
 
 from __future__ import annotations

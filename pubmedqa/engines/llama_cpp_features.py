@@ -12,12 +12,9 @@ feed-forward block, which is transformers' ``hidden_states[il + 1]`` (``tests/te
 it for tiny Llama, Qwen2 and Gemma 3 models). A graph that names no such tensor leaves the reader empty, and
 :meth:`HiddenStateReader.features` refuses, naming the model's architecture.
 
-Usage::
-
-    llm, reader = open_llama(path, n_ctx=4096, n_threads=None, feature_layer=policy.feature_layer)
-    features = prompt_features(llm, reader, prompt_ids)  # 1 x 2 n_embd, [mean | last]; the prompt is now cached
-    for chunk in llm.create_completion(prompt_ids, ...):  # the exact prompt is cached: sampling starts at once
-        ...
+Usage: :func:`open_llama` gives a ``Llama`` and the reader its context reports to; the engine reads the features
+while it reads a fine-tuned row's prompt (``BatchDecoder.read_prompt(sequence, ids, reader)`` in
+``llama_cpp_batch.py``), and the probe-fitting command with :func:`prompt_features` (one prompt, from an empty cache).
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pubmedqa import variants
+
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 EXAMPLES_FILE = "examples.jsonl"
@@ -68,7 +70,7 @@ class RunResults:
 
     @property
     def model_keys(self) -> list[str]:
-        return [key for key in ("base", "tuned") if key in self.results["models"]]
+        return [key for key in (variants.BASE_KEY, variants.TUNED_KEY) if key in self.results["models"]]
 
 
 def load_results(run_dir: str | Path) -> RunResults:

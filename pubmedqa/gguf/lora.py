@@ -1,36 +1,16 @@
-"""A PEFT LoRA adapter as a GGUF LoRA file, the form llama.cpp's ``llama_adapter_lora_init`` loads.
+"""A PEFT LoRA adapter as a GGUF LoRA file, the form llama.cpp's ``llama_adapter_lora_init`` loads, derived from the
+PEFT folder (the one source of truth) and cached under a hash of its two files, so a retrained adapter is never
+served with stale weights.
 
-The PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``) stays the one source of truth; the GGUF file is
-derived from it and cached under a hash of those two files, so a retrained adapter is never served with stale weights.
-
-The conversion follows llama.cpp's own ``convert_lora_to_gguf.py`` with ``--outtype f16`` (same tensor names, shapes,
-dtypes and values; checked against it for the shipped adapter), with two differences that let it run wherever the
-llama.cpp engine runs:
-
-* the base model's architecture, head counts and tensor shapes come from the base GGUF file's header (read without the
-  tokenizer arrays, which ``gguf.GGUFReader`` would turn into 262k Python objects), so no transformers checkpoint or
-  Hub config of the base is needed;
-* every adapter tensor is checked against the base's tensor shapes here, so a wrong adapter fails with one clear
-  :class:`LoraConversionError` instead of a C++ error from llama.cpp at load time.
-
-Tensor names come from gguf-py's ``TensorNameMap`` for the base's architecture, as in the reference. A LoRA factor
-must go through whatever llama.cpp's ``convert_hf_to_gguf.py`` does to the base weight it changes, so only these
-architectures are converted (any other is refused with one :class:`LoraConversionError` line; the llama.cpp engine
-then serves the base model alone and says why):
-
-* ``gemma``, ``gemma2``, ``gemma3`` and ``qwen2``: the converter stores the linear weights exactly as transformers
-  does (Gemma's only shifts the norm weights by +1 and trims the embedding rows; Qwen2's q/k/v biases, which a LoRA
-  does not touch, are copied as they are), so LoRA A/B are written unchanged apart from the name. These graphs apply
-  RoPE as transformers does (llama.cpp's NEOX rope type: the two halves of each head).
-* ``llama`` (Llama, Mistral and the other ``LlamaModel`` checkpoints): the llama graph applies RoPE to adjacent pairs
-  (llama.cpp's NORM rope type), so ``LlamaModel.modify_tensors`` reorders the rows of ``q_proj`` and ``k_proj``
-  with ``LlamaModel.permute(w, n_head, n_head)`` and ``LlamaModel.permute(w, n_head, n_head_kv)``. For a LoRA the
-  reference runs that same function on a ``LoraTorchTensor`` (W = B A, shape (out, in)): its ``reshape`` keeps A as
-  it is and reshapes B's rows, ``swapaxes`` of two leading axes permutes B alone, and the final ``reshape`` gives A
-  back its (r, in) shape. So A is unchanged and B's rows are permuted exactly as the base weight's rows
-  (:func:`llama_permute`, the same arithmetic in numpy): (P B) A = P (B A). A PEFT adapter is trained on the
-  transformers layout, and any llama GGUF holds Q/K in the permuted one (its graph needs them so), so the permutation
-  follows from the architecture alone, whichever converter class wrote the base file.
+It writes what llama.cpp's ``convert_lora_to_gguf.py --outtype f16`` writes (the same tensor names, shapes, dtypes and
+values: for the shipped adapter all 112 tensors are byte for byte the upstream script's, docs/export.md). The
+upstream script is not called because the conversion runs where the adapter is served: offline (a Space, CI) and next to a GGUF base alone, while the script
+needs the base's transformers config (a ``--base`` folder, or a Hub download) and ships only in llama.cpp's source,
+which pip does not install. So the architecture and shapes come from the base GGUF's header, every tensor is checked
+against them (a wrong adapter fails with one :class:`LoraConversionError`, not a C++ error at load time), and only the
+architectures whose linear weights llama.cpp stores as transformers does, or permutes in a known way, are converted:
+``gemma``, ``gemma2``, ``gemma3``, ``qwen2`` and ``llama`` (derivation: docs/export.md, "How the GGUF LoRA is
+derived"); any other is refused in one line and the engine serves the base model alone, saying why.
 """
 
 from __future__ import annotations
