@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import gpu_check
+from scripts import gpu_check
 from scripts.fetch_gpu_wheels import pinned_versions
 
 

@@ -28,4 +28,4 @@ def test_a_former_spelling_runs_the_command_and_names_the_new_one(old, new):
 def test_every_moved_command_has_its_former_spelling():
     for old, new in MOVED:
         assert (ROOT / (old.replace(".", "/") + ".py")).is_file() and (ROOT / (new.replace(".", "/") + ".py")).is_file()
-        assert f'run_moved("{old}", "{new}")' in (ROOT / (old.replace(".", "/") + ".py")).read_text()
+        assert f'runpy.run_module("{new}", run_name="__main__"' in (ROOT / (old.replace(".", "/") + ".py")).read_text()

@@ -379,7 +379,10 @@ Files:
 {_usage(info)}"""
 
 
-if __name__ == "__main__":
-    from scripts.moved import run_moved
+if __name__ == "__main__":  # the former spelling of the command, until the next release
+    import runpy
+    import sys
 
-    run_moved("training.model_card", "scripts.model_card")
+    print("`python -m training.model_card` is now `python -m scripts.model_card`; the old spelling goes in the next "
+          "release.", file=sys.stderr)
+    runpy.run_module("scripts.model_card", run_name="__main__", alter_sys=True)
