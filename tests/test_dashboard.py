@@ -130,7 +130,7 @@ def test_the_csv_is_named_after_run_and_filter_and_holds_the_shown_rows(tmp_path
         "gold-no", "gold-maybe"}
 
 
-def test_page_loads_reuse_one_csv_folder_and_one_file_per_run_and_filter(tmp_path, monkeypatch):
+def test_page_loads_reuse_one_csv_folder_and_one_file_per_run_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # what a page load leaves in the temp folder, alone
     exports, catalogue = CsvExports(), RunCatalogue(tmp_path / "own", 3)
     first = show_run(catalogue, "shipped/test-500", "all questions", exports)[DOWNLOAD]["value"]
@@ -138,7 +138,7 @@ def test_page_loads_reuse_one_csv_folder_and_one_file_per_run_and_filter(tmp_pat
     for _ in range(30):
         again = show_run(catalogue, "shipped/test-500", "all questions", exports)[DOWNLOAD]["value"]
     assert again == first and sorted(tmp_path.rglob("*")) == before  # no new folder or file: the same one rewritten
-    assert exports.folder.parent == tmp_path and len(exports.files()) == 1
+    assert exports.folder.parent == tmp_path and len(exports.files()) == 2  # the examples shown, and the figures
 
 
 def test_the_csv_folder_keeps_at_most_its_cap_and_is_removed_with_the_app(tmp_path, monkeypatch):
@@ -302,7 +302,7 @@ def test_long_tick_labels_wrap_and_bar_values_leave_room_for_the_legend():
     readable = readable_figure(RUN)
     assert list(readable.layout.xaxis.ticktext) == ["looping<br>(lower is better)", "ended<br>by itself"]
     decision = decision_figure(RUN)
-    top = max(max(trace.y) for trace in decision.data)
+    top = max(max(trace.y) for trace in decision.data if trace.type == "bar")
     assert decision.layout.yaxis.range[1] > top * 1.1
     assert list(text_figure(RUN).data[0].text) == [f"{v:.0f}" for v in text_figure(RUN).data[0].y]
 

@@ -24,12 +24,14 @@ from app.access import OwnerAccess
 from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
 from app.literal_text import literal_markdown
 from app.model_status import shown_source
+from app.ui.eval_significance import add_reference_lines, comparison_markdown, error_bars, figures_frame, significance
 from app.ui.user_messages import user_error
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import Engine
 from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.runner import EvalArguments, evaluate
+from pubmedqa.evaluation.significance import RunSignificance
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +105,21 @@ def _phone_layout(figure: go.Figure, title: str, height: int) -> None:
 
 
 def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str, scale: float = 1.0,
-          digits: int = 1) -> go.Figure:
+          digits: int = 1, found: RunSignificance | None = None, interval_keys: list[str | None] | None = None,
+          ) -> go.Figure:
+    """Grouped bars of ``metrics`` per variant; with ``found``, each bar's 95 % interval (``interval_keys``: the
+    interval of each metric, None where there is none) as an error bar."""
     figure = go.Figure()
     names = [name for name, _ in metrics]
     top = 0.0
     for key in run.model_keys:
         values = [getter(run.results["models"][key]) for _, getter in metrics]
         shown = [None if v is None else v * scale for v in values]
-        top = max([top, *(v for v in shown if v is not None)])
+        bars = error_bars(found, key, interval_keys or [], scale) if interval_keys else None
+        highs = [v + (plus or 0) for v, plus in zip(shown, bars["array"])] if bars else shown
+        top = max([top, *(v for v in highs if v is not None)])
         figure.add_bar(
-            name=LABELS[key], x=names, y=shown, marker_color=COLORS[key],
+            name=LABELS[key], x=names, y=shown, marker_color=COLORS[key], error_y=bars,
             text=["n/a" if v is None else f"{v:.{digits}f}" for v in shown], textposition="outside", cliponaxis=False,
         )
     _phone_layout(figure, title, 380)
@@ -128,23 +135,29 @@ def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str
     return figure
 
 
-def decision_figure(run: RunResults) -> go.Figure:
-    return _bars(run, [("accuracy", _get("accuracy")), ("macro-F1", _get("macro_f1"))], "Decision (yes/no/maybe)", "%", 100)
+def decision_figure(run: RunResults, found: RunSignificance | None = None) -> go.Figure:
+    names = ["accuracy", "macro-F1"]
+    figure = _bars(run, [(names[0], _get("accuracy")), (names[1], _get("macro_f1"))], "Decision (yes/no/maybe)", "%",
+                   100, found=found, interval_keys=["accuracy", "macro_f1"])
+    add_reference_lines(figure, run, names)
+    return figure
 
 
-def text_figure(run: RunResults) -> go.Figure:
+def text_figure(run: RunResults, found: RunSignificance | None = None) -> go.Figure:
     metrics = [
         ("Token-F1", _get("token_f1")), ("BLEU", _get("bleu")), ("ROUGE-1", _get("rouge1")), ("ROUGE-L", _get("rougeL")),
         ("BERTScore P", _get("bertscore", "precision")), ("BERTScore R", _get("bertscore", "recall")),
         ("BERTScore F1", _get("bertscore", "f1")),
     ]
     # Whole numbers: seven pairs of bars share a phone's width, and a point on these scores means little.
-    return _bars(run, metrics, "Long answer vs the<br>abstract's conclusion", "score (0-100)", digits=0)
+    return _bars(run, metrics, "Long answer vs the<br>abstract's conclusion", "score (0-100)", digits=0, found=found,
+                 interval_keys=["token_f1", "bleu", "rouge1", "rougeL", None, None, "bertscore_f1"])
 
 
-def readable_figure(run: RunResults) -> go.Figure:
+def readable_figure(run: RunResults, found: RunSignificance | None = None) -> go.Figure:
     metrics = [("looping (lower is better)", _get("looping")), ("ended by itself", _get("ended_by_itself"))]
-    figure = _bars(run, metrics, "Readable answers:<br>loops and endings", "% of answers")
+    figure = _bars(run, metrics, "Readable answers:<br>loops and endings", "% of answers", found=found,
+                   interval_keys=["looping", "ended"])
     figure.update_xaxes(ticktext=["looping<br>(lower is better)", "ended<br>by itself"])
     figure.update_yaxes(range=[0, 110])
     return figure
@@ -372,6 +385,10 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
         confusion_base = gr.Plot(label="Confusion matrix (base)", min_width=320)
         confusion_tuned = gr.Plot(label="Confusion matrix (fine-tuned)", min_width=320)
     gr.Markdown(METRIC_LEGEND, elem_id="eval-legend")
+    comparison = gr.Markdown(elem_id="eval-comparison")
+    figures = gr.Dataframe(label="Figures with their 95 % intervals", interactive=False, wrap=True, pinned_columns=1,
+                           elem_id="eval-figures")
+    figures_download = gr.DownloadButton("Download figures CSV", min_width=140, elem_id="eval-figures-download")
     with gr.Row(equal_height=True):
         filter_choice = gr.Dropdown(choices=list(FILTERS), value="all questions", label="Show", scale=3,
                                     elem_id="eval-filter")
@@ -406,7 +423,7 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
             with gr.Column(scale=2, min_width=240):
                 run_status = gr.Markdown(elem_id="eval-run-status", min_height=80)
     shown = [message, decision_plot, text_plot, readable_plot, judge_plot, confusion_base, confusion_tuned, count,
-             table, download, example]
+             table, download, example, comparison, figures, figures_download]
     return EvaluationTab(run_choice, reload, filter_choice, table, example, n_questions, long_answers, admin_key,
                          run_button, run_status, shown)
 
@@ -415,7 +432,8 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
              exports: CsvExports | None = None) -> tuple[Any, ...]:
     """Everything the tab shows of one run (see ``EvaluationTab.shown``), or a one-line message where it cannot;
     with ``exports``, the shown examples as a CSV to download."""
-    empty = (None,) * 6 + ("", gr.update(value=pd.DataFrame()), gr.update(value=None), "")
+    empty = (None,) * 6 + ("", gr.update(value=pd.DataFrame()), gr.update(value=None), "", "",
+                           gr.update(value=pd.DataFrame()), gr.update(value=None))
     if not key:
         return ("No evaluation results yet: run `python -m scripts.evaluate` or use *Run a new evaluation* below.",) + empty
     try:
@@ -425,13 +443,19 @@ def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
         return (f"⚠️ Cannot show this run: {exc}",) + empty
     frame = shown_frame(examples_frame(run, filter_name))
     has_tuned = variants.TUNED_KEY in run.model_keys
-    figures = [decision_figure(run), text_figure(run), readable_figure(run), judge_figure(run),
-               confusion_figure(run, variants.BASE_KEY), confusion_figure(run, variants.TUNED_KEY) if has_tuned else None]
+    found = significance(run)
+    confusions = [confusion_figure(run, variants.BASE_KEY),
+                  confusion_figure(run, variants.TUNED_KEY) if has_tuned else None]
+    figures = [decision_figure(run, found), text_figure(run, found), readable_figure(run, found), judge_figure(run),
+               *confusions]
+    table = figures_frame(run, found)
     return (
         run_summary(run, entry.label), *map(plot_value, figures),
         row_count(len(frame), len(run.examples), filter_name),
         gr.update(value=frame, column_widths=column_widths(frame)),
         gr.update(value=_csv(exports, entry, filter_name, frame)), "",
+        comparison_markdown(run, found), gr.update(value=table),
+        gr.update(value=_csv(exports, entry, "figures with intervals", table)),
     )
 
 
