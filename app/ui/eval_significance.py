@@ -84,14 +84,22 @@ def add_reference_lines(figure: go.Figure, run: RunResults, names: list[str]) ->
     if info.get("n") == 500 and "official test" in str(info.get("split", "")):
         references.append(("human (PubMedQA paper)", HUMAN, "#2b8a3e", "dot"))
     metric_keys = ["accuracy", "macro_f1"]
+    if references:  # room for the highest line above the bars' own headroom
+        highest = max(values[m] * 100 for _, values, _, _ in references for m in metric_keys)
+        low, high = figure.layout.yaxis.range or (0, 0)
+        figure.update_yaxes(range=[low or 0, max(high or 0, highest * 1.12)])
     for label, values, color, dash in references:
         for i, name in enumerate(names[: len(metric_keys)]):
             y = values[metric_keys[i]] * 100
             figure.add_shape(type="line", xref="x", yref="y", x0=i - 0.45, x1=i + 0.45, y0=y, y1=y,
                              line={"color": color, "width": 1.5, "dash": dash})
-        # One legend entry per reference line (an invisible trace carries it); the source is under the charts.
+        # One entry per reference line (an invisible trace carries it) in a second legend under the chart, so that
+        # the bars' legend keeps its one row above it on a phone; the source is under the charts.
         figure.add_scatter(x=[None], y=[None], mode="lines", name=label, line={"color": color, "dash": dash},
-                           hoverinfo="skip")
+                           hoverinfo="skip", legend="legend2")
+    if references:
+        figure.update_layout(legend2={"orientation": "h", "yanchor": "top", "y": -0.14, "xanchor": "left", "x": 0},
+                             height=(figure.layout.height or 380) + 50, margin={"b": 60})
 
 
 def _cell(interval: Interval | None, scale: float) -> tuple[str, str]:

@@ -120,7 +120,9 @@ def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str
         top = max([top, *(v for v in highs if v is not None)])
         figure.add_bar(
             name=LABELS[key], x=names, y=shown, marker_color=COLORS[key], error_y=bars,
-            text=["n/a" if v is None else f"{v:.{digits}f}" for v in shown], textposition="outside", cliponaxis=False,
+            text=["n/a" if v is None else f"{v:.{digits}f}" for v in shown], cliponaxis=False,
+            # With error bars the value sits inside its bar, at the foot, where no whisker crosses it.
+            textposition="inside" if bars else "outside", insidetextanchor="start",
         )
     _phone_layout(figure, title, 380)
     # Bar labels shrink to their bar's width; one that would need less than 9 px is hidden rather than overlapping

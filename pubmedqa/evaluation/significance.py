@@ -23,8 +23,8 @@ from pubmedqa.prompts import ANSWER_OPTIONS
 RESAMPLES = 2000
 SEED = 0
 LEVEL = 0.95
-#: Per-question scores in examples.jsonl whose run figure is their mean (0-100), by results.json key.
-MEAN_SCORES = {"token_f1": "token_f1", "rouge1": "rouge1", "rougeL": "rougeL", "bertscore_f1": "bertscore_f1"}
+#: Per-question scores in examples.jsonl whose run figure is their mean (0-100): key -> the name a sentence uses.
+MEAN_SCORES = {"token_f1": "Token-F1", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L", "bertscore_f1": "BERTScore F1"}
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,8 @@ def _per_question(examples: list[dict[str, Any]], key: str) -> dict[str, np.ndar
     if len(rows) != len(examples) or not rows:
         return None
     values: dict[str, np.ndarray] = {"decision": _codes([str(r.get("decision")) for r in rows])}
-    for name, score in MEAN_SCORES.items():
-        column = [r.get("scores", {}).get(score) for r in rows]
+    for name in MEAN_SCORES:
+        column = [r.get("scores", {}).get(name) for r in rows]
         if all(isinstance(v, (int, float)) for v in column):
             values[name] = np.asarray(column, float)
     for name in ("looping", "ended"):
@@ -211,7 +211,7 @@ def run_significance(examples: list[dict[str, Any]], keys: Sequence[str], base_k
         tests["accuracy"] = PairedTest("accuracy", Interval(observed, spread.difference.low, spread.difference.high,
                                                             spread.difference.stderr), p, "McNemar (exact)")
         tests["macro_f1"] = paired_bootstrap((gold, base["decision"]), (gold, tuned["decision"]), macro_f1, "macro-F1")
-        for name in MEAN_SCORES:
+        for name, label in MEAN_SCORES.items():
             if name in base and name in tuned:
-                tests[name] = paired_bootstrap((base[name],), (tuned[name],), _mean, name)
+                tests[name] = paired_bootstrap((base[name],), (tuned[name],), _mean, label)
     return RunSignificance(intervals, tests)
