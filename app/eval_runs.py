@@ -154,11 +154,15 @@ class CsvExports:
 
     def write(self, run: EvalRun, filter_name: str, frame: pd.DataFrame) -> Path:
         """The CSV of ``frame`` (``run``'s examples through ``filter_name``); the path to offer."""
+        # A folder per kind: a run of the app's own may share its name with a shipped one.
+        return self.write_named(file_slug(run.key.split("/", 1)[0]), self.name(run, filter_name), frame)
+
+    def write_named(self, kind: str, name: str, frame: pd.DataFrame) -> Path:
+        """The CSV of ``frame`` as ``<kind>/<name>`` in the folder, rewritten in place; the path to offer."""
         with self._lock:
-            # A folder per kind: a run of the app's own may share its name with a shipped one.
-            folder = self._folder() / file_slug(run.key.split("/", 1)[0])
+            folder = self._folder() / kind
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / self.name(run, filter_name)
+            path = folder / name
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
             try:
                 with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:

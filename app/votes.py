@@ -1,5 +1,6 @@
-"""Reviewer votes from the Compare tab: one JSON line per vote in a local file, optionally synced to a Hub dataset
-with ``huggingface_hub.CommitScheduler`` (the Space pattern for collecting feedback)."""
+"""Human ratings: the Compare tab's votes and the Chat's thumbs up/down, one JSON line each in one local file (a
+Chat rating has ``"kind": "chat"``), optionally synced to a Hub dataset with ``huggingface_hub.CommitScheduler``
+(the Space pattern for collecting feedback)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 VOTE_CHOICES = ("base better", "fine-tuned better", "tie", "both bad")
+RATING_CHOICES = ("like", "dislike")  # a Chat answer's thumbs up / down
 
 
 class VoteError(RuntimeError):
@@ -49,8 +51,8 @@ class VoteLog:
                 logger.warning("Vote sync to %s is off (%s); votes are kept in %s", hub_repo, type(exc).__name__, self.path)
 
     def append(self, vote: str, record: dict[str, Any]) -> None:
-        if vote not in VOTE_CHOICES:
-            raise VoteError(f"Unknown vote {vote!r}: choose one of {', '.join(VOTE_CHOICES)}.")
+        if vote not in VOTE_CHOICES + RATING_CHOICES:
+            raise VoteError(f"Unknown vote {vote!r}: choose one of {', '.join(VOTE_CHOICES + RATING_CHOICES)}.")
         line = json.dumps({"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vote": vote, **record},
                           ensure_ascii=False)
         data = (line + "\n").encode("utf-8")
@@ -84,18 +86,40 @@ class VoteLog:
     def full(self) -> bool:
         return self._size() >= self.max_bytes
 
-    def summary(self) -> dict[str, int]:
-        counts: Counter[str] = Counter()
+    def records(self) -> list[dict[str, Any]]:
+        """Every vote and rating in the file (at most ``max_bytes`` of it), oldest first; a damaged line costs
+        itself, not the others."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            with self.path.open("rb") as handle:
+                data = handle.read(self.max_bytes + 1)
         except OSError:
-            lines = []
-        for line in lines:
+            return []
+        records = []
+        for line in data.decode("utf-8", errors="replace").splitlines():
             try:
-                counts[json.loads(line)["vote"]] += 1
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a damaged line costs itself, not the summary
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("vote") in VOTE_CHOICES + RATING_CHOICES:
+                records.append(record)
+        return records
+
+    def summary(self) -> dict[str, int]:
+        """The Compare votes by choice."""
+        counts = Counter(r["vote"] for r in self.records())
         return {choice: counts.get(choice, 0) for choice in VOTE_CHOICES}
+
+    def reset(self) -> Path | None:
+        """Start a new file (the owner's): the current one is kept beside it, renamed with the time, and no longer
+        counted; None when there was nothing to reset."""
+        with self._lock:
+            if not self.path.is_file():
+                return None
+            kept = self.path.with_name(f"{self.path.stem}.until-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.jsonl")
+            self.path.replace(kept)
+            self._full_logged = False
+        logger.info("Ratings reset by the owner; the earlier ones are kept in %s", kept)
+        return kept
 
 
 def _append_whole(path: Path, data: bytes) -> None:

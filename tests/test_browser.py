@@ -7,6 +7,7 @@ Locally they are skipped when Chromium or Playwright is missing; in CI (CI=true)
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -393,3 +394,36 @@ def test_a_question_without_an_abstract_shows_the_articles_and_an_answer_citing_
         page.wait_for_function(f"() => document.querySelector('{side}').innerText.includes('Source: PMID {own}')")
     page.screenshot(path=str(ARTIFACTS / "compare-evidence.png"), full_page=True)
     context.close()
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, PHONE], ids=["1280px", "390px"])
+def test_a_thumb_on_a_chat_answer_and_a_compare_vote_show_in_the_human_ratings(
+    browser, tiny_model_dir, tiny_adapter_dir, tmp_path, viewport
+):
+    engine = _loaded_tiny_engine(tiny_model_dir, tiny_adapter_dir)
+    limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
+    with serving(build_app(engine, limits)) as url:
+        context, page = _open_page(browser, url, viewport)
+        _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
+        _wait_answer(page)
+        page.locator("#chat-conversation").get_by_role("button", name="Like", exact=True).first.click()
+        page.get_by_role("tab", name="Compare").click()
+        page.locator("#compare-question textarea").fill("Is ultrasound as accurate as X-ray for fractures?")
+        page.get_by_role("button", name="Compare", exact=True).click()
+        page.get_by_text("Model's yes/no/maybe probabilities").first.wait_for()
+        page.get_by_role("button", name="fine-tuned better").click()
+        page.get_by_text("Vote recorded").first.wait_for()
+        page.get_by_role("tab", name="Evaluation").click()
+        page.get_by_role("button", name="Reload").click()
+        ratings = page.locator("#eval-human-ratings")
+        page.wait_for_function("() => document.querySelector('#eval-human-ratings').innerText.includes('Chat, base')")
+        text = ratings.inner_text()
+        assert "fine-tuned preferred in 100% of 1" in text and "Chat, base: liked 100% of 1" in text, text
+        comparison = page.locator("#eval-comparison").inner_text()
+        assert "How sure these figures are" in comparison and "(p = " in comparison
+        assert page.locator("#eval-figures").get_by_text("95 % interval").count() >= 1
+        ratings.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / f"human-ratings-{viewport['width']}.png"), full_page=False)
+        records = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
+        assert [(r["kind"], r["vote"]) for r in records] == [("chat", "like"), ("compare", "fine-tuned better")]
+        context.close()

@@ -6,6 +6,8 @@ two; :func:`register_chat_api` adds the ``/chat`` endpoint for scripts.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -14,6 +16,7 @@ import gradio as gr
 from app.chat import stream_answer
 from app.evidence import FoundEvidence
 from app.literal_text import from_literal_markdown, literal_markdown
+from app.rate_limits import PerMinuteLimiter, log_refusal
 from app.ui.evidence_panel import (
     UNCHANGED,
     EvidenceHandlers,
@@ -28,10 +31,12 @@ from app.ui.settings_controls import SettingsControls, build_settings_controls, 
 from app.ui.user_messages import notices_markdown, run_guarded, user_error
 from app.ui.visitor_guard import VisitorGuard, register_api
 from app.validation import message_text
+from app.votes import VoteError, VoteLog
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadState
 from pubmedqa.evidence import EvidenceSearch
+from pubmedqa.prompts import parse_decision
 from pubmedqa.variants import Variant
 
 # (conversation, question box, notice, evidence list, article choice, evidence state, context box) as it grows
@@ -123,7 +128,7 @@ def _conversation() -> gr.Chatbot:
         elem_id="chat-conversation",
         height=460,
         buttons=["copy", "copy_all"],
-        feedback_options=None,
+        feedback_options=("Like", "Dislike"),  # thumbs under each answer: the human ratings (app/human_ratings.py)
         latex_delimiters=[],  # messages are shown as written (literal_markdown), formulas included
         placeholder="Ask a yes/no/maybe question about biomedical research. "
         "To ground the answer, paste the abstract into the Abstract / context box.",
@@ -161,18 +166,53 @@ def _context_box(limits: ServerSettings) -> gr.Textbox:
     )
 
 
+class AnsweredTurns:
+    """What each session's finished answers were (question, variant, decision, settings), by their index in the
+    conversation, so that a thumb on an answer is recorded with what produced it, whatever the browser sends.
+    Bounded: a session keeps its last ``per_session`` answers, the registry its last ``sessions`` sessions."""
+
+    def __init__(self, per_session: int, sessions: int = 1000):
+        self.per_session, self.sessions = per_session, sessions
+        self._turns: OrderedDict[str, dict[int, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, session: str, index: int, record: dict[str, Any]) -> None:
+        with self._lock:
+            turns = self._turns.setdefault(session, {})
+            self._turns.move_to_end(session)
+            turns[index] = record
+            for old in sorted(turns)[: max(0, len(turns) - self.per_session)]:
+                del turns[old]
+            while len(self._turns) > self.sessions:
+                self._turns.popitem(last=False)
+
+    def get(self, session: str, index: Any) -> dict[str, Any] | None:
+        if not isinstance(index, int) or isinstance(index, bool):
+            return None
+        with self._lock:
+            return self._turns.get(session, {}).get(index)
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._turns.pop(session, None)
+
+
 class ChatHandlers:
     """The Chat tab's event handlers; one cancel flag per browser session, so Stop and Clear reach only it."""
 
     def __init__(
         self, engine: Engine, limits: ServerSettings, guard: VisitorGuard,
-        evidence: EvidenceHandlers | None = None,
+        evidence: EvidenceHandlers | None = None, votes: VoteLog | None = None,
+        vote_limiter: PerMinuteLimiter | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits
         self.guard = guard
         self.evidence = evidence or EvidenceHandlers(None, limits, guard)
         self.cancels = SessionCancels()
+        self.votes = votes
+        self.vote_limiter = vote_limiter or PerMinuteLimiter(limits.votes_per_minute)
+        self.answered = AnsweredTurns(limits.max_history_messages)
 
     def respond(
         self,
@@ -227,6 +267,30 @@ class ChatHandlers:
         if cancel.is_set():  # stopped while the engine was finishing its last token: say so
             pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
             yield pending, gr.skip(), gr.skip(), *UNCHANGED
+            return
+        answer = from_literal_markdown(message_text(pending[-1]["content"]))
+        self.answered.remember(session_id(request), len(pending) - 1, {
+            "question": message.strip(), "variant": variant, "decision": parse_decision(answer) or "",
+            "answer": answer, "settings": settings, "base_model": self.engine.settings.base_model,
+            "adapter": self.engine.settings.adapter_source,
+            "evidence_pmid": evidence.article.pmid if evidence is not None and evidence.article is not None else None,
+        })
+
+    def rate(self, data: gr.LikeData, request: gr.Request) -> None:
+        """A thumb up or down on an answer: recorded with the question, variant, decision and settings that produced
+        it (held on the server); a thumb on anything else (a question, a stopped answer, a forged index) is ignored."""
+        if self.votes is None or data.liked not in (True, False):
+            return
+        record = self.answered.get(session_id(request), data.index)
+        if record is None:
+            log_refusal("Ignored a rating of no finished answer (index %r)", data.index)
+            return
+        if not self.vote_limiter.allow(self.guard.visitor(request)):
+            raise user_error(f"Too many ratings: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
+        try:
+            self.votes.append("like" if data.liked else "dislike", {"kind": "chat", **record})
+        except VoteError as exc:
+            gr.Warning(str(exc))
 
     def stop_generation(self, history: list[dict[str, Any]] | None, request: gr.Request) -> Any:
         """Stop this session's answer, and mark it as stopped where it stands (the cancelled event sends nothing
@@ -244,6 +308,7 @@ class ChatHandlers:
     def end_session(self, request: gr.Request) -> None:
         self.cancels.cancel(session_id(request))
         self.guard.end_session(request)
+        self.answered.forget(session_id(request))
 
     def clear_chat(self, request: gr.Request) -> tuple[list, str, str]:
         self.end_session(request)
@@ -265,6 +330,7 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
     )
     ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=[chat_event], queue=False,
                   api_visibility="private")
+    ui.chatbot.like(handlers.rate, None, None, queue=False, api_visibility="private", show_progress="hidden")
     ui.clear.click(
         handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=[chat_event], queue=False,
         api_visibility="private",
@@ -273,10 +339,10 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
 
 def build_chat_tab(
     engine: Engine, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
-    search: EvidenceSearch | None = None,
+    search: EvidenceSearch | None = None, votes: VoteLog | None = None, vote_limiter: PerMinuteLimiter | None = None,
 ) -> ChatTab:
     ui = _layout(limits, examples, search)
-    handlers = ChatHandlers(engine, limits, guard, EvidenceHandlers(search, limits, guard))
+    handlers = ChatHandlers(engine, limits, guard, EvidenceHandlers(search, limits, guard), votes, vote_limiter)
     _wire(ui, handlers, limits.concurrency_limit)
     return ChatTab(variant=ui.variant, end_session=handlers.end_session)
 

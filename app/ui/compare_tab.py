@@ -145,14 +145,15 @@ class CompareHandlers:
     """The Compare tab's event handlers; one cancel flag per browser session, so Stop reaches only it."""
 
     def __init__(self, engine: Engine, limits: ServerSettings, examples: list[dict[str, str]],
-                 votes: VoteLog, guard: VisitorGuard, evidence: EvidenceHandlers | None = None) -> None:
+                 votes: VoteLog, guard: VisitorGuard, evidence: EvidenceHandlers | None = None,
+                 vote_limiter: PerMinuteLimiter | None = None) -> None:
         self.engine = engine
         self.limits = limits
         self.guard = guard
         self.evidence = evidence or EvidenceHandlers(None, limits, guard)
         self.examples = examples
         self.votes = votes
-        self.vote_limiter = PerMinuteLimiter(limits.votes_per_minute)
+        self.vote_limiter = vote_limiter or PerMinuteLimiter(limits.votes_per_minute)  # the Chat's ratings count too
         self.cancels = SessionCancels()
 
     def pick_example(self, index: int | None) -> tuple[Any, Any, str]:
@@ -202,7 +203,8 @@ class CompareHandlers:
     def _vote_record(self, question_text: str, context_text: str, settings: dict[str, Any],
                      sides: list[SideResult]) -> dict[str, Any]:
         return {
-            "question": question_text, "context_hash": context_hash(context_text or ""), "settings": settings,
+            "kind": "compare", "question": question_text, "context_hash": context_hash(context_text or ""),
+            "settings": settings,
             "base_model": self.engine.settings.base_model, "adapter": self.engine.settings.adapter_source,
             "answers": {side.variant: side.answer for side in sides},
         }
@@ -264,11 +266,11 @@ def _vote_for(handlers: CompareHandlers, choice: str):
 
 def build_compare_tab(
     engine: Engine, limits: ServerSettings, examples: list[dict[str, str]], guard: VisitorGuard,
-    search: EvidenceSearch | None = None,
+    votes: VoteLog, vote_limiter: PerMinuteLimiter, search: EvidenceSearch | None = None,
 ) -> None:
-    votes = VoteLog(limits.votes_path, limits.votes_repo, limits.max_votes_mb << 20)
     ui = _layout(limits, examples, vote_summary_markdown(votes), search)
-    handlers = CompareHandlers(engine, limits, examples, votes, guard, EvidenceHandlers(search, limits, guard))
+    handlers = CompareHandlers(engine, limits, examples, votes, guard, EvidenceHandlers(search, limits, guard),
+                               vote_limiter)
     _wire(ui, handlers, limits.concurrency_limit)
 
 

@@ -22,10 +22,12 @@ from gradio.components.plot import PlotData
 
 from app.access import OwnerAccess
 from app.eval_runs import CsvExports, EvalRun, RunCatalogue, UnknownRunError
+from app.human_ratings import ratings_frame, ratings_markdown, summarize
 from app.literal_text import literal_markdown
 from app.model_status import shown_source
 from app.ui.eval_significance import add_reference_lines, comparison_markdown, error_bars, figures_frame, significance
 from app.ui.user_messages import user_error
+from app.votes import VoteLog
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
 from pubmedqa.engines.base import Engine
@@ -360,12 +362,26 @@ class EvaluationTab:
     run_button: gr.Button
     run_status: gr.Markdown
     shown: list[Any]  # what :func:`show_run` fills, in its order
+    ratings: RatingsControls
 
 
-def build_evaluation_tab(engine: Engine, server: ServerSettings) -> None:
+@dataclass
+class RatingsControls:
+    """The Human ratings section and the owner's export and reset of the ratings."""
+
+    summary: gr.Markdown
+    key: gr.Textbox
+    export: gr.Button
+    reset: gr.Button
+    file: gr.File
+    status: gr.Markdown
+
+
+def build_evaluation_tab(engine: Engine, server: ServerSettings, votes: VoteLog | None = None) -> None:
     catalogue = RunCatalogue(server.eval_dir, server.max_eval_runs)
     access = OwnerAccess.from_settings(server)
-    _wire(_layout(catalogue, access), engine, catalogue, CsvExports(), access)
+    votes = votes or VoteLog(server.votes_path, max_bytes=server.max_votes_mb << 20)
+    _wire(_layout(catalogue, access), engine, catalogue, CsvExports(), access, votes)
 
 
 def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
@@ -379,7 +395,9 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
     # min_width: two charts side by side need about 320 px each; below that (a phone) they stack.
     with gr.Row():
         decision_plot = gr.Plot(label="Decision metrics", min_width=320)
-        judge_plot = gr.Plot(label="LLM judge", min_width=320)
+        with gr.Column(min_width=320):  # the LLM's grades and the people's ratings, side by side
+            judge_plot = gr.Plot(label="LLM judge")
+            human = gr.Markdown(elem_id="eval-human-ratings")
     with gr.Row():
         text_plot = gr.Plot(label="Long-answer metrics", scale=2, min_width=320)
         readable_plot = gr.Plot(label="Readable answers", scale=1, min_width=320)
@@ -424,10 +442,20 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
             # Progress shows here, beside the button the user just pressed, not over the run selector at the top.
             with gr.Column(scale=2, min_width=240):
                 run_status = gr.Markdown(elem_id="eval-run-status", min_height=80)
+    with gr.Accordion("Human ratings: export or reset", open=False):
+        gr.Markdown("The ratings with their questions and answers as a CSV, or a new start (the current file is kept "
+                    "beside the new one, renamed). The owner's alone: visitors' questions are in it.")
+        ratings_key = gr.Textbox(label="Admin key", type="password", visible=access.needs_key, max_length=200)
+        with gr.Row(equal_height=True):
+            export = gr.Button("Export ratings CSV", min_width=160, elem_id="eval-ratings-export")
+            reset = gr.Button("Reset ratings", variant="stop", min_width=160, elem_id="eval-ratings-reset")
+        ratings_file = gr.File(label="Ratings CSV", visible=False, interactive=False)
+        ratings_status = gr.Markdown(elem_id="eval-ratings-status")
     shown = [message, decision_plot, text_plot, readable_plot, judge_plot, confusion_base, confusion_tuned, count,
              table, download, example, comparison, figures, figures_download]
+    ratings = RatingsControls(human, ratings_key, export, reset, ratings_file, ratings_status)
     return EvaluationTab(run_choice, reload, filter_choice, table, example, n_questions, long_answers, admin_key,
-                         run_button, run_status, shown)
+                         run_button, run_status, shown, ratings)
 
 
 def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
@@ -497,14 +525,29 @@ def run_evaluation(engine: Engine, catalogue: RunCatalogue, n: float, with_answe
 
 
 def _wire(tab: EvaluationTab, engine: Engine, catalogue: RunCatalogue, exports: CsvExports,
-          access: OwnerAccess) -> None:
+          access: OwnerAccess, votes: VoteLog) -> None:
     def refresh(key: str | None, filter_name: str) -> tuple[Any, ...]:
         # The runs are listed from disk on every refresh: one started here, by this visitor or another, shows up
         # on a reload or the next page load, not only after a restart.
         choices = catalogue.choices()
         keys = [choice_key for _, choice_key in choices]
         key = key if key in keys else (keys[0] if keys else None)
-        return (gr.update(choices=choices, value=key), *show_run(catalogue, key, filter_name, exports))
+        return (gr.update(choices=choices, value=key), *show_run(catalogue, key, filter_name, exports),
+                ratings_markdown(summarize(votes.records())))
+
+    def export_ratings(key: str, profile: gr.OAuthProfile | None) -> tuple[Any, str]:
+        if refusal := access.refusal(profile, key):
+            raise user_error(refusal)
+        records = votes.records()
+        path = exports.write_named("ratings", "pubmedqa-human-ratings.csv", ratings_frame(records))
+        return gr.update(value=str(path), visible=True), f"{len(records)} ratings exported."
+
+    def reset_ratings(key: str, profile: gr.OAuthProfile | None) -> tuple[str, str]:
+        if refusal := access.refusal(profile, key):
+            raise user_error(refusal)
+        kept = votes.reset()
+        done = f"Ratings reset; the earlier ones are kept as {kept.name}." if kept else "There were no ratings."
+        return ratings_markdown(summarize(votes.records())), done
 
     def read_example(key: str | None, evt: gr.SelectData) -> str:
         row = evt.row_value or []
@@ -532,7 +575,11 @@ def _wire(tab: EvaluationTab, engine: Engine, catalogue: RunCatalogue, exports: 
         return allowed(profile), NOT_RUN if failed else (status or "")
 
     inputs = [tab.run_choice, tab.filter_choice]
-    outputs = [tab.run_choice, *tab.shown]
+    outputs = [tab.run_choice, *tab.shown, tab.ratings.summary]
+    tab.ratings.export.click(export_ratings, tab.ratings.key, [tab.ratings.file, tab.ratings.status],
+                             api_visibility="private", concurrency_limit=1)
+    tab.ratings.reset.click(reset_ratings, tab.ratings.key, [tab.ratings.summary, tab.ratings.status],
+                            api_visibility="private", concurrency_limit=1)
     # No triggers: on page load and whenever the run or the filter changes (a finished evaluation selects its run).
     gr.on(None, refresh, inputs, outputs, api_visibility="private")
     tab.reload.click(refresh, inputs, outputs, api_visibility="private")

@@ -9,13 +9,14 @@ import gradio as gr
 
 from app import model_status
 from app.access import API_KEY_ENV, OwnerAccess
-from app.rate_limits import EvidenceQuota
+from app.rate_limits import EvidenceQuota, PerMinuteLimiter
 from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_update
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
 from app.ui.page_blocks import PageBlocks
 from app.ui.visitor_guard import VisitorGuard
+from app.votes import VoteLog
 from pubmedqa.config import ServerSettings
 from pubmedqa.data import load_examples
 from pubmedqa.engines.base import Engine, LoadState
@@ -64,13 +65,16 @@ def _header(engine: Engine) -> tuple[gr.Markdown, gr.Markdown]:
 
 
 def _tabs(engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None) -> ChatTab:
+    # One file of human ratings (Compare votes, Chat thumbs) and one per-visitor budget for casting them.
+    votes = VoteLog(limits.votes_path, limits.votes_repo, limits.max_votes_mb << 20)
+    vote_limiter = PerMinuteLimiter(limits.votes_per_minute)
     with gr.Tabs():
         with gr.Tab("Chat"):
-            chat = build_chat_tab(engine, limits, load_examples(), guard, search)
+            chat = build_chat_tab(engine, limits, load_examples(), guard, search, votes, vote_limiter)
         with gr.Tab("Compare"):
-            build_compare_tab(engine, limits, load_examples(key="dev_examples"), guard, search)
+            build_compare_tab(engine, limits, load_examples(key="dev_examples"), guard, votes, vote_limiter, search)
         with gr.Tab("Evaluation"):
-            build_evaluation_tab(engine, limits)
+            build_evaluation_tab(engine, limits, votes)
     return chat
 
 
