@@ -49,7 +49,8 @@ NAMES: dict[Variant, VariantNames] = {
     Variant.TUNED: VariantNames("Fine-tuned (LoRA)", "pubmedqa-tuned", "tuned", aliases=("tuned",)),
 }
 
-DEFAULT = Variant.BASE
+DEFAULT = Variant.BASE  # what an API call without a model choice gets: there whether or not an adapter is loaded
+PREFERRED = Variant.TUNED  # what the Chat opens on once the adapter is loaded: the model the app is for
 CHOICES: tuple[str, ...] = tuple(variant.value for variant in Variant)
 HEADINGS: dict[Variant, str] = {variant: names.label for variant, names in NAMES.items()}
 #: Every name the /v1 API accepts for a variant besides its model name: its id and its aliases.

@@ -416,9 +416,10 @@ def test_a_thumb_on_a_chat_answer_and_a_compare_vote_show_in_the_human_ratings(
         page.get_by_role("tab", name="Evaluation").click()
         page.get_by_role("button", name="Reload").click()
         ratings = page.locator("#eval-human-ratings")
-        page.wait_for_function("() => document.querySelector('#eval-human-ratings').innerText.includes('Chat, base')")
+        page.wait_for_function("() => document.querySelector('#eval-human-ratings').innerText.includes('Chat, ')")
         text = ratings.inner_text()
-        assert "fine-tuned preferred in 100% of 1" in text and "Chat, base: liked 100% of 1" in text, text
+        # The Chat opened on the fine-tuned model, the one the app is for.
+        assert "fine-tuned preferred in 100% of 1" in text and "Chat, fine-tuned: liked 100% of 1" in text, text
         comparison = page.locator("#eval-comparison").inner_text()
         assert "How sure these figures are" in comparison and "(p = " in comparison
         assert page.locator("#eval-figures").get_by_text("95 % interval").count() >= 1
@@ -427,3 +428,28 @@ def test_a_thumb_on_a_chat_answer_and_a_compare_vote_show_in_the_human_ratings(
         records = [json.loads(line) for line in (tmp_path / "votes.jsonl").read_text().splitlines()]
         assert [(r["kind"], r["vote"]) for r in records] == [("chat", "like"), ("compare", "fine-tuned better")]
         context.close()
+
+
+def test_retry_undo_and_edit_a_question(page):
+    _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
+    assert _wait_answer(page)
+    conversation = page.locator("#chat-conversation")
+    conversation.get_by_role("button", name="Retry", exact=True).click()  # the same question answered again
+    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 2")
+    assert _wait_answer(page)  # a new answer in place of the first, not beside it
+    conversation.get_by_role("button", name="Undo", exact=True).click()  # the question taken back into the box
+    page.wait_for_function("() => !document.querySelector('#chat-conversation .message-row')")
+    assert page.locator("#chat-question textarea").input_value().startswith("Does aspirin reduce")
+
+    _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
+    _wait_answer(page)
+    user = conversation.locator(".message-row.user-row").first
+    user.hover()
+    conversation.get_by_role("button", name="Edit", exact=True).first.click()
+    box = conversation.locator("textarea").first
+    box.fill("Is ultrasound as accurate as X-ray for fractures?")
+    conversation.get_by_role("button", name="Submit", exact=True).click()
+    page.get_by_text("Is ultrasound as accurate").first.wait_for()
+    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 2")
+    assert _wait_answer(page) and page.get_by_text("Does aspirin reduce").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "chat-edited.png"), full_page=True)

@@ -62,7 +62,8 @@ def variant_update(engine: Engine) -> dict[str, Any]:
         )
     if engine.state is LoadState.READY:
         return gr.update(
-            interactive=True, info=f"Same base weights; {variants.choice(Variant.TUNED)!r} adds the LoRA adapter."
+            interactive=True, value=variants.choice(variants.PREFERRED),
+            info=f"Same base weights; {variants.choice(Variant.TUNED)!r} adds the LoRA adapter.",
         )
     return gr.update(interactive=False, info="Available once the model has loaded.")
 
@@ -105,7 +106,7 @@ def _layout(
                 send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="chat-send")
                 stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="chat-stop")
             with gr.Row():
-                clear = gr.Button("Clear", elem_id="chat-clear")
+                clear = gr.Button("New chat", elem_id="chat-clear")
             notice = gr.Markdown()
         with gr.Column(scale=2, min_width=280):
             settings = build_settings_controls(limits)
@@ -128,6 +129,7 @@ def _conversation() -> gr.Chatbot:
         elem_id="chat-conversation",
         height=460,
         buttons=["copy", "copy_all"],
+        editable="user",  # a question can be edited: the conversation goes on from it (see ChatHandlers.edit)
         feedback_options=("Like", "Dislike"),  # thumbs under each answer: the human ratings (app/human_ratings.py)
         latex_delimiters=[],  # messages are shown as written (literal_markdown), formulas included
         placeholder="Ask a yes/no/maybe question about biomedical research. "
@@ -192,9 +194,14 @@ class AnsweredTurns:
         with self._lock:
             return self._turns.get(session, {}).get(index)
 
-    def forget(self, session: str) -> None:
+    def forget(self, session: str, from_index: int = 0) -> None:
+        """The session's answers from ``from_index`` on (all by default): taken back by undo, retry or an edit."""
         with self._lock:
-            self._turns.pop(session, None)
+            turns = self._turns.get(session, {})
+            for index in [i for i in turns if i >= from_index]:
+                del turns[index]
+            if not turns:
+                self._turns.pop(session, None)
 
 
 class ChatHandlers:
@@ -286,7 +293,8 @@ class ChatHandlers:
             log_refusal("Ignored a rating of no finished answer (index %r)", data.index)
             return
         if not self.vote_limiter.allow(self.guard.visitor(request)):
-            raise user_error(f"Too many ratings: at most {self.limits.votes_per_minute} a minute. Please wait a moment.")
+            raise user_error(f"Too many ratings: at most {self.limits.votes_per_minute} a minute. "
+                             "Please wait a moment.")
         try:
             self.votes.append("like" if data.liked else "dislike", {"kind": "chat", **record})
         except VoteError as exc:
@@ -311,28 +319,70 @@ class ChatHandlers:
         self.answered.forget(session_id(request))
 
     def clear_chat(self, request: gr.Request) -> tuple[list, str, str]:
+        """New chat: this session's answer stopped and the conversation emptied."""
         self.end_session(request)
         return [], "", ""
+
+    @staticmethod
+    def _question_at(history: Any, index: Any) -> int | None:
+        """The position of the question at or before message ``index`` of ``history`` (None if there is none)."""
+        if not isinstance(history, list) or not isinstance(index, int) or isinstance(index, bool):
+            return None
+        for at in range(min(index, len(history) - 1), -1, -1):
+            if isinstance(history[at], dict) and history[at].get("role") == "user":
+                return at
+        return None
+
+    def retry(self, history: Any, data: gr.RetryData, request: gr.Request) -> tuple[Any, Any]:
+        """Retry: the conversation back to before the answer's question, and that question in the box, which the
+        chained answer event then sends again (through the same checks as a new question)."""
+        at = self._question_at(history, data.index)
+        if at is None:
+            return gr.skip(), gr.skip()
+        self.answered.forget(session_id(request), at)
+        return history[:at], from_literal_markdown(message_text(history[at].get("content")))
+
+    def edit(self, history: Any, data: gr.EditData, request: gr.Request) -> tuple[Any, Any]:
+        """An edited question: the conversation up to it, and the new text in the box, sent again as for retry."""
+        at = self._question_at(history, data.index)
+        if at is None or at != data.index or not isinstance(data.value, str):
+            return gr.skip(), gr.skip()
+        self.answered.forget(session_id(request), at)
+        return history[:at], data.value
+
+    def undo(self, history: Any, data: gr.UndoData, request: gr.Request) -> tuple[Any, Any]:
+        """Undo: the last question and its answer taken back, the question into the box to change or send again."""
+        at = self._question_at(history, data.index)
+        if at is None:
+            return gr.skip(), gr.skip()
+        self.cancels.cancel(session_id(request))
+        self.answered.forget(session_id(request), at)
+        return history[:at], from_literal_markdown(message_text(history[at].get("content")))
 
 
 def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) -> None:
     wire_evidence_panel(ui.evidence, handlers.evidence, ui.question, ui.context)
-    chat_event = gr.on(
-        triggers=[ui.question.submit, ui.send.click],
-        fn=handlers.respond,
-        inputs=[ui.question, ui.chatbot, ui.context, ui.evidence.auto, ui.evidence.state, ui.variant,
-                *ui.settings.inputs],
-        outputs=[ui.chatbot, ui.question, ui.notice, *ui.evidence.outputs, ui.context],
-        api_visibility="private",
-        concurrency_id=MODEL_EVENTS,
-        concurrency_limit=concurrency_limit,
-        validator=handlers.guard.validator(compare=False, context_at=2),
-    )
-    ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=[chat_event], queue=False,
+    answer = {  # one answer event, whatever asked for it: a new question, a retry, an edited question
+        "fn": handlers.respond,
+        "inputs": [ui.question, ui.chatbot, ui.context, ui.evidence.auto, ui.evidence.state, ui.variant,
+                   *ui.settings.inputs],
+        "outputs": [ui.chatbot, ui.question, ui.notice, *ui.evidence.outputs, ui.context],
+        "api_visibility": "private",
+        "concurrency_id": MODEL_EVENTS,
+        "concurrency_limit": concurrency_limit,
+        "validator": handlers.guard.validator(compare=False, context_at=2),
+    }
+    chat_event = gr.on(triggers=[ui.question.submit, ui.send.click], **answer)
+    private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    retried = ui.chatbot.retry(handlers.retry, ui.chatbot, [ui.chatbot, ui.question], **private).then(**answer)
+    edited = ui.chatbot.edit(handlers.edit, ui.chatbot, [ui.chatbot, ui.question], **private).then(**answer)
+    answers = [chat_event, retried, edited]
+    ui.chatbot.undo(handlers.undo, ui.chatbot, [ui.chatbot, ui.question], cancels=answers, **private)
+    ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=answers, queue=False,
                   api_visibility="private")
     ui.chatbot.like(handlers.rate, None, None, queue=False, api_visibility="private", show_progress="hidden")
     ui.clear.click(
-        handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=[chat_event], queue=False,
+        handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=answers, queue=False,
         api_visibility="private",
     )
 
