@@ -253,3 +253,19 @@ def test_a_failed_run_says_why_in_plain_text_and_gives_the_button_back(browser, 
         context.close()
     finally:
         dashboard["fake"].fail = False
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_two_runs_side_by_side_show_the_difference_and_the_flipped_questions(browser, dashboard, viewport):
+    context, page = _open_dashboard(browser, dashboard["url"], viewport)
+    page.get_by_text("Compare two runs").click()
+    _choose(page, "#eval-pair-first", "test-500 · shipped")
+    _choose(page, "#eval-pair-second", "test-500-llama-cpp · shipped")
+    summary = page.locator("#eval-pair-summary")
+    summary.get_by_text("500 questions in both runs").wait_for()
+    assert "McNemar (exact)" in summary.inner_text() and "from wrong to right" in summary.inner_text()
+    page.wait_for_function("() => document.querySelector('#eval-pair-flips').innerText.includes('wrong → right')")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= viewport["width"]
+    page.locator("#eval-pair-summary").scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOTS / f"dashboard-run-pair-{viewport['width']}.png"), full_page=False)
+    context.close()

@@ -26,6 +26,7 @@ from app.human_ratings import ratings_frame, ratings_markdown, summarize
 from app.literal_text import literal_markdown
 from app.model_status import shown_source
 from app.ui.eval_significance import add_reference_lines, comparison_markdown, error_bars, figures_frame, significance
+from app.ui.run_pairs import RunPairControls, build_run_pair, wire_run_pair
 from app.ui.user_messages import user_error
 from app.votes import VoteLog
 from pubmedqa import variants
@@ -363,6 +364,7 @@ class EvaluationTab:
     run_status: gr.Markdown
     shown: list[Any]  # what :func:`show_run` fills, in its order
     ratings: RatingsControls
+    pair: RunPairControls
 
 
 @dataclass
@@ -442,6 +444,7 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
             # Progress shows here, beside the button the user just pressed, not over the run selector at the top.
             with gr.Column(scale=2, min_width=240):
                 run_status = gr.Markdown(elem_id="eval-run-status", min_height=80)
+    pair = build_run_pair(catalogue)
     with gr.Accordion("Human ratings: export or reset", open=False):
         gr.Markdown("The ratings with their questions and answers as a CSV, or a new start (the current file is kept "
                     "beside the new one, renamed). The owner's alone: visitors' questions are in it.")
@@ -455,7 +458,7 @@ def _layout(catalogue: RunCatalogue, access: OwnerAccess) -> EvaluationTab:
              table, download, example, comparison, figures, figures_download]
     ratings = RatingsControls(human, ratings_key, export, reset, ratings_file, ratings_status)
     return EvaluationTab(run_choice, reload, filter_choice, table, example, n_questions, long_answers, admin_key,
-                         run_button, run_status, shown, ratings)
+                         run_button, run_status, shown, ratings, pair)
 
 
 def show_run(catalogue: RunCatalogue, key: str | None, filter_name: str,
@@ -533,7 +536,7 @@ def _wire(tab: EvaluationTab, engine: Engine, catalogue: RunCatalogue, exports: 
         keys = [choice_key for _, choice_key in choices]
         key = key if key in keys else (keys[0] if keys else None)
         return (gr.update(choices=choices, value=key), *show_run(catalogue, key, filter_name, exports),
-                ratings_markdown(summarize(votes.records())))
+                ratings_markdown(summarize(votes.records())), gr.update(choices=choices), gr.update(choices=choices))
 
     def export_ratings(key: str, profile: gr.OAuthProfile | None) -> tuple[Any, str]:
         if refusal := access.refusal(profile, key):
@@ -575,7 +578,8 @@ def _wire(tab: EvaluationTab, engine: Engine, catalogue: RunCatalogue, exports: 
         return allowed(profile), NOT_RUN if failed else (status or "")
 
     inputs = [tab.run_choice, tab.filter_choice]
-    outputs = [tab.run_choice, *tab.shown, tab.ratings.summary]
+    outputs = [tab.run_choice, *tab.shown, tab.ratings.summary, tab.pair.first, tab.pair.second]
+    wire_run_pair(tab.pair, catalogue)
     tab.ratings.export.click(export_ratings, tab.ratings.key, [tab.ratings.file, tab.ratings.status],
                              api_visibility="private", concurrency_limit=1)
     tab.ratings.reset.click(reset_ratings, tab.ratings.key, [tab.ratings.summary, tab.ratings.status],

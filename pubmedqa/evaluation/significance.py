@@ -58,7 +58,8 @@ def format_p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
 
 
-def _codes(labels: Sequence[str]) -> np.ndarray:
+def to_codes(labels: Sequence[str]) -> np.ndarray:
+    """Decisions as option codes (an unknown decision: a code of its own, never right)."""
     index = {label: i for i, label in enumerate(ANSWER_OPTIONS)}
     return np.array([index.get(label, len(ANSWER_OPTIONS)) for label in labels])  # unknown: a class of its own
 
@@ -162,7 +163,7 @@ def _per_question(examples: list[dict[str, Any]], key: str) -> dict[str, np.ndar
     rows = [e[key] for e in examples if isinstance(e.get(key), dict)]
     if len(rows) != len(examples) or not rows:
         return None
-    values: dict[str, np.ndarray] = {"decision": _codes([str(r.get("decision")) for r in rows])}
+    values: dict[str, np.ndarray] = {"decision": to_codes([str(r.get("decision")) for r in rows])}
     for name in MEAN_SCORES:
         column = [r.get("scores", {}).get(name) for r in rows]
         if all(isinstance(v, (int, float)) for v in column):
@@ -183,7 +184,7 @@ def run_significance(examples: list[dict[str, Any]], keys: Sequence[str], base_k
                      with_bleu: bool = True) -> RunSignificance:
     """Intervals for every figure the examples can give for each variant in ``keys``, and the paired tests where
     both variants answered the same questions. Accuracy and macro-F1 on a 0-1 scale, the rest 0-100."""
-    gold = _codes([str(e.get("gold")) for e in examples])
+    gold = to_codes([str(e.get("gold")) for e in examples])
     per = {key: values for key in keys if (values := _per_question(examples, key)) is not None}
     intervals: dict[str, dict[str, Interval]] = {}
     bleu = bleu_statistic([str(e.get("reference") or "") for e in examples]) if with_bleu and examples else None
