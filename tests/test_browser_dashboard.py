@@ -259,8 +259,10 @@ def test_a_failed_run_says_why_in_plain_text_and_gives_the_button_back(browser, 
 def test_two_runs_side_by_side_show_the_difference_and_the_flipped_questions(browser, dashboard, viewport):
     context, page = _open_dashboard(browser, dashboard["url"], viewport)
     page.get_by_text("Compare two runs").click()
-    _choose(page, "#eval-pair-first", "test-500 · shipped")
-    _choose(page, "#eval-pair-second", "test-500-llama-cpp · shipped")
+    for dropdown, run in (("#eval-pair-first", "test-500 · shipped"), ("#eval-pair-second", "test-500-llama-cpp · shipped")):
+        page.locator(f"{dropdown} input").click()
+        page.get_by_role("option", name=run, exact=True).locator("visible=true").click()
+        page.keyboard.press("Escape")  # no list left open over the next dropdown
     summary = page.locator("#eval-pair-summary")
     summary.get_by_text("500 questions in both runs").wait_for()
     assert "McNemar (exact)" in summary.inner_text() and "from wrong to right" in summary.inner_text()
