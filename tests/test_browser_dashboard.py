@@ -260,9 +260,11 @@ def test_two_runs_side_by_side_show_the_difference_and_the_flipped_questions(bro
     context, page = _open_dashboard(browser, dashboard["url"], viewport)
     page.get_by_text("Compare two runs").click()
     for dropdown, run in (("#eval-pair-first", "test-500 · shipped"), ("#eval-pair-second", "test-500-llama-cpp · shipped")):
-        page.locator(f"{dropdown} input").click()
-        page.get_by_role("option", name=run, exact=True).locator("visible=true").click()
-        page.keyboard.press("Escape")  # no list left open over the next dropdown
+        box = page.locator(f"{dropdown} input")
+        box.click()
+        box.fill(run)  # the dropdown filters its own list to this one run; Enter takes it
+        box.press("Enter")
+        page.wait_for_function(f"() => document.querySelector('{dropdown} input').value === {run!r}")
     summary = page.locator("#eval-pair-summary")
     summary.get_by_text("500 questions in both runs").wait_for()
     assert "McNemar (exact)" in summary.inner_text() and "from wrong to right" in summary.inner_text()

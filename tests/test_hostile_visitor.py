@@ -237,8 +237,9 @@ def test_heavy_requests_past_the_limit_are_refused_when_sent_and_do_not_delay_ot
         _client(url, "198.51.100.2").predict(question="Is it?", api_name="/chat", **SHORT)
         victim = time.monotonic() - begun
         results = [a.result() for a in attacks]
-    # The bound: the other visitor waits at most for the one heavy request the attacker may have in flight.
-    bound = heavy_alone + chat_alone + 1.0
+    # The bound: the other visitor waits at most for the one heavy request the attacker may have in flight, plus
+    # 1.5 s for a loaded CI machine (without the in-flight cap the chat took 7.3 s against a 3.0 s bound).
+    bound = heavy_alone + chat_alone + 1.5
     assert victim <= bound, f"a 4-token chat took {victim:.1f} s behind another visitor's queue (bound {bound:.1f} s)"
     assert [ok for ok, _ in results].count(True) == 1
     assert all(took < 10 for ok, took in results if not ok)  # refused at once, not after waiting in the queue
