@@ -81,15 +81,17 @@ def stream_comparison(
     sides = [SideResult(variants.choice(variant)) for variant in answering]
     prompts = [prompt] * len(answering)
     start = time.perf_counter()
-    for texts in engine.stream_batch(prompts, answering, generation, cancel):
+    decisions: list[dict[str, float]] = []
+    for texts in engine.stream_decided(prompts, answering, generation, cancel, decisions):
         _record_progress(sides, texts, time.perf_counter() - start)
         yield ComparisonUpdate(sides, notices, engine.pair_mode, evidence=evidence)
-    for side, probabilities in zip(sides, engine.score_decisions(prompts, answering)):
+    stopped = cancel is not None and cancel.is_set()
+    for side, probabilities in zip(sides, decisions if len(decisions) == len(sides) else [{}] * len(sides)):
         side.n_tokens = engine.count_tokens(side.answer)
         side.probabilities = probabilities
-        side.decision = predicted_decision(probabilities)
+        side.decision = predicted_decision(probabilities) if probabilities else None
         side.stated_decision = parse_decision(side.answer)
-        if evidence is not None and not (cancel is not None and cancel.is_set()):
+        if evidence is not None and not stopped:
             side.answer = evidence.cite(side.answer)
     yield ComparisonUpdate(sides, notices, engine.pair_mode, done=True, evidence=evidence)
 

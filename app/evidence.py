@@ -94,7 +94,7 @@ def evidence_markdown(found: FoundEvidence) -> str:
         used = " ← the answer's context" if number - 1 == found.chosen else ""
         lines.append(
             f"{number}. **{escape_markdown(article.title or '(untitled)')}**{f' — {where}' if where else ''} · "
-            f"[PMID {article.pmid}]({article.url}){used}"
+            f"{article_link(article)}{used}"
         )
         if article.conclusion:
             lines.append(f"    Conclusion: {escape_markdown(_shorten(article.conclusion, 400))}")
@@ -107,6 +107,23 @@ def article_choices(found: FoundEvidence) -> list[tuple[str, int]]:
         (f"{n}. PMID {a.pmid}: {_shorten(a.title or '(untitled)', 90)}", n - 1)
         for n, a in enumerate(found.result.articles, 1)
     ]
+
+
+def article_link(article: Article) -> str:
+    """``[PMID n](PubMed's page)`` in Markdown; the PMID as text where it is not a number (nothing to link)."""
+    if article.pmid.isdigit():
+        return f"[PMID {article.pmid}]({article.url})"
+    return f"PMID {escape_markdown(article.pmid)}"
+
+
+def source_markdown(found: FoundEvidence) -> str:
+    """The article an answer is based on, in one line: its link, title (shortened), journal and year."""
+    article = found.article
+    if article is None:
+        return ""
+    where = ", ".join(escape_markdown(str(part)) for part in (article.journal, article.year) if part)
+    title = escape_markdown(_shorten(article.title, 160)) if article.title else ""
+    return f"Source: {article_link(article)}" + "".join(f" — {part}" for part in (title, where) if part)
 
 
 def escape_markdown(text: str) -> str:

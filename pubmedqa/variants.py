@@ -60,6 +60,8 @@ MODEL_ALIASES: dict[str, Variant] = {
 #: An evaluation run's keys (``results.json`` models, ``examples.jsonl``, ``predictions_<key>.json``) -> variant.
 RESULTS_KEYS: dict[str, Variant] = {names.results_key: variant for variant, names in NAMES.items()}
 BASE_KEY, TUNED_KEY = NAMES[Variant.BASE].results_key, NAMES[Variant.TUNED].results_key
+#: An evaluation run's key -> the variant's choice name, as the page labels that variant's figures.
+RESULTS_LABELS: dict[str, str] = {key: variant.value for key, variant in RESULTS_KEYS.items()}
 
 
 def choice(variant: Variant) -> str:

@@ -372,6 +372,8 @@ def test_a_question_without_an_abstract_shows_the_articles_and_an_answer_citing_
     page.locator("#chat-evidence").get_by_text(f"PMID {own}").first.wait_for()
     answer = _wait_answer(page)
     assert f"Source: PMID {own}" in answer
+    link = page.locator(f"#chat-conversation a[href='https://pubmed.ncbi.nlm.nih.gov/{own}/']")
+    assert link.inner_text() == f"PMID {own}"  # the cited article, one click away
     assert records[own].context[:60] in page.locator("#chat-context textarea").input_value()
     page.screenshot(path=str(ARTIFACTS / "chat-evidence.png"), full_page=True)
     # Another article of the list becomes the context; Compare finds evidence with its own button.
@@ -404,6 +406,7 @@ def test_a_thumb_on_a_chat_answer_and_a_compare_vote_show_in_the_human_ratings(
     limits = ServerSettings(votes_path=str(tmp_path / "votes.jsonl"), eval_dir=str(tmp_path / "eval"))
     with serving(build_app(engine, limits)) as url:
         context, page = _open_page(browser, url, viewport)
+        page.locator("#chat-model input[value='fine-tuned']:checked").wait_for()  # chosen once the page loaded
         _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
         _wait_answer(page)
         page.locator("#chat-conversation").get_by_role("button", name="Like", exact=True).first.click()
@@ -453,3 +456,35 @@ def test_retry_undo_and_edit_a_question(page):
     page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 2")
     assert _wait_answer(page) and page.get_by_text("Does aspirin reduce").count() == 0
     page.screenshot(path=str(ARTIFACTS / "chat-edited.png"), full_page=True)
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, PHONE], ids=["1280px", "390px"])
+def test_each_answer_shows_its_decision_and_a_reload_keeps_the_conversation_until_new_chat(
+    browser, app_url, viewport
+):
+    context, page = _open_page(browser, app_url, viewport)
+    _ask(page, "Does aspirin reduce the risk of myocardial infarction?")
+    answer = _wait_answer(page)
+    footer = _bot_messages(page).first.locator("blockquote")
+    scores = footer.inner_text()
+    assert scores.startswith("Decision by option scores:"), answer
+    assert all(f"{option} " in scores and "%" in scores for option in ("yes", "no", "maybe"))
+    assert footer.locator("strong").count() == 1  # the chosen option in bold
+
+    page.reload()
+    page.get_by_text("Model status: Ready").wait_for()
+    page.get_by_text("Does aspirin reduce the risk").first.wait_for()
+    assert _bot_messages(page).first.inner_text().strip() == answer.strip()
+    # The conversation goes on from the kept one: the next answer comes under it, its footer not in the history.
+    _ask(page, "Is ultrasound as accurate as X-ray for fractures?")
+    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 4")
+    assert _wait_answer(page, 1)
+    page.screenshot(path=str(ARTIFACTS / f"chat-restored-{viewport['width']}.png"), full_page=True)
+
+    page.locator("#chat-clear").click()
+    page.wait_for_function("() => !document.querySelector('#chat-conversation .message')")
+    page.reload()
+    page.get_by_text("Model status: Ready").wait_for()
+    time.sleep(1.0)  # the restore runs on load: give it the time to (not) bring anything back
+    assert _bot_messages(page).count() == 0
+    context.close()

@@ -6,6 +6,7 @@ searches per visitor."""
 from __future__ import annotations
 
 import socket
+import threading
 
 import pytest
 from markdown_it import MarkdownIt
@@ -14,10 +15,14 @@ from app.chat import stream_answer
 from app.evidence import CITATION_MARK, FoundEvidence, evidence_markdown, without_citation
 from app.main import AppServer, build_server
 from app.openai_api import serve_in_thread
+from app.literal_text import literal_markdown
 from app.validation import history_to_turns
 from pubmedqa.config import EvidenceSettings, ServerSettings
 from pubmedqa.data import load_local
+from pubmedqa.engines.base import GenerationSettings
 from pubmedqa.evidence import EvidenceSearch, parse_pubmed_xml, pubmed
+from pubmedqa.prompts import PromptInput
+from pubmedqa.variants import Variant
 from tests.fake_eutils import ARTICLES, DOCTYPE, STRUCTURED, FakeEutils
 
 SHORT = {"max_new_tokens": 4, "temperature": 0.0}
@@ -74,14 +79,46 @@ def test_pubmed_texts_are_shown_as_text_and_the_citation_leaves_the_history():
     assert history_to_turns(history, ServerSettings())[0].answer == "Yes. It does."
 
 
+def test_a_chat_answer_shows_its_decision_and_source_link_and_the_history_gets_the_answer_alone(tiny_engine):
+    from app.ui.answer_notes import with_footer
+    from app.ui.chat_tab import as_written
+
+    [article] = parse_pubmed_xml(DOCTYPE + "<PubmedArticleSet>" + ARTICLES[STRUCTURED] + "</PubmedArticleSet>")
+    hostile = type(article)(article.pmid, "<img src=x onerror=alert(1)> [x](javascript:y) > quoted", article.sections,
+                            article.journal, article.year)
+    found = FoundEvidence(type("R", (), {"articles": (hostile,)})())
+    prompt = tiny_engine.prepare(PromptInput("Does it work?", found.context), GenerationSettings(max_new_tokens=8))
+    scores = tiny_engine.score_decisions([prompt], [Variant.BASE])[0]
+    update = list(stream_answer(tiny_engine, ServerSettings(), "Does it work?", "", None, "base",
+                                {"max_new_tokens": 8}, evidence=found))[-1]
+    assert update.done and update.probabilities == pytest.approx(scores)  # the prompt's own option scores
+    shown = with_footer(literal_markdown("Yes > no. **Really**"), update)
+    html = MarkdownIt("commonmark").render(shown)
+    assert f"<strong>{update.decision} " in html and html.count("%") == 3
+    assert f'<a href="https://pubmed.ncbi.nlm.nih.gov/{STRUCTURED}/">PMID {STRUCTURED}</a>' in html
+    assert "<img" not in html and 'href="javascript' not in html and "<strong>Really" not in html
+    history = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": shown}]
+    assert history_to_turns(as_written(history), ServerSettings())[0].answer == "Yes > no. **Really**"
+    # A PMID that is not a number (a hostile or broken service) is shown as text, never as a link.
+    odd = FoundEvidence(type("R", (), {"articles": (type(article)("1) [a](javascript:x", "T"),)})())
+    assert "<a " not in MarkdownIt("commonmark").render(with_footer("", type(update)("", evidence=odd, done=True)))
+    # A stopped answer has no scores and no footer.
+    cancel = threading.Event()
+    cancel.set()
+    assert not any(u.done for u in stream_answer(tiny_engine, ServerSettings(), "Q?", "", None, "base",
+                                                 {"max_new_tokens": 8}, cancel))
+
+
 def test_an_answer_from_evidence_uses_the_article_as_context_and_cites_it(tiny_engine, local_search, pubmedqa_dir):
     record = load_local(pubmedqa_dir)[OWN]
     found = FoundEvidence(local_search.search(record.question))
     assert found.article.pmid == OWN and record.context in found.context
     updates = list(stream_answer(tiny_engine, ServerSettings(), record.question, "", None, "base", SHORT,
                                  evidence=found))
-    assert updates[-1].answer.endswith(f"{CITATION_MARK} {OWN} (https://pubmed.ncbi.nlm.nih.gov/{OWN}/), 2011")
-    assert without_citation(updates[-1].answer) == updates[-2].answer  # the model's own text, then the citation
+    assert updates[-1].done and updates[-1].cited.endswith(
+        f"{CITATION_MARK} {OWN} (https://pubmed.ncbi.nlm.nih.gov/{OWN}/), 2011")
+    assert without_citation(updates[-1].cited) == updates[-1].answer == updates[-2].answer  # the model's own text
+    assert not updates[-2].done and updates[-2].cited == updates[-2].answer  # cited once finished
 
 
 def test_the_apis_find_evidence_return_citations_and_both_compare_answers_use_it(served, local_search, pubmedqa_dir):

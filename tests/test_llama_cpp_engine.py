@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from app import model_status
-from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings
+from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from pubmedqa.engines.base import GenerationSettings, LoadState
 from pubmedqa.engines.factory import create_engine, resolve_engine
 from pubmedqa.model_loading import ModelLoadError
@@ -67,6 +67,26 @@ def test_a_compare_pair_streams_both_answers_side_by_side_as_each_would_be_alone
     assert answers == alone
     for got, want in zip(decided, engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_a_compare_and_a_chat_answer_read_each_prompt_once_and_decide_as_scoring_does(engine, monkeypatch):
+    from app.compare import stream_comparison
+
+    settings = GenerationSettings(max_new_tokens=16)
+    prompt = _prompt(engine, QUESTIONS[0], settings)
+    scored = engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
+    reads = []
+    for decoder in (engine._rows, engine._second_context()[0]):
+        original = decoder.read_prompt
+        monkeypatch.setattr(decoder, "read_prompt", lambda *a, _o=original, **k: reads.append(1) or _o(*a, **k))
+    last = list(stream_comparison(engine, ServerSettings(), QUESTIONS[0], "", settings.__dict__))[-1]
+    assert len(reads) == 2  # one per side: the decisions come from each answer's first step
+    for side, want in zip(last.sides, scored):
+        assert side.probabilities == pytest.approx(want, abs=1e-5)
+        assert side.decision == max(want, key=want.get)
+    decisions = []
+    answer = list(engine.stream_decided([prompt], [Variant.TUNED], settings, None, decisions))[-1][0]
+    assert len(reads) == 3 and answer and decisions[0] == pytest.approx(scored[1], abs=1e-5)
 
 
 def test_stop_ends_both_answers_of_a_pair(engine):

@@ -17,6 +17,7 @@ from app.chat import stream_answer
 from app.evidence import FoundEvidence
 from app.literal_text import from_literal_markdown, literal_markdown
 from app.rate_limits import PerMinuteLimiter, log_refusal
+from app.ui.answer_notes import with_footer, without_footer
 from app.ui.evidence_panel import (
     UNCHANGED,
     EvidenceHandlers,
@@ -49,8 +50,8 @@ def as_written(history: Any) -> Any:
     so that nothing in it renders as Markdown or HTML), and sends it back so."""
     if not isinstance(history, list):
         return history  # for the request's validation to refuse
-    return [{**m, "content": from_literal_markdown(message_text(m.get("content")))} if isinstance(m, dict) else m
-            for m in history]
+    return [{**m, "content": from_literal_markdown(without_footer(message_text(m.get("content"))))}
+            if isinstance(m, dict) else m for m in history]
 
 
 def variant_update(engine: Engine) -> dict[str, Any]:
@@ -74,11 +75,19 @@ class ChatTab:
 
     variant: gr.Radio
     end_session: Callable[[gr.Request], None]  # to call when a browser session ends
+    conversation: gr.Chatbot
+    saved: gr.BrowserState  # the conversation in the visitor's browser
+
+    def restore_on_load(self, demo: gr.Blocks) -> None:
+        """A reload shows the conversation the browser kept (in the browser only: nothing goes to the server)."""
+        demo.load(None, self.saved, self.conversation, js="(saved) => [saved ?? []]", queue=False,
+                  api_visibility="private", show_progress="hidden")
 
 
 @dataclass
 class ChatComponents:
     chatbot: gr.Chatbot
+    saved: gr.BrowserState
     question: gr.Textbox
     send: gr.Button
     stop: gr.Button
@@ -99,6 +108,9 @@ def _layout(
         with gr.Column(scale=3):
             variant = _variant_radio()
             chatbot = _conversation()
+            # Kept in the visitor's browser (localStorage, encrypted with a key of this server's start), so that a
+            # reload keeps the conversation until "New chat".
+            saved = gr.BrowserState([], storage_key="pubmedqa-chat-conversation")
             context = _context_box(limits)
             evidence = build_evidence_panel(search, "chat")
             with gr.Row():
@@ -118,7 +130,7 @@ def _layout(
             label="Examples from PubMedQA (training questions)",
         )
     return ChatComponents(
-        chatbot=chatbot, question=question, send=send, stop=stop, clear=clear, notice=notice, variant=variant,
+        chatbot=chatbot, saved=saved, question=question, send=send, stop=stop, clear=clear, notice=notice, variant=variant,
         settings=settings, context=context, evidence=evidence,
     )
 
@@ -262,24 +274,26 @@ class ChatHandlers:
         updates = stream_answer(
             self.engine, self.limits, message, context_text, as_written(history), variant, settings, cancel, evidence
         )
+        last = None
         try:
-            for update in run_guarded(updates):
-                pending[-1] = {"role": "assistant", "content": literal_markdown(update.answer) or waiting}
-                notices = update.notices + [n for n in (evidence_notice,) if n]
+            for last in run_guarded(updates):
+                text = literal_markdown(last.answer)
+                content = with_footer(text, last) if last.done else text or waiting
+                pending[-1] = {"role": "assistant", "content": content}
+                notices = last.notices + [n for n in (evidence_notice,) if n]
                 yield pending, gr.skip(), notices_markdown(notices), *UNCHANGED
         except gr.Error:
             yield original, message, "", *UNCHANGED  # give the question back: nothing typed is lost
             raise
         self.cancels.finish(session_id(request), cancel)
-        if cancel.is_set():  # stopped while the engine was finishing its last token: say so
+        if last is None or not last.done:  # stopped while the engine was finishing its last token: say so
             pending[-1] = {"role": "assistant", "content": mark_stopped(pending[-1]["content"].replace(waiting, ""))}
             yield pending, gr.skip(), gr.skip(), *UNCHANGED
             return
-        answer = from_literal_markdown(message_text(pending[-1]["content"]))
         self.answered.remember(session_id(request), len(pending) - 1, {
-            "question": message.strip(), "variant": variant, "decision": parse_decision(answer) or "",
-            "answer": answer, "settings": settings, "base_model": self.engine.settings.base_model,
-            "adapter": self.engine.settings.adapter_source,
+            "question": message.strip(), "variant": variant, "decision": parse_decision(last.answer) or "",
+            "option_decision": last.decision or "", "answer": last.answer, "settings": settings,
+            "base_model": self.engine.settings.base_model, "adapter": self.engine.settings.adapter_source,
             "evidence_pmid": evidence.article.pmid if evidence is not None and evidence.article is not None else None,
         })
 
@@ -374,17 +388,22 @@ def _wire(ui: ChatComponents, handlers: ChatHandlers, concurrency_limit: int) ->
     }
     chat_event = gr.on(triggers=[ui.question.submit, ui.send.click], **answer)
     private = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    # The conversation is saved in the browser, by the browser alone, after each event that changed it. (Not on the
+    # Chatbot's change: the page's own empty Chatbot, as it first shows, would overwrite the kept one.)
+    keep = {"fn": None, "inputs": ui.chatbot, "outputs": ui.saved, "js": "(now) => [now ?? []]", **private}
     retried = ui.chatbot.retry(handlers.retry, ui.chatbot, [ui.chatbot, ui.question], **private).then(**answer)
     edited = ui.chatbot.edit(handlers.edit, ui.chatbot, [ui.chatbot, ui.question], **private).then(**answer)
     answers = [chat_event, retried, edited]
-    ui.chatbot.undo(handlers.undo, ui.chatbot, [ui.chatbot, ui.question], cancels=answers, **private)
-    ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=answers, queue=False,
-                  api_visibility="private")
+    undone = ui.chatbot.undo(handlers.undo, ui.chatbot, [ui.chatbot, ui.question], cancels=answers, **private)
+    stopped = ui.stop.click(handlers.stop_generation, ui.chatbot, ui.chatbot, cancels=answers, queue=False,
+                            api_visibility="private")
     ui.chatbot.like(handlers.rate, None, None, queue=False, api_visibility="private", show_progress="hidden")
-    ui.clear.click(
+    cleared = ui.clear.click(
         handlers.clear_chat, None, [ui.chatbot, ui.question, ui.notice], cancels=answers, queue=False,
         api_visibility="private",
     )
+    for changed in (*answers, undone, stopped, cleared):
+        changed.then(**keep)
 
 
 def build_chat_tab(
@@ -394,7 +413,7 @@ def build_chat_tab(
     ui = _layout(limits, examples, search)
     handlers = ChatHandlers(engine, limits, guard, EvidenceHandlers(search, limits, guard), votes, vote_limiter)
     _wire(ui, handlers, limits.concurrency_limit)
-    return ChatTab(variant=ui.variant, end_session=handlers.end_session)
+    return ChatTab(variant=ui.variant, end_session=handlers.end_session, conversation=ui.chatbot, saved=ui.saved)
 
 
 def register_chat_api(
@@ -426,7 +445,7 @@ def register_chat_api(
             found = api_evidence(search, guard, limits, question, context, evidence, request)
             updates = stream_answer(engine, limits, question, context, history, model, settings, evidence=found)
             for update in run_guarded(updates):
-                yield update.answer
+                yield update.cited
 
     register_api(chat, guard.validator(compare=False, context_at=1, api=True), api_name="chat",
                  concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

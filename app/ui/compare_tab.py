@@ -15,6 +15,7 @@ from app.compare import ComparisonUpdate, SideResult, stream_comparison
 from app.evidence import FoundEvidence
 from app.literal_text import literal_markdown
 from app.rate_limits import PerMinuteLimiter
+from app.ui.answer_notes import option_scores
 from app.ui.evidence_panel import (
     UNCHANGED,
     EvidenceHandlers,
@@ -49,9 +50,7 @@ def side_stats(side: SideResult | None, done: bool) -> str:
     parts = []
     if side.decision:
         # The option scores, labelled as such: they need not match what the generated text says.
-        probs = " · ".join(f"**{k} {v:.0%}**" if k == side.decision else f"{k} {v:.0%}"
-                           for k, v in side.probabilities.items())
-        parts.append(f"Model's yes/no/maybe probabilities: {probs}")
+        parts.append(f"Model's yes/no/maybe probabilities: {option_scores(side.probabilities, side.decision)}")
         parts.append(f"The text answers: **{side.stated_decision}**" if side.stated_decision
                      else "The text states no yes/no/maybe.")
     timing = [f"{side.n_tokens} tokens"]

@@ -17,7 +17,6 @@ from pubmedqa.evaluation.significance import Interval, RunSignificance, format_p
 #: Human performance on PubMedQA's test set (reasoning-required setting), Jin et al., EMNLP 2019, Table 3.
 HUMAN = {"accuracy": 0.780, "macro_f1": 0.722}
 HUMAN_SOURCE = "single human annotator, PubMedQA paper (Jin et al., 2019)"
-LABEL = {key: variants.choice(variant) for key, variant in variants.RESULTS_KEYS.items()}  # results keys -> UI
 #: The figures of the table, by results key: (label, scale to the chart's unit).
 FIGURES = {
     "accuracy": ("accuracy", 100.0), "macro_f1": ("macro-F1", 100.0), "token_f1": ("Token-F1", 1.0),
@@ -119,7 +118,7 @@ def figures_frame(run: RunResults, found: RunSignificance | None) -> pd.DataFram
         for key in run.model_keys:
             interval = found.intervals.get(key, {}).get(metric) if found else None
             present |= interval is not None
-            row[LABEL[key]], row[f"{LABEL[key]} 95 % interval"] = _cell(interval, scale)
+            row[variants.RESULTS_LABELS[key]], row[f"{variants.RESULTS_LABELS[key]} 95 % interval"] = _cell(interval, scale)
         test = found.tests.get(metric) if found else None
         if test is not None:
             value, spread = _cell(test.difference, scale)

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 EVALUATION_EVENTS = "evaluation"  # its own concurrency group: Chat and Compare keep answering while one runs
 JUDGE_HOWTO = "`python -m scripts.evaluate --judge_base_url URL --judge_model NAME`"
 COLORS = {variants.BASE_KEY: "#9aa5b1", variants.TUNED_KEY: "#e8590c"}
-LABELS = {key: variants.choice(variant) for key, variant in variants.RESULTS_KEYS.items()}  # results keys -> UI
 FILTERS = {
     "all questions": lambda b, t, g: True,
     "fine-tuned right, base wrong": lambda b, t, g: t == g and b != g,
@@ -122,7 +121,7 @@ def _bars(run: RunResults, metrics: list[tuple[str, Any]], title: str, axis: str
         highs = [v + (plus or 0) for v, plus in zip(shown, bars["array"])] if bars else shown
         top = max([top, *(v for v in highs if v is not None)])
         figure.add_bar(
-            name=LABELS[key], x=names, y=shown, marker_color=COLORS[key], error_y=bars,
+            name=variants.RESULTS_LABELS[key], x=names, y=shown, marker_color=COLORS[key], error_y=bars,
             text=["n/a" if v is None else f"{v:.{digits}f}" for v in shown], cliponaxis=False,
             # With error bars the value sits inside its bar, at the foot, where no whisker crosses it.
             textposition="inside" if bars else "outside", insidetextanchor="start",
@@ -192,7 +191,7 @@ def confusion_figure(run: RunResults, key: str) -> go.Figure:
     # No colour bar: the counts are written in the cells, and the bar would take a sixth of a phone's width.
     figure = go.Figure(go.Heatmap(z=counts, x=labels, y=labels, colorscale="Oranges", text=counts,
                                   texttemplate="%{text}", showscale=False))
-    _phone_layout(figure, f"Confusion matrix — {LABELS[key]}", 340)
+    _phone_layout(figure, f"Confusion matrix — {variants.RESULTS_LABELS[key]}", 340)
     figure.update_layout(xaxis_title="predicted", yaxis_title="gold", yaxis_autorange="reversed")
     return figure
 
@@ -236,7 +235,7 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
     shows and the CSV holds."""
     def header(column: str) -> str:
         tuned = f"{variants.TUNED_KEY} "
-        column = column.replace(tuned, f"{LABELS[variants.TUNED_KEY]} ", 1) if column.startswith(tuned) else column
+        column = column.replace(tuned, f"{variants.RESULTS_LABELS[variants.TUNED_KEY]} ", 1) if column.startswith(tuned) else column
         return {"reference": "abstract's conclusion"}.get(column, column)
 
     return frame.rename(columns=header)
@@ -284,7 +283,7 @@ def example_markdown(run: RunResults, example_id: Any) -> str:
         mark = "✓" if out.get("decision") == example["gold"] else "✗"
         probabilities = out.get("probabilities") or {}
         shares = ", ".join(f"{label} {100 * p:.0f} %" for label, p in probabilities.items() if isinstance(p, float))
-        lines.append(f"**{LABELS[key]}**: {_plain(out.get('decision'))} {mark}" + (f" ({shares})" if shares else ""))
+        lines.append(f"**{variants.RESULTS_LABELS[key]}**: {_plain(out.get('decision'))} {mark}" + (f" ({shares})" if shares else ""))
         if out.get("answer"):
             lines.append(f"> {_plain(out['answer'])}")
     lines.append(f"**Abstract's conclusion**: {_plain(example.get('reference'))}")
@@ -333,7 +332,7 @@ class EvalProgress:
         within = min(max(fraction * len(self.models) - step, 0.0), 1.0)
         done = min(self.n, round(within * self.n))
         # Short: Gradio writes it on one line with the percentage and a timer, in a phone's 300 px.
-        label = LABELS[key].capitalize()
+        label = variants.RESULTS_LABELS[key].capitalize()
         parts = [f"{label}: {done}/{self.n} questions"]
         if done == self.n:
             parts.append("scoring")

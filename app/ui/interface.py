@@ -48,6 +48,7 @@ def build_app(
         register_compare_api(engine, limits, guard, search)
         register_evidence_api(search, limits, guard)
         _poll_model_status(demo, engine, status, details, chat)
+        chat.restore_on_load(demo)
         demo.unload(chat.end_session)
     # Model-bound events share one concurrency group; a bounded queue turns overload into a clear "queue is full,
     # try again" instead of unbounded waiting.

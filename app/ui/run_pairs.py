@@ -18,7 +18,7 @@ from pubmedqa.evaluation.results import ResultsError, RunResults, load_results
 from pubmedqa.evaluation.significance import (
     PairedTest,
     accuracy,
-    format_p,
+    from_code,
     macro_f1,
     mcnemar,
     paired_bootstrap,
@@ -69,15 +69,9 @@ def flips_frame(pair: RunPair, first_label: str, second_label: str) -> pd.DataFr
         right_first, right_second = pair.first[at] == pair.gold[at], pair.second[at] == pair.gold[at]
         if right_first != right_second:
             rows.append({"id": pmid, "change": "wrong → right" if right_second else "right → wrong",
-                         "gold": _option(pair.gold[at]), first_label: _option(pair.first[at]),
-                         second_label: _option(pair.second[at]), "question": pair.questions[at]})
+                         "gold": from_code(pair.gold[at]), first_label: from_code(pair.first[at]),
+                         second_label: from_code(pair.second[at]), "question": pair.questions[at]})
     return pd.DataFrame(rows[:FLIP_ROWS])
-
-
-def _option(code: int) -> str:
-    from pubmedqa.prompts import ANSWER_OPTIONS
-
-    return ANSWER_OPTIONS[code] if 0 <= code < len(ANSWER_OPTIONS) else "?"
 
 
 def pair_markdown(pair: RunPair | None, first_label: str, second_label: str, variant: str) -> str:
@@ -93,11 +87,8 @@ def pair_markdown(pair: RunPair | None, first_label: str, second_label: str, var
              f"- {gained} questions went from wrong to right, {lost} from right to wrong"]
     for test in pair.tests():
         d = test.difference
-        better = "better" if d.value > 0 else "worse"
-        verdict = "shown" if test.p_value < 0.05 else "not shown at this size"
-        lines.append(f"- the second run is {better} on {test.metric} ({d.value * 100:+.1f} points, 95 % interval "
-                     f"{d.low * 100:+.1f} to {d.high * 100:+.1f}): {verdict} (p = {format_p(test.p_value)}, "
-                     f"{test.test})")
+        lines.append(f"- {test.sentence('the second run', 'the first')}; {d.value * 100:+.1f} points, 95 % interval "
+                     f"{d.low * 100:+.1f} to {d.high * 100:+.1f}")
     return "\n".join(lines)
 
 

@@ -270,6 +270,25 @@ class Engine(ABC):
         """Generate for several prompts at once, each row with base or fine-tuned, and yield every row's answer so
         far as it grows; the last value is final. ``cancel`` (or closing the iterator) stops them all."""
 
+    def stream_decided(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+        decisions: list[dict[str, float]] | None = None,
+    ) -> Iterator[list[str]]:
+        """:meth:`stream_batch`, and each row's yes/no/maybe probabilities (:meth:`score_decisions`) appended to
+        ``decisions`` once known; none after a cancel or a failed scoring (logged). Here a second pass over the prompts once the answers are done;
+        the llama.cpp engine reads them off each answer's first step, so that a prompt is read once."""
+        yield from self.stream_batch(prompts, variants, settings, cancel)
+        if decisions is None or (cancel is not None and cancel.is_set()):
+            return
+        try:
+            decisions.extend(self.score_decisions(prompts, variants, len(prompts)))
+        except Exception as exc:  # the answers stand without their scores
+            logger.warning("Could not score the answers' decisions: %s", exc)
+
     def token_logprobs(
         self, text: str, variant: Variant, top: int = 0
     ) -> tuple[list[tuple[str, int, float | None]], dict[str, float]]:

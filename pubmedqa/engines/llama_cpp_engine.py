@@ -303,6 +303,20 @@ class LlamaCppEngine(Engine):
         token."""
         yield from self._stream(prompts, variants, settings, cancel)
 
+    def stream_decided(
+        self,
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
+        settings: GenerationSettings,
+        cancel: threading.Event | None = None,
+        decisions: list[dict[str, float]] | None = None,
+    ) -> Iterator[list[str]]:
+        """:meth:`stream_batch`, each row's decision read off its answer's first step (the prompt is read once)."""
+        if single_token_options(self.load().tokenizer) is None:
+            yield from super().stream_decided(prompts, variants, settings, cancel, decisions)
+            return
+        yield from self._stream(prompts, variants, settings, cancel, decisions)
+
     def _stream(
         self,
         prompts: Sequence[FittedPrompt],

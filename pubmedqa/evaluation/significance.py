@@ -46,11 +46,11 @@ class PairedTest:
     p_value: float
     test: str  # "McNemar (exact)" or "paired bootstrap"
 
-    def sentence(self, alpha: float = 1 - LEVEL) -> str:
-        """E.g. "fine-tuned is better than base on accuracy: not shown at this size (p = 0.41)"."""
+    def sentence(self, first: str = "fine-tuned", second: str = "base", alpha: float = 1 - LEVEL) -> str:
+        """E.g. "fine-tuned is better than base on accuracy: not shown at this size (p = 0.41, McNemar (exact))"."""
         better = self.difference.value > 0
         verdict = "shown" if self.p_value < alpha else "not shown at this size"
-        return (f"fine-tuned is {'better' if better else 'worse'} than base on {self.metric}: {verdict} "
+        return (f"{first} is {'better' if better else 'worse'} than {second} on {self.metric}: {verdict} "
                 f"(p = {format_p(self.p_value)}, {self.test})")
 
 
@@ -62,6 +62,11 @@ def to_codes(labels: Sequence[str]) -> np.ndarray:
     """Decisions as option codes (an unknown decision: a code of its own, never right)."""
     index = {label: i for i, label in enumerate(ANSWER_OPTIONS)}
     return np.array([index.get(label, len(ANSWER_OPTIONS)) for label in labels])  # unknown: a class of its own
+
+
+def from_code(code: int) -> str:
+    """The option a code of :func:`to_codes` stands for ("?" for an unknown decision)."""
+    return ANSWER_OPTIONS[code] if 0 <= code < len(ANSWER_OPTIONS) else "?"
 
 
 def accuracy(gold: np.ndarray, predicted: np.ndarray, axis: int = -1) -> np.ndarray:
