@@ -125,6 +125,11 @@ def encode_prompt(text: str, tokenizer: Any) -> list[int]:
     return tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
 
 
+def prompt_ids(prompt: FittedPrompt, tokenizer: Any) -> list[int]:
+    """What the model reads of ``prompt``: its token ids where it came as ids, else its text encoded."""
+    return list(prompt.ids) if prompt.ids is not None else encode_prompt(prompt.text, tokenizer)
+
+
 class PromptTooLongError(ValueError):
     """The question alone does not fit in the model's prompt budget."""
 
@@ -135,6 +140,7 @@ class FittedPrompt:
     n_tokens: int
     context_truncated: bool = False
     dropped_turns: int = 0
+    ids: tuple[int, ...] | None = None  # token ids read as given instead of ``text`` (a /v1 token-id prompt)
 
     @property
     def notices(self) -> list[str]:

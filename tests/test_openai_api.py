@@ -18,7 +18,7 @@ from app.main import AppServer, build_server
 from app.openai_api import ADAPTER_MODEL_NAME, API_KEY_ENV, BASE_MODEL_NAME, AdmissionQueue, ApiError, serve_in_thread
 from pubmedqa.config import ModelSettings, ServerSettings
 from pubmedqa.engines.base import GenerationSettings
-from pubmedqa.prompts import FittedPrompt, PromptInput
+from pubmedqa.prompts import FittedPrompt, PromptInput, encode_prompt
 from pubmedqa.variants import Variant
 
 LIMITS = ServerSettings(
@@ -144,7 +144,8 @@ def test_completion_takes_a_raw_prompt(engine, client):
     assert response.choices[0].text == expected and expected
     echoed = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt, max_tokens=10, echo=True, **GREEDY)
     assert echoed.choices[0].text == prompt + expected
-    assert response.usage.prompt_tokens == engine.count_tokens(prompt)
+    # The tokens the model reads: the prompt's, and the BOS in front of a raw text (as vLLM counts them).
+    assert response.usage.prompt_tokens == len(encode_prompt(prompt, engine.load().tokenizer))
 
 
 def test_streamed_chat_sends_the_answer_in_deltas_then_done(engine, client):
@@ -196,8 +197,9 @@ def test_logprobs_of_the_answer_and_of_the_first_tokens(engine, client):
     echoed = client.completions.create(model=BASE_MODEL_NAME, prompt=prompt.text + " yes", max_tokens=1, echo=True,
                                        logprobs=1, **GREEDY)
     lp = echoed.choices[0].logprobs
-    assert lp.token_logprobs[-1] is not None and lp.token_logprobs[-1] <= 0
-    assert lp.text_offset[-1] < len(prompt.text) + 4
+    # The prompt's last token (" yes", right after the prompt), then the generated one.
+    assert lp.tokens[-2] == " yes" and lp.text_offset[-2] == len(prompt.text)
+    assert lp.token_logprobs[-2] <= 0 and lp.text_offset[-1] == len(prompt.text) + 4
 
 
 # ------------------------------------------------------------------------------------ the key, the errors

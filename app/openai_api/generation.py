@@ -11,7 +11,7 @@ from typing import Any
 
 from app.evidence import evidence_for
 from app.openai_api.errors import ApiError
-from app.openai_api.logprobs import chat_logprobs, completion_logprobs
+from app.openai_api.logprobs import chat_logprobs, completion_logprobs, echoed_prompt, scored_choice
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import Producer
 from app.validation import prepare_prompt
@@ -47,15 +47,22 @@ def chat_work(
 
 
 def completion_work(engine: Engine, req: CompletionRequest, job: Producer) -> Iterator[tuple[str, Any]]:
-    """Ready with the prompts' token counts (400 if one does not fit); done with one choice per prompt."""
+    """Ready with the prompts (:class:`EchoedPrompt`; 400 if one does not fit or names a token the model does not
+    have); done with one choice per prompt. ``echo`` with ``logprobs`` and a greedy single token (or none,
+    ``max_tokens: 0``), how lm-evaluation-harness scores continuations, is one scoring pass per prompt
+    (:func:`scored_choice`); anything else generates, then scores what it needs."""
     budget = engine.prompt_budget(req.generation.max_new_tokens)
-    counts = [engine.count_tokens(p) for p in req.prompts]
-    for n in counts:
-        if n > budget:
-            raise ApiError(400, f"The prompt has {n:,} tokens; with max_tokens={req.generation.max_new_tokens} "
+    prepared = [echoed_prompt(engine, p) for p in req.prompts]
+    for p in prepared:
+        if len(p.ids) > budget:
+            raise ApiError(400, f"The prompt has {len(p.ids):,} tokens; with max_tokens={req.generation.max_new_tokens} "
                            f"this server takes at most {budget:,}.", param="prompt", code="context_length_exceeded")
-    yield "ready", counts
-    prompts = [FittedPrompt(text=p, n_tokens=n) for p, n in zip(req.prompts, counts)]
+    yield "ready", prepared
+    if req.echo and req.logprobs is not None and (req.score_only or (
+            req.generation.max_new_tokens == 1 and req.generation.temperature == 0 and not req.stream)):
+        yield "done", [scored_choice(engine, req, index, p) for index, p in enumerate(prepared)]
+        return
+    prompts = [FittedPrompt(text=p.text, n_tokens=len(p.ids), ids=p.given) for p in prepared]
     texts = [""] * len(prompts)
     variants = [req.variant] * len(prompts)
     for texts in engine.stream_batch(prompts, variants, req.generation, job.cancel_event()):
@@ -64,10 +71,10 @@ def completion_work(engine: Engine, req: CompletionRequest, job: Producer) -> It
     if job.stopped:
         return
     choices = []
-    for index, (prompt, text) in enumerate(zip(req.prompts, texts)):
+    for index, (prompt, text) in enumerate(zip(prepared, texts)):
         text = _visible(text, req.stops, final=True)
         reason, n_tokens = _finish_reason(engine, text, req.generation)
-        choices.append({"index": index, "text": (prompt + text) if req.echo and not req.stream else text,
+        choices.append({"index": index, "text": (prompt.text + text) if req.echo and not req.stream else text,
                         "logprobs": completion_logprobs(engine, req, prompt, text), "finish_reason": reason,
                         "completion_tokens": n_tokens})
     yield "done", choices

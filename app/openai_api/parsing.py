@@ -26,6 +26,7 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
 # A raw prompt may hold the instruction and earlier turns beside the question and the context.
 PROMPT_OVERHEAD_CHARS = 4000
+MAX_TOKENIZE_CHARS = 200_000  # a text /tokenize takes (the body itself is bounded by MAX_BODY_BYTES)
 _ROLES = {"system", "developer", "user", "assistant"}
 # The page's defaults for chat; for raw completions a missing repetition_penalty or min_tokens means off, as on vLLM
 # (the remote engine sends them only when they are on).
@@ -52,17 +53,22 @@ class ChatRequest:
         return wants_search(self.evidence, self.prompt_input.context)
 
 
+#: A completion prompt: a text, or token ids used as given (no BOS added), as vLLM takes them.
+Prompt = str | tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
     model: str
     variant: Variant
-    prompts: tuple[str, ...]
+    prompts: tuple[Prompt, ...]
     generation: GenerationSettings
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
     echo: bool
     logprobs: int | None
+    score_only: bool = False  # max_tokens 0 with echo: the prompt's log-probabilities, nothing generated
 
 
 def parse_chat(body: dict[str, Any], model: str, variant: Variant, limits: ServerSettings) -> ChatRequest:
@@ -104,9 +110,12 @@ def parse_completion(
 ) -> CompletionRequest:
     """A ``/v1/completions`` body for ``model`` (already resolved to ``variant``)."""
     prompts = _prompts(body, limits)
+    echo = _field(body, "echo", (bool,), "true or false", False)
+    score_only = echo and _field(body, "max_tokens", (int,), "an integer") == 0
+    if score_only:  # OpenAI's way to score a prompt: echo it and generate nothing
+        body = {**body, "max_tokens": 1}
     generation = _generation(body, limits, ("max_tokens",), COMPLETION_DEFAULTS)
     stream, include_usage = _stream_options(body)
-    echo = _field(body, "echo", (bool,), "true or false", False)
     logprobs = _field(body, "logprobs", (int,), "an integer", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise ApiError(400, f"'logprobs' must be between 0 and {MAX_TOP_LOGPROBS}.", param="logprobs")
@@ -114,8 +123,10 @@ def parse_completion(
         raise ApiError(400, "echo with logprobs is not supported.", param="echo")
     if stream and len(prompts) != 1:
         raise ApiError(400, "Streaming takes one prompt.", param="prompt")
+    if score_only and logprobs is None:
+        raise ApiError(400, "'max_tokens': 0 scores the prompt: it needs 'logprobs'.", param="max_tokens")
     return CompletionRequest(model, variant, tuple(prompts), generation, _stops(body), stream, include_usage,
-                             echo, logprobs)
+                             echo, logprobs, score_only)
 
 
 def _split_messages(messages: list[Any]) -> tuple[list[str], list[dict[str, str]]]:
@@ -150,23 +161,54 @@ def _content_text(content: Any, index: int) -> str:
                    param=f"messages[{index}].content", code="invalid_type")
 
 
-def _prompts(body: dict[str, Any], limits: ServerSettings) -> list[str]:
-    """The raw prompts: a string or a list of up to :data:`MAX_PROMPTS`, none empty or past the page's lengths."""
+def _prompts(body: dict[str, Any], limits: ServerSettings) -> list[Prompt]:
+    """The raw prompts: a string, a list of strings, a list of token ids or a list of lists of them; up to
+    :data:`MAX_PROMPTS`, none empty or past the page's lengths (for token ids, as many ids as characters; the
+    vocabulary and the model's budget are checked with the model, :func:`app.openai_api.generation`)."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "'prompt' must be a string or a list of strings.", param="prompt", code="invalid_type")
+    if isinstance(prompt, str) or _is_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids (integers) or a list "
+                       "of lists of token ids.", param="prompt", code="invalid_type")
+    if not prompts:
+        raise ApiError(400, "'prompt' is an empty list.", param="prompt")
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"'prompt' takes at most {MAX_PROMPTS} prompts.", param="prompt")
     max_chars = limits.max_question_chars + limits.max_context_chars + PROMPT_OVERHEAD_CHARS
+    checked: list[Prompt] = []
     for p in prompts:
-        if not p.strip():
+        if not p or isinstance(p, str) and not p.strip():
             raise ApiError(400, "The prompt is empty.", param="prompt")
         if len(p) > max_chars:
-            raise ApiError(
-                400, f"The prompt is {len(p):,} characters long; the limit is {max_chars:,}.", param="prompt"
-            )
-    return prompts
+            what = "characters long" if isinstance(p, str) else "token ids long"
+            raise ApiError(400, f"The prompt is {len(p):,} {what}; the limit is {max_chars:,}.", param="prompt")
+        if not isinstance(p, str) and min(p) < 0:
+            raise ApiError(400, f"Token id {min(p)} is negative.", param="prompt")
+        checked.append(p if isinstance(p, str) else tuple(p))
+    return checked
+
+
+def token_ids(value: Any, param: str, vocabulary: int, allow_empty: bool = False) -> list[int]:
+    """``value`` as a list of token ids the model has (0 to ``vocabulary`` - 1); 400 naming ``param`` otherwise."""
+    if not _is_ids(value):
+        raise ApiError(400, f"'{param}' must be a list of token ids (integers).", param=param, code="invalid_type")
+    if not value and not allow_empty:
+        raise ApiError(400, f"'{param}' is empty.", param=param)
+    if len(value) > MAX_TOKENIZE_CHARS:
+        raise ApiError(400, f"'{param}' has {len(value):,} ids; the limit is {MAX_TOKENIZE_CHARS:,}.", param=param)
+    outside = [i for i in value if not 0 <= i < vocabulary]
+    if outside:
+        raise ApiError(400, f"Token id {outside[0]:,} is outside the vocabulary (ids 0 to {vocabulary - 1:,}).",
+                       param=param)
+    return list(value)
+
+
+def _is_ids(value: Any) -> bool:
+    """Whether ``value`` is a list of token ids (integers, not booleans); an empty list counts, to be refused."""
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
 
 
 def _generation(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from app.openai_api.errors import as_api_error
+from app.openai_api.logprobs import EchoedPrompt
 from app.openai_api.parsing import ChatRequest, CompletionRequest
 from app.openai_api.streaming import DONE_EVENT, Producer, sse
 from pubmedqa.prompts import FittedPrompt
@@ -27,9 +28,9 @@ def chat_body(prompt: FittedPrompt, done: dict[str, Any], meta: dict[str, Any]) 
         **_citations(done)}
 
 
-def completion_body(counts: list[int], choices: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+def completion_body(prompts: list[EchoedPrompt], choices: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     completion_tokens = sum(c.pop("completion_tokens") for c in choices)
-    usage = _usage(sum(counts), completion_tokens)
+    usage = _usage(sum(len(p.ids) for p in prompts), completion_tokens)
     return {**meta, "object": "text_completion", "choices": choices, "usage": usage}
 
 
@@ -60,14 +61,14 @@ async def chat_events(
 
 
 async def completion_events(
-    req: CompletionRequest, counts: list[int], producer: Producer, meta: dict[str, Any]
+    req: CompletionRequest, prompts: list[EchoedPrompt], producer: Producer, meta: dict[str, Any]
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> str:
         return sse({**meta, "object": "text_completion",
                     "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     if req.echo:
-        yield chunk(req.prompts[0])
+        yield chunk(prompts[0].text)
     sent = ""
     try:
         async for kind, value in producer:
@@ -79,7 +80,8 @@ async def completion_events(
                 final = value[0]
                 yield chunk("", final["finish_reason"], final["logprobs"])
                 if req.include_usage:
-                    yield _usage_event(meta, "text_completion", sum(counts), final["completion_tokens"])
+                    yield _usage_event(meta, "text_completion", sum(len(p.ids) for p in prompts),
+                                          final["completion_tokens"])
     except Exception as exc:  # the response has started: the error goes into the stream
         yield sse(as_api_error(exc).body())
     yield DONE_EVENT

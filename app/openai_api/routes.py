@@ -7,7 +7,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.access import API_KEY_ENV, OwnerAccess, bearer_key_matches
 from app.http_limits import MAX_BODY_BYTES, read_bounded
+from app.openai_api import tokenization
 from app.openai_api.admission import AdmissionQueue, Ticket, page_queue_length
 from app.openai_api.errors import ApiError, as_api_error
 from app.openai_api.generation import chat_work, completion_work
@@ -53,6 +54,16 @@ class OpenAiApi:
             if card["id"] == model:
                 return JSONResponse(card)
         raise ApiError(404, f"The model {model!r} does not exist.", param="model", code="model_not_found")
+
+    async def tokenizer_route(
+        self, request: Request, handler: Callable[[Engine, dict[str, Any]], dict[str, Any]] | None
+    ) -> Response:
+        """``/tokenize`` or ``/detokenize`` (``handler``) on the request's body, or ``/tokenizer_info`` (None)."""
+        self.authorise(request)
+        if handler is None:
+            return JSONResponse(await anyio.to_thread.run_sync(tokenization.tokenizer_info, self.engine))
+        body = await self.read_json(request)
+        return JSONResponse(await anyio.to_thread.run_sync(handler, self.engine, body))
 
     async def serve(self, request: Request, chat: bool) -> Response:
         """Check, queue, then run a chat or completion request on the model; the page's limits and queue apply."""
@@ -212,6 +223,19 @@ def create_app(
         return await _guarded(api.serve(request, chat=False))
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/tokenize")
+    async def tokenize_text(request: Request) -> Response:
+        return await _guarded(api.tokenizer_route(request, tokenization.tokenize))
+
+    @app.post("/detokenize")
+    async def detokenize_ids(request: Request) -> Response:
+        return await _guarded(api.tokenizer_route(request, tokenization.detokenize))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> Response:
+        return await _guarded(api.tokenizer_route(request, None))
+
     app.mount("/v1", v1)
     app.state.openai_api = api
     return app

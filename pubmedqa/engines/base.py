@@ -109,6 +109,32 @@ class LoadedModel:
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)  # how the fine-tuned variant decides
 
 
+@dataclass(frozen=True)
+class TokenScores:
+    """A token sequence as the model scores it (what ``/v1/completions`` echoes with ``logprobs``): ``logprobs[i]``
+    is the log-probability of token ``i + 1`` given the tokens before it, ``top[i]`` the ``top`` most likely
+    (token id, log-probability) after the first ``i + 1`` tokens, the last entry after all of them (the next token,
+    most likely first)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+def score_rows(rows: Any, targets: Sequence[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities of ``targets`` (one per row of logits ``rows``, a tensor n x vocab; the last row may have
+    none) and each row's ``top`` (at least one) most likely tokens: one log-sum-exp and one partial top-k per row,
+    never a sort of a whole row."""
+    import torch
+
+    rows = rows.float()
+    normaliser = torch.logsumexp(rows, dim=-1, keepdim=True)
+    picked = rows[torch.arange(len(targets)), torch.as_tensor(list(targets), dtype=torch.long)] if targets else None
+    values, indices = torch.topk(rows, max(1, top), dim=-1)
+    values = values - normaliser
+    logprobs = (picked - normaliser[: len(targets), 0]).tolist() if picked is not None else []
+    return logprobs, [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
 class Engine(ABC):
     """Loads once (lazily or in a background thread), then answers several prompts per call, each row with its own
     variant (base or fine-tuned). A Compare pair is one call with a base row and a fine-tuned row, both streaming at
@@ -295,6 +321,12 @@ class Engine(ABC):
         """Each token of ``text`` with its character offset and log-probability under ``variant`` (None where not
         scored), and the ``top`` most likely next tokens: what an OpenAI-compatible server returns for ``echo`` and
         ``logprobs`` (see :mod:`app.openai_api`). Only the in-process engines have them."""
+        raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
+
+    def score_tokens(self, ids: Sequence[int], variant: Variant, top: int = 0) -> TokenScores:
+        """Every token of ``ids`` (used as given: no BOS added) scored under ``variant`` given the ones before it, and
+        the ``top`` most likely tokens after each prefix (:class:`TokenScores`). Only the in-process engines have
+        them."""
         raise NotImplementedError(f"{type(self).__name__} does not give token log-probabilities")
 
     def give_way(self, cancel: threading.Event | None = None) -> None:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: Rows decoded together: beyond this, a step is compute-bound and grows with the rows (measured on 2 cores).
 PARALLEL_ROWS = 8
+#: Positions whose logits one ``llama_decode`` of :meth:`BatchDecoder.score` outputs (64 rows: 64 MB at 262k).
+SCORE_CHUNK = 64
 
 
 def penalise_repeats(logits: np.ndarray, tokens: Sequence[int], penalty: float) -> None:
@@ -115,6 +117,29 @@ class BatchDecoder:
             # Read before the next piece's decode overwrites them; llama.cpp indexes them by batch position.
             rows += [self.logits(i).copy() for i in range(len(piece)) if wanted[i]]
         return rows[0] if outputs == 1 else np.stack(rows)
+
+    def score(self, sequence: int, ids: Sequence[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """``ids`` decoded into ``sequence`` (emptied first) with every position's logits, :data:`SCORE_CHUNK`
+        positions per ``llama_decode`` so that llama.cpp's output buffer stays small (a 262k vocabulary is 1 MB a
+        row); each chunk's rows scored at once (:func:`score_rows`) before the next overwrites them."""
+        import llama_cpp
+        import torch
+
+        from pubmedqa.engines.base import score_rows
+
+        self.clear(sequence)
+        logprobs: list[float] = []
+        tops: list[list[tuple[int, float]]] = []
+        for start in range(0, len(ids), SCORE_CHUNK):
+            piece = ids[start : start + SCORE_CHUNK]
+            self.decode([(t, start + i, sequence, True) for i, t in enumerate(piece)])
+            pointer = llama_cpp.llama_get_logits(self.context.ctx)
+            rows = torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(len(piece), self._llm.n_vocab())))
+            chunk_logprobs, chunk_tops = score_rows(rows, ids[start + 1 : start + 1 + len(piece)], top)
+            logprobs += chunk_logprobs
+            tops += chunk_tops
+        self.clear(sequence)
+        return logprobs, tops
 
     def read_prompt(
         self, sequence: int, ids: Sequence[int], reader: HiddenStateReader | None = None

@@ -32,12 +32,12 @@ from pubmedqa.config import EMBEDDED_MODEL, ModelSettings
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
-from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
+from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel, TokenScores
 from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
 from pubmedqa.engines.worker_stream import drain
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids
 from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ class GgufTokenizer:
         self._adds_space_prefix = metadata.get("tokenizer.ggml.model") == "llama" and str(
             metadata.get("tokenizer.ggml.add_space_prefix", "true")
         ).lower() == "true"
+
+    def __len__(self) -> int:
+        """The vocabulary's size, as ``len()`` of a transformers tokenizer gives it."""
+        return self._llm.n_vocab()
 
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
@@ -215,7 +219,7 @@ class LlamaCppEngine(Engine):
             for prompt, variant, is_tuned in zip(prompts, variants, tuned):
                 self._select(variant)
                 # The decode loop's prompt phase, and nothing after it: the option scores are the first step's logits.
-                ids = encode_prompt(prompt.text, loaded.tokenizer)
+                ids = prompt_ids(prompt, loaded.tokenizer)
                 logits, row_features = self._rows.read_prompt(0, ids, _probe_reader(loaded, self._reader, is_tuned))
                 scores.append(torch.from_numpy(logits[columns]))
                 features.append(row_features)
@@ -289,6 +293,15 @@ class LlamaCppEngine(Engine):
         best = torch.topk(logprobs[-1], top) if top else None
         following = {tokenizer.decode([i]): v for v, i in zip(best.values.tolist(), best.indices.tolist())} if best else {}
         return pieces, following
+
+    def score_tokens(self, ids: Sequence[int], variant: Variant, top: int = 0) -> TokenScores:
+        self._require_adapter([variant])
+        if not ids:
+            return TokenScores([], [])
+        with self._model_lock:
+            self._select(variant)
+            logprobs, tops = self._rows.score(0, ids, top)
+        return TokenScores(logprobs, tops)
 
     # --------------------------------------------------------------------------------------- generation
     def stream_batch(
@@ -447,7 +460,7 @@ class LlamaCppEngine(Engine):
         it, with ``reader``, the context's probe reader, for a fine-tuned row), then the first step's decision
         processor on the first step's logits. The prompt's length, those logits and the processor (None without
         one-token options)."""
-        ids = encode_prompt(prompt.text, loaded.tokenizer)
+        ids = prompt_ids(prompt, loaded.tokenizer)
         logits, features = decoder.read_prompt(sequence, ids, _probe_reader(loaded, reader, tuned))
         decision = self._first_step(loaded, tuned, features)
         if decision is not None:

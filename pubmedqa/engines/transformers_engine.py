@@ -22,18 +22,19 @@ import torch
 from pubmedqa.adapter import CONFIG_FILE, Adapter
 from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
-from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel
+from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel, TokenScores
 from pubmedqa.engines.transformers_passes import (
     ProbeReader,
     decoder_layers,
     first_step_logits_are_raw,
     left_pad,
     option_scores,
+    score_ids,
     text_logprobs,
 )
 from pubmedqa.engines.worker_stream import drain
 from pubmedqa.model_loading import ModelLoadError, check_base_source, load_base_model, looks_like_path
-from pubmedqa.prompts import FittedPrompt, cut_at_stop, encode_prompt
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids
 from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,15 @@ class TransformersEngine(Engine):
         with self._model_lock:
             return text_logprobs(loaded.model, loaded.tokenizer, text, names, top)
 
+    def score_tokens(self, ids: Sequence[int], variant: Variant, top: int = 0) -> TokenScores:
+        loaded = self.load()
+        names = self._adapter_names([variant])
+        if not ids:
+            return TokenScores([], [])
+        with self._model_lock:
+            logprobs, tops = score_ids(loaded.model, ids, names, top)
+        return TokenScores(logprobs, tops)
+
     def stream_batch(
         self,
         prompts: Sequence[FittedPrompt],
@@ -184,7 +194,7 @@ class TransformersEngine(Engine):
         tokenizer = loaded.tokenizer
         stops = self.stop_sequences()
         cancel = cancel or threading.Event()
-        ids, mask = left_pad(tokenizer, [encode_prompt(p.text, tokenizer) for p in prompts], self._input_device(loaded))
+        ids, mask = left_pad(tokenizer, [prompt_ids(p, tokenizer) for p in prompts], self._input_device(loaded))
         streamer = _BatchStreamer(tokenizer, len(prompts), stops)
 
         class _RowDone(StoppingCriteria):

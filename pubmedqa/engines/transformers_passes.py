@@ -132,6 +132,26 @@ def text_logprobs(
     return rows, following
 
 
+@torch.inference_mode()
+def score_ids(
+    model: Any, ids: Sequence[int], adapter_names: Sequence[str] | None, top: int, chunk: int = 256
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """``ids`` scored in one forward pass (:meth:`Engine.score_tokens`), its output rows normalised ``chunk`` at a
+    time (:func:`score_rows`)."""
+    from pubmedqa.engines.base import score_rows
+
+    device = model.get_input_embeddings().weight.device
+    batch = torch.tensor([list(ids)], device=device)
+    rows = _forward(model, batch, torch.ones_like(batch), len(ids), list(adapter_names) if adapter_names else None)[0]
+    logprobs: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
+    for start in range(0, len(ids), chunk):
+        part_logprobs, part_tops = score_rows(rows[start : start + chunk], ids[start + 1 : start + 1 + chunk], top)
+        logprobs += part_logprobs
+        tops += part_tops
+    return logprobs, tops
+
+
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
     """The decoder's layer list of a transformers causal LM, PEFT-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
