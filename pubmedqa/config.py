@@ -109,6 +109,15 @@ class ModelSettings(BaseModelSettings):
         "OPENAI_API_KEY", "Environment variable holding the server's API key (the key itself is never logged)."
     )
     request_timeout: float = _setting(120.0, "Seconds to wait for the remote server before giving up.")
+    remote_decisions: str = _setting(
+        "auto",
+        "How the openai engine reads yes/no/maybe off the server: 'echo' (each option's log-likelihood after the "
+        "prompt, from echo + logprobs: exact; vLLM, TGI, this app), 'top' (the options among the top 20 "
+        "log-probabilities of one generated token: one cheap request), or 'auto': echo, switching to top for good "
+        "when the server refuses echo, gives no prompt log-probabilities (llama.cpp's server) or takes over 1.5 s "
+        "for a short test prompt (llama-cpp-python's server sorts the whole vocabulary at every prompt position).",
+        choices=("auto", "echo", "top"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +128,8 @@ class ModelSettings(BaseModelSettings):
         if os.environ.get(REMOVED_BACKEND_ENV):
             raise ValueError(f"{REMOVED_BACKEND_ENV} was removed: set PUBMEDQA_ENGINE (openai, llama.cpp, transformers "
                              "or auto) instead, and unset it")
+        if self.remote_decisions not in ("auto", "echo", "top"):
+            raise ValueError(f"remote_decisions must be auto, echo or top, got {self.remote_decisions!r}")
         if self.engine == "openai" and not (self.base_url and self.remote_model):
             raise ValueError(
                 "The openai engine needs --base_url (PUBMEDQA_BASE_URL) and --model (PUBMEDQA_REMOTE_MODEL)."

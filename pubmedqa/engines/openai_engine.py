@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 TOP_LOGPROBS = 20  # the most vLLM and OpenAI return; options outside it count as "less likely than any listed"
 MAX_PARALLEL_REQUESTS = 32
+#: ``--remote_decisions auto``'s one test of echo: past ECHO_PROBE_S seconds for this prompt, decisions come from the
+#: top log-probabilities (llama-cpp-python's server: 11 s for a 43-token prompt, minutes with an abstract).
+ECHO_PROBE = "Question: Does aspirin reduce the risk of stroke?\nAnswer: yes"
+ECHO_PROBE_S = 1.5
 
 
 class OpenAIEngine(Engine):
@@ -47,7 +51,10 @@ class OpenAIEngine(Engine):
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
         self._client: Any = None
-        self._echo_supported = True
+        self._echo_supported = settings.remote_decisions != "top"
+        self._echo_probed = False
+        self._probe_lock = threading.Lock()
+        self._one_prompt_per_request = False  # the server refuses a list of prompts (llama-cpp-python's): found once
 
     # ----------------------------------------------------------------------------------------- loading
     def _load(self) -> LoadedModel:
@@ -127,35 +134,80 @@ class OpenAIEngine(Engine):
         return self.load().policy.decide(torch.tensor(scores, dtype=torch.float64), tuned)
 
     def _option_log_scores(self, prompt: FittedPrompt, variant: Variant) -> list[float]:
+        """The options' log-scores after ``prompt``: by ``echo`` while the server serves it well, else (or with
+        ``--remote_decisions top``) from the top log-probabilities of one generated token."""
+        if self._echo_supported and self.settings.remote_decisions == "auto":
+            with self._probe_lock:  # one probe; concurrent scorers wait for its verdict
+                if not self._echo_probed:
+                    self._probe_echo(variant)
         if self._echo_supported:
             try:
                 logprobs = self._option_loglikelihoods(prompt.text, variant)
             except EngineError as exc:
-                if exc.status not in (400, 422):  # not a refusal of echo: a real failure
+                if self.settings.remote_decisions == "echo":
                     raise
-                logger.warning("The server cannot echo prompt log-probabilities (%s); using top log-probabilities.", exc)
-                self._echo_supported = False
-        if not self._echo_supported:
+                logprobs = self._option_top_logprobs(prompt.text, variant)  # the server down: this fails too
+                self._stop_echo(f"echo + logprobs failed: {exc}")
+        else:
             logprobs = self._option_top_logprobs(prompt.text, variant)
         return [logprobs[option] for option in ANSWER_OPTIONS]
+
+    def _probe_echo(self, variant: Variant) -> None:
+        """Once: whether the server scores a short prompt's positions fast enough for echo to be the way (vLLM and
+        this app take milliseconds; llama-cpp-python's server seconds, as it sorts the whole vocabulary at each)."""
+        self._echo_probed = True
+        started = time.perf_counter()
+        try:
+            self._call(model=self._model_name(variant), prompt=ECHO_PROBE, max_tokens=1, temperature=0.0, echo=True,
+                       logprobs=1)
+        except EngineError as exc:
+            self._stop_echo(f"echo + logprobs failed: {exc}")
+            return
+        if (elapsed := time.perf_counter() - started) > ECHO_PROBE_S:
+            self._stop_echo(f"echo + logprobs took {elapsed:.1f} s for a {len(ECHO_PROBE)}-character prompt")
+
+    def _stop_echo(self, why: str) -> None:
+        if self._echo_supported:
+            logger.warning("Decisions from the server's top log-probabilities from now on (%s); "
+                           "--remote_decisions echo keeps the exact option likelihoods.", why)
+        self._echo_supported = False
 
     def _option_loglikelihoods(self, text: str, variant: Variant) -> dict[str, float]:
         """Log-likelihood of each option after the prompt, from the echoed prompt log-probabilities."""
         prefix = answer_prefix(self.load().tokenizer)
         candidates = [text + prefix + option for option in ANSWER_OPTIONS]
-        response = self._call(
-            model=self._model_name(variant), prompt=candidates, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+        choices = self._complete_each(
+            candidates, model=self._model_name(variant), max_tokens=1, temperature=0.0, echo=True, logprobs=1
         )
         result = {}
-        for choice in sorted(response.choices, key=lambda c: c.index):
-            option = ANSWER_OPTIONS[choice.index]
-            end = len(candidates[choice.index])
+        for option, candidate, choice in zip(ANSWER_OPTIONS, candidates, choices):
+            end = len(candidate)
             lp = choice.logprobs
+            if lp is None or lp.token_logprobs is None or lp.text_offset is None:
+                raise EngineError("The model server returned no log-probabilities for the answer options.")
             picked = [v for v, at in zip(lp.token_logprobs, lp.text_offset) if len(text) <= at < end and v is not None]
             if not picked:
                 raise EngineError("The model server returned no log-probabilities for the answer options.")
             result[option] = sum(picked)
         return result
+
+    def _complete_each(self, prompts: list[str], **request: Any) -> list[Any]:
+        """One completion choice per prompt, in order: one request with the list where the server takes lists (vLLM,
+        TGI, this app), else one request per prompt. A server that refuses the list but takes its first prompt alone
+        (llama-cpp-python's takes one prompt per request) is remembered as such."""
+        if self._one_prompt_per_request or len(prompts) == 1:
+            return [self._call(prompt=p, **request).choices[0] for p in prompts]
+        try:
+            response = self._call(prompt=prompts, **request)
+        except EngineError as exc:
+            if exc.status is None or exc.status < 400:
+                raise
+            first = self._call(prompt=prompts[0], **request).choices[0]  # refused too: not the list's fault
+            self._one_prompt_per_request = True
+            logger.warning("The model server does not take a list of prompts (%s); sending one prompt per request.",
+                           exc.status)
+            return [first] + [self._call(prompt=p, **request).choices[0] for p in prompts[1:]]
+        return sorted(response.choices, key=lambda c: c.index)
 
     def _option_top_logprobs(self, text: str, variant: Variant) -> dict[str, float]:
         """The options among the top log-probabilities of the first generated token (a one-token answer)."""

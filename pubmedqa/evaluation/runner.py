@@ -200,12 +200,13 @@ def evaluate(
 
 
 def _variants(model_settings: ModelSettings, engine: Engine) -> list[Variant]:
-    """Base, and fine-tuned when an adapter is configured (refused, with the reason, when it did not load)."""
-    if not model_settings.adapter_source:
-        return [Variant.BASE]
-    if not engine.load().adapter_loaded:
+    """Base, and fine-tuned when the engine serves an adapter (a local one, or the openai engine's adapter model);
+    refused, with the reason, when a configured one did not load."""
+    if engine.load().adapter_loaded:
+        return [Variant.BASE, Variant.TUNED]
+    if model_settings.adapter_source or (engine.name == "openai" and model_settings.adapter_model):
         raise ModelLoadError(f"The adapter cannot be evaluated: {engine.adapter_unavailable_reason()}")
-    return [Variant.BASE, Variant.TUNED]
+    return [Variant.BASE]
 
 
 def _decide_and_answer(
