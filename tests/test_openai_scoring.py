@@ -11,7 +11,6 @@ import torch
 from app.openai_api import ADAPTER_MODEL_NAME, BASE_MODEL_NAME
 from pubmedqa.engines.transformers_engine import ADAPTER_NAME, BASE_ADAPTER_NAME
 from pubmedqa.engines.transformers_passes import _forward
-from pubmedqa.prompts import encode_prompt
 from pubmedqa.variants import Variant
 from tests.conftest import REPO_ROOT
 from tests.test_openai_api import LIMITS, _engine, _error, app_server
@@ -79,7 +78,7 @@ def test_echoed_logprobs_are_aligned_as_the_harness_reads_them(engine, root, mod
 def test_a_text_prompt_is_read_with_its_bos_but_echoed_as_sent(engine, root):
     tokenizer = engine.load().tokenizer
     prompt = "Question: Is ultrasound as accurate as X-ray?\nAnswer: no"
-    read = encode_prompt(prompt, tokenizer)
+    read = tokenizer(prompt)["input_ids"]  # with the BOS in front, as vLLM reads a text
     want = _by_hand(engine, read, Variant.BASE)
     lp = _complete(root, model=BASE_MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)["choices"][0][
         "logprobs"]
@@ -162,7 +161,7 @@ def test_lm_eval_scores_the_shipped_pubmedqa_task_through_the_app_as_the_engine_
             for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
                 whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
                 n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-                read = whole if tokenized else encode_prompt(context + continuation, tokenizer)
+                read = whole if tokenized else tokenizer(context + continuation)["input_ids"]  # with its BOS
                 skip = len(read) - len(whole)
                 want = sum(_by_hand(engine, read, variant)[skip + n_context - 1:])
                 assert resp[0][0] == pytest.approx(want, abs=1e-3)

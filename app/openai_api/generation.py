@@ -62,7 +62,7 @@ def completion_work(engine: Engine, req: CompletionRequest, job: Producer) -> It
             req.generation.max_new_tokens == 1 and req.generation.temperature == 0 and not req.stream)):
         yield "done", [scored_choice(engine, req, index, p) for index, p in enumerate(prepared)]
         return
-    prompts = [FittedPrompt(text=p.text, n_tokens=len(p.ids), ids=p.given) for p in prepared]
+    prompts = [FittedPrompt(text=p.text, n_tokens=len(p.ids), ids=tuple(p.ids)) for p in prepared]
     texts = [""] * len(prompts)
     variants = [req.variant] * len(prompts)
     for texts in engine.stream_batch(prompts, variants, req.generation, job.cancel_event()):

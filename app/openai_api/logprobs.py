@@ -17,7 +17,7 @@ from typing import Any
 from app.openai_api.errors import ApiError
 from app.openai_api.parsing import CompletionRequest, Prompt, token_ids
 from pubmedqa.engines.base import Engine
-from pubmedqa.prompts import answer_prefix, encode_prompt
+from pubmedqa.prompts import answer_prefix
 from pubmedqa.variants import Variant
 
 # (token text, offset, log-probability or None where the engine did not score it)
@@ -26,26 +26,26 @@ Scored = list[tuple[str, int, float | None]]
 
 @dataclass(frozen=True)
 class EchoedPrompt:
-    """A completion prompt as the model reads it (``ids``) and as the response echoes it: ``text`` (a token-id
-    prompt's tokens joined), from ``ids[echoed]`` on; ``given``: the ids of a token-id prompt, read as given."""
+    """A completion prompt as the model reads it (``ids``, what scoring and generation both read) and as the response
+    echoes it: ``text`` (a token-id prompt's tokens joined), from ``ids[echoed]`` on."""
 
     text: str
     ids: list[int]
     echoed: int = 0
-    given: tuple[int, ...] | None = None
 
 
 def echoed_prompt(engine: Engine, prompt: Prompt) -> EchoedPrompt:
-    """A request's prompt prepared: a text encoded as generation reads it; token ids checked against the vocabulary
-    (400 for an id the model does not have)."""
+    """A request's prompt prepared as vLLM reads it: a text with the BOS in front unless it starts with one (the
+    project's own rendered prompts do), token ids as given, checked against the vocabulary (400 otherwise)."""
     tokenizer = engine.load().tokenizer
     if isinstance(prompt, str):
-        ids = encode_prompt(prompt, tokenizer)
+        bos = getattr(tokenizer, "bos_token", None)
+        ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
         plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         added = len(ids) - len(plain) if len(ids) > len(plain) and ids[len(ids) - len(plain):] == plain else 0
         return EchoedPrompt(prompt, ids, added)
     token_ids(list(prompt), "prompt", len(tokenizer))
-    return EchoedPrompt("".join(_piece(tokenizer, t) for t in prompt), list(prompt), 0, tuple(prompt))
+    return EchoedPrompt("".join(_piece(tokenizer, t) for t in prompt), list(prompt))
 
 
 def scored_choice(engine: Engine, req: CompletionRequest, index: int, prompt: EchoedPrompt) -> dict[str, Any]:
