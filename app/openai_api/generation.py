@@ -55,8 +55,9 @@ def completion_work(engine: Engine, req: CompletionRequest, job: Producer) -> It
     prepared = [echoed_prompt(engine, p) for p in req.prompts]
     for p in prepared:
         if len(p.ids) > budget:
-            raise ApiError(400, f"The prompt has {len(p.ids):,} tokens; with max_tokens={req.generation.max_new_tokens} "
-                           f"this server takes at most {budget:,}.", param="prompt", code="context_length_exceeded")
+            raise ApiError(400, f"The prompt has {len(p.ids):,} tokens; with "
+                           f"max_tokens={req.generation.max_new_tokens} this server takes at most {budget:,}.",
+                           param="prompt", code="context_length_exceeded")
     yield "ready", prepared
     if req.echo and req.logprobs is not None and (req.score_only or (
             req.generation.max_new_tokens == 1 and req.generation.temperature == 0 and not req.stream)):

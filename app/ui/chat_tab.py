@@ -130,7 +130,8 @@ def _layout(
             label="Examples from PubMedQA (training questions)",
         )
     return ChatComponents(
-        chatbot=chatbot, saved=saved, question=question, send=send, stop=stop, clear=clear, notice=notice, variant=variant,
+        chatbot=chatbot, saved=saved, question=question, send=send, stop=stop, clear=clear, notice=notice,
+        variant=variant,
         settings=settings, context=context, evidence=evidence,
     )
 

@@ -118,7 +118,8 @@ def figures_frame(run: RunResults, found: RunSignificance | None) -> pd.DataFram
         for key in run.model_keys:
             interval = found.intervals.get(key, {}).get(metric) if found else None
             present |= interval is not None
-            row[variants.RESULTS_LABELS[key]], row[f"{variants.RESULTS_LABELS[key]} 95 % interval"] = _cell(interval, scale)
+            shown = variants.RESULTS_LABELS[key]
+            row[shown], row[f"{shown} 95 % interval"] = _cell(interval, scale)
         test = found.tests.get(metric) if found else None
         if test is not None:
             value, spread = _cell(test.difference, scale)

@@ -235,7 +235,8 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
     shows and the CSV holds."""
     def header(column: str) -> str:
         tuned = f"{variants.TUNED_KEY} "
-        column = column.replace(tuned, f"{variants.RESULTS_LABELS[variants.TUNED_KEY]} ", 1) if column.startswith(tuned) else column
+        if column.startswith(tuned):
+            column = column.replace(tuned, f"{variants.RESULTS_LABELS[variants.TUNED_KEY]} ", 1)
         return {"reference": "abstract's conclusion"}.get(column, column)
 
     return frame.rename(columns=header)
@@ -283,7 +284,8 @@ def example_markdown(run: RunResults, example_id: Any) -> str:
         mark = "✓" if out.get("decision") == example["gold"] else "✗"
         probabilities = out.get("probabilities") or {}
         shares = ", ".join(f"{label} {100 * p:.0f} %" for label, p in probabilities.items() if isinstance(p, float))
-        lines.append(f"**{variants.RESULTS_LABELS[key]}**: {_plain(out.get('decision'))} {mark}" + (f" ({shares})" if shares else ""))
+        lines.append(f"**{variants.RESULTS_LABELS[key]}**: {_plain(out.get('decision'))} {mark}"
+                     + (f" ({shares})" if shares else ""))
         if out.get("answer"):
             lines.append(f"> {_plain(out['answer'])}")
     lines.append(f"**Abstract's conclusion**: {_plain(example.get('reference'))}")

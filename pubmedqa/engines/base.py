@@ -305,8 +305,9 @@ class Engine(ABC):
         decisions: list[dict[str, float]] | None = None,
     ) -> Iterator[list[str]]:
         """:meth:`stream_batch`, and each row's yes/no/maybe probabilities (:meth:`score_decisions`) appended to
-        ``decisions`` once known; none after a cancel or a failed scoring (logged). Here a second pass over the prompts once the answers are done;
-        the llama.cpp engine reads them off each answer's first step, so that a prompt is read once."""
+        ``decisions`` once known; none after a cancel or a failed scoring (logged). Here a second pass over the
+        prompts once the answers are done; the llama.cpp engine reads them off each answer's first step, so that a
+        prompt is read once."""
         yield from self.stream_batch(prompts, variants, settings, cancel)
         if decisions is None or (cancel is not None and cancel.is_set()):
             return
