@@ -14,9 +14,11 @@ from fastapi import FastAPI
 
 from app.access import OwnerAccess
 from app.http_limits import BoundedRequests
+from app.mcp_bridge import McpCallers
 from app.openai_api import API_KEY_ENV, create_app, uvicorn_config
-from app.rate_limits import EvidenceQuota
+from app.rate_limits import EvidenceQuota, visitor_key
 from app.ui.interface import build_app
+from app.ui.mcp_tools import configure_mcp_tools
 from pubmedqa.config import EvidenceSettings, ModelSettings, ServerSettings, parse_settings
 from pubmedqa.engines.base import Engine
 from pubmedqa.engines.factory import create_engine
@@ -36,14 +38,20 @@ def build_server(engine: Engine, server: ServerSettings, search: EvidenceSearch 
     quota = EvidenceQuota(server.evidence_per_minute, OwnerAccess.from_settings(server).public)  # page and /v1 alike
     demo = build_app(engine, server, search, quota)
     app = create_app(engine, server, page=demo, search=search, evidence_quota=quota)
+    app.add_middleware(McpCallers, visitor=lambda request: visitor_key(request, server.trusted_proxy_hops),
+                       mcp_server=lambda: demo.mcp_server_obj)
     app.add_middleware(BoundedRequests)  # no file routes, bounded bodies: on every route, Gradio's included
-    return gr.mount_gradio_app(
+    mounted = gr.mount_gradio_app(
         app, demo, path="/", server_name=server.server_name, server_port=server.server_port,
         root_path=os.environ.get("GRADIO_ROOT_PATH") or None,
         show_error=False,  # as demo.launch() does: unexpected errors are logged, not shown with their details
         # Gradio's /monitoring routes give anyone per-event request counts and success rates: not on a public app.
         enable_monitoring=False if OwnerAccess.from_settings(server).public else None,
+        mcp_server=server.mcp_server,
     )
+    if server.mcp_server:
+        configure_mcp_tools(demo)
+    return mounted
 
 
 class AppServer(uvicorn.Server):

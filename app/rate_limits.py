@@ -3,8 +3,9 @@ search for evidence), who a visitor is, and the one throttled log line each refu
 
 A visitor is named by :func:`visitor_key` from what the client cannot forge: the signed-in Hugging Face account,
 else the address the trusted proxy saw (the hop it appended to X-Forwarded-For; on a Space, its proxy), else the
-socket's peer address, else the browser session. Anything the client itself wrote into X-Forwarded-For is ignored,
-so neither a forged header nor a new session resets a budget.
+socket's peer address, else the browser session; an MCP tool's call is its MCP client's (:mod:`app.mcp_bridge`).
+Anything the client itself wrote into X-Forwarded-For is ignored, so neither a forged header nor a new session resets
+a budget.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
+
+from app.mcp_bridge import bridged_visitor
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ def visitor_key(request: Any, proxy_hops: int = 0) -> str:
     many proxies in front of the app append to X-Forwarded-For (1 on a Space); the address the outermost of them
     appended is the visitor's, and entries before it (the client's own) are ignored."""
     inner = getattr(request, "request", None) or request  # gr.Request wraps the Starlette request
+    if bridged := bridged_visitor(inner):  # Gradio's loopback call for an MCP tool: the MCP client's name
+        return bridged
     user = _signed_in_user(inner)
     if user:
         return f"user:{user.lower()}"

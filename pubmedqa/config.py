@@ -181,6 +181,9 @@ class ServerSettings:
     evidence_per_minute: int = _setting(
         6, "Evidence searches one visitor may start per minute on a public app (each may query NCBI PubMed)."
     )
+    mcp_server: bool = _setting(
+        True, "Serve the MCP tools (answer_question, compare_models, find_evidence) at /gradio_api/mcp on this port."
+    )
     eval_dir: str = _setting("outputs/eval", "Where evaluations started in the app are written, one folder each.")
     max_eval_runs: int = _setting(10, "Evaluation runs of its own the app keeps; the oldest beyond are removed.")
     owner: str = _setting(

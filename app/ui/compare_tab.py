@@ -278,16 +278,28 @@ def register_compare_api(
 ) -> None:
     """The ``/compare`` endpoint for scripts (gradio_client): same validation, limits and model as the Compare tab."""
 
-    def compare_api(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
-                    temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
-                    seed: int = GenerationSettings.seed,
-                    repetition_penalty: float = GenerationSettings.repetition_penalty,
-                    min_new_tokens: int = GenerationSettings.min_new_tokens, evidence: str = "off",
-                    request: gr.Request = None) -> dict:
-        """Answer the same question with the base and the fine-tuned model. Returns both answers with their
-        decision, option probabilities, time to first token, tokens/s and token count. `evidence`: "off", "auto"
-        (search when no context is given) or "on"; the result's "evidence" then holds the citations (pmid, title,
-        journal, year, url) and the PMID both answers are based on."""
+    def compare_models(question: str, context: str = "", max_new_tokens: int = GenerationSettings.max_new_tokens,
+                       temperature: float = GenerationSettings.temperature, top_p: float = GenerationSettings.top_p,
+                       seed: int = GenerationSettings.seed,
+                       repetition_penalty: float = GenerationSettings.repetition_penalty,
+                       min_new_tokens: int = GenerationSettings.min_new_tokens, evidence: str = "off",
+                       request: gr.Request = None) -> dict:
+        """Answer the same biomedical question with the base and the fine-tuned model, side by side.
+
+        Args:
+            question: The question (at most 2,000 characters).
+            context: Optional text of a research abstract both models answer from.
+            max_new_tokens: Longest answer, in tokens.
+            temperature: 0 for greedy decoding (the same answer each time), higher for more varied answers.
+            top_p: Nucleus sampling: the share of probability mass sampled from (with temperature > 0).
+            seed: Random seed of the sampling.
+            repetition_penalty: Above 1 discourages repeating the answer's own tokens; 1 is off.
+            min_new_tokens: Shortest answer, in tokens.
+            evidence: "off", "auto" (search PubMed when no context is given) or "on" (always search).
+        Returns:
+            Both answers with their decision, option probabilities, time to first token, tokens/s and token count;
+            with evidence, the citations (pmid, title, journal, year, url) and the PMID both answers are based on.
+        """
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
         with guard.heavy_job(request, compare=True):  # key and limits: checked when sent
             found = api_evidence(search, guard, limits, question, context, evidence, request)
@@ -295,5 +307,5 @@ def register_compare_api(
         result = {"mode": last.mode, "notices": last.notices, **{side.variant: side.as_dict() for side in last.sides}}
         return result | ({"evidence": found.as_dict()} if found is not None else {})
 
-    register_api(compare_api, guard.validator(compare=True, api=True), api_name="compare",
+    register_api(compare_models, guard.validator(compare=True, api=True), api_name="compare",
                  concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

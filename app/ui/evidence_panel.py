@@ -151,11 +151,17 @@ def api_evidence(
 def register_evidence_api(search: EvidenceSearch | None, limits: ServerSettings, guard: VisitorGuard) -> None:
     """The ``/evidence`` endpoint: the articles a question's answer would be based on."""
 
-    def evidence(question: str, request: gr.Request = None) -> dict:
-        """Search PubMed (or the local index) for a biomedical question. Returns the status message, the source,
-        the PMID an answer would use and the citations (pmid, title, journal, year, url) of the articles found."""
+    def find_evidence(question: str, request: gr.Request = None) -> dict:
+        """Search PubMed (or the app's local index) for articles that answer a biomedical question.
+
+        Args:
+            question: The question to search for (at most 2,000 characters).
+        Returns:
+            The status message, the source searched, the PMID an answer would use and the citations (pmid, title,
+            journal, year, url) of the articles found.
+        """
         guard.check_api_caller(request)
         found = api_evidence(search, guard, limits, question, "", "on", request)
         return found.as_dict() if found is not None else {}
 
-    gr.api(evidence, api_name="evidence", concurrency_limit=4)
+    gr.api(find_evidence, api_name="evidence", concurrency_limit=4)

@@ -14,6 +14,7 @@ from app.ui.chat_tab import ChatTab, build_chat_tab, register_chat_api, variant_
 from app.ui.compare_tab import build_compare_tab, register_compare_api
 from app.ui.evaluation_tab import build_evaluation_tab
 from app.ui.evidence_panel import register_evidence_api
+from app.ui.mcp_tools import register_answer_api
 from app.ui.page_blocks import PageBlocks
 from app.ui.visitor_guard import VisitorGuard
 from app.votes import VoteLog
@@ -47,6 +48,7 @@ def build_app(
         register_chat_api(engine, limits, guard, search)
         register_compare_api(engine, limits, guard, search)
         register_evidence_api(search, limits, guard)
+        register_answer_api(engine, limits, guard, search)
         _poll_model_status(demo, engine, status, details, chat)
         chat.restore_on_load(demo)
         demo.unload(chat.end_session)
