@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
 from collections.abc import Callable, Iterable
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 MCP_PATH = "/gradio_api/mcp"
 VISITOR_HEADER = "x-pubmedqa-visitor"

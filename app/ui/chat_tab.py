@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from app.chat import stream_answer
+from app.chat import ChatUpdate, stream_answer
 from app.evidence import FoundEvidence
 from app.literal_text import from_literal_markdown, literal_markdown
 from app.rate_limits import PerMinuteLimiter, log_refusal
@@ -417,6 +417,18 @@ def build_chat_tab(
     return ChatTab(variant=ui.variant, end_session=handlers.end_session, conversation=ui.chatbot, saved=ui.saved)
 
 
+def api_answer(
+    engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None, request: Any,
+    question: Any, context: Any, history: Any, model: Any, settings: dict[str, Any], evidence: Any,
+) -> Iterator[ChatUpdate]:
+    """An API call's answer (``/chat``, ``/answer``): the evidence its ``evidence`` option asks for, then the growing
+    answer, errors as the caller's messages; its place among the visitor's heavy requests freed when it ends."""
+    with guard.heavy_job(request, compare=False, context=context):  # key and limits: checked when sent
+        found = api_evidence(search, guard, limits, question, context, evidence, request)
+        yield from run_guarded(stream_answer(engine, limits, question, context, history, model, settings,
+                                             evidence=found))
+
+
 def register_chat_api(
     engine: Engine, limits: ServerSettings, guard: VisitorGuard, search: EvidenceSearch | None = None
 ) -> None:
@@ -442,11 +454,9 @@ def register_chat_api(
         last value is the answer, ending with a "Source: PMID ..." line when it is based on an article (the
         articles themselves: the /evidence endpoint)."""
         settings = generation_settings(max_new_tokens, temperature, top_p, seed, repetition_penalty, min_new_tokens)
-        with guard.heavy_job(request, compare=False, context=context):  # key and limits: checked when sent
-            found = api_evidence(search, guard, limits, question, context, evidence, request)
-            updates = stream_answer(engine, limits, question, context, history, model, settings, evidence=found)
-            for update in run_guarded(updates):
-                yield update.cited
+        for update in api_answer(engine, limits, guard, search, request, question, context, history, model, settings,
+                                 evidence):
+            yield update.cited
 
     register_api(chat, guard.validator(compare=False, context_at=1, api=True), api_name="chat",
                  concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)

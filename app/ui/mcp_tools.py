@@ -11,10 +11,8 @@ from typing import Any
 
 import gradio as gr
 
-from app.chat import stream_answer
-from app.ui.evidence_panel import api_evidence
+from app.ui.chat_tab import api_answer
 from app.ui.sessions import MODEL_EVENTS
-from app.ui.user_messages import run_guarded
 from app.ui.visitor_guard import VisitorGuard, register_api
 from pubmedqa import variants
 from pubmedqa.config import ServerSettings
@@ -54,13 +52,11 @@ def register_answer_api(
             and the citations of the articles found (pmid, title, journal, year, url) with the PMID the answer used.
         """
         settings = {**vars(GenerationSettings()), "max_new_tokens": max_new_tokens}
-        with guard.heavy_job(request, compare=False, context=abstract):  # key and limits: checked when sent
-            found = api_evidence(search, guard, limits, question, abstract, evidence, request)
-            *_, last = run_guarded(stream_answer(engine, limits, question, abstract, None, model, settings,
-                                                 evidence=found))
+        *_, last = api_answer(engine, limits, guard, search, request, question, abstract, None, model, settings,
+                              evidence)
         return {"model": model, "answer": last.answer, "decision": last.decision,
                 "probabilities": last.probabilities, "notices": last.notices,
-                "evidence": found.as_dict() if found is not None else None}
+                "evidence": last.evidence.as_dict() if last.evidence is not None else None}
 
     register_api(answer_question, guard.validator(compare=False, context_at=1, api=True), api_name="answer",
                  concurrency_id=MODEL_EVENTS, concurrency_limit=limits.concurrency_limit)
