@@ -6,6 +6,7 @@ field's metadata (how a Space is configured) and then by a CLI flag of the same 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -89,6 +90,11 @@ class ModelSettings(BaseModelSettings):
         2048,
         "Prompt budget in tokens (capped by the model's own window); longer contexts are truncated.",
     )
+    parallel_rows: int = _setting(
+        8,
+        "llama.cpp: answers decoded together on each context (base, fine-tuned), from every visitor and API "
+        "request; more wait for a free row. Each row holds its own KV cache (docs/hardware.md, 'Many visitors').",
+    )
 
     engine: str = _setting(
         "auto",
@@ -128,6 +134,8 @@ class ModelSettings(BaseModelSettings):
         if os.environ.get(REMOVED_BACKEND_ENV):
             raise ValueError(f"{REMOVED_BACKEND_ENV} was removed: set PUBMEDQA_ENGINE (openai, llama.cpp, transformers "
                              "or auto) instead, and unset it")
+        if not isinstance(self.parallel_rows, int) or not 1 <= self.parallel_rows <= 64:
+            raise ValueError(f"parallel_rows must be between 1 and 64, got {self.parallel_rows!r}")
         if self.remote_decisions not in ("auto", "echo", "top"):
             raise ValueError(f"remote_decisions must be auto, echo or top, got {self.remote_decisions!r}")
         if self.engine == "openai" and not (self.base_url and self.remote_model):
@@ -153,7 +161,9 @@ class ServerSettings:
     max_new_tokens_limit: int = _setting(1024, "Upper bound for max new tokens.")
     max_history_messages: int = _setting(100, "Longest chat history (messages) a request may carry.")
     concurrency_limit: int = _setting(
-        1, "Model-bound events running at once (the model serialises generation anyway)."
+        0,
+        "Model-bound events running at once, page and API each; more wait in the queue. 0: as many as the engine "
+        "answers together (llama.cpp: both contexts' rows, 2 x --parallel_rows; the others: 1).",
     )
     queue_size: int = _setting(32, "Requests allowed to wait; more get a 'busy' message.")
     preload: bool = _setting(True, "Start loading the model in the background at start-up.")
@@ -201,6 +211,15 @@ class ServerSettings:
                      "evidence_per_minute", "heavy_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.concurrency_limit < 0:
+            raise ValueError(f"concurrency_limit must be 0 (the engine's) or more, got {self.concurrency_limit}")
+
+    def for_engine(self, engine: Any) -> ServerSettings:
+        """These settings with ``concurrency_limit`` 0 resolved to what ``engine`` answers together
+        (``Engine.concurrent_requests``)."""
+        if self.concurrency_limit:
+            return self
+        return dataclasses.replace(self, concurrency_limit=engine.concurrent_requests)
 
 
 EVIDENCE_CHOICES = ("auto", "pubmed", "local", "off")

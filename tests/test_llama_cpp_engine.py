@@ -1,5 +1,5 @@
-"""The llama.cpp engine on the real embedded GGUF: one model, the LoRA switched per request, a Compare pair side by
-side, the decision policy, Stop, stop sequences, the engine choice, and bad input. (Chat, Compare and reliability through the app run against
+"""The llama.cpp engine on the real embedded GGUF: one model, base and fine-tuned on their own contexts, a Compare pair
+side by side, the decision policy, Stop, stop sequences, the engine choice, and bad input. (Chat, Compare and reliability through the app run against
 both engines in their own test files.)"""
 
 from __future__ import annotations
@@ -76,9 +76,8 @@ def test_a_compare_and_a_chat_answer_read_each_prompt_once_and_decide_as_scoring
     prompt = _prompt(engine, QUESTIONS[0], settings)
     scored = engine.score_decisions([prompt, prompt], [Variant.BASE, Variant.TUNED])
     reads = []
-    for decoder in (engine._rows, engine._second_context()[0]):
-        original = decoder.read_prompt
-        monkeypatch.setattr(decoder, "read_prompt", lambda *a, _o=original, **k: reads.append(1) or _o(*a, **k))
+    original = engine.scheduler._first_step  # once per prompt read, at its end
+    monkeypatch.setattr(engine.scheduler, "_first_step", lambda *a: reads.append(1) or original(*a))
     last = list(stream_comparison(engine, ServerSettings(), QUESTIONS[0], "", settings.__dict__))[-1]
     assert len(reads) == 2  # one per side: the decisions come from each answer's first step
     for side, want in zip(last.sides, scored):
@@ -117,49 +116,20 @@ def test_one_pass_decisions_equal_scoring_and_the_answer_opens_with_the_decision
     assert raw[0] == scored[0] and raw[1] != pytest.approx(scored[1])
 
 
-def test_rows_decoded_together_decide_as_one_row_at_a_time_and_a_group_of_one_answers_identically(engine):
-    from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS
-
-    # More rows than are decoded together (two groups), of different lengths, with the default repetition penalty.
+def test_rows_decoded_together_decide_as_one_row_at_a_time(engine):
+    # More rows than are decoded together, of different lengths, with the default repetition penalty.
     settings = GenerationSettings(max_new_tokens=24)
     prompts = [_prompt(engine, q, settings) for q in QUESTIONS * 3]
-    assert len(prompts) > PARALLEL_ROWS
+    assert len(prompts) > engine.settings.parallel_rows
     for variant in (Variant.BASE, Variant.TUNED):
         answers, decisions = engine.generate_with_decisions(prompts, [variant] * len(prompts), settings)
         assert engine.generate_with_decisions(prompts, [variant] * len(prompts), settings) == (answers, decisions)
         for prompt, answer, decision in zip(prompts, answers, decisions):
             [alone], [alone_decision] = engine.generate_with_decisions([prompt], [variant], settings)
-            # The same greedy loop: a row decoded alone through the batched path gives the one-row answer exactly;
-            # with other rows, llama.cpp's multi-row kernels round differently, so answers may part after a near-tie,
-            # but the decision (the first step, read off each prompt's own decode) is the same.
-            assert engine._answer_together([prompt], variant, settings)[0] == [alone]
+            # With other rows, llama.cpp's multi-row kernels round differently, so answers may part after a
+            # near-tie, but the decision (the first step, read off each prompt's own decode) is the same.
             assert decision == pytest.approx(alone_decision, abs=1e-4)
             assert answer.split()[0] == alone.split()[0]
-
-
-def test_one_decode_loop_serves_one_sequence_in_turn_and_refuses_to_sample_several(engine):
-    from pubmedqa.engines.llama_cpp_batch import DecodeLoop
-
-    # The streamed path's loop of one sequence takes the waiting rows one after the other (a finished row's sequence
-    # takes the next prompt): each answer is the one the row gets alone, and every step yields the rows that grew.
-    prompts = [_prompt(engine, q) for q in QUESTIONS[:2]]
-    alone = [engine.generate(p, Variant.BASE, GREEDY) for p in prompts]
-    loaded = engine.load()
-
-    def start(row: int, sequence: int):
-        length, logits, _ = engine._start_row(loaded, engine._rows, None, prompts[row], False, sequence)
-        return length, logits
-
-    stops = engine.stop_sequences()
-    loop = DecodeLoop(engine._rows, start, range(2), GREEDY, loaded.tokenizer.decode, stops)
-    with engine._model_lock:
-        engine._select(Variant.BASE)
-        steps = list(loop)
-    assert [cut_at_stop(loop.answers[row].text, stops)[0].strip() for row in range(2)] == alone
-    assert all(len(grown) <= 1 for grown in steps)
-    assert sum(map(len, steps)) == sum(len(answer.tokens) for answer in loop.answers.values())
-    with pytest.raises(ValueError, match="one row at a time"):
-        DecodeLoop(engine._rows, start, range(2), GREEDY, str, (), sampler=object(), sequences=2)
 
 
 def test_an_answer_goes_on_past_its_decision_word(engine, pubmedqa_dir):

@@ -190,7 +190,7 @@ def create_app(
     ``logprobs`` as TGI does (for the remote engine's tests). ``search``: the app's
     :class:`pubmedqa.evidence.EvidenceSearch` for the ``evidence`` extension field (None: evidence is off), and
     ``evidence_quota`` the page's budget of searches per visitor (default: one of its own)."""
-    limits = limits or ServerSettings()
+    limits = (limits or ServerSettings()).for_engine(engine)
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     queue = AdmissionQueue(limits.concurrency_limit, limits.queue_size, lambda: page_queue_length(page))

@@ -40,6 +40,7 @@ def build_app(
 ) -> gr.Blocks:
     """The page; ``search`` finds evidence for questions (None: evidence is off), ``evidence_quota`` the visitors'
     budget of searches, shared with ``/v1`` when the server passes both the same one."""
+    limits = limits.for_engine(engine)
     guard = VisitorGuard(limits, OwnerAccess.from_settings(limits).public, os.environ.get(API_KEY_ENV), evidence_quota)
     # Gradio keeps a copy of each file it serves (the dashboard's CSVs): drop copies a day old, checked hourly.
     with PageBlocks(title=TITLE, delete_cache=(3600, 86400)) as demo:

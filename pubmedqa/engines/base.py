@@ -140,8 +140,10 @@ class Engine(ABC):
     variant (base or fine-tuned). A Compare pair is one call with a base row and a fine-tuned row, both streaming at
     once: the transformers engine decodes them as one batch whose rows select their adapter (PEFT ``adapter_names``),
     the llama.cpp engine side by side on two contexts over the same weights (LoRA off / on, one token of each in
-    turn), the ``openai`` engine as two concurrent requests. An in-process engine generates for one request at a time;
-    background work (an evaluation in the app) calls :meth:`give_way` between its batches so that visitors go first."""
+    turn), the ``openai`` engine as two concurrent requests. The transformers engine generates for one request at a
+    time; background work (an evaluation in the app) calls :meth:`give_way` between its batches so that visitors go
+    first. The llama.cpp engine decodes the rows of every request together, and an evaluation's rows give way to
+    visitors' inside its scheduler (``llama_cpp_scheduler.py``)."""
 
     #: How Compare produces its pair (see above), shown in the tab's info line.
     pair_mode: str = ""
@@ -152,6 +154,12 @@ class Engine(ABC):
     #: Whether the rows of one call are computed together (a batch); if not, they run one after another and a larger
     #: call gains nothing, so background work can hand the model back after every row.
     batches_rows: bool = True
+
+    @property
+    def concurrent_requests(self) -> int:
+        """Requests this engine answers at once (the app's ``concurrency_limit`` 0): one here, where generation is
+        one request at a time; the llama.cpp engine batches every request's rows."""
+        return 1
 
     def __init__(self, settings: ModelSettings):
         self.settings = settings

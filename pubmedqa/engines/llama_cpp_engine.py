@@ -1,16 +1,14 @@
 """The llama.cpp engine: the base model's 4-bit GGUF file served in this process by llama-cpp-python, the fastest
 engine on a CPU (about five times the transformers 4-bit engine on 2 cores, see ``benchmarks/engines.py``).
 
-One model is loaded once and one context serves one request at a time. The LoRA adapter is loaded beside it (a
-GGUF LoRA derived from the PEFT adapter folder, ``pubmedqa/gguf/lora.py``) and switched per row: on for fine-tuned, off for
-base, with the KV cache cleared in between, since a prompt cached under the other variant would be wrong. A Compare
-pair is the exception: its fine-tuned answer decodes on a second context over the same weights, whose LoRA stays on,
-so both answers stream side by side (one token of each in turn). Every answer is decoded by the one loop of
-``llama_cpp_batch.py`` (:class:`~pubmedqa.engines.llama_cpp_batch.DecodeLoop`): an evaluation batch of one variant
-as up to ``PARALLEL_ROWS`` rows decoded together, a streamed answer as a loop of one row, a Compare pair as a loop on
-each context stepped in turn; decision scoring is the loop's prompt phase alone. The fine-tuned rows' yes/no/maybe
-is decided by the adapter's decision policy, from the last position's logits and the probe's features read during
-the prompt's own decode (``llama_cpp_features.py``).
+One model is loaded once, with two contexts over its weights: the base's (no LoRA) and, when an adapter is loaded, the
+fine-tuned one's, whose LoRA (a GGUF LoRA derived from the PEFT adapter folder, ``pubmedqa/gguf/lora.py``) is set once
+and stays on (a LoRA belongs to a context in llama.cpp, and switching it re-plans the compute graph). Every answer from
+every entry point (Chat, Compare, the APIs, an evaluation) is a row on its variant's context, and one scheduler
+(``llama_cpp_scheduler.py``) decodes the rows of all requests together, ``parallel_rows`` per context (continuous
+batching: a row joins at the next step and frees its sequence when it ends). Decision scoring is a row's prompt read
+alone. The fine-tuned rows' yes/no/maybe is decided by the adapter's decision policy, from the first step's logits and
+the probe's features read during the prompt's own decode (``llama_cpp_features.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +31,11 @@ from pubmedqa.decisions.options import single_token_options
 from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel, TokenScores
-from pubmedqa.engines.llama_cpp_batch import PARALLEL_ROWS, Answer, BatchDecoder, DecodeLoop, RowStart
-from pubmedqa.engines.worker_stream import drain
+from pubmedqa.engines.llama_cpp_batch import BatchDecoder
+from pubmedqa.engines.llama_cpp_scheduler import ContextRows, Row, Scheduler
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids, stable_prefix
 from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
@@ -103,20 +101,18 @@ class GgufTokenizer:
 
 
 class LlamaCppEngine(Engine):
-    """Loads the GGUF once; generates for base or fine-tuned per row, one request at a time."""
+    """Loads the GGUF once; answers every request's rows together, base and fine-tuned each on its own context."""
 
-    pair_mode = "two llama.cpp contexts on the one model (LoRA off / on), the two answers decoded side by side"
+    pair_mode = ("two llama.cpp contexts on the one model (LoRA off / on), both answers decoded side by side with "
+                 "every other visitor's")
     name = "llama.cpp"
-    batches_rows = False
 
     def __init__(self, settings: ModelSettings):
         super().__init__(settings)
         self._llm: Any = None
-        self._reader: Any = None
         self._lora: Any = None
-        self._lora_on: bool | None = None
-        self._rows: BatchDecoder | None = None
-        self._pair: tuple[BatchDecoder, Any] | None = None
+        self._tuned_context: Any = None
+        self._scheduler: Scheduler | None = None
 
     def check_sources(self) -> None:
         if self.settings.base_model != EMBEDDED_MODEL:
@@ -136,28 +132,33 @@ class LlamaCppEngine(Engine):
         path = gguf_file(self.settings.base_model, self.settings.cache_dir)
         adapter = self.resolve_adapter()
         policy = DecisionPolicy.from_adapter(adapter, self.name)
+        rows = self.settings.parallel_rows
         try:
-            llm, reader = open_llama(
-                str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), policy.feature_layer,
-                n_batch=N_BATCH, n_seq_max=PARALLEL_ROWS,
+            # One sequence per row and a spare one for token scoring; the base's context needs no probe reader.
+            llm, _ = open_llama(
+                str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), None, n_batch=N_BATCH,
+                n_seq_max=rows + 1,
             )
         except Exception as exc:
             raise ModelLoadError(f"{path} could not be loaded by llama.cpp ({type(exc).__name__}: {exc})") from exc
-        self._llm, self._reader = llm, reader
-        self._rows = BatchDecoder(llm, N_BATCH)
+        self._llm = llm
         tokenizer = GgufTokenizer(llm)
+        window = context_window(llm)
+        contexts = {Variant.BASE: ContextRows("base", BatchDecoder(llm, N_BATCH), None, rows, window)}
         adapter_loaded = adapter is not None and self._attach_adapter(path, adapter)
         if adapter_loaded:
             n_layer, n_embd = llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_embd(llm.model)
             policy = policy.checked(n_layer, n_embd, single_token_options(tokenizer) is not None)
+            contexts[Variant.TUNED] = self._tuned_rows(policy.feature_layer, rows, window)
         else:
             policy = DecisionPolicy()
+        self._scheduler = Scheduler(contexts, tokenizer.decode, llm.n_vocab())
         description = EMBEDDED_DESCRIPTION if self.settings.base_model == EMBEDDED_MODEL else path.name
         seconds = time.perf_counter() - started
-        logger.info("Model ready in %.1f s (%s, llama.cpp, adapter: %s)", seconds, description, adapter_loaded)
+        logger.info("Model ready in %.1f s (%s, llama.cpp, adapter: %s, %d rows per context)", seconds, description,
+                    adapter_loaded, rows)
         return LoadedModel(
-            None, tokenizer, description, f"{file_type(llm)} GGUF, llama.cpp", context_window(llm), adapter_loaded, seconds,
-            policy,
+            None, tokenizer, description, f"{file_type(llm)} GGUF, llama.cpp", window, adapter_loaded, seconds, policy,
         )
 
     def _attach_adapter(self, base_path: Path, adapter: Adapter) -> bool:
@@ -183,22 +184,34 @@ class LlamaCppEngine(Engine):
         logger.info("LoRA adapter loaded from %s (GGUF LoRA %s)", adapter.source, lora_path)
         return True
 
-    # ---------------------------------------------------------------------------------------------- steps
-    def _select(self, variant: Variant) -> None:
-        """Switch the LoRA for ``variant`` and start from an empty KV cache (a cached prompt belongs to one variant)."""
+    def _tuned_rows(self, feature_layer: int | None, rows: int, window: int) -> ContextRows:
+        """The fine-tuned variant's context: the same weights, its own cache of ``rows`` + 1 sequences, the LoRA set
+        once and left on, and the probe's reader where the policy reads one."""
         import llama_cpp
 
-        from pubmedqa.engines.llama_cpp_native import main_context
+        from pubmedqa.engines.llama_cpp_features import reader_for
+        from pubmedqa.engines.llama_cpp_native import second_context
 
-        lora_on = variant is Variant.TUNED
-        if lora_on != self._lora_on:
-            if lora_on:
-                adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
-                llama_cpp.llama_set_adapters_lora(self._llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-            else:
-                llama_cpp.llama_set_adapters_lora(self._llm.ctx, None, 0, None)
-            self._lora_on = lora_on
-        main_context(self._llm).kv_cache_clear()
+        try:
+            reader = reader_for(self._llm, feature_layer) if feature_layer is not None else None
+        except ValueError as exc:
+            raise ModelLoadError(f"the adapter's decision probe does not fit this model: {exc}") from exc
+        context = second_context(self._llm, window, rows + 1, reader.callback if reader else None)
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
+        llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        self._tuned_context = context  # the context keeps only raw pointers to what it was created with
+        return ContextRows("fine-tuned", BatchDecoder(self._llm, N_BATCH, context), reader, rows, window)
+
+    @property
+    def concurrent_requests(self) -> int:
+        """A full batch of rows on each context."""
+        return 2 * self.settings.parallel_rows
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of the loaded model's contexts (loading it first if needed)."""
+        self.load()
+        return self._scheduler
 
     # ---------------------------------------------------------------------------------------- decisions
     def score_decisions(
@@ -207,24 +220,27 @@ class LlamaCppEngine(Engine):
         variants: Sequence[Variant],
         batch_size: int = 8,
     ) -> list[dict[str, float]]:
+        """Each prompt read as a row of its own (background work: visitors' rows go first); the option scores are
+        the first step's logits."""
         loaded = self.load()
-        self._require_adapter(variants)
         options = single_token_options(loaded.tokenizer)
         if options is None:
             raise NotImplementedError("the llama.cpp engine scores one-token answer options only")
         columns = [ids[0] for ids in options]
+        read: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(prompts)  # type: ignore[list-item]
+
+        def keep(index: int) -> Callable[[np.ndarray, torch.Tensor | None], np.ndarray]:
+            def first_step(logits: np.ndarray, features: torch.Tensor | None) -> np.ndarray:
+                read[index] = (torch.from_numpy(logits[columns]), features)
+                return logits
+
+            return first_step
+
+        for _ in self._run_rows(prompts, variants, GenerationSettings(max_new_tokens=1), None, keep, True, False):
+            pass
         tuned = [v is Variant.TUNED for v in variants]
-        scores, features = [], []
-        with self._model_lock:
-            for prompt, variant, is_tuned in zip(prompts, variants, tuned):
-                self._select(variant)
-                # The decode loop's prompt phase, and nothing after it: the option scores are the first step's logits.
-                ids = prompt_ids(prompt, loaded.tokenizer)
-                logits, row_features = self._rows.read_prompt(0, ids, _probe_reader(loaded, self._reader, is_tuned))
-                scores.append(torch.from_numpy(logits[columns]))
-                features.append(row_features)
-        stacked = _stack_features(features)
-        return loaded.policy.decide(torch.stack(scores), tuned, stacked)
+        stacked = _stack_features([features for _, features in read])
+        return loaded.policy.decide(torch.stack([scores for scores, _ in read]), tuned, stacked)
 
     def generate_with_decisions(
         self,
@@ -232,41 +248,15 @@ class LlamaCppEngine(Engine):
         variants: Sequence[Variant],
         settings: GenerationSettings,
     ) -> tuple[list[str], list[dict[str, float]]]:
-        """Answers and decisions in one pass over each prompt: the decision is read off the first step's logits.
-        Rows of one variant (the evaluation's batches) are decoded together (``llama_cpp_batch.py``)."""
-        if settings.temperature > 0 or single_token_options(self.load().tokenizer) is None:
+        """Answers and decisions in one pass over each prompt (the decision is read off the first step's logits),
+        as background rows: an evaluation in the app gives way to visitors."""
+        if single_token_options(self.load().tokenizer) is None:
             return super().generate_with_decisions(prompts, variants, settings)
-        if len(prompts) > 1 and len(set(variants)) == 1:
-            return self._answer_together(prompts, variants[0], settings)
         decisions: list[dict[str, float]] = []
         texts: list[str] = []
-        for texts in self._stream(prompts, variants, settings, None, decisions):
+        for texts in self._stream(prompts, variants, settings, None, decisions, background=True):
             pass
         return texts, decisions
-
-    def _answer_together(
-        self, prompts: Sequence[FittedPrompt], variant: Variant, settings: GenerationSettings
-    ) -> tuple[list[str], list[dict[str, float]]]:
-        """Greedy answers and decisions of rows of one variant, up to :data:`PARALLEL_ROWS` decoded together."""
-        loaded = self.load()
-        self._require_adapter([variant])
-        tuned = variant is Variant.TUNED
-        stops = self.stop_sequences()
-        decisions: list[dict[str, float]] = [{} for _ in prompts]
-
-        def start(row: int, sequence: int) -> tuple[int, np.ndarray]:
-            length, logits, decision = self._start_row(loaded, self._rows, self._reader, prompts[row], tuned, sequence)
-            decisions[row] = decision.decisions()[0]  # not None: the caller checked the options
-            return length, logits
-
-        loop = DecodeLoop(
-            self._rows, start, range(len(prompts)), settings, loaded.tokenizer.decode, stops, sequences=PARALLEL_ROWS
-        )
-        with self._model_lock:
-            self._select(variant)
-            for _ in loop:
-                pass
-        return [cut_at_stop(loop.answers[row].text, stops)[0].strip() for row in range(len(prompts))], decisions
 
     def token_logprobs(
         self, text: str, variant: Variant, top: int = 0, tail: int = 16
@@ -279,10 +269,8 @@ class LlamaCppEngine(Engine):
         tokenizer = loaded.tokenizer
         ids = tokenizer(text)["input_ids"]
         keep = min(tail, len(ids) - 1) + 1  # the rows predicting the last ``keep - 1`` tokens, and the next one
-        with self._model_lock:
-            self._select(variant)
-            rows = self._rows.prompt(0, ids, outputs=keep).reshape(keep, -1)
-        logprobs = torch.log_softmax(torch.from_numpy(rows), dim=-1)
+        rows = self.scheduler.run_job(variant, lambda decoder, sequence: decoder.prompt(sequence, ids, outputs=keep))
+        logprobs = torch.log_softmax(torch.from_numpy(rows.reshape(keep, -1)), dim=-1)
         first_scored = len(ids) - keep + 1  # logits row r predicts token first_scored + r
         pieces, offset = [], 0
         for i, token in enumerate(ids):
@@ -298,9 +286,7 @@ class LlamaCppEngine(Engine):
         self._require_adapter([variant])
         if not ids:
             return TokenScores([], [])
-        with self._model_lock:
-            self._select(variant)
-            logprobs, tops = self._rows.score(0, ids, top)
+        logprobs, tops = self.scheduler.run_job(variant, lambda decoder, sequence: decoder.score(sequence, ids, top))
         return TokenScores(logprobs, tops)
 
     # --------------------------------------------------------------------------------------- generation
@@ -311,9 +297,9 @@ class LlamaCppEngine(Engine):
         settings: GenerationSettings,
         cancel: threading.Event | None = None,
     ) -> Iterator[list[str]]:
-        """The rows one after the other, each with its own variant (a base and a fine-tuned row side by side); every
-        row's answer so far is yielded after each token. ``cancel`` (or closing the iterator) ends them all within one
-        token."""
+        """Every prompt a row with its own variant (a base and a fine-tuned row side by side), decoded with every
+        other request's rows; every row's answer so far is yielded as it grows. ``cancel`` (or closing the
+        iterator) ends them within one step."""
         yield from self._stream(prompts, variants, settings, cancel)
 
     def stream_decided(
@@ -337,135 +323,72 @@ class LlamaCppEngine(Engine):
         settings: GenerationSettings,
         cancel: threading.Event | None,
         decisions: list[dict[str, float]] | None = None,
+        background: bool = False,
     ) -> Iterator[list[str]]:
-        self._require_adapter(variants)
+        """The answers of ``prompts`` (cut at a stop sequence, without a half-written one) as they grow, then the
+        final ones; with ``decisions``, each row's decision appended in row order once every row has one (not
+        after a cancel)."""
+        loaded = self.load()
         variants = list(variants) * (len(prompts) if len(variants) == 1 else 1)
         stops = self.stop_sequences()
-        cancel = cancel or threading.Event()
-        updates: queue.Queue[list[str] | None] = queue.Queue()
-        failure: list[BaseException] = []
-        texts = [""] * len(prompts)
-        # A base and a fine-tuned answer (Compare) are decoded side by side, each on its own context; other rows in turn.
-        side_by_side = len(prompts) == 2 and set(variants) == {Variant.BASE, Variant.TUNED} and self._lora is not None
-        groups = [[0, 1]] if side_by_side else [[row] for row in range(len(prompts))]
+        first_steps: list[FirstStepDecision | None] = [None] * len(prompts)
 
-        def run() -> None:
-            try:
-                if not self._model_lock.acquire(cancel):
-                    return
-                try:
-                    for group in groups:
-                        if cancel.is_set():
-                            break
-                        jobs = [(row, prompts[row], variants[row]) for row in group]
-                        for decision in self._answer(jobs, settings, cancel, stops, texts, updates):
-                            if decisions is not None and decision is not None:
-                                decisions.append(decision.decisions()[0])
-                finally:
-                    self._model_lock.release()
-            except BaseException as exc:  # re-raised in the consumer's thread
-                failure.append(exc)
-            finally:
-                updates.put(None)
+        def decide(index: int) -> Callable[[np.ndarray, torch.Tensor | None], np.ndarray]:
+            tuned = variants[index] is Variant.TUNED
 
-        worker = threading.Thread(target=run, name="llama-cpp-generate", daemon=True)
-        worker.start()
-        yield from drain(updates, worker, cancel, failure, len(prompts), self.stop_sequences())
+            def first_step(logits: np.ndarray, features: torch.Tensor | None) -> np.ndarray:
+                decision = self._first_step(loaded, tuned, features)
+                first_steps[index] = decision
+                return logits if decision is None else decision(None, torch.from_numpy(logits[None]))[0].numpy()
 
-    def _answer(
+            return first_step
+
+        cancel = cancel if cancel is not None else threading.Event()
+        texts: list[str] = [""] * len(prompts)
+        for texts in self._run_rows(prompts, variants, settings, cancel, decide, background):
+            yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
+        if decisions is not None and not cancel.is_set() and all(step is not None for step in first_steps):
+            decisions.extend(step.decisions()[0] for step in first_steps)
+        yield [cut_at_stop(t, stops)[0].strip() for t in texts]
+
+    def _run_rows(
         self,
-        jobs: Sequence[tuple[int, FittedPrompt, Variant]],
+        prompts: Sequence[FittedPrompt],
+        variants: Sequence[Variant],
         settings: GenerationSettings,
-        cancel: threading.Event,
-        stops: Sequence[str],
-        texts: list[str],
-        updates: queue.Queue,
-    ) -> list[FirstStepDecision | None]:
-        """The answers of ``jobs`` (row, prompt, variant; at most one per variant) into ``texts[row]``, each a decode
-        loop of one row, stepped in turn, queueing every row's text after each token; the first step's decision
-        processor of each.
-
-        The base variant decodes on the main context with the LoRA off, the fine-tuned one on the main context with
-        the LoRA on when it answers alone, or on the second context (LoRA always on) beside a base answer. Each
-        answer's first token is queued before the next prompt is read, so a Compare shows both within about one
-        prompt's decode of each other."""
+        cancel: threading.Event | None,
+        first_step: Callable[[int], Callable[[np.ndarray, torch.Tensor | None], np.ndarray]],
+        background: bool,
+        generate: bool = True,
+    ) -> Iterator[list[str]]:
+        """Each prompt a :class:`Row` on its variant's context, ``first_step(index)`` its first step; every row's raw
+        text after each of their updates, until all are done; then a row's error is raised. Closing the iterator
+        sets ``cancel``, which frees the rows at the next step."""
         loaded = self.load()
-        first_steps: list[FirstStepDecision | None] = []
-
-        def starter(decoder: BatchDecoder, reader: Any, prompt: FittedPrompt, tuned: bool) -> RowStart:
-            def start(_row: int, sequence: int) -> tuple[int, np.ndarray]:
-                length, logits, decision = self._start_row(loaded, decoder, reader, prompt, tuned, sequence)
-                first_steps.append(decision)
-                return length, logits
-
-            return start
-
-        loops: list[Iterator[list[Answer]]] = []
-        for row, prompt, variant in jobs:
-            tuned = variant is Variant.TUNED
-            if tuned and len(jobs) > 1:
-                decoder, reader = self._second_context()
-            else:
-                self._select(variant)
-                decoder, reader = self._rows, self._reader
-            start = starter(decoder, reader, prompt, tuned)
-            loop = iter(DecodeLoop(decoder, start, [row], settings, loaded.tokenizer.decode, stops, _sampler(settings)))
-            # Its prompt and first token now, before the next prompt is read.
-            if self._advance(loop, texts, updates, cancel):
-                loops.append(loop)
-        while loops and not cancel.is_set():
-            loops = [loop for loop in loops if self._advance(loop, texts, updates, cancel)]
-        return first_steps
-
-    @staticmethod
-    def _advance(
-        loop: Iterator[list[Answer]], texts: list[str], updates: queue.Queue, cancel: threading.Event
-    ) -> bool:
-        """One step of ``loop`` unless cancelled, queueing every row's text if its answer grew; whether the loop may
-        step again."""
-        if cancel.is_set():
-            return False
-        grown = next(loop, None)
-        if grown is None:
-            return False
-        for answer in grown:
-            texts[answer.row] = answer.text
-        if grown:
-            updates.put(list(texts))
-        return True
-
-    def _second_context(self) -> tuple[BatchDecoder, Any]:
-        """The context the fine-tuned side of a Compare pair decodes on, created at the first pair: one more sequence's
-        cache and compute buffers on the same weights, its LoRA set once and left on (a LoRA belongs to a context in
-        llama.cpp, and switching it makes llama.cpp re-plan its compute graph: too slow at every token)."""
-        import llama_cpp
-
-        from pubmedqa.engines.llama_cpp_features import reader_for
-        from pubmedqa.engines.llama_cpp_native import second_context
-
-        if self._pair is None:
-            layer = self.load().policy.feature_layer
-            reader = reader_for(self._llm, layer) if layer is not None else None
-            context = second_context(self._llm, context_window(self._llm), reader.callback if reader else None)
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
-            llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-            self._pair = (BatchDecoder(self._llm, N_BATCH, context), reader)
-            logger.info("Second llama.cpp context ready for side-by-side Compare (LoRA on)")
-        return self._pair
-
-    def _start_row(
-        self, loaded: LoadedModel, decoder: BatchDecoder, reader: Any, prompt: FittedPrompt, tuned: bool, sequence: int
-    ) -> tuple[int, np.ndarray, FirstStepDecision | None]:
-        """A decode loop's row start: the prompt phase (:meth:`BatchDecoder.read_prompt`, as decision scoring reads
-        it, with ``reader``, the context's probe reader, for a fine-tuned row), then the first step's decision
-        processor on the first step's logits. The prompt's length, those logits and the processor (None without
-        one-token options)."""
-        ids = prompt_ids(prompt, loaded.tokenizer)
-        logits, features = decoder.read_prompt(sequence, ids, _probe_reader(loaded, reader, tuned))
-        decision = self._first_step(loaded, tuned, features)
-        if decision is not None:
-            logits = decision(None, torch.from_numpy(logits[None]))[0].numpy()
-        return len(ids), logits, decision
+        self._require_adapter(variants)
+        stops = self.stop_sequences()
+        cancel = cancel if cancel is not None else threading.Event()
+        updates: queue.Queue[bool] = queue.Queue()
+        reads = loaded.policy.feature_layer is not None
+        rows = [
+            Row(prompt_ids(prompt, loaded.tokenizer), settings, stops, lambda row: updates.put(row.done), cancel,
+                first_step(index), reads and variant is Variant.TUNED, background, generate)
+            for index, (prompt, variant) in enumerate(zip(prompts, variants))
+        ]
+        for row, variant in zip(rows, variants):
+            self.scheduler.submit(variant, row)
+        pending, finished = len(rows), False
+        try:
+            while pending:
+                pending -= updates.get()
+                yield [row.text for row in rows]
+            finished = True
+        finally:
+            if not finished:  # the consumer closed the stream (Stop, the visitor left): free the rows
+                cancel.set()
+        failed = next((row.error for row in rows if row.error is not None), None)
+        if failed is not None:
+            raise failed
 
     @staticmethod
     def _first_step(loaded: LoadedModel, tuned: bool, features: torch.Tensor | None) -> FirstStepDecision | None:
@@ -473,20 +396,6 @@ class LlamaCppEngine(Engine):
         if options is None:
             return None
         return loaded.policy.first_step([o[0] for o in options], [tuned], (lambda: features) if features is not None else None)
-
-
-def _sampler(settings: GenerationSettings) -> Any:
-    """llama.cpp's sampler chain for a sampled answer (top-p, temperature, seeded); None for a greedy one, which the
-    decode loop chooses itself (the highest logit, as llama.cpp's greedy sampler would)."""
-    from pubmedqa.engines.llama_cpp_native import new_sampler
-
-    return new_sampler(settings.temperature, settings.top_p, settings.seed) if settings.temperature > 0 else None
-
-
-def _probe_reader(loaded: LoadedModel, reader: Any, tuned: bool) -> Any:
-    """The probe reader a prompt's decode arms: ``reader`` (its context's) for a fine-tuned row where the policy
-    reads the probe's features, else None (nothing to read, so nothing is collected)."""
-    return reader if tuned and loaded.policy.feature_layer is not None else None
 
 
 def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:

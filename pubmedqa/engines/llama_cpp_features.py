@@ -81,9 +81,12 @@ class HiddenStateReader:
         self._sum, self._last, self._count, self._error = None, None, 0, None
 
     @contextlib.contextmanager
-    def armed(self) -> Iterator[HiddenStateReader]:
-        """Collect the tokens decoded inside the ``with`` block (the prompt), forgetting any earlier prompt."""
-        self.reset()
+    def armed(self, resume: bool = False) -> Iterator[HiddenStateReader]:
+        """Collect the tokens decoded inside the ``with`` block (the prompt), forgetting any earlier prompt; with
+        ``resume``, adding them to the last block's (the next piece of a prompt read in pieces, other rows' decodes
+        in between left out)."""
+        if not resume:
+            self.reset()
         self._armed = True
         try:
             yield self

@@ -26,7 +26,7 @@ from llama_cpp._ctypes_extensions import load_shared_library
 TESTED_VERSION = "0.3.36"
 
 _CONTEXT_FIELDS = ("n_ctx", "n_seq_max", "kv_unified", "swa_full", "cb_eval", "cb_eval_user_data")
-_SAMPLER_METHODS = ("add_top_p", "add_temp", "add_dist", "sample")
+_SAMPLER_METHODS = ("add_top_p", "add_temp", "add_dist", "accept")
 
 
 class TensorHeader(ctypes.Structure):
@@ -64,8 +64,9 @@ def check_bindings() -> None:
     for name in _SAMPLER_METHODS:
         if not hasattr(llama_internals.LlamaSampler, name):
             missing.append(f"_internals.LlamaSampler.{name}")
-    if not hasattr(llama_internals, "LlamaBatch"):
-        missing.append("_internals.LlamaBatch")
+    for name in ("LlamaBatch", "LlamaTokenDataArray"):
+        if not hasattr(llama_internals, name):
+            missing.append(f"_internals.{name}")
     present = {name for name, *_ in llama_cpp.llama_context_params._fields_}
     missing += [f"llama_context_params.{name}" for name in _CONTEXT_FIELDS if name not in present]
     if "self._ctx" not in inspect.getsource(llama_cpp.Llama.__init__):
@@ -107,24 +108,48 @@ def replace_context(llm: llama_cpp.Llama, n_ctx: int, n_seq_max: int, eval_callb
     atexit.register(_close_if_alive, weakref.ref(llm))
 
 
-def second_context(llm: llama_cpp.Llama, n_ctx: int, eval_callback: Any = None) -> llama_internals.LlamaContext:
-    """Another context on ``llm``'s model (its weights shared, not copied), one sequence of ``n_ctx`` tokens."""
-    return _context(llm, n_ctx, 1, eval_callback)
+def second_context(
+    llm: llama_cpp.Llama, n_ctx: int, n_seq_max: int, eval_callback: Any = None
+) -> llama_internals.LlamaContext:
+    """Another context on ``llm``'s model (its weights shared, not copied), ``n_seq_max`` sequences of ``n_ctx``
+    tokens each, with ``eval_callback`` as :func:`replace_context` sets it."""
+    return _context(llm, n_ctx, n_seq_max, eval_callback)
 
 
 def main_context(llm: llama_cpp.Llama) -> llama_internals.LlamaContext:
-    """``llm``'s own context object (what :func:`new_sampler` reads logits from)."""
+    """``llm``'s own context object."""
     return llm._ctx
 
 
 def new_sampler(temperature: float, top_p: float, seed: int) -> llama_internals.LlamaSampler:
-    """llama.cpp's own sampler chain for a sampled answer: top-p, then temperature, seeded (a greedy answer takes the
-    highest logit itself, ``llama_cpp_batch.DecodeLoop``)."""
+    """llama.cpp's own sampler chain for a sampled answer: top-p, then temperature, seeded (:func:`sample_logits`; a
+    greedy answer takes the highest logit itself, ``llama_cpp_scheduler``)."""
     chain = llama_internals.LlamaSampler()
     chain.add_top_p(float(top_p), 1)
     chain.add_temp(float(temperature))
     chain.add_dist(int(seed))
     return chain
+
+
+def candidate_array(n_vocab: int) -> llama_internals.LlamaTokenDataArray:
+    """A reusable candidate list of the whole vocabulary, for :func:`sample_logits`."""
+    return llama_internals.LlamaTokenDataArray(n_vocab=n_vocab)
+
+
+def sample_logits(
+    sampler: llama_internals.LlamaSampler, candidates: llama_internals.LlamaTokenDataArray, logits: Any
+) -> int:
+    """``sampler``'s choice from ``logits`` (a row's own array, wherever it lives), as ``llama_sampler_sample`` makes
+    it from a context's buffer: every token as a candidate, the chain applied, the choice accepted."""
+    candidates.copy_logits(logits)
+    candidates.candidates.selected = -1
+    llama_cpp.llama_sampler_apply(sampler.sampler, ctypes.byref(candidates.candidates))
+    selected = candidates.candidates.selected
+    if not 0 <= selected < candidates.candidates.size:
+        raise RuntimeError(f"llama.cpp's sampler chose no token (selected {selected})")
+    token = int(candidates.candidates_data.id[selected])
+    sampler.accept(token)
+    return token
 
 
 def new_batch(n_tokens: int) -> llama_internals.LlamaBatch:

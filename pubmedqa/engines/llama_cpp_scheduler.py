@@ -1,0 +1,330 @@
+"""Continuous batching across requests on the llama.cpp engine: one scheduler thread owns the engine's contexts (the
+base's, LoRA off, and the fine-tuned one's, LoRA on) and every answer from every entry point is a :class:`Row` on one
+of them.
+
+Each step of a context: waiting rows take free sequences (visitors first; a visitor waiting for a sequence takes one
+from a background row, which starts again later); every decoding row chooses its next token from its own logits with
+its own settings (:func:`~pubmedqa.engines.llama_cpp_batch.constrain_step`, then the highest logit or its own seeded
+llama.cpp sampler); rows that ended, were stopped or whose client went away free their sequence; queued jobs (token
+scoring) run on the context's spare sequence; at most :data:`PREFILL_CHUNK` prompt tokens are read (chunked prefill,
+so a long abstract does not freeze the others' streams); then the last token of every decoding row is decoded in one
+``llama_decode``. The two contexts are stepped in turn by the one thread, never at once (two decodes on the same cores
+slow each other down). Why and how far it pays: docs/hardware.md ("Many visitors at once").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pubmedqa.engines.base import GenerationSettings
+from pubmedqa.engines.llama_cpp_batch import BatchDecoder, constrain_step
+from pubmedqa.prompts import cut_at_stop
+
+if TYPE_CHECKING:
+    import torch  # noqa: F401 - in FirstStep's annotation
+
+    from pubmedqa.engines.llama_cpp_features import HiddenStateReader
+
+logger = logging.getLogger(__name__)
+
+#: Prompt tokens read per step while other rows decode (and the piece every prompt is read in, alone or not, so that
+#: a prompt's first step is computed alike whatever else runs).
+PREFILL_CHUNK = 128
+
+#: A row's first step: the prompt's last logits (a copy) and the probe's features (None without a reader) in; the
+#: logits the first token is chosen from out (the decision processor applied).
+FirstStep = Callable[[np.ndarray, "torch.Tensor | None"], np.ndarray]
+
+
+class Row:
+    """One answer on a context: its prompt, its own settings, and what it has produced so far.
+
+    ``notify(row)`` is called from the scheduler's thread after each new token and once when the row is done
+    (:attr:`done`; :attr:`error` says why it failed, if it did). ``generate=False`` reads the prompt only (decision
+    scoring: the first step is all it needs). ``background`` rows (an evaluation) give way to the others."""
+
+    def __init__(
+        self,
+        ids: Sequence[int],
+        settings: GenerationSettings,
+        stops: Sequence[str],
+        notify: Callable[[Row], None],
+        cancel: threading.Event,
+        first_step: FirstStep | None = None,
+        reads_features: bool = False,
+        background: bool = False,
+        generate: bool = True,
+    ):
+        self.ids, self.settings, self.stops, self.notify, self.cancel = list(ids), settings, stops, notify, cancel
+        self.first_step, self.reads_features, self.background, self.generate = first_step, reads_features, background, generate
+        self.done = False
+        self.error: BaseException | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Back to the start (a background row whose sequence a visitor took starts again later)."""
+        self.sequence: int | None = None
+        self.read = 0  # prompt tokens decoded so far
+        self.tokens: list[int] = []
+        self.text = ""
+        self.logits: np.ndarray | None = None  # what the next token is chosen from (None: prompt still being read)
+        self.undecoded = False  # the last token is chosen but not yet decoded
+        self.sampler: Any = None
+        if self.settings.temperature > 0:
+            from pubmedqa.engines.llama_cpp_native import new_sampler
+
+            self.sampler = new_sampler(self.settings.temperature, self.settings.top_p, self.settings.seed)
+
+    @property
+    def position(self) -> int:
+        """Where the row's next decoded token goes in its sequence."""
+        return self.read + len(self.tokens) - 1
+
+
+class Job:
+    """Work that needs a context to itself for one call between steps (scoring a text's tokens): ``run(decoder,
+    sequence)`` on the context's spare sequence, emptied before and after."""
+
+    def __init__(self, run: Callable[[BatchDecoder, int], Any]):
+        self.run = run
+        self.finished = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class ContextRows:
+    """One context's share of the scheduler: its decoder and probe reader, ``rows`` sequences for answers (one more,
+    the last, for jobs), the rows on them and the rows and jobs waiting."""
+
+    def __init__(self, name: str, decoder: BatchDecoder, reader: HiddenStateReader | None, rows: int, window: int):
+        self.name, self.decoder, self.reader, self.window = name, decoder, reader, window
+        self.free = list(range(rows))
+        self.job_sequence = rows
+        self.active: list[Row] = []
+        self.waiting: deque[Row] = deque()
+        self.background: deque[Row] = deque()
+        self.jobs: deque[Job] = deque()
+
+    def has_work(self) -> bool:
+        return bool(self.active or self.waiting or self.background or self.jobs)
+
+
+class Scheduler:
+    """The one thread that decodes on the engine's contexts (see the module's docstring). :meth:`submit` a row,
+    :meth:`run_job` for a job; everything else happens on the thread."""
+
+    def __init__(self, contexts: dict[Any, ContextRows], detokenize: Callable[[list[int]], str], n_vocab: int):
+        self._contexts = contexts
+        self._detokenize = detokenize
+        self._n_vocab = n_vocab
+        self._candidates: Any = None  # llama.cpp's candidate array for sampled rows, made at the first one
+        self._changed = threading.Condition()
+        self.steps = 0  # steps taken (all contexts), for tests and benchmarks
+        self._thread = threading.Thread(target=self._run, name="llama-cpp-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- submitting
+    def submit(self, key: Any, row: Row) -> None:
+        """Queue ``row`` on context ``key``; it joins the running rows at the next step with a free sequence."""
+        context = self._contexts[key]
+        with self._changed:
+            (context.background if row.background else context.waiting).append(row)
+            self._changed.notify_all()
+
+    def run_job(self, key: Any, run: Callable[[BatchDecoder, int], Any]) -> Any:
+        """``run(decoder, sequence)`` on context ``key`` between two steps; its result, or its exception raised here."""
+        job = Job(run)
+        with self._changed:
+            self._contexts[key].jobs.append(job)
+            self._changed.notify_all()
+        job.finished.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def active_rows(self, key: Any) -> int:
+        """Rows holding a sequence on context ``key`` now."""
+        return len(self._contexts[key].active)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not any(c.has_work() for c in self._contexts.values()):
+                    self._changed.wait()
+            for context in self._contexts.values():
+                if context.has_work():
+                    try:
+                        self._step(context)
+                    except Exception:  # noqa: BLE001 - a bug here must not stop every later request
+                        logger.exception("The %s context's step failed; its rows end with the error", context.name)
+                        self._fail_all(context)
+            self.steps += 1
+
+    def _step(self, context: ContextRows) -> None:
+        self._admit(context)
+        for row in list(context.active):
+            if row.cancel.is_set():
+                self._finish(context, row)
+            elif row.logits is not None and not row.undecoded:
+                self._choose(context, row)
+        self._run_jobs(context)
+        self._read_prompts(context)
+        self._decode(context)
+
+    def _admit(self, context: ContextRows) -> None:
+        with self._changed:
+            for waiting in (context.waiting, context.background):
+                for row in [r for r in waiting if r.cancel.is_set()]:
+                    waiting.remove(row)
+                    self._end(row)
+            # A visitor never waits for background work: the newest background row gives its sequence up.
+            while context.waiting and not context.free:
+                victims = [r for r in context.active if r.background]
+                if not victims:
+                    break
+                victim = victims[-1]
+                self._release(context, victim)
+                victim._reset()
+                context.background.appendleft(victim)
+            while context.free and (context.waiting or context.background):
+                row = (context.waiting or context.background).popleft()
+                row.sequence = context.free.pop(0)
+                context.decoder.clear(row.sequence)
+                context.active.append(row)
+
+    def _choose(self, context: ContextRows, row: Row) -> None:
+        """Row's next token from its own logits; ends the row at an end of generation, a stop sequence or its limit."""
+        settings, decoder = row.settings, context.decoder
+        constrain_step(row.logits, row.tokens, settings.repetition_penalty, settings.min_new_tokens, decoder.end_tokens)
+        if row.sampler is None:
+            # llama.cpp's greedy sampler's choice too (the first highest logit), without the 262k-entry candidate
+            # list it builds per call.
+            token = int(np.argmax(row.logits))
+        else:
+            from pubmedqa.engines.llama_cpp_native import candidate_array, sample_logits
+
+            if self._candidates is None:
+                self._candidates = candidate_array(self._n_vocab)
+            token = sample_logits(row.sampler, self._candidates, row.logits)
+        if decoder.is_end(token):
+            self._finish(context, row)
+            return
+        row.tokens.append(token)
+        row.text = self._detokenize(row.tokens)
+        row.undecoded = True
+        row.notify(row)
+        if cut_at_stop(row.text, row.stops)[1] or len(row.tokens) >= settings.max_new_tokens:
+            self._finish(context, row)
+        elif row.position >= context.window:
+            self._finish(context, row, RuntimeError(
+                f"the answer reached the model's context window ({context.window} tokens)"))
+
+    def _run_jobs(self, context: ContextRows) -> None:
+        while context.jobs:
+            with self._changed:
+                job = context.jobs.popleft()
+            try:
+                context.decoder.clear(context.job_sequence)
+                job.result = job.run(context.decoder, context.job_sequence)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                job.error = exc
+            finally:
+                context.decoder.clear(context.job_sequence)
+                job.finished.set()
+
+    def _read_prompts(self, context: ContextRows) -> None:
+        """Read waiting prompts one after the other in :data:`PREFILL_CHUNK`-token pieces (one prompt at a time: the
+        probe reader follows one prompt). While other rows decode, about one piece per step; with none decoding, the
+        first prompt whole, so that a visitor alone waits for nothing."""
+        budget = PREFILL_CHUNK if any(row.logits is not None for row in context.active) else None
+        for row in [r for r in context.active if r.logits is None]:
+            try:
+                while row.read < len(row.ids) and (budget is None or budget > 0):
+                    read = self._read_piece(context, row)
+                    budget = None if budget is None else budget - read
+                if row.read < len(row.ids):
+                    return
+                self._first_step(context, row)
+            except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
+                self._finish(context, row, exc)
+            budget = PREFILL_CHUNK if budget is None else budget  # a row decodes now
+            if budget <= 0:
+                return
+
+    def _read_piece(self, context: ContextRows, row: Row) -> int:
+        """Decode the row's next piece of prompt; how many tokens it held."""
+        decoder, reader = context.decoder, context.reader if row.reads_features else None
+        start = row.read
+        piece = row.ids[start : start + PREFILL_CHUNK]
+        last = start + len(piece) == len(row.ids)
+        entries = [(t, start + i, row.sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)]
+        if reader is None:
+            decoder.decode(entries)
+        else:
+            with reader.armed(resume=start > 0):
+                decoder.decode(entries)
+        row.read += len(piece)
+        if last:
+            row.logits = decoder.logits(-1).copy()  # the next decode overwrites llama.cpp's buffer
+        return len(piece)
+
+    def _first_step(self, context: ContextRows, row: Row) -> None:
+        features = None
+        if row.reads_features and context.reader is not None:
+            features = context.reader.features(expected_tokens=len(row.ids))
+        if row.first_step is not None:
+            row.logits = row.first_step(row.logits, features)
+        if not row.generate:
+            self._finish(context, row)
+
+    def _decode(self, context: ContextRows) -> None:
+        going = [row for row in context.active if row.undecoded]
+        if not going:
+            return
+        entries = [(row.tokens[-1], row.position, row.sequence, True) for row in going]
+        try:
+            context.decoder.decode(entries)
+        except RuntimeError:
+            # Find the row(s) llama.cpp refuses, decoding each alone (its logits copied before the next decode).
+            for row, entry in zip(going, entries):
+                try:
+                    context.decoder.decode([entry])
+                    row.logits, row.undecoded = context.decoder.logits(0).copy(), False
+                except RuntimeError as exc:
+                    self._finish(context, row, exc)
+            return
+        for index, row in enumerate(going):
+            row.logits, row.undecoded = context.decoder.logits(index), False
+
+    # ------------------------------------------------------------------------------------------- ending
+    def _release(self, context: ContextRows, row: Row) -> None:
+        context.active.remove(row)
+        if row.sequence is not None:
+            context.decoder.clear(row.sequence)
+            context.free.append(row.sequence)
+            context.free.sort()
+
+    def _finish(self, context: ContextRows, row: Row, error: BaseException | None = None) -> None:
+        if row.done:
+            return
+        self._release(context, row)
+        if error is not None:
+            logger.warning("An answer on the %s context failed: %s", context.name, error)
+        self._end(row, error)
+
+    @staticmethod
+    def _end(row: Row, error: BaseException | None = None) -> None:
+        row.done, row.error = True, error
+        row.notify(row)
+
+    def _fail_all(self, context: ContextRows) -> None:
+        error = RuntimeError("the model failed while decoding (logged); please try again")
+        for row in list(context.active):
+            self._finish(context, row, error)
