@@ -66,9 +66,17 @@ def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(engine, clie
     jobs += [client.submit(question=q, max_new_tokens=6, api_name="/compare") for q in compares]
     results = [job.result(timeout=300) for job in jobs]
 
-    assert results[:16] == expected_chat
-    for result, expected in zip(results[16:], expected_compare):
-        assert {"base": result["base"]["answer"], "fine-tuned": result["fine-tuned"]["answer"]} == expected
+    answers = results[:16] + [{"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} for r in results[16:]]
+    expected = expected_chat + expected_compare
+    # Nobody got another job's answer. The llama.cpp engine decodes these jobs' rows together, where several-row
+    # kernels can round a near-tie the other way (docs/hardware.md): an answer may then part from its alone answer
+    # after the first word, but it is never another question's.
+    for index, (answer, alone) in enumerate(zip(answers, expected)):
+        assert answer == alone or answer not in expected[:index] + expected[index + 1:]
+        for got, want in zip(*(a.values() if isinstance(a, dict) else [a] for a in (answer, alone))):
+            assert got.split()[0] == want.split()[0]
+    exact = sum(a == e for a, e in zip(answers, expected))
+    assert exact == len(expected) if engine.name == "transformers" else exact >= 0.75 * len(expected)
     assert len(set(expected_chat)) > 1  # distinct questions really give distinct answers, so crossing would show
 
 

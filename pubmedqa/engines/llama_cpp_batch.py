@@ -133,6 +133,14 @@ class BatchDecoder:
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def move(self, source: int, target: int) -> None:
+        """Move ``source``'s cells to ``target`` (empty): a copy of its whole cell stream, made at the next decode."""
+        import llama_cpp
+
+        memory = llama_cpp.llama_get_memory(self.context.ctx)
+        llama_cpp.llama_memory_seq_cp(memory, source, target, -1, -1)
+        llama_cpp.llama_memory_seq_rm(memory, source, -1, -1)
+
     def clear(self, sequence: int) -> None:
         """Empty ``sequence``'s cells, for the next prompt."""
         import llama_cpp

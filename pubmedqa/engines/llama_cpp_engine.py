@@ -381,6 +381,8 @@ class LlamaCppEngine(Engine):
         try:
             while pending:
                 pending -= updates.get()
+                while pending and not updates.empty():  # a consumer that fell behind takes the latest texts at once
+                    pending -= updates.get()
                 yield [row.text for row in rows]
             finished = True
         finally:
@@ -408,10 +410,11 @@ def _stack_features(features: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def context_window(llm: Any) -> int:
-    """Tokens one request may use: one sequence's share of a context that holds several."""
+    """Tokens one answer may use: one sequence's share of a context that holds several (the scheduler holds every row
+    to it, so that the rows always fit together)."""
     import llama_cpp
 
-    return int(llama_cpp.llama_n_ctx_seq(llm.ctx))
+    return int(llama_cpp.llama_n_ctx(llm.ctx) // llama_cpp.llama_n_seq_max(llm.ctx))
 
 
 def file_type(llm: Any) -> str:

@@ -84,6 +84,9 @@ def check_bindings() -> None:
 
 def _context(llm: llama_cpp.Llama, n_ctx: int, n_seq_max: int, eval_callback: Any) -> llama_internals.LlamaContext:
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    # A cell stream per sequence: a row's attention then never spans the others' cells, so its answer's first step
+    # (its decision) is the same bit for bit whatever else runs. llama.cpp steps several streams in one graph only
+    # when their ids are consecutive: the scheduler keeps its rows so (``Scheduler._compact``).
     params.n_seq_max, params.kv_unified, params.n_ctx = n_seq_max, False, n_ctx * n_seq_max
     # Sliding-window layers keep only their window per sequence (llama-cpp-python asks for full-size ones, for
     # prefix reuse, which every request here starts without): with 8 sequences that saves about 370 MB.
@@ -142,12 +145,15 @@ def sample_logits(
     """``sampler``'s choice from ``logits`` (a row's own array, wherever it lives), as ``llama_sampler_sample`` makes
     it from a context's buffer: every token as a candidate, the chain applied, the choice accepted."""
     candidates.copy_logits(logits)
-    candidates.candidates.selected = -1
-    llama_cpp.llama_sampler_apply(sampler.sampler, ctypes.byref(candidates.candidates))
-    selected = candidates.candidates.selected
-    if not 0 <= selected < candidates.candidates.size:
-        raise RuntimeError(f"llama.cpp's sampler chose no token (selected {selected})")
-    token = int(candidates.candidates_data.id[selected])
+    array = candidates.candidates
+    # A sampler may point the array at a buffer of its own (top-p sorts into one): point it back at ours, and read the
+    # choice through the pointer it leaves.
+    array.data = candidates.candidates_data.ctypes.data_as(llama_cpp.llama_token_data_p)
+    array.selected = -1
+    llama_cpp.llama_sampler_apply(sampler.sampler, ctypes.byref(array))
+    if not 0 <= array.selected < array.size:
+        raise RuntimeError(f"llama.cpp's sampler chose no token (selected {array.selected})")
+    token = int(array.data[array.selected].id)
     sampler.accept(token)
     return token
 

@@ -245,6 +245,10 @@ class Scheduler:
         first prompt whole, so that a visitor alone waits for nothing."""
         budget = PREFILL_CHUNK if any(row.logits is not None for row in context.active) else None
         for row in [r for r in context.active if r.logits is None]:
+            if row.read == 0 and len(row.ids) >= context.window:
+                self._finish(context, row, ValueError(
+                    f"the prompt ({len(row.ids)} tokens) does not fit the model's window ({context.window} tokens)"))
+                continue
             try:
                 while row.read < len(row.ids) and (budget is None or budget > 0):
                     read = self._read_piece(context, row)
@@ -284,8 +288,22 @@ class Scheduler:
         if not row.generate:
             self._finish(context, row)
 
+    def _compact(self, context: ContextRows) -> None:
+        """Keep the rows on sequences 0..n-1: llama.cpp decodes consecutive sequences in one graph, and each gap
+        costs a graph (a weight pass) more per step. The row on the highest sequence moves into the lowest gap."""
+        while context.active and context.free and context.free[0] < max(r.sequence for r in context.active):
+            row = max(context.active, key=lambda r: r.sequence)
+            target = context.free.pop(0)
+            context.decoder.move(row.sequence, target)
+            context.free.append(row.sequence)
+            context.free.sort()
+            row.sequence = target
+
     def _decode(self, context: ContextRows) -> None:
-        going = [row for row in context.active if row.undecoded]
+        self._compact(context)
+        # In sequence order: llama.cpp puts sequences of separate streams in one graph only while each entry's
+        # sequence follows the last one's.
+        going = sorted((row for row in context.active if row.undecoded), key=lambda row: row.sequence)
         if not going:
             return
         entries = [(row.tokens[-1], row.position, row.sequence, True) for row in going]
