@@ -35,6 +35,12 @@ def _alone_compare(engine, question):
     return {side.variant: side.answer for side in last.sides}
 
 
+def _first_words(answer):
+    """The first word of an answer (each side's, for a comparison)."""
+    texts = answer.values() if isinstance(answer, dict) else [answer]
+    return [(text.split() or [""])[0] for text in texts]
+
+
 @pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
 def engine(request, tiny_model_dir, tiny_adapter_dir):
     if request.param == "llama.cpp":
@@ -68,15 +74,14 @@ def test_concurrent_chat_and_compare_jobs_each_get_their_own_answer(engine, clie
 
     answers = results[:16] + [{"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} for r in results[16:]]
     expected = expected_chat + expected_compare
-    # Nobody got another job's answer. The llama.cpp engine decodes these jobs' rows together, where several-row
-    # kernels can round a near-tie the other way (docs/hardware.md): an answer may then part from its alone answer
-    # after the first word, but it is never another question's.
-    for index, (answer, alone) in enumerate(zip(answers, expected)):
-        assert answer == alone or answer not in expected[:index] + expected[index + 1:]
-        for got, want in zip(*(a.values() if isinstance(a, dict) else [a] for a in (answer, alone))):
-            assert got.split()[0] == want.split()[0]
-    exact = sum(a == e for a, e in zip(answers, expected))
-    assert exact == len(expected) if engine.name == "transformers" else exact >= 0.75 * len(expected)
+    if engine.name == "transformers":  # one request at a time: each answer is exactly its alone answer
+        assert answers == expected
+    else:
+        # The llama.cpp engine decodes these jobs' rows together, where llama.cpp's kernels for four rows or more
+        # round a near-tie the other way (docs/hardware.md): an answer keeps its first step (its decision word) and
+        # may part after it. That a row never takes another's answer: tests/test_llama_cpp_scheduler.py.
+        assert sum(a == e for a, e in zip(answers, expected)) >= 0.75 * len(expected)
+        assert all(_first_words(a) == _first_words(e) for a, e in zip(answers, expected))
     assert len(set(expected_chat)) > 1  # distinct questions really give distinct answers, so crossing would show
 
 
@@ -164,7 +169,9 @@ def test_compare_pressed_many_times_at_once_answers_each(engine, client):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: client.predict(question=QUESTIONS[3], max_new_tokens=6, api_name="/compare"), range(4)))
     expected = _alone_compare(engine, QUESTIONS[3])
-    assert all({"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} == expected for r in results)
+    answers = [{"base": r["base"]["answer"], "fine-tuned": r["fine-tuned"]["answer"]} for r in results]
+    same = _first_words if engine.name == "llama.cpp" else (lambda answer: answer)  # as above
+    assert all(same(answer) == same(expected) for answer in answers)
 
 
 def test_question_over_the_token_budget_gets_a_message(tiny_model_dir):
