@@ -55,3 +55,20 @@ def test_one_engine_choice_and_the_removed_backend_spelling_refused(monkeypatch)
     monkeypatch.delenv("PUBMEDQA_BACKEND")
     with pytest.raises(ValueError, match="openai engine needs --base_url"):
         ModelSettings(engine="openai")
+
+
+def test_concurrency_follows_the_engine_unless_set_and_parallel_rows_are_checked(monkeypatch):
+    class Engine:
+        concurrent_requests = 16
+
+    assert ServerSettings().for_engine(Engine()).concurrency_limit == 16
+    assert ServerSettings(concurrency_limit=3).for_engine(Engine()).concurrency_limit == 3
+    monkeypatch.setenv("PUBMEDQA_PARALLEL_ROWS", "4")
+    model, server = parse_settings([ModelSettings, ServerSettings], [])
+    assert model.parallel_rows == 4 and server.concurrency_limit == 0
+    for bad in ("0", "65"):
+        monkeypatch.setenv("PUBMEDQA_PARALLEL_ROWS", bad)
+        with pytest.raises(ValueError, match="parallel_rows"):
+            parse_settings([ModelSettings], [])
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        ServerSettings(concurrency_limit=-1)

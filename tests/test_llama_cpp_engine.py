@@ -13,7 +13,7 @@ from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from pubmedqa.engines.base import GenerationSettings, LoadState
 from pubmedqa.engines.factory import create_engine, resolve_engine
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import PromptInput, cut_at_stop, parse_decision
+from pubmedqa.prompts import PromptInput, parse_decision
 from pubmedqa.variants import Variant
 
 llama_cpp = pytest.importorskip("llama_cpp")

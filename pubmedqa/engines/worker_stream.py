@@ -1,4 +1,4 @@
-"""What an in-process engine's ``stream_batch`` yields while its worker thread generates (the worker queues every
+"""What the transformers engine's ``stream_batch`` yields while its worker thread generates (the worker queues every
 row's text so far; the consumer's Stop, or closing the stream, ends the worker within one token)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def drain(
     rows: int,
     stops: Sequence[str],
 ) -> Iterator[list[str]]:
-    """What an in-process engine's ``stream_batch`` yields while its ``worker`` thread generates: every row's text
+    """What the transformers engine's ``stream_batch`` yields while its ``worker`` thread generates: every row's text
     so far (cut at a stop sequence, without a half-written one) after each update the worker queues, until it
     queues None; then the final texts, or the worker's exception."""
     texts = [""] * rows
