@@ -236,7 +236,10 @@ class LlamaCppEngine(Engine):
 
             return first_step
 
-        for _ in self._run_rows(prompts, variants, GenerationSettings(max_new_tokens=1), None, keep, True, False):
+        reading = self._run_rows(
+            prompts, variants, GenerationSettings(max_new_tokens=1), None, keep, background=True, generate=False
+        )
+        for _ in reading:
             pass
         tuned = [v is Variant.TUNED for v in variants]
         stacked = _stack_features([features for _, features in read])
@@ -345,7 +348,7 @@ class LlamaCppEngine(Engine):
 
         cancel = cancel if cancel is not None else threading.Event()
         texts: list[str] = [""] * len(prompts)
-        for texts in self._run_rows(prompts, variants, settings, cancel, decide, background):
+        for texts in self._run_rows(prompts, variants, settings, cancel, decide, background=background):
             yield [stable_prefix(cut_at_stop(t, stops)[0], stops).strip() for t in texts]
         if decisions is not None and not cancel.is_set() and all(step is not None for step in first_steps):
             decisions.extend(step.decisions()[0] for step in first_steps)
