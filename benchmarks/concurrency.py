@@ -40,7 +40,6 @@ MODELS = ("pubmedqa-tuned", "pubmedqa-base")
 class Result:
     ttft_s: float
     total_s: float
-    tokens: int
     text: str
     error: str = ""
 
@@ -100,7 +99,7 @@ def _ask(client: httpx.Client, url: str, model: str, question: str, context: str
     try:
         with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
             if response.status_code != 200:
-                return Result(0, time.perf_counter() - started, 0, "", f"HTTP {response.status_code}")
+                return Result(0, time.perf_counter() - started, "", f"HTTP {response.status_code}")
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -109,9 +108,9 @@ def _ask(client: httpx.Client, url: str, model: str, question: str, context: str
                     first = time.perf_counter() - started
                 parts.append(delta)
     except httpx.HTTPError as exc:
-        return Result(0, time.perf_counter() - started, 0, "", type(exc).__name__)
+        return Result(0, time.perf_counter() - started, "", type(exc).__name__)
     total = time.perf_counter() - started
-    return Result(first if first is not None else total, total, 0, "".join(parts))
+    return Result(first if first is not None else total, total, "".join(parts))
 
 
 def _wait_ready(client: httpx.Client, url: str, server: subprocess.Popen, deadline_s: float = 300) -> None:
@@ -192,8 +191,9 @@ def main() -> None:
                     ttft, last = [r.ttft_s for r in ok], [r.total_s for r in ok]
                     rate = tokens / wall
                     print(f"| {clients} | {rate:.1f} | {rate / base_rate:.2f} | {_percentile(ttft, .5):.2f} / "
-                          f"{_percentile(ttft, .95):.2f} s | {_percentile(last, .5):.2f} / {_percentile(last, .95):.2f} s "
-                          f"| {memory.peak:.0f} MB | {len(results) - len(ok)} | {same}/{len(ok)} |", flush=True)
+                          f"{_percentile(ttft, .95):.2f} s | {_percentile(last, .5):.2f} / "
+                          f"{_percentile(last, .95):.2f} s | {memory.peak:.0f} MB | {len(results) - len(ok)} | "
+                          f"{same}/{len(ok)} |", flush=True)
     finally:
         server.terminate()
         try:

@@ -64,7 +64,7 @@ class BatchDecoder:
 
     @property
     def context(self) -> Any:
-        """The ``llama_cpp._internals.LlamaContext`` decoded into (what a llama.cpp sampler reads from)."""
+        """The ``llama_cpp._internals.LlamaContext`` decoded into."""
         from pubmedqa.engines.llama_cpp_native import main_context
 
         return self._context or main_context(self._llm)
@@ -105,15 +105,14 @@ class BatchDecoder:
         return rows[0] if outputs == 1 else np.stack(rows)
 
     def score(self, sequence: int, ids: Sequence[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-        """``ids`` decoded into ``sequence`` (emptied first) with every position's logits, :data:`SCORE_CHUNK`
-        positions per ``llama_decode`` so that llama.cpp's output buffer stays small (a 262k vocabulary is 1 MB a
-        row); each chunk's rows scored at once (:func:`score_rows`) before the next overwrites them."""
+        """``ids`` decoded into ``sequence`` (empty: the scheduler's job sequence) with every position's logits,
+        :data:`SCORE_CHUNK` positions per ``llama_decode`` so that llama.cpp's output buffer stays small (a 262k
+        vocabulary is 1 MB a row); each chunk's rows scored at once (:func:`score_rows`) before the next overwrites them."""
         import llama_cpp
         import torch
 
         from pubmedqa.engines.base import score_rows
 
-        self.clear(sequence)
         logprobs: list[float] = []
         tops: list[list[tuple[int, float]]] = []
         for start in range(0, len(ids), SCORE_CHUNK):
@@ -124,7 +123,6 @@ class BatchDecoder:
             chunk_logprobs, chunk_tops = score_rows(rows, ids[start + 1 : start + 1 + len(piece)], top)
             logprobs += chunk_logprobs
             tops += chunk_tops
-        self.clear(sequence)
         return logprobs, tops
 
     def is_end(self, token: int) -> bool:

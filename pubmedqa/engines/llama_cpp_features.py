@@ -12,9 +12,10 @@ feed-forward block, which is transformers' ``hidden_states[il + 1]`` (``tests/te
 it for tiny Llama, Qwen2 and Gemma 3 models). A graph that names no such tensor leaves the reader empty, and
 :meth:`HiddenStateReader.features` refuses, naming the model's architecture.
 
-Usage: :func:`open_llama` gives a ``Llama`` and the reader its context reports to; the engine reads the features
-while it reads a fine-tuned row's prompt (``BatchDecoder.read_prompt(sequence, ids, reader)`` in
-``llama_cpp_batch.py``), and the probe-fitting command with :func:`prompt_features` (one prompt, from an empty cache).
+Usage: the engine gives its fine-tuned context the reader of :func:`reader_for`, and its scheduler arms it around
+each piece of a fine-tuned row's prompt (``llama_cpp_scheduler.py``, ``armed(resume=...)``); the probe-fitting
+command takes a ``Llama`` and its reader from :func:`open_llama` and reads with :func:`prompt_features` (one prompt,
+from an empty cache).
 """
 
 from __future__ import annotations

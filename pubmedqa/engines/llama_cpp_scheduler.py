@@ -62,7 +62,8 @@ class Row:
         generate: bool = True,
     ):
         self.ids, self.settings, self.stops, self.notify, self.cancel = list(ids), settings, stops, notify, cancel
-        self.first_step, self.reads_features, self.background, self.generate = first_step, reads_features, background, generate
+        self.first_step, self.reads_features = first_step, reads_features
+        self.background, self.generate = background, generate
         self.done = False
         self.error: BaseException | None = None
         self._reset()
@@ -113,6 +114,11 @@ class ContextRows:
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting or self.background or self.jobs)
+
+    def free_sequence(self, sequence: int) -> None:
+        """``sequence`` (emptied) back among the free ones, lowest first: rows take the lowest free sequence."""
+        self.free.append(sequence)
+        self.free.sort()
 
 
 class Scheduler:
@@ -295,8 +301,7 @@ class Scheduler:
             row = max(context.active, key=lambda r: r.sequence)
             target = context.free.pop(0)
             context.decoder.move(row.sequence, target)
-            context.free.append(row.sequence)
-            context.free.sort()
+            context.free_sequence(row.sequence)
             row.sequence = target
 
     def _decode(self, context: ContextRows) -> None:
@@ -326,8 +331,7 @@ class Scheduler:
         context.active.remove(row)
         if row.sequence is not None:
             context.decoder.clear(row.sequence)
-            context.free.append(row.sequence)
-            context.free.sort()
+            context.free_sequence(row.sequence)
 
     def _finish(self, context: ContextRows, row: Row, error: BaseException | None = None) -> None:
         if row.done:
