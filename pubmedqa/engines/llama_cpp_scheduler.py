@@ -293,6 +293,8 @@ class Scheduler:
             row.logits = row.first_step(row.logits, features)
         if not row.generate:
             self._finish(context, row)
+        else:  # its first token at once, decoded in this step: not after the other context's step
+            self._choose(context, row)
 
     def _compact(self, context: ContextRows) -> None:
         """Keep the rows on sequences 0..n-1: llama.cpp decodes consecutive sequences in one graph, and each gap
