@@ -130,6 +130,17 @@ def prompt_ids(prompt: FittedPrompt, tokenizer: Any) -> list[int]:
     return list(prompt.ids) if prompt.ids is not None else encode_prompt(prompt.text, tokenizer)
 
 
+def shared_prompt_start(tokenizer: Any) -> list[int]:
+    """The token ids every prompt begins with, whatever its question, context and history (the instruction): the
+    common start of two prompts that share nothing else. An engine may read it once for all prompts."""
+    first = encode_prompt(render_prompt(PromptInput("Is A B?"), tokenizer), tokenizer)
+    second = encode_prompt(render_prompt(PromptInput("Does C D?", context="E."), tokenizer), tokenizer)
+    n = 0
+    while n < min(len(first), len(second)) and first[n] == second[n]:
+        n += 1
+    return first[:n]
+
+
 class PromptTooLongError(ValueError):
     """The question alone does not fit in the model's prompt budget."""
 

@@ -12,11 +12,12 @@ import pytest
 
 from pubmedqa.config import SHIPPED_ADAPTER_DIR, ModelSettings, ServerSettings
 from pubmedqa.engines.base import GenerationSettings
-from pubmedqa.prompts import FittedPrompt, PromptInput
+from pubmedqa.prompts import FittedPrompt, PromptInput, Turn
 from pubmedqa.variants import Variant
 
 pytest.importorskip("llama_cpp")
 from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine  # noqa: E402
+from pubmedqa.engines.llama_cpp_scheduler import KERNEL_ROWS  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -70,21 +71,23 @@ def test_requests_at_once_share_steps_and_each_keeps_its_own_settings(engine):
     prompts = [_prompt(engine, q, s) for q, _, s in requests]
     tokens = engine.count_tokens
 
-    def answers(run_at_once: bool) -> list[tuple[str, dict[str, float]]]:
-        def one(prompt, variant, settings):
-            decisions: list[dict[str, float]] = []
-            return list(engine.stream_decided([prompt], [variant], settings, None, decisions))[-1][0], decisions[0]
+    def one(prompt, variant, settings):
+        decisions: list[dict[str, float]] = []
+        return list(engine.stream_decided([prompt], [variant], settings, None, decisions))[-1][0], decisions[0]
 
-        calls = [lambda p=p, v=v, s=s: one(p, v, s) for p, (_, v, s) in zip(prompts, requests)]
-        return _at_once(*calls) if run_at_once else [call() for call in calls]
-
+    calls = [lambda p=p, v=v, s=s: one(p, v, s) for p, (_, v, s) in zip(prompts, requests)]
     steps = engine.scheduler.steps
-    alone = answers(False)
-    steps_alone = engine.scheduler.steps - steps
-    steps = engine.scheduler.steps
-    together = answers(True)
-    steps_together = engine.scheduler.steps - steps
-    assert steps_together < 0.6 * steps_alone  # the rows stepped together, not in turn
+    alone, alone_steps = [], []
+    for call, (_, variant, _) in zip(calls, requests):
+        before = steps(variant)
+        alone.append(call())
+        alone_steps.append(steps(variant) - before)
+    before = {variant: steps(variant) for variant in (Variant.BASE, Variant.TUNED)}
+    together = _at_once(*calls)
+    for variant in (Variant.BASE, Variant.TUNED):
+        mine = [n for n, (_, v, _) in zip(alone_steps, requests) if v == variant]
+        # A context's two rows stepped together: about as many steps as the longer one alone, not both in turn.
+        assert steps(variant) - before[variant] <= max(mine) + 2 < sum(mine)
     for (text, decision), (alone_text, alone_decision), (_, _, settings) in zip(together, alone, requests):
         assert decision == alone_decision  # read off the prompt's own decode, whatever else runs
         assert text.split()[0] == alone_text.split()[0]
@@ -96,6 +99,48 @@ def test_requests_at_once_share_steps_and_each_keeps_its_own_settings(engine):
     reseeded = GenerationSettings(max_new_tokens=6, temperature=0.9, top_p=0.9, seed=12)
     assert engine.generate(prompts[1], Variant.BASE, requests[1][2]) == alone[1][0]
     assert {engine.generate(prompts[1], Variant.BASE, reseeded), alone[1][0]} != {alone[1][0]}
+
+
+def test_the_prompts_shared_start_is_read_once_and_answers_are_those_of_the_whole_prompt(engine, monkeypatch):
+    scheduler = engine.scheduler
+    assert scheduler.ready.wait(60)
+    contexts = [scheduler._contexts[Variant.BASE], scheduler._contexts[Variant.TUNED]]
+    start = contexts[0].prefix
+    assert len(start) >= 8 and len(start) % KERNEL_ROWS == 0 and contexts[1].prefix == start
+    settings = GenerationSettings(max_new_tokens=16)
+    inputs = [
+        PromptInput(QUESTIONS[0]),
+        PromptInput(QUESTIONS[1], context="Aspirin was given to 40,000 women aged 65 or more for ten years. " * 12),
+        PromptInput(QUESTIONS[2], history=(Turn(QUESTIONS[3], "Yes. Obesity doubled the complications."),)),
+    ]
+    prompts = [engine.prepare(inp, settings) for inp in inputs]
+    decoded = []
+    for context in contexts:
+        original = context.decoder.decode
+
+        def counted(entries, decode=original):
+            decoded.append(len(entries))
+            decode(entries)
+
+        monkeypatch.setattr(context.decoder, "decode", counted)
+
+    def answers():
+        results = []
+        for prompt in prompts:
+            for variant in (Variant.BASE, Variant.TUNED):
+                decisions: list[dict[str, float]] = []
+                text = list(engine.stream_decided([prompt], [variant], settings, None, decisions))[-1][0]
+                results.append((text, decisions[0]))
+        return results, sum(decoded)
+
+    cached, cached_tokens = answers()
+    decoded.clear()
+    for context in contexts:
+        monkeypatch.setattr(context, "prefix", [])  # every prompt read whole
+    whole, whole_tokens = answers()
+    # The same answers and decisions to the bit (the probe's features included), and the start read 6 times fewer.
+    assert cached == whole
+    assert whole_tokens - cached_tokens == 2 * len(prompts) * len(start)
 
 
 def test_a_client_that_leaves_or_stops_frees_its_row_within_one_step_and_the_others_go_on(engine):
@@ -112,14 +157,14 @@ def test_a_client_that_leaves_or_stops_frees_its_row_within_one_step_and_the_oth
     survivor = threading.Thread(target=lambda: result.append(engine.generate(other, Variant.TUNED, short)))
     survivor.start()
     _wait_for(lambda: scheduler.active_rows(Variant.TUNED) == 1)
-    at_close = scheduler.steps
+    at_close = scheduler.steps(Variant.BASE)
     left.close()  # the page was closed / the HTTP client went away
     _wait_for(lambda: scheduler.active_rows(Variant.BASE) == 1)
-    assert scheduler.steps - at_close <= 2
-    at_stop = scheduler.steps
+    assert scheduler.steps(Variant.BASE) - at_close <= 2
+    at_stop = scheduler.steps(Variant.BASE)
     stop.set()  # Stop on one visitor's answer
     _wait_for(lambda: scheduler.active_rows(Variant.BASE) == 0)
-    assert scheduler.steps - at_stop <= 2
+    assert scheduler.steps(Variant.BASE) - at_stop <= 2
     rest = list(stopped)
     assert len(rest) <= 3 and rest[-1]
     survivor.join(timeout=60)
@@ -191,9 +236,9 @@ def test_an_evaluation_gives_way_to_a_visitor(engine):
     worker.start()
     _wait_for(lambda: scheduler.active_rows(Variant.BASE) == rows)
     visitor = GenerationSettings(max_new_tokens=8)
-    started = scheduler.steps
+    started = scheduler.steps(Variant.BASE)
     answer = engine.generate(_prompt(engine, QUESTIONS[1], visitor), Variant.BASE, visitor)
-    visitor_steps = scheduler.steps - started
+    visitor_steps = scheduler.steps(Variant.BASE) - started
     assert answer and worker.is_alive()  # the visitor did not wait for the evaluation's rows
     assert visitor_steps <= 12
     worker.join(timeout=300)

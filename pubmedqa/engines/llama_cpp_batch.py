@@ -61,6 +61,7 @@ class BatchDecoder:
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._owner = new_batch(n_batch)  # frees the batch with itself
         self.end_tokens = end_of_generation_tokens(llm)
+        self._threads = 0  # as the context was made (set_threads sets it)
 
     @property
     def context(self) -> Any:
@@ -131,13 +132,24 @@ class BatchDecoder:
 
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def move(self, source: int, target: int) -> None:
-        """Move ``source``'s cells to ``target`` (empty): a copy of its whole cell stream, made at the next decode."""
+    def copy(self, source: int, target: int) -> None:
+        """Give ``target`` (empty) ``source``'s cells: a copy of its whole cell stream, made at the next decode."""
         import llama_cpp
 
-        memory = llama_cpp.llama_get_memory(self.context.ctx)
-        llama_cpp.llama_memory_seq_cp(memory, source, target, -1, -1)
-        llama_cpp.llama_memory_seq_rm(memory, source, -1, -1)
+        llama_cpp.llama_memory_seq_cp(llama_cpp.llama_get_memory(self.context.ctx), source, target, -1, -1)
+
+    def move(self, source: int, target: int) -> None:
+        """Move ``source``'s cells to ``target`` (empty)."""
+        self.copy(source, target)
+        self.clear(source)
+
+    def set_threads(self, threads: int) -> None:
+        """Decode on ``threads`` threads from now on."""
+        import llama_cpp
+
+        if threads != self._threads:
+            llama_cpp.llama_set_n_threads(self.context.ctx, threads, threads)
+            self._threads = threads
 
     def clear(self, sequence: int) -> None:
         """Empty ``sequence``'s cells, for the next prompt."""

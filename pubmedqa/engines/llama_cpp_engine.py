@@ -32,10 +32,10 @@ from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel, TokenScores
 from pubmedqa.engines.llama_cpp_batch import BatchDecoder
-from pubmedqa.engines.llama_cpp_scheduler import ContextRows, Row, Scheduler
+from pubmedqa.engines.llama_cpp_scheduler import SPARE_SEQUENCES, ContextRows, Row, Scheduler
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
-from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids, stable_prefix
+from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids, shared_prompt_start, stable_prefix
 from pubmedqa.variants import Variant
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,11 @@ class LlamaCppEngine(Engine):
         policy = DecisionPolicy.from_adapter(adapter, self.name)
         rows = self.settings.parallel_rows
         try:
-            # One sequence per row and a spare one for token scoring; the base's context needs no probe reader.
+            # One sequence per row and the spare ones (token scoring, the cached prompt start); the base's context
+            # needs no probe reader.
             llm, _ = open_llama(
                 str(path), self.settings.max_input_tokens + 1024, os.cpu_count(), None, n_batch=N_BATCH,
-                n_seq_max=rows + 1,
+                n_seq_max=rows + SPARE_SEQUENCES,
             )
         except Exception as exc:
             raise ModelLoadError(f"{path} could not be loaded by llama.cpp ({type(exc).__name__}: {exc})") from exc
@@ -152,7 +153,9 @@ class LlamaCppEngine(Engine):
             contexts[Variant.TUNED] = self._tuned_rows(policy.feature_layer, rows, window)
         else:
             policy = DecisionPolicy()
-        self._scheduler = Scheduler(contexts, tokenizer.decode, llm.n_vocab())
+        self._scheduler = Scheduler(
+            contexts, tokenizer.decode, llm.n_vocab(), os.cpu_count() or 1, shared_prompt_start(tokenizer)
+        )
         description = EMBEDDED_DESCRIPTION if self.settings.base_model == EMBEDDED_MODEL else path.name
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, llama.cpp, adapter: %s, %d rows per context)", seconds, description,
@@ -196,7 +199,7 @@ class LlamaCppEngine(Engine):
             reader = reader_for(self._llm, feature_layer) if feature_layer is not None else None
         except ValueError as exc:
             raise ModelLoadError(f"the adapter's decision probe does not fit this model: {exc}") from exc
-        context = second_context(self._llm, window, rows + 1, reader.callback if reader else None)
+        context = second_context(self._llm, window, rows + SPARE_SEQUENCES, reader.callback if reader else None)
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora)
         llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         self._tuned_context = context  # the context keeps only raw pointers to what it was created with

@@ -21,6 +21,7 @@ from an empty cache).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -32,6 +33,15 @@ from pubmedqa.decisions.probe import pooled_features
 from pubmedqa.engines.llama_cpp_native import TensorHeader, ggml_base, replace_context
 
 GGML_TYPE_F32 = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderState:
+    """A :class:`HiddenStateReader`'s sum, last token and token count at one moment."""
+
+    sum: np.ndarray | None
+    last: np.ndarray | None
+    count: int
 
 
 class HiddenStateReader:
@@ -81,12 +91,20 @@ class HiddenStateReader:
     def reset(self) -> None:
         self._sum, self._last, self._count, self._error = None, None, 0, None
 
+    def snapshot(self) -> ReaderState:
+        """What has been collected so far (a prompt's start, for :meth:`armed`'s ``start``)."""
+        return ReaderState(None if self._sum is None else self._sum.copy(),
+                           None if self._last is None else self._last.copy(), self._count)
+
     @contextlib.contextmanager
-    def armed(self, resume: bool = False) -> Iterator[HiddenStateReader]:
+    def armed(self, resume: bool = False, start: ReaderState | None = None) -> Iterator[HiddenStateReader]:
         """Collect the tokens decoded inside the ``with`` block (the prompt), forgetting any earlier prompt; with
         ``resume``, adding them to the last block's (the next piece of a prompt read in pieces, other rows' decodes
-        in between left out)."""
-        if not resume:
+        in between left out); with ``start``, adding them to that :meth:`snapshot` (a prompt whose start was read
+        once for all, its cells copied)."""
+        if start is not None:
+            self._sum, self._last, self._count, self._error = start.sum, start.last, start.count, None
+        elif not resume:
             self.reset()
         self._armed = True
         try:

@@ -14,10 +14,12 @@ slow each other down). Why and how far it pays: docs/hardware.md ("Many visitors
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,13 +31,19 @@ from pubmedqa.prompts import cut_at_stop
 if TYPE_CHECKING:
     import torch  # noqa: F401 - in FirstStep's annotation
 
-    from pubmedqa.engines.llama_cpp_features import HiddenStateReader
+    from pubmedqa.engines.llama_cpp_features import HiddenStateReader, ReaderState
 
 logger = logging.getLogger(__name__)
 
-#: Prompt tokens read per step while other rows decode (and the piece every prompt is read in, alone or not, so that
-#: a prompt's first step is computed alike whatever else runs).
+#: Prompt tokens read per step while other rows decode. Every prompt is read in the same pieces, alone or not, ending
+#: at multiples of this, so that its first step is computed alike whatever else runs.
 PREFILL_CHUNK = 128
+
+#: llama.cpp's CPU matrix kernels take tokens in blocks of this many (a step's remainder goes through a slower path
+#: that reads the weights once more). Hence: a cached prompt start is a multiple of it, which leaves every later token
+#: in the block it has when the prompt is read whole (the same result bit for bit), and a step of 6 or 7 rows is padded
+#: to 8. Measured: docs/hardware.md ("Many visitors at once").
+KERNEL_ROWS = 4
 
 #: A row's first step: the prompt's last logits (a copy) and the probe's features (None without a reader) in; the
 #: logits the first token is chosen from out (the decision processor applied).
@@ -72,6 +80,7 @@ class Row:
         """Back to the start (a background row whose sequence a visitor took starts again later)."""
         self.sequence: int | None = None
         self.read = 0  # prompt tokens decoded so far
+        self.copied = 0  # of which copied from the cached prompt start
         self.tokens: list[int] = []
         self.text = ""
         self.logits: np.ndarray | None = None  # what the next token is chosen from (None: prompt still being read)
@@ -100,17 +109,21 @@ class Job:
 
 
 class ContextRows:
-    """One context's share of the scheduler: its decoder and probe reader, ``rows`` sequences for answers (one more,
-    the last, for jobs), the rows on them and the rows and jobs waiting."""
+    """One context's share of the scheduler: its decoder and probe reader, ``rows`` sequences for answers and
+    :data:`SPARE_SEQUENCES` more (jobs, the cached prompt start), the rows on them and the rows and jobs waiting."""
 
     def __init__(self, name: str, decoder: BatchDecoder, reader: HiddenStateReader | None, rows: int, window: int):
         self.name, self.decoder, self.reader, self.window = name, decoder, reader, window
         self.free = list(range(rows))
-        self.job_sequence = rows
+        self.job_sequence, self.prefix_sequence = rows, rows + 1
+        self.prefix: list[int] = []  # the cached prompt start (none yet)
+        self.prefix_state: ReaderState | None = None  # the probe reader's sums over it
         self.active: list[Row] = []
         self.waiting: deque[Row] = deque()
         self.background: deque[Row] = deque()
         self.jobs: deque[Job] = deque()
+        self.candidates: Any = None  # llama.cpp's candidate array for sampled rows, made at the first one
+        self.steps = 0
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting or self.background or self.jobs)
@@ -120,18 +133,66 @@ class ContextRows:
         self.free.append(sequence)
         self.free.sort()
 
+    def cache_prefix(self, ids: Sequence[int]) -> None:
+        """Read ``ids``, the start most prompts share (the instruction), once into the prefix sequence, cut to a
+        multiple of :data:`KERNEL_ROWS`: a row whose prompt starts so gets a copy of its cells and reads the rest only
+        (about half a question's prompt), with the same result as reading it whole. On the scheduler's thread, before
+        any row."""
+        ids = list(ids)[: len(ids) // KERNEL_ROWS * KERNEL_ROWS]
+        self.decoder.clear(self.prefix_sequence)
+        self.prefix, self.prefix_state = [], None
+        if not ids:
+            return
+        start = 0
+        with self.reader.armed() if self.reader is not None else contextlib.nullcontext():
+            while start < len(ids):
+                end = _piece_end(start, len(ids))
+                self.decoder.decode([(ids[i], i, self.prefix_sequence, i == end - 1) for i in range(start, end)])
+                start = end
+        self.prefix = ids
+        self.prefix_state = self.reader.snapshot() if self.reader is not None else None
+
+    def start_from_prefix(self, row: Row) -> None:
+        """Give ``row`` (just admitted, empty) the cached prompt start's cells if its prompt begins with it."""
+        n = len(self.prefix)
+        if n and len(row.ids) > n and row.ids[:n] == self.prefix:
+            self.decoder.copy(self.prefix_sequence, row.sequence)
+            row.read = row.copied = n
+
+
+#: Sequences a context has beyond its rows: one for jobs, one for the cached prompt start.
+SPARE_SEQUENCES = 2
+
+
+def _piece_end(start: int, length: int) -> int:
+    """Where the prompt piece that begins at ``start`` ends: the next multiple of :data:`PREFILL_CHUNK`, or the
+    prompt's ``length``."""
+    return min(length, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+
 
 class Scheduler:
-    """The one thread that decodes on the engine's contexts (see the module's docstring). :meth:`submit` a row,
-    :meth:`run_job` for a job; everything else happens on the thread."""
+    """The thread that decodes on the engine's contexts (see the module's docstring), with a helper for steps taken
+    at once. :meth:`submit` a row, :meth:`run_job` for a job; everything else happens on the threads.
 
-    def __init__(self, contexts: dict[Any, ContextRows], detokenize: Callable[[list[int]], str], n_vocab: int):
+    ``prefix``, the start most prompts share, is read into each context first (:meth:`ContextRows.cache_prefix`);
+    ``cores`` is what llama.cpp decodes on."""
+
+    def __init__(
+        self,
+        contexts: dict[Any, ContextRows],
+        detokenize: Callable[[list[int]], str],
+        n_vocab: int,
+        cores: int,
+        prefix: Sequence[int] = (),
+    ):
         self._contexts = contexts
         self._detokenize = detokenize
         self._n_vocab = n_vocab
-        self._candidates: Any = None  # llama.cpp's candidate array for sampled rows, made at the first one
+        self._cores = max(1, cores)
+        self._prefix = list(prefix)
         self._changed = threading.Condition()
-        self.steps = 0  # steps taken (all contexts), for tests and benchmarks
+        self._helper = ThreadPoolExecutor(max(1, len(contexts) - 1), thread_name_prefix="llama-cpp-step")
+        self.ready = threading.Event()  # set once the prefix is cached and rows are served
         self._thread = threading.Thread(target=self._run, name="llama-cpp-scheduler", daemon=True)
         self._thread.start()
 
@@ -158,20 +219,51 @@ class Scheduler:
         """Rows holding a sequence on context ``key`` now."""
         return len(self._contexts[key].active)
 
+    def steps(self, key: Any = None) -> int:
+        """Steps taken by context ``key`` (all contexts: None) so far, for tests and benchmarks."""
+        return sum(c.steps for k, c in self._contexts.items() if key is None or k == key)
+
     # ------------------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
+        for context in self._contexts.values():
+            try:
+                context.cache_prefix(self._prefix)
+            except Exception:  # noqa: BLE001 - the rows then read their prompts whole
+                logger.exception("Could not cache the prompts' shared start on the %s context", context.name)
+        self.ready.set()
         while True:
             with self._changed:
                 while not any(c.has_work() for c in self._contexts.values()):
                     self._changed.wait()
-            for context in self._contexts.values():
-                if context.has_work():
-                    try:
-                        self._step(context)
-                    except Exception:  # noqa: BLE001 - a bug here must not stop every later request
-                        logger.exception("The %s context's step failed; its rows end with the error", context.name)
-                        self._fail_all(context)
-            self.steps += 1
+            busy = [c for c in self._contexts.values() if c.has_work()]
+            if len(busy) > 1 and self._cores == len(busy):
+                # A core each, each context stepping at its own pace while all have work: on 2 cores two one-thread
+                # steps at once take less than two two-thread steps in turn. Only this thread ever decodes on several
+                # threads: a second thread that did would put more OpenMP threads than cores in the process, and
+                # libgomp then lets its barriers sleep (every later decode ~1.6x slower).
+                for context in busy:
+                    context.decoder.set_threads(1)
+                helpers = [self._helper.submit(self._step_while_all_busy, context, busy) for context in busy[1:]]
+                self._step_while_all_busy(busy[0], busy)
+                for helper in helpers:
+                    helper.result()
+            else:
+                for context in busy:
+                    context.decoder.set_threads(self._cores)
+                    self._step_safely(context)
+
+    def _step_while_all_busy(self, context: ContextRows, busy: list[ContextRows]) -> None:
+        self._step_safely(context)
+        while all(c.has_work() for c in busy):
+            self._step_safely(context)
+
+    def _step_safely(self, context: ContextRows) -> None:
+        try:
+            self._step(context)
+        except Exception:  # noqa: BLE001 - a bug here must not stop every later request
+            logger.exception("The %s context's step failed; its rows end with the error", context.name)
+            self._fail_all(context)
+        context.steps += 1
 
     def _step(self, context: ContextRows) -> None:
         self._admit(context)
@@ -203,6 +295,7 @@ class Scheduler:
                 row = (context.waiting or context.background).popleft()
                 row.sequence = context.free.pop(0)
                 context.decoder.clear(row.sequence)
+                context.start_from_prefix(row)
                 context.active.append(row)
 
     def _choose(self, context: ContextRows, row: Row) -> None:
@@ -216,9 +309,9 @@ class Scheduler:
         else:
             from pubmedqa.engines.llama_cpp_native import candidate_array, sample_logits
 
-            if self._candidates is None:
-                self._candidates = candidate_array(self._n_vocab)
-            token = sample_logits(row.sampler, self._candidates, row.logits)
+            if context.candidates is None:
+                context.candidates = candidate_array(self._n_vocab)
+            token = sample_logits(row.sampler, context.candidates, row.logits)
         if decoder.is_end(token):
             self._finish(context, row)
             return
@@ -251,7 +344,7 @@ class Scheduler:
         first prompt whole, so that a visitor alone waits for nothing."""
         budget = PREFILL_CHUNK if any(row.logits is not None for row in context.active) else None
         for row in [r for r in context.active if r.logits is None]:
-            if row.read == 0 and len(row.ids) >= context.window:
+            if len(row.ids) >= context.window:
                 self._finish(context, row, ValueError(
                     f"the prompt ({len(row.ids)} tokens) does not fit the model's window ({context.window} tokens)"))
                 continue
@@ -271,19 +364,19 @@ class Scheduler:
     def _read_piece(self, context: ContextRows, row: Row) -> int:
         """Decode the row's next piece of prompt; how many tokens it held."""
         decoder, reader = context.decoder, context.reader if row.reads_features else None
-        start = row.read
-        piece = row.ids[start : start + PREFILL_CHUNK]
-        last = start + len(piece) == len(row.ids)
-        entries = [(t, start + i, row.sequence, last and i == len(piece) - 1) for i, t in enumerate(piece)]
+        start, end = row.read, _piece_end(row.read, len(row.ids))
+        entries = [(row.ids[i], i, row.sequence, i == len(row.ids) - 1) for i in range(start, end)]
         if reader is None:
             decoder.decode(entries)
         else:
-            with reader.armed(resume=start > 0):
+            # A row that got the cached prompt start's cells starts from the reader's sums over it.
+            copied = start == row.copied > 0
+            with reader.armed(resume=start > 0, start=context.prefix_state if copied else None):
                 decoder.decode(entries)
-        row.read += len(piece)
-        if last:
+        row.read = end
+        if end == len(row.ids):
             row.logits = decoder.logits(-1).copy()  # the next decode overwrites llama.cpp's buffer
-        return len(piece)
+        return end - start
 
     def _first_step(self, context: ContextRows, row: Row) -> None:
         features = None
@@ -314,8 +407,11 @@ class Scheduler:
         if not going:
             return
         entries = [(row.tokens[-1], row.position, row.sequence, True) for row in going]
+        padding = self._padding(context, going)
         try:
-            context.decoder.decode(entries)
+            # Throwaway tokens on the next free sequences (their logits wanted too: the output matrix is most of a
+            # step), emptied again after the step.
+            context.decoder.decode(entries + [(entries[-1][0], 0, sequence, True) for sequence in padding])
         except RuntimeError:
             # Find the row(s) llama.cpp refuses, decoding each alone (its logits copied before the next decode).
             for row, entry in zip(going, entries):
@@ -325,8 +421,21 @@ class Scheduler:
                 except RuntimeError as exc:
                     self._finish(context, row, exc)
             return
+        finally:
+            for sequence in padding:
+                context.decoder.clear(sequence)
         for index, row in enumerate(going):
             row.logits, row.undecoded = context.decoder.logits(index), False
+
+    @staticmethod
+    def _padding(context: ContextRows, going: list[Row]) -> list[int]:
+        """Free sequences that round a step of 6 or 7 rows up to 8 (a multiple of :data:`KERNEL_ROWS` above the
+        first block, where a remainder of 2 or 3 rows costs more than the padding), if they follow the last row's."""
+        n = len(going)
+        if n <= KERNEL_ROWS or n % KERNEL_ROWS < 2:
+            return []
+        wanted = list(range(going[-1].sequence + 1, going[-1].sequence + 1 + KERNEL_ROWS - n % KERNEL_ROWS))
+        return wanted if all(sequence in context.free for sequence in wanted) else []
 
     # ------------------------------------------------------------------------------------------- ending
     def _release(self, context: ContextRows, row: Row) -> None:
