@@ -171,6 +171,24 @@ def test_a_client_that_leaves_or_stops_frees_its_row_within_one_step_and_the_oth
     assert result == [expected]  # nobody else was stopped
 
 
+def test_a_visitor_on_one_context_never_waits_for_the_other_contexts_rows(engine):
+    # Both contexts busy (on 2 cores they step at once, a core each); the base's answers end and new ones arrive
+    # while the fine-tuned one's long answer runs: each is answered at once, not after it.
+    short = GenerationSettings(max_new_tokens=8)
+    long_answer = []
+    worker = threading.Thread(target=lambda: long_answer.append(
+        engine.generate(_prompt(engine, QUESTIONS[0]), Variant.TUNED, LONG)))
+    worker.start()
+    _wait_for(lambda: engine.scheduler.active_rows(Variant.TUNED) == 1)
+    for question in QUESTIONS[1:]:
+        started = time.monotonic()
+        assert engine.generate(_prompt(engine, question, short), Variant.BASE, short)
+        assert worker.is_alive(), "the base answer waited for the fine-tuned one"
+        assert time.monotonic() - started < 5
+    worker.join(timeout=120)
+    assert long_answer
+
+
 def test_a_row_that_fails_answers_its_own_request_with_the_error_and_the_others_go_on(engine):
     window = engine.load().context_window
     bos = engine.load().tokenizer.bos_token_id

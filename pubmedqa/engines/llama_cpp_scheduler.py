@@ -243,8 +243,9 @@ class Scheduler:
                 # libgomp then lets its barriers sleep (every later decode ~1.6x slower).
                 for context in busy:
                     context.decoder.set_threads(1)
-                helpers = [self._helper.submit(self._step_while_all_busy, context, busy) for context in busy[1:]]
-                self._step_while_all_busy(busy[0], busy)
+                over = threading.Event()
+                helpers = [self._helper.submit(self._step_while_all_busy, c, busy, over) for c in busy[1:]]
+                self._step_while_all_busy(busy[0], busy, over)
                 for helper in helpers:
                     helper.result()
             else:
@@ -252,10 +253,15 @@ class Scheduler:
                     context.decoder.set_threads(self._cores)
                     self._step_safely(context)
 
-    def _step_while_all_busy(self, context: ContextRows, busy: list[ContextRows]) -> None:
-        self._step_safely(context)
-        while all(c.has_work() for c in busy):
+    def _step_while_all_busy(self, context: ContextRows, busy: list[ContextRows], over: threading.Event) -> None:
+        """Step ``context`` until one of ``busy`` has no work left or another of these loops ended (``over``): a
+        context that gets work again meanwhile must not wait for the others' loops."""
+        try:
             self._step_safely(context)
+            while not over.is_set() and all(c.has_work() for c in busy):
+                self._step_safely(context)
+        finally:
+            over.set()
 
     def _step_safely(self, context: ContextRows) -> None:
         try:
