@@ -3,15 +3,16 @@ base's, LoRA off, and the fine-tuned one's, LoRA on) and every answer from every
 of them.
 
 Each step of a context: waiting rows take free sequences (visitors first; a visitor waiting for a sequence takes one
-from a background row, which starts again later); every decoding row chooses its next token from its own logits with
-its own settings (:func:`~pubmedqa.engines.llama_cpp_batch.constrain_step`, then the highest logit or its own seeded
-llama.cpp sampler); rows that ended, were stopped or whose client went away free their sequence; queued jobs (token
-scoring) run on the context's spare sequence; at most :data:`PREFILL_CHUNK` prompt tokens are read (chunked prefill,
-so a long abstract does not freeze the others' streams); then the last token of every decoding row is decoded in one
-``llama_decode``. The two contexts are stepped in turn by the one thread, never at once (two decodes on the same cores
-slow each other down). Why and how far it pays: docs/hardware.md ("Many visitors at once").
+from a background row, which starts again later), with a copy of the prompts' shared start where theirs begins with
+it (read once per context); every decoding row chooses its next token from its own logits with its own settings
+(:func:`~pubmedqa.engines.llama_cpp_batch.constrain_step`, then the highest logit or its own seeded llama.cpp
+sampler); rows that ended, were stopped or whose client went away free their sequence; queued jobs (token scoring)
+run on the context's spare sequence; at most :data:`PREFILL_CHUNK` prompt tokens are read (chunked prefill, so a long
+abstract does not freeze the others' streams); then the last token of every decoding row is decoded in one
+``llama_decode``. The contexts are stepped in turn on all cores, or, when there are as many cores as contexts with
+work (a 2-core Space and both variants asked for), at once on a core each. Why and how far it pays: docs/hardware.md
+("Many visitors at once").
 """
-
 from __future__ import annotations
 
 import contextlib
