@@ -165,6 +165,22 @@ class ContextRows:
 SPARE_SEQUENCES = 2
 
 
+def _one_openmp_thread() -> None:
+    """Keep this thread's OpenMP work (torch's: llama.cpp's one-thread steps use none) on this thread. torch and
+    llama.cpp share the process's one libgomp, and a team started here, beside the scheduler's own, puts more OpenMP
+    threads than cores in the process: libgomp then lets every barrier sleep, and every later decode takes ~1.6x as
+    long (measured: docs/hardware.md)."""
+    import ctypes
+
+    import torch
+
+    torch.get_num_threads()  # torch sets this thread's OpenMP thread count the first time it asks: before ours
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
+    except (OSError, AttributeError):  # no libgomp (another OpenMP runtime, or none): nothing to keep apart
+        logger.debug("No libgomp to set the helper thread's OpenMP threads on")
+
+
 def _piece_end(start: int, length: int) -> int:
     """Where the prompt piece that begins at ``start`` ends: the next multiple of :data:`PREFILL_CHUNK`, or the
     prompt's ``length``."""
@@ -192,7 +208,9 @@ class Scheduler:
         self._cores = max(1, cores)
         self._prefix = list(prefix)
         self._changed = threading.Condition()
-        self._helper = ThreadPoolExecutor(max(1, len(contexts) - 1), thread_name_prefix="llama-cpp-step")
+        self._helper = ThreadPoolExecutor(
+            max(1, len(contexts) - 1), thread_name_prefix="llama-cpp-step", initializer=_one_openmp_thread
+        )
         self.ready = threading.Event()  # set once the prefix is cached and rows are served
         self._thread = threading.Thread(target=self._run, name="llama-cpp-scheduler", daemon=True)
         self._thread.start()
