@@ -40,10 +40,9 @@ logger = logging.getLogger(__name__)
 #: at multiples of this, so that its first step is computed alike whatever else runs.
 PREFILL_CHUNK = 128
 
-#: llama.cpp's CPU matrix kernels take tokens in blocks of this many (a step's remainder goes through a slower path
-#: that reads the weights once more). Hence: a cached prompt start is a multiple of it, which leaves every later token
-#: in the block it has when the prompt is read whole (the same result bit for bit), and a step of 6 or 7 rows is padded
-#: to 8. Measured: docs/hardware.md ("Many visitors at once").
+#: llama.cpp's CPU matrix kernels take tokens in blocks of this many (a step's remainder goes through another path,
+#: which rounds differently). A cached prompt start is a multiple of it: every later token then lies in the block it
+#: has when the prompt is read whole, and gets the same result bit for bit.
 KERNEL_ROWS = 4
 
 #: A row's first step: the prompt's last logits (a copy) and the probe's features (None without a reader) in; the
@@ -172,9 +171,9 @@ def _one_openmp_thread() -> None:
     long (measured: docs/hardware.md)."""
     import ctypes
 
-    import torch
+    from torch import get_num_threads
 
-    torch.get_num_threads()  # torch sets this thread's OpenMP thread count the first time it asks: before ours
+    get_num_threads()  # torch sets this thread's OpenMP thread count the first time it asks: before ours
     try:
         ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
     except (OSError, AttributeError):  # no libgomp (another OpenMP runtime, or none): nothing to keep apart
@@ -432,11 +431,8 @@ class Scheduler:
         if not going:
             return
         entries = [(row.tokens[-1], row.position, row.sequence, True) for row in going]
-        padding = self._padding(context, going)
         try:
-            # Throwaway tokens on the next free sequences (their logits wanted too: the output matrix is most of a
-            # step), emptied again after the step.
-            context.decoder.decode(entries + [(entries[-1][0], 0, sequence, True) for sequence in padding])
+            context.decoder.decode(entries)
         except RuntimeError:
             # Find the row(s) llama.cpp refuses, decoding each alone (its logits copied before the next decode).
             for row, entry in zip(going, entries):
@@ -446,21 +442,8 @@ class Scheduler:
                 except RuntimeError as exc:
                     self._finish(context, row, exc)
             return
-        finally:
-            for sequence in padding:
-                context.decoder.clear(sequence)
         for index, row in enumerate(going):
             row.logits, row.undecoded = context.decoder.logits(index), False
-
-    @staticmethod
-    def _padding(context: ContextRows, going: list[Row]) -> list[int]:
-        """Free sequences that round a step of 6 or 7 rows up to 8 (a multiple of :data:`KERNEL_ROWS` above the
-        first block, where a remainder of 2 or 3 rows costs more than the padding), if they follow the last row's."""
-        n = len(going)
-        if n <= KERNEL_ROWS or n % KERNEL_ROWS < 2:
-            return []
-        wanted = list(range(going[-1].sequence + 1, going[-1].sequence + 1 + KERNEL_ROWS - n % KERNEL_ROWS))
-        return wanted if all(sequence in context.free for sequence in wanted) else []
 
     # ------------------------------------------------------------------------------------------- ending
     def _release(self, context: ContextRows, row: Row) -> None:
