@@ -45,6 +45,9 @@ PREFILL_CHUNK = 128
 #: has when the prompt is read whole, and gets the same result bit for bit.
 KERNEL_ROWS = 4
 
+#: Sequences a context has beyond its rows: one for jobs, one for the cached prompt start.
+SPARE_SEQUENCES = 2
+
 #: A row's first step: the prompt's last logits (a copy) and the probe's features (None without a reader) in; the
 #: logits the first token is chosen from out (the decision processor applied).
 FirstStep = Callable[[np.ndarray, "torch.Tensor | None"], np.ndarray]
@@ -158,10 +161,6 @@ class ContextRows:
         if n and len(row.ids) > n and row.ids[:n] == self.prefix:
             self.decoder.copy(self.prefix_sequence, row.sequence)
             row.read = row.copied = n
-
-
-#: Sequences a context has beyond its rows: one for jobs, one for the cached prompt start.
-SPARE_SEQUENCES = 2
 
 
 def _one_openmp_thread() -> None:
