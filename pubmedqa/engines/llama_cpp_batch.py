@@ -61,7 +61,7 @@ class BatchDecoder:
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._owner = new_batch(n_batch)  # frees the batch with itself
         self.end_tokens = end_of_generation_tokens(llm)
-        self._threads = 0  # as the context was made (set_threads sets it)
+        self._threads = int(llama_cpp.llama_n_threads(self.context.ctx))
 
     @property
     def context(self) -> Any:
@@ -142,6 +142,11 @@ class BatchDecoder:
         """Move ``source``'s cells to ``target`` (empty)."""
         self.copy(source, target)
         self.clear(source)
+
+    @property
+    def threads(self) -> int:
+        """The threads a decode runs on (as the context was made, until :meth:`set_threads`)."""
+        return self._threads
 
     def set_threads(self, threads: int) -> None:
         """Decode on ``threads`` threads from now on."""

@@ -153,9 +153,7 @@ class LlamaCppEngine(Engine):
             contexts[Variant.TUNED] = self._tuned_rows(policy.feature_layer, rows, window)
         else:
             policy = DecisionPolicy()
-        self._scheduler = Scheduler(
-            contexts, tokenizer.decode, llm.n_vocab(), os.cpu_count() or 1, shared_prompt_start(tokenizer)
-        )
+        self._scheduler = Scheduler(contexts, tokenizer.decode, llm.n_vocab(), shared_prompt_start(tokenizer))
         description = EMBEDDED_DESCRIPTION if self.settings.base_model == EMBEDDED_MODEL else path.name
         seconds = time.perf_counter() - started
         logger.info("Model ready in %.1f s (%s, llama.cpp, adapter: %s, %d rows per context)", seconds, description,

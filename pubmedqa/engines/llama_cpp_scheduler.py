@@ -13,6 +13,7 @@ abstract does not freeze the others' streams); then the last token of every deco
 work (a 2-core Space and both variants asked for), at once on a core each. Why and how far it pays: docs/hardware.md
 ("Many visitors at once").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,12 +147,10 @@ class ContextRows:
         self.prefix, self.prefix_state = [], None
         if not ids:
             return
-        start = 0
+        read = 0
         with self.reader.armed() if self.reader is not None else contextlib.nullcontext():
-            while start < len(ids):
-                end = _piece_end(start, len(ids))
-                self.decoder.decode([(ids[i], i, self.prefix_sequence, i == end - 1) for i in range(start, end)])
-                start = end
+            while read < len(ids):
+                read = _decode_piece(self.decoder, ids, read, self.prefix_sequence)
         self.prefix = ids
         self.prefix_state = self.reader.snapshot() if self.reader is not None else None
 
@@ -179,31 +178,32 @@ def _one_openmp_thread() -> None:
         logger.debug("No libgomp to set the helper thread's OpenMP threads on")
 
 
-def _piece_end(start: int, length: int) -> int:
-    """Where the prompt piece that begins at ``start`` ends: the next multiple of :data:`PREFILL_CHUNK`, or the
-    prompt's ``length``."""
-    return min(length, (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+def _decode_piece(decoder: BatchDecoder, ids: Sequence[int], start: int, sequence: int) -> int:
+    """Decode the piece of prompt ``ids`` that begins at ``start`` into ``sequence``: up to the next multiple of
+    :data:`PREFILL_CHUNK` or the prompt's end, whose last token's logits are kept. Where the piece ends."""
+    end = min(len(ids), (start // PREFILL_CHUNK + 1) * PREFILL_CHUNK)
+    decoder.decode([(ids[i], i, sequence, i == len(ids) - 1) for i in range(start, end)])
+    return end
 
 
 class Scheduler:
     """The thread that decodes on the engine's contexts (see the module's docstring), with a helper for steps taken
     at once. :meth:`submit` a row, :meth:`run_job` for a job; everything else happens on the threads.
 
-    ``prefix``, the start most prompts share, is read into each context first (:meth:`ContextRows.cache_prefix`);
-    ``cores`` is what llama.cpp decodes on."""
+    ``prefix``, the start most prompts share, is read into each context first (:meth:`ContextRows.cache_prefix`).
+    The contexts' own thread count (what they were made with) is the cores they step on."""
 
     def __init__(
         self,
         contexts: dict[Any, ContextRows],
         detokenize: Callable[[list[int]], str],
         n_vocab: int,
-        cores: int,
         prefix: Sequence[int] = (),
     ):
         self._contexts = contexts
         self._detokenize = detokenize
         self._n_vocab = n_vocab
-        self._cores = max(1, cores)
+        self._cores = max(c.decoder.threads for c in contexts.values())
         self._prefix = list(prefix)
         self._changed = threading.Condition()
         self._helper = ThreadPoolExecutor(
@@ -387,19 +387,17 @@ class Scheduler:
     def _read_piece(self, context: ContextRows, row: Row) -> int:
         """Decode the row's next piece of prompt; how many tokens it held."""
         decoder, reader = context.decoder, context.reader if row.reads_features else None
-        start, end = row.read, _piece_end(row.read, len(row.ids))
-        entries = [(row.ids[i], i, row.sequence, i == len(row.ids) - 1) for i in range(start, end)]
+        start = row.read
         if reader is None:
-            decoder.decode(entries)
+            row.read = _decode_piece(decoder, row.ids, start, row.sequence)
         else:
             # A row that got the cached prompt start's cells starts from the reader's sums over it.
             copied = start == row.copied > 0
             with reader.armed(resume=start > 0, start=context.prefix_state if copied else None):
-                decoder.decode(entries)
-        row.read = end
-        if end == len(row.ids):
+                row.read = _decode_piece(decoder, row.ids, start, row.sequence)
+        if row.read == len(row.ids):
             row.logits = decoder.logits(-1).copy()  # the next decode overwrites llama.cpp's buffer
-        return end - start
+        return row.read - start
 
     def _first_step(self, context: ContextRows, row: Row) -> None:
         features = None
