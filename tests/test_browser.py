@@ -66,6 +66,24 @@ def _ask(page, question: str) -> None:
     box.press("Enter")
 
 
+def _wait_rows(page, count: int) -> None:
+    """Wait until the conversation shows ``count`` message rows; on a timeout, fail with what the page showed then
+    (rows, question box, toasts, a screenshot), so that a failure in CI says which step did not happen."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"() => document.querySelectorAll('#chat-conversation .message-row').length === {count}")
+    except PlaywrightTimeout:
+        page.screenshot(path=str(ARTIFACTS / f"chat-rows-timeout-{count}.png"), full_page=True)
+        shown = {
+            "rows": page.locator("#chat-conversation .message-row").all_inner_texts(),
+            "question box": page.locator("#chat-question textarea").input_value(),
+            "toasts": page.locator(".toast-body").all_inner_texts(),
+            "page text": page.locator("body").inner_text()[:2000],
+        }
+        pytest.fail(f"the conversation never showed {count} message rows; the page showed: {shown}")
+
+
 def _bot_messages(page):
     return page.locator("#chat-conversation .message-row.bot-row")
 
@@ -438,7 +456,7 @@ def test_retry_undo_and_edit_a_question(page):
     assert _wait_answer(page)
     conversation = page.locator("#chat-conversation")
     conversation.get_by_role("button", name="Retry", exact=True).click()  # the same question answered again
-    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 2")
+    _wait_rows(page, 2)
     assert _wait_answer(page)  # a new answer in place of the first, not beside it
     conversation.get_by_role("button", name="Undo", exact=True).click()  # the question taken back into the box
     page.wait_for_function("() => !document.querySelector('#chat-conversation .message-row')")
@@ -453,7 +471,7 @@ def test_retry_undo_and_edit_a_question(page):
     box.fill("Is ultrasound as accurate as X-ray for fractures?")
     conversation.get_by_role("button", name="Submit", exact=True).click()
     page.get_by_text("Is ultrasound as accurate").first.wait_for()
-    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 2")
+    _wait_rows(page, 2)
     assert _wait_answer(page) and page.get_by_text("Does aspirin reduce").count() == 0
     page.screenshot(path=str(ARTIFACTS / "chat-edited.png"), full_page=True)
 
@@ -477,7 +495,7 @@ def test_each_answer_shows_its_decision_and_a_reload_keeps_the_conversation_unti
     assert _bot_messages(page).first.inner_text().strip() == answer.strip()
     # The conversation goes on from the kept one: the next answer comes under it, its footer not in the history.
     _ask(page, "Is ultrasound as accurate as X-ray for fractures?")
-    page.wait_for_function("() => document.querySelectorAll('#chat-conversation .message-row').length === 4")
+    _wait_rows(page, 4)
     assert _wait_answer(page, 1)
     page.screenshot(path=str(ARTIFACTS / f"chat-restored-{viewport['width']}.png"), full_page=True)
 
