@@ -32,7 +32,8 @@ from pubmedqa.decisions.policy import DecisionPolicy, FirstStepDecision
 from pubmedqa.embedded_model import DESCRIPTION as EMBEDDED_DESCRIPTION
 from pubmedqa.engines.base import Engine, GenerationSettings, LoadedModel, TokenScores
 from pubmedqa.engines.llama_cpp_batch import BatchDecoder
-from pubmedqa.engines.llama_cpp_scheduler import SPARE_SEQUENCES, ContextRows, Row, Scheduler
+from pubmedqa.engines.llama_cpp_context_rows import SPARE_SEQUENCES, ContextRows, Row
+from pubmedqa.engines.llama_cpp_scheduler import Scheduler
 from pubmedqa.gguf.source import check_gguf, gguf_file
 from pubmedqa.model_loading import ModelLoadError
 from pubmedqa.prompts import FittedPrompt, cut_at_stop, prompt_ids, shared_prompt_start, stable_prefix
