@@ -8,8 +8,8 @@ import re
 import gradio
 import yaml
 
-from tests.conftest import REPO_ROOT
 from scripts import deploy
+from tests.conftest import REPO_ROOT
 
 
 def test_upload_list_holds_the_app_and_never_tests_caches_outputs_or_secrets(tmp_path):

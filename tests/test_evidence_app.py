@@ -13,9 +13,9 @@ from markdown_it import MarkdownIt
 
 from app.chat import stream_answer
 from app.evidence import CITATION_MARK, FoundEvidence, evidence_markdown, without_citation
+from app.literal_text import literal_markdown
 from app.main import AppServer, build_server
 from app.openai_api import serve_in_thread
-from app.literal_text import literal_markdown
 from app.validation import history_to_turns
 from pubmedqa.config import EvidenceSettings, ServerSettings
 from pubmedqa.data import load_local

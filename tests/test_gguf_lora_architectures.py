@@ -374,8 +374,8 @@ def train_lora(tiny: TinyBase, data: Path, folder: Path) -> TrainedLora:
     at lr 0). Dev is evaluated at the last step only, so the run's best checkpoint is the trained one: a checkpoint
     after the warm-up step, its LoRA B still zero, could win a tie on three dev questions."""
     from pubmedqa.config import BaseModelSettings
-    from training.arguments import TrainArguments
     from scripts.train import train
+    from training.arguments import TrainArguments
 
     args = TrainArguments(
         data=str(data), output_dir=str(folder), train_base_model=str(tiny.hf_dir), dev_size=3, max_steps=3,

@@ -16,8 +16,8 @@ from pubmedqa.prompts import FittedPrompt, PromptInput, Turn
 from pubmedqa.variants import Variant
 
 pytest.importorskip("llama_cpp")
-from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine  # noqa: E402
 from pubmedqa.engines.llama_cpp_context_rows import KERNEL_ROWS  # noqa: E402
+from pubmedqa.engines.llama_cpp_engine import LlamaCppEngine  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

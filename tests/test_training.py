@@ -14,8 +14,8 @@ from pubmedqa.decisions.calibration import load_calibration
 from pubmedqa.engines.transformers_engine import TransformersEngine
 from pubmedqa.prompts import encode_prompt, first_sentence, format_answer
 from pubmedqa.variants import Variant
-from tests.conftest import build_tiny_tokenizer
 from scripts import train as train_cli
+from tests.conftest import build_tiny_tokenizer
 from training import trainer as sft_trainer
 from training.arguments import TrainArguments
 from training.run_record import ids_hash
