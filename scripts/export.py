@@ -50,7 +50,6 @@ from pubmedqa.gguf.lora import (
 from pubmedqa.gguf.source import gguf_file, parse_hub_gguf
 from pubmedqa.model_loading import ModelLoadError, load_tokenizer, looks_like_path
 from pubmedqa.prompts import uses_chat_template
-from training.model_card import ExportInfo, export_card
 from training.hub import HubError, hub_errors
 from training.llama_cpp_tools import (
     QUANT_FTYPES,
@@ -60,6 +59,7 @@ from training.llama_cpp_tools import (
     quantize,
     run_converter,
 )
+from training.model_card import ExportInfo, export_card
 from training.ollama import modelfile
 
 logger = logging.getLogger("scripts.export")

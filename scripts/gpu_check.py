@@ -206,8 +206,8 @@ def step_train(check: Check) -> str:
     import json
 
     from pubmedqa.config import BaseModelSettings
-    from training.arguments import TrainArguments
     from scripts.train import train
+    from training.arguments import TrainArguments
 
     check.adapter_dir = check.output_dir / "adapter"
     size: dict[str, int] = (
