@@ -54,8 +54,7 @@ def page(browser, app_url):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(app_url)
-    page.get_by_text("Model status: Ready").wait_for()
+    _wait_ready(page, app_url)
     yield page
     context.close()
 
@@ -188,9 +187,16 @@ def _open_page(browser, url: str, viewport: dict | None = None):
     context = browser.new_context(viewport=viewport or {"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    _wait_ready(page, url)
+    return context, page
+
+
+def _wait_ready(page, url: str) -> None:
+    """Open ``url`` and wait until the page's load events have answered (the model choice is enabled by the status
+    poll's first reply), not only until the status line is drawn: it is in the page as first served."""
     page.goto(url)
     page.get_by_text("Model status: Ready").wait_for()
-    return context, page
+    page.wait_for_function("() => { const r = document.querySelector('#chat-model input'); return r && !r.disabled; }")
 
 
 def test_a_visitor_of_a_public_app_sees_the_evaluation_control_disabled_with_the_reason(
